@@ -1,0 +1,199 @@
+"""Benchmark: `megastack convert` on a checkpoint of the paper's 1.1B shape against the disk's I/O bound.
+
+Writes a Hugging Face checkpoint of configs/models/llama-1.1b.yaml's shape (bf16, random weights, 2 GiB
+safetensors shards, no megastack.json: like a download) with megastack's HF writer, then measures:
+- HF -> torch_dist, and legacy TP1 -> legacy TP2 (the reshard), on 1 and 2 ranks; the legacy TP1 input
+  is made once by HF -> legacy (timed too, one run);
+- wall time of the whole command (process start, imports, conversion, manifest, fsync, publish) and of
+  the conversion inside the process, median of --repeats;
+- the I/O bound in the same run, between repeats: read every input byte once and write the output's
+  byte count once with fsync, same filesystem, no compute;
+- peak RSS of each rank (VmHWM, which counts the file-backed pages of mmap'd legacy inputs) and the peak
+  of its anonymous memory (RssAnon sampled every 20 ms), i.e. what the conversion itself allocates.
+
+Usage: python bench/convert.py [--workdir DIR] [--repeats 3] [--json OUT.json]   (needs ~11 GB of disk)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from megastack.ckpt import layout  # noqa: E402
+from megastack.ckpt.execute import Comm, execute  # noqa: E402
+from megastack.ckpt.hf import HFWriter  # noqa: E402
+from megastack.ckpt.manifest import resolve_iteration_dir  # noqa: E402
+from megastack.config import load_model_config  # noqa: E402
+from megastack.growth.plan import generator_for  # noqa: E402
+
+RANK_SCRIPT = """
+import sys, threading, time
+import torch, safetensors.torch
+import megastack.ckpt.convert, megastack.ckpt.hf, megastack.ckpt.legacy, megastack.ckpt.torch_dist
+from megastack.cli import main
+
+def status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+# VmHWM (peak RSS) starts afresh at exec; ru_maxrss would carry over the parent's peak.
+peak_anon = [status("RssAnon")]
+base_anon, base_hwm = peak_anon[0], status("VmHWM")
+stop = threading.Event()
+def sample():
+    while not stop.wait(0.02):
+        peak_anon[0] = max(peak_anon[0], status("RssAnon"))
+threading.Thread(target=sample, daemon=True).start()
+start = time.monotonic()
+rc = main(sys.argv[1:])
+elapsed = time.monotonic() - start
+stop.set()
+print("BENCH", elapsed, status("VmHWM"), base_hwm, max(peak_anon[0], status("RssAnon")), base_anon, rc, flush=True)
+"""
+
+
+def write_source(path: Path) -> tuple[int, int]:
+    """The 1.1B-shape HF checkpoint (bf16, N(0, 0.02) matrices, unit norms); (bytes, parameters)."""
+    cfg = dataclasses.replace(load_model_config("llama-1.1b"), name="bench-llama-1.1b")
+
+    def produce(name, pieces):
+        shape = layout.logical_shape(cfg, name)
+        if len(shape) == 1:
+            return torch.ones(shape, dtype=torch.bfloat16)
+        return (torch.randn(shape, generator=generator_for(0, name)) * 0.02).to(torch.bfloat16)
+
+    execute(HFWriter(cfg, torch.bfloat16), produce, path, Comm(), {"format": "hf"}, iteration=None)
+    (path / "megastack.json").unlink()  # a plain download has none (and no cheap source checksum)
+    return dir_bytes(path), cfg.total_parameters()
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def io_bound(src: Path, out_bytes: int, scratch: Path) -> float:
+    """Seconds to read every input file once and write ``out_bytes`` once with fsync (16 MiB blocks)."""
+    start = time.monotonic()
+    for p in sorted(src.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                while f.read(16 << 20):
+                    pass
+    block = os.urandom(16 << 20)
+    with open(scratch, "wb") as f:
+        remaining = out_bytes
+        while remaining > 0:
+            f.write(block[: min(remaining, len(block))])
+            remaining -= len(block)
+        f.flush()
+        os.fsync(f.fileno())
+    elapsed = time.monotonic() - start
+    scratch.unlink()
+    return elapsed
+
+
+def convert_once(args: list[str], ranks: int) -> dict:
+    """One `megastack convert` on ``ranks`` local processes: wall, in-process seconds, peaks (max rank)."""
+    from megastack.dist import launch_local
+
+    argv = [sys.executable, "-c", RANK_SCRIPT, "convert", *args]
+    start = time.monotonic()
+    if ranks == 1:
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=3600, cwd=REPO)
+        outputs, ok = [proc.stdout + proc.stderr], proc.returncode == 0
+    else:
+        result = launch_local(argv, ranks, timeout=3600, cwd=REPO)
+        outputs, ok = result.outputs, result.ok
+    wall = time.monotonic() - start
+    if not ok:
+        raise SystemExit("convert failed:\n" + "\n".join(outputs)[-4000:])
+    rows = [line.split()[1:] for out in outputs for line in out.splitlines() if line.startswith("BENCH")]
+    return {"wall_s": wall, "inner_s": max(float(r[0]) for r in rows),
+            "peak_rss": max(int(r[1]) for r in rows), "rss_after_imports": max(int(r[2]) for r in rows),
+            "peak_anon": max(int(r[3]) for r in rows), "anon_after_imports": max(int(r[4]) for r in rows)}
+
+
+def measure(label: str, src: Path, to_args: list[str], ranks: int, repeats: int, work: Path) -> dict:
+    runs, bounds = [], []
+    out_bytes = 0
+    for i in range(repeats):
+        dst = work / f"out_{label}_{ranks}_{i}"
+        runs.append(convert_once([str(src), str(dst), *to_args], ranks))
+        out_bytes = dir_bytes(dst)
+        shutil.rmtree(dst)
+        bounds.append(io_bound(resolve_iteration_dir(src), out_bytes, work / "io_bound.bin"))
+    med = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "inner_s")}
+    row = {"label": label, "ranks": ranks, "input_bytes": dir_bytes(resolve_iteration_dir(src)),
+           "output_bytes": out_bytes, "runs": runs, "io_bound_s": bounds,
+           "median_wall_s": med["wall_s"], "median_inner_s": med["inner_s"],
+           "median_io_bound_s": statistics.median(bounds),
+           "peak_rss_bytes": max(r["peak_rss"] for r in runs), "peak_anon_bytes": max(r["peak_anon"] for r in runs),
+           "anon_after_imports_bytes": max(r["anon_after_imports"] for r in runs)}
+    gib, mib = 1 << 30, 1 << 20
+    print(f"{label} ranks={ranks}: wall {row['median_wall_s']:.1f}s (in-process {row['median_inner_s']:.1f}s), "
+          f"I/O bound {row['median_io_bound_s']:.1f}s -> {row['median_wall_s'] / row['median_io_bound_s']:.2f}x; "
+          f"in {row['input_bytes'] / gib:.2f} GiB, out {out_bytes / gib:.2f} GiB; peak RSS "
+          f"{row['peak_rss_bytes'] / mib:.0f} MiB, peak anon {row['peak_anon_bytes'] / mib:.0f} MiB "
+          f"(after imports {row['anon_after_imports_bytes'] / mib:.0f} MiB)", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", help="where to write (default: a temp dir; needs ~11 GB)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ranks", default="1,2", help="comma-separated rank counts to measure")
+    parser.add_argument("--json", help="write the results here too")
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="megastack-bench-convert-"))
+    work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(work).free
+    if free < 11 << 30:
+        raise SystemExit(f"{work}: {free / 2**30:.1f} GiB free, the benchmark needs ~11 GiB; pass --workdir")
+    hf = work / "hf"
+    if hf.exists():
+        shutil.rmtree(hf)
+    start = time.monotonic()
+    src_bytes, params = write_source(hf)
+    print(f"source: {params / 1e9:.3f}B parameters, {src_bytes / 2**30:.2f} GiB bf16 HF safetensors "
+          f"(written in {time.monotonic() - start:.1f}s)", flush=True)
+    results: dict = {"parameters": params, "source_bytes": src_bytes, "cpus": os.cpu_count(), "rows": []}
+    ranks = [int(r) for r in args.ranks.split(",")]
+    for n in ranks:
+        results["rows"].append(measure("hf->torch_dist", hf, ["--to", "torch_dist"], n, args.repeats, work))
+    legacy1 = work / "legacy_tp1"
+    if legacy1.exists():
+        shutil.rmtree(legacy1)
+    setup = convert_once([str(hf), str(legacy1), "--to", "legacy", "--tp", "1"], 1)
+    print(f"hf->legacy TP1 ranks=1 (one run, the reshard's input): wall {setup['wall_s']:.1f}s, peak RSS "
+          f"{setup['peak_rss'] / 2**20:.0f} MiB, peak anon {setup['peak_anon'] / 2**20:.0f} MiB", flush=True)
+    results["hf_to_legacy_tp1"] = setup
+    for n in ranks:
+        results["rows"].append(measure("legacy TP1->TP2", legacy1, ["--to", "legacy", "--tp", "2"], n,
+                                       args.repeats, work))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    if not args.workdir:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Benchmark: `megastack grow` on a real-size checkpoint against the I/O bound of the same disk.
+
+Writes a 6-layer checkpoint of the paper's 1.1B shape (bf16, random weights) with megastack's torch_dist
+writer, grows it to 24 layers with `megastack grow --factor 4` on 1 and 2 ranks, and measures in the
+same run:
+- wall time of the growth (median of --repeats), each rank a separate process as users run it;
+- the I/O bound: reading every source byte once and writing the grown checkpoint's bytes once (fsync'd)
+  on the same filesystem, with no compute;
+- peak RSS of the growing process (ru_maxrss of the rank), against the largest single tensor.
+
+Usage: python bench/grow.py [--workdir DIR] [--repeats 3] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from megastack.ckpt import layout
+from megastack.ckpt.execute import Comm, execute
+from megastack.ckpt.manifest import resolve_iteration_dir
+from megastack.ckpt.torch_dist import TorchDistWriter
+from megastack.config import load_model_config, to_dict
+from megastack.growth.plan import seeded_normal
+
+RANK_SCRIPT = """
+import sys, time
+from megastack.cli import main
+from megastack.memory import peak_rss_bytes
+import megastack.growth.cli, megastack.ckpt.torch_dist, torch  # imported before the baseline
+base = peak_rss_bytes()
+start = time.monotonic()
+rc = main(sys.argv[1:])
+peak = peak_rss_bytes()
+print("BENCH", time.monotonic() - start, peak, peak - base, rc, flush=True)
+"""
+
+
+def write_source(path: Path, layers: int) -> tuple[int, int]:
+    """A bf16 torch_dist checkpoint of the 1.1B shape with ``layers`` layers; returns (bytes, largest tensor)."""
+    cfg = replace(load_model_config("llama-1.1b"), num_layers=layers, name="bench-1.1b-small")
+    def produce(name, pieces):
+        return (seeded_normal(layout.logical_shape(cfg, name), 0, name, pieces) * 0.02).to(torch.bfloat16)
+
+    execute(TorchDistWriter(cfg, torch.bfloat16), produce, path, Comm(), {"format": "torch_dist",
+                                                                         "model": to_dict(cfg)})
+    largest = max(torch.Size(layout.logical_shape(cfg, n)).numel() * 2 for n in layout.logical_names(cfg))
+    return dir_bytes(path), largest
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def io_bound(src: Path, out_bytes: int, scratch: Path) -> float:
+    """Seconds to read every source file once and write ``out_bytes`` once with fsync, 16 MiB blocks."""
+    start = time.monotonic()
+    for p in sorted(src.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                while f.read(16 << 20):
+                    pass
+    block = os.urandom(16 << 20)
+    with open(scratch, "wb") as f:
+        remaining = out_bytes
+        while remaining > 0:
+            f.write(block[: min(remaining, len(block))])
+            remaining -= len(block)
+        f.flush()
+        os.fsync(f.fileno())
+    elapsed = time.monotonic() - start
+    scratch.unlink()
+    return elapsed
+
+
+def grow_once(src: Path, dst: Path, ranks: int) -> tuple[float, int, int]:
+    """Wall seconds of the whole command, and the largest peak RSS of any rank (absolute, above imports)."""
+    from megastack.dist import launch_local
+
+    argv = [sys.executable, "-c", RANK_SCRIPT, "grow", str(src), str(dst), "--factor", "4"]
+    start = time.monotonic()
+    if ranks == 1:
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=3600)
+        outputs, ok = [proc.stdout + proc.stderr], proc.returncode == 0
+    else:
+        result = launch_local(argv, ranks, timeout=3600)
+        outputs, ok = result.outputs, result.ok
+    wall = time.monotonic() - start
+    if not ok:
+        raise SystemExit("grow failed:\n" + "\n".join(outputs)[-4000:])
+    rows = [line.split() for out in outputs for line in out.splitlines() if line.startswith("BENCH")]
+    return wall, max(int(r[2]) for r in rows), max(int(r[3]) for r in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", help="where to write (default: a temp dir; needs ~6 GB)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="write the results here too")
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="megastack-bench-grow-"))
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / "src"
+    if src.exists():
+        shutil.rmtree(src)
+    src_bytes, largest = write_source(src, layers=6)
+    results: dict = {"source_bytes": src_bytes, "largest_tensor_bytes": largest, "runs": {}}
+    for ranks in (1, 2):
+        walls, peaks, grown, bounds = [], [], [], []
+        for i in range(args.repeats):
+            dst = work / f"dst{ranks}_{i}"
+            wall, peak, above = grow_once(src, dst, ranks)
+            grown.append(above)
+            out_bytes = dir_bytes(dst)
+            shutil.rmtree(dst)
+            bounds.append(io_bound(resolve_iteration_dir(src), out_bytes, work / "io_bound.bin"))
+            walls.append(wall)
+            peaks.append(peak)
+        results["output_bytes"] = out_bytes
+        results["runs"][ranks] = {"wall_s": walls, "median_wall_s": statistics.median(walls),
+                                  "io_bound_s": bounds, "median_io_bound_s": statistics.median(bounds),
+                                  "peak_rss_bytes": max(peaks), "peak_rss_above_imports_bytes": max(grown)}
+        r = results["runs"][ranks]
+        print(f"ranks={ranks}: grow median {r['median_wall_s']:.2f}s, I/O bound median {r['median_io_bound_s']:.2f}s "
+              f"(ratio {r['median_wall_s'] / r['median_io_bound_s']:.2f}x), peak RSS "
+              f"{r['peak_rss_bytes'] / 2**20:.0f} MiB, {r['peak_rss_above_imports_bytes'] / 2**20:.0f} MiB above "
+              f"imports (largest tensor {largest / 2**20:.0f} MiB)", flush=True)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    if not args.workdir:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

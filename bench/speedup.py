@@ -1,0 +1,576 @@
+"""The speedup harness: does growing a small model save compute against training the large one from scratch?
+
+Reproduces the paper's Figure 3 (Du et al. 2024, arXiv 2405.15319) on the user's setup. For every seed:
+train the small model ONCE, grow it with every requested operator from that same checkpoint (in-process
+library calls, collective across the ranks), train each grown model with the same schedule and optimizer,
+and train the large model from scratch with the FLOPs of small + large (megastack.pipeline's FLOP
+matching). Every large run evaluates at its start, so the loss spike right after growth is in the curves.
+Per operator it reports the final validation loss, the FLOPs it needed to reach the scratch run's final
+loss (the small stage counted), and speedup = FLOPs_scratch / FLOPs_op - 1, over seeds with their spread,
+as speedup.md / speedup.json and a loss-vs-FLOPs plot (speedup.png).
+
+Operators: stack, zero, random, learn (depth, from the small model) and width, width-zero (G_direct /
+G_zero width: from a model of the large depth at half the width, trained on the same tokens as the small
+model, since width growth cannot start from the shallow one). learn's own training (the LiGO maps) is
+counted as 6 N tokens of the grown model and added to its cumulative FLOPs.
+
+    python bench/speedup.py --preset cpu                  # ~35-45 min on an idle 2-core machine
+    python bench/speedup.py --preset smoke --out /tmp/s   # seconds per stage: the test suite runs it
+    python bench/speedup.py --preset cpu --seeds 1,2,3 --operators stack,zero
+    torchrun --nproc-per-node 8 bench/speedup.py --preset cluster --out runs/speedup-1.1b
+
+Without a launcher it starts ``--nproc`` (default 2) local ranks of itself. Re-running the same command
+skips finished runs (stage markers under OUT/seed-N/stages/, as ``megastack run``), resumes an unfinished
+one from its last checkpoint, and refuses a finished run whose config changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from megastack.config import ModelConfig, from_dict  # noqa: E402
+from megastack.errors import UserError  # noqa: E402
+from megastack.pipeline import (  # noqa: E402
+    Layout,
+    Recipe,
+    check_marker,
+    config_hash,
+    eval_curve,
+    flops_to_reach,
+    load_recipe,
+    plot_loss_curves,
+    read_marker,
+    stage_configs,
+    write_marker,
+)
+
+DEPTH_OPERATORS = ("stack", "zero", "random", "learn")
+WIDTH_OPERATORS = {"width": "stack", "width-zero": "zero"}  # harness name -> growth operator (width dimension)
+OPERATORS = DEPTH_OPERATORS + tuple(WIDTH_OPERATORS)
+NOT_IN_HARNESS = {"width-random": "G_random width needs training to ramp growth.width.masks in; the training "
+                                  "loop ramps only new depth blocks, so it is not measured"}
+
+# The smoke preset: a few iterations per stage, so the test suite runs the whole harness in about a minute.
+SMOKE = {
+    "name": "speedup-smoke",
+    "parallel": {"tensor": 1, "pipeline": 1, "zero_stage": 1, "micro_batch_size": 4, "global_batch_size": 8},
+    "data": {"prefixes": [], "split": "98,2,0", "seed": 1234},
+    "logging": {"tensorboard": False, "progress": "off"},
+    "small": {"model": "tiny-small", "optimizer": {"lr": 3.0e-3, "warmup_iters": 2},
+              "schedule": {"train_iters": 6, "eval_interval": 3, "eval_iters": 1, "save_interval": 0,
+                           "keep_last": 1, "log_interval": 3}},
+    "growth": {"operator": "stack", "factor": 4},
+    "large": {"model": "tiny", "optimizer": {"lr": 2.0e-3, "warmup_iters": 2}, "mask_ramp_steps": 3,
+              "schedule": {"train_iters": 6, "eval_interval": 2, "eval_at_start": True, "eval_iters": 1,
+                           "save_interval": 0, "keep_last": 1, "log_interval": 3}},
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    recipe: str | dict[str, Any]  # a shipped recipe name / path, or the recipe itself
+    seeds: tuple[int, ...]
+    operators: tuple[str, ...]
+    learn_tokens: int = 16384
+    note: str = ""
+
+
+PRESETS = {
+    "smoke": Preset(SMOKE, (1,), ("stack", "zero"), learn_tokens=2048, note="seconds per stage: the test suite's"),
+    "cpu": Preset("speedup-cpu", (1, 2), ("stack", "zero", "random", "learn", "width"),
+                  note="configs/recipes/speedup-cpu.yaml: ~35-45 min on an idle 2-core machine"),
+    "cluster": Preset("llama-1.1b", (1,), ("stack", "zero", "random"), learn_tokens=1 << 22,
+                      note="configs/recipes/llama-1.1b.yaml (the paper's 1.1B setting): a GPU cluster's job"),
+}
+
+
+@dataclass
+class Options:
+    seeds: tuple[int, ...]
+    operators: tuple[str, ...]
+    learn_tokens: int
+    learn_batch: int = 8
+    learn_lr: float = 0.01
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def resolve_recipe(spec: str | dict[str, Any]) -> Recipe:
+    """The preset's recipe; every large run evaluates at its start and the baseline exists (default: the
+    large stage's schedule and optimizer, then FLOP-matched)."""
+    recipe = from_dict(Recipe, spec, where="smoke preset") if isinstance(spec, dict) else load_recipe(spec)[0]
+    problems = recipe.check()
+    if problems:
+        raise UserError(f"recipe {recipe.name}: {problems[0][0]}: {problems[0][1]}")
+    large = replace(recipe.large, schedule=replace(recipe.large.schedule, eval_at_start=True))
+    scratch = recipe.scratch or recipe.large
+    scratch = replace(scratch, schedule=replace(scratch.schedule, eval_at_start=True))
+    return replace(recipe, large=large, scratch=scratch, scratch_matches_flops=True)
+
+
+def seeded(recipe: Recipe, seed: int) -> Recipe:
+    """One seed: the models' initialisation and the growth's randomness; the data order and validation
+    batches stay the same, so every run of every seed is evaluated on the same tokens."""
+    stages = {name: replace(getattr(recipe, name), seed=seed) for name in ("small", "large", "scratch")}
+    return replace(recipe, growth=replace(recipe.growth, seed=seed), **stages)
+
+
+def narrow_model(large: ModelConfig) -> ModelConfig:
+    """The width operators' small model: the large depth at half the width (same head dim), so width x2
+    grows it back with about 4x the non-embedding parameters, the paper's g = 4."""
+    heads = max(1, large.num_attention_heads // 2)
+    groups = max(1, large.query_groups // 2)
+    if heads % groups or large.num_attention_heads < 2:
+        raise UserError(f"{large.name}: cannot halve {large.num_attention_heads} heads / {large.query_groups} query "
+                        "groups for the width operators' small model; leave width out of --operators")
+    return replace(large, hidden_size=heads * large.head_dim, num_attention_heads=heads,
+                   num_query_groups=groups, ffn_hidden_size=large.ffn_hidden_size // 2,
+                   name=f"{large.name or 'model'}-narrow")
+
+
+def growth_spec(op: str, recipe: Recipe, large: ModelConfig, seed: int):
+    from megastack.growth.operators import GrowthSpec
+
+    g = recipe.growth
+    if op in WIDTH_OPERATORS:
+        return GrowthSpec(operator=WIDTH_OPERATORS[op], dimension="width", seed=seed, hidden=large.hidden_size,
+                          ffn=large.ffn_hidden_size, heads=large.num_attention_heads,
+                          query_groups=large.query_groups)
+    return GrowthSpec(operator=op, factor=g.factor, layer_map=g.layer_map, noise=g.noise, seed=seed)
+
+
+def grown_config(source: ModelConfig, spec: Any) -> ModelConfig:
+    """The grown model's config before any data is read (norm_epsilon changes under zero/random width)."""
+    from megastack.growth.operators import make_plan
+
+    if spec.operator == "learn":
+        from megastack.growth.learn import initial_learned
+
+        spec = replace(spec, learned=initial_learned(source, spec))
+    return make_plan(source, spec).target
+
+
+# ----------------------------------------------------------------------------- the runs (collective)
+
+
+class Runner:
+    """Runs stages once: a finished stage (marker with the same config hash) is skipped."""
+
+    def __init__(self, layout: Layout, comm: Any, rank: int):
+        self.layout, self.comm, self.rank = layout, comm, rank
+
+    def say(self, text: str) -> None:
+        if self.rank == 0:
+            print(f"speedup: {self.layout.out.name}: {text}", flush=True)
+
+    def stage(self, name: str, digest: str, run: Any) -> dict[str, Any]:
+        marker = check_marker(self.layout, name, digest)
+        if marker is not None:
+            self.say(f"{name}: finished earlier, skipped")
+            return marker
+        self.say(f"{name}: starting")
+        start = time.monotonic()
+        result = run()
+        result.setdefault("wall_seconds", round(time.monotonic() - start, 3))
+        if self.rank == 0:
+            write_marker(self.layout, name, digest, result)
+        self.comm.barrier()
+        return read_marker(self.layout, name) or result
+
+    def train(self, name: str, cfg: Any, digest: str) -> dict[str, Any]:
+        from megastack.train.loop import train
+
+        return self.stage(name, digest, lambda: asdict(train(cfg, verbose=False)))
+
+
+def grow(source: str, dst: Path, spec: Any, data: list[str], options: Options, comm: Any) -> dict[str, Any]:
+    """One growth, split across the ranks (G_learn first learns its maps data-parallel on ``data``)."""
+    from megastack.ckpt.detect import open_checkpoint
+    from megastack.ckpt.execute import execute
+    from megastack.ckpt.manifest import verify
+    from megastack.growth.cli import growth_manifest, make_writer
+    from megastack.growth.operators import make_plan
+    from megastack.train.flops import flops_per_token
+
+    if dst.exists():  # published by a run that stopped before its marker
+        problems = verify(dst)
+        if problems:
+            raise UserError(f"{dst} exists but does not verify ({problems[0]}); delete it and run again")
+        return {"checkpoint": str(dst), "operator": spec.operator, "dimension": spec.dimension}
+    reader = open_checkpoint(source)
+    learn_report: dict[str, Any] = {}
+    if spec.operator == "learn":
+        from megastack.growth.learn import learn_maps
+
+        spec = learn_maps(reader, spec, data, options.learn_tokens, options.learn_batch, options.learn_lr, comm)
+    plan = make_plan(reader.cfg, spec)
+    manifest = growth_manifest(reader, plan, source)
+    extra_flops = 0.0
+    if spec.operator == "learn":
+        learn_report = dict(plan.info.get("learn", {}))
+        # the maps' training: forward + backward through the grown model, 6N per token like training
+        extra_flops = flops_per_token(plan.target) * float(learn_report.get("tokens", options.learn_tokens))
+        manifest["cumulative_flops"] += extra_flops
+    writer = make_writer(reader, plan, None, None)
+    execute(writer, plan.producer(reader, reader.dtype("embedding")), dst, comm,
+            manifest | {"format": writer.format}, order_key=plan.source_key)
+    return {"checkpoint": str(dst), "operator": spec.operator, "dimension": spec.dimension,
+            "new_layers": plan.info.get("new_layers"), "growth_flops": extra_flops,
+            "learn": {k: learn_report.get(k) for k in ("steps", "tokens", "heldout_loss_stack",
+                                                       "heldout_loss_learned")} if learn_report else None}
+
+
+def run_seed(recipe: Recipe, seed: int, out: Path, options: Options, comm: Any, rank: int,
+             world: int) -> dict[str, Any]:
+    """Small once, every operator from it, the FLOP-matched scratch run; the stage results by name."""
+    from megastack.train.data import resolve_data
+
+    recipe = seeded(recipe, seed)
+    layout = Layout(out / f"seed-{seed}")
+    runner = Runner(layout, comm, rank)
+    plan = {stage: (cfg, digest) for stage, cfg, digest in stage_configs(recipe, layout, world)}
+    small_cfg, small_hash = plan["small"]
+    large_template, scratch = plan["large"][0], plan["scratch"]
+    large_model = large_template.resolved_model()
+    results: dict[str, Any] = {"small": runner.train("small", small_cfg, small_hash)}
+    data = list(recipe.data.prefixes) or resolve_data([], recipe.data.tokenizer, large_model.vocab_size)[0]
+    if any(op in WIDTH_OPERATORS for op in options.operators):
+        narrow = replace(small_cfg, model=narrow_model(large_model), out_dir=str(layout.stage_dir("small-width")))
+        results["small-width"] = runner.train("small-width", narrow, config_hash(asdict(narrow)))
+    for op in options.operators:
+        source_stage = "small-width" if op in WIDTH_OPERATORS else "small"
+        source_cfg = (results[source_stage], plan["small"][0] if source_stage == "small" else narrow)
+        spec = growth_spec(op, recipe, large_model, seed)
+        target = grown_config(source_cfg[1].resolved_model(), spec)
+        if target.num_layers != large_model.num_layers or target.hidden_size != large_model.hidden_size:
+            raise UserError(f"--operators {op}: growth gives {target.num_layers} layers x {target.hidden_size} "
+                            f"hidden, the large model is {large_model.num_layers} x {large_model.hidden_size}")
+        grow_hash = config_hash({"spec": asdict(spec), "learn": [options.learn_tokens, options.learn_batch,
+                                                                options.learn_lr] if op == "learn" else None,
+                                 "after": config_hash(asdict(source_cfg[1]))})
+        grown_dir = layout.stage_dir(f"grown-{op}")
+        results[f"grow-{op}"] = runner.stage(
+            f"grow-{op}", grow_hash,
+            lambda spec=spec, src=source_cfg[0]["checkpoint"], dst=grown_dir: grow(
+                src, dst, spec, data, options, comm))
+        large = replace(large_template, model=replace(large_model, norm_epsilon=target.norm_epsilon),
+                        out_dir=str(layout.stage_dir(f"large-{op}")), init_from=str(grown_dir))
+        results[f"large-{op}"] = runner.train(f"large-{op}", large,
+                                              config_hash({"train": asdict(large), "after": grow_hash}))
+    results["scratch"] = runner.train("scratch", scratch[0], scratch[1])
+    return results
+
+
+# ----------------------------------------------------------------------------- the analysis (rank 0)
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"mean": None, "sd": None, "min": None, "max": None, "n": 0}
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def analyse_seed(out: Path, seed: int, operators: tuple[str, ...]) -> dict[str, Any]:
+    """Per operator: curves, loss right after growth, final loss, FLOPs to reach scratch's final loss."""
+    layout = Layout(out / f"seed-{seed}")
+    scratch = eval_curve(layout.stage_dir("scratch"))
+    marker = read_marker(layout, "scratch") or {}
+    row: dict[str, Any] = {"scratch": {"curve": scratch, "final_valid_loss": scratch[-1][1] if scratch else None,
+                                       "flops": scratch[-1][0] if scratch else None,
+                                       "wall_seconds": marker.get("wall_seconds")}}
+    target, f_scratch = row["scratch"]["final_valid_loss"], row["scratch"]["flops"]
+    for op in operators:
+        small_stage = "small-width" if op in WIDTH_OPERATORS else "small"
+        small, large = eval_curve(layout.stage_dir(small_stage)), eval_curve(layout.stage_dir(f"large-{op}"))
+        reached = flops_to_reach(large, target) if target is not None and large else None
+        walls = [(read_marker(layout, s) or {}).get("wall_seconds") for s in (small_stage, f"grow-{op}", f"large-{op}")]
+        grow_marker = read_marker(layout, f"grow-{op}") or {}
+        row[op] = {
+            "curve": small + large, "small_final_valid_loss": small[-1][1] if small else None,
+            "loss_after_growth": large[0][1] if large else None,
+            "final_valid_loss": large[-1][1] if large else None, "flops": large[-1][0] if large else None,
+            "small_flops": small[-1][0] if small else None, "growth_flops": grow_marker.get("growth_flops", 0.0),
+            "flops_to_scratch_loss": reached,
+            "speedup": f_scratch / reached - 1 if reached and f_scratch else None,
+            "learn": grow_marker.get("learn"),
+            "wall_seconds": {"small": walls[0], "grow": walls[1], "large": walls[2]},
+        }
+    return row
+
+
+def aggregate(runs: dict[int, dict[str, Any]], operators: tuple[str, ...]) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for name in ("scratch", *operators):
+        rows = [r[name] for r in runs.values() if name in r]
+        entry = {"final_valid_loss": _spread([r["final_valid_loss"] for r in rows
+                                              if r["final_valid_loss"] is not None]),
+                 "flops": _spread([r["flops"] for r in rows if r["flops"] is not None])}
+        if name != "scratch":
+            speedups = [r["speedup"] for r in rows if r["speedup"] is not None]
+            entry |= {"loss_after_growth": _spread([r["loss_after_growth"] for r in rows
+                                                    if r["loss_after_growth"] is not None]),
+                      "flops_to_scratch_loss": _spread([r["flops_to_scratch_loss"] for r in rows
+                                                        if r["flops_to_scratch_loss"] is not None]),
+                      "speedup": _spread(speedups), "speedup_per_seed": [r["speedup"] for r in rows],
+                      "reached": f"{len(speedups)}/{len(rows)}"}
+        table[name] = entry
+    return table
+
+
+def _pm(s: dict[str, Any], spec: str, scale: float = 1.0, suffix: str = "") -> str:
+    if s["mean"] is None:
+        return "-"
+    text = format(s["mean"] * scale, spec) + suffix
+    if s["sd"]:  # no ± for one seed, nor for a spread of exactly 0 (FLOPs fixed by the schedule)
+        text += f" ± {format(s['sd'] * scale, spec)}{suffix}"
+    return text
+
+
+def _pct(value: float | None) -> str:
+    return "not reached" if value is None else f"{value:+.1%}"
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    setup, table = report["setup"], report["table"]
+    n = len(report["seeds"])
+    lines = [f"# Speedup: {report['recipe']} ({report['preset'] or 'custom'} preset)", "",
+             f"`{report['command']}`, {report['world']} rank(s), seeds {report['seeds']}; stages finished "
+             f"{report.get('measured') or report['date']}: {report['stage_wall_seconds'] / 60:.1f} min summed over "
+             f"the stages' own wall times (report written {report['date']}, this invocation "
+             f"{report['wall_seconds'] / 60:.1f} min).", "",
+             f"Small `{setup['small_model']}` {setup['small_iters']} iterations ({setup['small_tokens']:,} tokens), "
+             f"grown x{setup['factor']} into `{setup['large_model']}`, {setup['large_iters']} iterations "
+             f"({setup['large_tokens']:,} tokens) per operator; scratch `{setup['large_model']}` "
+             f"{setup['scratch_iters']} iterations (the FLOPs of small + large); global batch "
+             f"{setup['global_batch']} x {setup['seq_length']} tokens, AdamW, fresh after growth, warmup + "
+             "cosine in every stage; validation loss on the same held-out batches everywhere.", "",
+             "| operator | final valid loss | loss right after growth | total FLOPs | FLOPs to reach scratch's "
+             "final loss | speedup (FLOPs_scratch / FLOPs_op - 1) | per seed |",
+             "|---|---|---|---|---|---|---|"]
+    s = table["scratch"]
+    lines.append(f"| scratch | {_pm(s['final_valid_loss'], '.4f')} | - | {_pm(s['flops'], '.3e')} | "
+                 f"{_pm(s['flops'], '.3e')} | 0 (baseline) | - |")
+    for op in report["operators"]:
+        t = table[op]
+        sp = t["speedup"]
+        speed = "not reached" if sp["mean"] is None else _pm(sp, ".1f", 100, "%")
+        if sp["mean"] is not None and t["reached"] != f"{n}/{n}":
+            speed += f" ({t['reached']} seeds reached)"
+        lines.append(f"| {op} | {_pm(t['final_valid_loss'], '.4f')} | {_pm(t['loss_after_growth'], '.4f')} | "
+                     f"{_pm(t['flops'], '.3e')} | {_pm(t['flops_to_scratch_loss'], '.3e')} | {speed} | "
+                     f"{', '.join(_pct(v) for v in t['speedup_per_seed'])} |")
+    lines += ["", "Mean ± sample standard deviation over seeds (no ± with one seed). FLOPs count the small "
+              "stage (and G_learn's map training); 'not reached': the run's curve never got down to the "
+              "scratch run's final loss, so its speedup is negative or unmeasured at this budget."]
+    for op, why in report["not_measured"].items():
+        lines.append(f"- `{op}`: not measured: {why}")
+    if any(op in WIDTH_OPERATORS for op in report["operators"]):
+        lines.append(f"- width operators start from `{setup.get('narrow_model')}` (the large depth at half the "
+                     "width), trained with the small stage's schedule; their FLOPs count that model instead.")
+    if "learn" in report["operators"]:
+        lines.append(f"- learn: LiGO maps trained on {report['options']['learn_tokens']:,} tokens of the training "
+                     "data before the large stage, counted as 6N FLOPs per token of the grown model.")
+    lines += ["", "Per seed (valid loss right after growth -> final; wall seconds of small / grow / large):", "",
+              "| seed | run | small final | after growth | final | FLOPs to scratch loss | speedup | wall s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for seed, run in report["runs"].items():
+        sc = run["scratch"]
+        lines.append(f"| {seed} | scratch | - | - | {_num(sc['final_valid_loss'], '.4f')} | {_num(sc['flops'], '.3e')} "
+                     f"| - | {_num(sc['wall_seconds'], '.0f')} |")
+        for op in report["operators"]:
+            r = run[op]
+            w = r["wall_seconds"]
+            lines.append(f"| {seed} | {op} | {_num(r['small_final_valid_loss'], '.4f')} | "
+                         f"{_num(r['loss_after_growth'], '.4f')} | {_num(r['final_valid_loss'], '.4f')} | "
+                         f"{_num(r['flops_to_scratch_loss'], '.3e')} | {_pct(r['speedup'])} | "
+                         f"{_num(w['small'], '.0f')} / {_num(w['grow'], '.0f')} / {_num(w['large'], '.0f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+COLORS = ("tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Validation loss vs FLOPs, every operator and scratch; the first seed labelled, the others faint."""
+    curves: list[tuple[str | None, list[tuple[float, float]], dict[str, Any]]] = []
+    lows, starts = [], []
+    for i, run in enumerate(report["runs"].values()):
+        faint = {} if i == 0 else {"alpha": 0.35, "markersize": 0}
+        for j, name in enumerate(("scratch", *report["operators"])):
+            points = [tuple(p) for p in run[name]["curve"]]
+            if not points:
+                continue
+            lows.append(min(p[1] for p in points))
+            if name != "scratch" and run[name]["loss_after_growth"] is not None:
+                starts.append(run[name]["loss_after_growth"])
+            style = {"fmt": "s--" if name == "scratch" else "o-", "color": "black" if name == "scratch" else
+                     COLORS[j % len(COLORS)], **faint}
+            curves.append((name if i == 0 else None, points, style))
+    top = max(starts) + 0.4 if starts else None
+    ylim = (min(lows) - 0.05, top) if lows and top else None
+    seeds = ", ".join(str(s) for s in report["runs"])
+    plot_loss_curves(curves, path, f"{report['recipe']}: validation loss vs FLOPs (seeds {seeds})", ylim=ylim)
+
+
+def _marker_texts(markers: Path) -> list[str]:
+    return [p.read_text() for p in sorted(markers.glob("*.json"))] if markers.is_dir() else []
+
+
+def write_report(out: Path, recipe: Recipe, options: Options, world: int, wall: float, preset: str | None,
+                 command: str) -> dict[str, Any]:
+    from megastack.pipeline import stage_flops
+
+    runs = {seed: analyse_seed(out, seed, options.operators) for seed in options.seeds}
+    layout = Layout(out / f"seed-{options.seeds[0]}")
+    configs = {stage: cfg for stage, cfg, _ in stage_configs(recipe, layout, world)}
+    small, large, scratch = configs["small"], configs["large"], configs["scratch"]
+    par = small.parallel
+    global_batch = par.micro_batch_size * par.data_parallel_size(world) * par.gradient_accumulation_steps(world)
+    seq = large.resolved_model().seq_length
+    small_iters = small.schedule.iterations(global_batch * seq)
+    large_iters = large.schedule.iterations(global_batch * seq)
+    setup = {"small_model": small.resolved_model().name, "large_model": large.resolved_model().name,
+             "factor": recipe.growth.factor, "small_iters": small_iters, "large_iters": large_iters,
+             "scratch_iters": scratch.schedule.iterations(global_batch * seq),
+             "small_tokens": small_iters * global_batch * seq, "large_tokens": large_iters * global_batch * seq,
+             "global_batch": global_batch, "seq_length": seq,
+             "small_flops": stage_flops(small, world)[1], "large_flops": stage_flops(large, world)[1],
+             "scratch_flops": stage_flops(scratch, world)[1]}
+    if any(op in WIDTH_OPERATORS for op in options.operators):
+        setup["narrow_model"] = narrow_model(large.resolved_model()).name
+    not_measured = {op: why for op, why in NOT_IN_HARNESS.items()}
+    not_measured |= {op: "not requested (--operators)" for op in OPERATORS if op not in options.operators}
+    markers = [json.loads(t) for seed in options.seeds for t in _marker_texts(out / f"seed-{seed}" / "stages")]
+    stage_wall = sum(float(m.get("wall_seconds") or 0.0) for m in markers)
+    finished = sorted(m["finished"] for m in markers if m.get("finished"))
+    measured = f"{finished[0][:16].replace('T', ' ')} to {finished[-1][:16].replace('T', ' ')}" if finished else None
+    report = {"preset": preset, "recipe": recipe.name, "command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
+              "world": world, "seeds": list(options.seeds), "operators": list(options.operators),
+              "options": {"learn_tokens": options.learn_tokens, "learn_batch": options.learn_batch,
+                          "learn_lr": options.learn_lr},
+              "setup": setup, "table": aggregate(runs, options.operators), "not_measured": not_measured,
+              "runs": {str(k): v for k, v in runs.items()}, "wall_seconds": wall, "stage_wall_seconds": stage_wall,
+              "measured": measured,
+              "definition": "speedup = FLOPs_scratch / FLOPs_op - 1; FLOPs_op = cumulative FLOPs (small stage "
+                            "included) at which the grown run's validation loss first reaches the scratch run's "
+                            "final validation loss (linear interpolation between evaluations)"}
+    from megastack.fsio import atomic_write_json, atomic_write_text
+
+    atomic_write_json(out / "speedup.json", report)
+    atomic_write_text(out / "speedup.md", report_markdown(report))
+    plot(report, out / "speedup.png")
+    return report
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="smoke (seconds), cpu (the 45-minute CPU run), cluster (the paper's 1.1B recipe)")
+    parser.add_argument("--recipe", help="any megastack run recipe instead of a preset's")
+    parser.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
+    parser.add_argument("--operators", help=f"comma-separated, from {', '.join(OPERATORS)} (default: the preset's)")
+    parser.add_argument("--learn-tokens", type=int, help="G_learn's map training tokens (default: the preset's)")
+    parser.add_argument("--out", help="output directory (default: runs/speedup-<preset or recipe>)")
+    parser.add_argument("--nproc", type=int, default=2, help="local ranks to start without a launcher")
+    parser.add_argument("--json", help="also copy speedup.json here (for bench/run_all.py)")
+    return parser.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace) -> tuple[Recipe, Options, Path]:
+    preset = PRESETS[args.preset or ("cpu" if args.recipe is None else "smoke")]
+    recipe = resolve_recipe(args.recipe or preset.recipe)
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else preset.seeds
+    except ValueError:
+        raise UserError(f"--seeds takes comma-separated integers like 1,2,3, got {args.seeds!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise UserError(f"--seeds needs distinct non-negative integers, got {args.seeds!r}")
+    operators = tuple(o.strip() for o in args.operators.split(",") if o.strip()) if args.operators \
+        else preset.operators
+    for op in operators:
+        if op in NOT_IN_HARNESS:
+            raise UserError(f"--operators {op}: {NOT_IN_HARNESS[op]}")
+        if op not in OPERATORS:
+            raise UserError(f"--operators {op!r} is unknown; choose from {', '.join(OPERATORS)}")
+    if not operators or len(set(operators)) != len(operators):
+        raise UserError(f"--operators needs distinct operator names, got {args.operators!r}")
+    learn_tokens = args.learn_tokens if args.learn_tokens is not None else preset.learn_tokens
+    if learn_tokens <= 0:
+        raise UserError(f"--learn-tokens must be positive, got {learn_tokens}")
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be positive, got {args.nproc}")
+    name = args.preset or (Path(args.recipe).stem if args.recipe else "cpu")
+    out = Path(args.out) if args.out else Path("runs") / f"speedup-{name}"
+    return recipe, Options(seeds, operators, learn_tokens), out
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    import torch.distributed as dist
+
+    from megastack.ckpt.execute import Comm
+    from megastack.dist import discover, init_distributed, launch_local
+
+    recipe, options, out = resolve(args)
+    if discover().launcher == "single" and args.nproc > 1:
+        argv = [sys.executable, str(Path(__file__).resolve()), *argv]
+        result = launch_local(argv, args.nproc, timeout=7 * 24 * 3600, stream_rank0=True)
+        if not result.ok:
+            for output in result.outputs:
+                if output.strip():
+                    raise UserError(f"a rank failed: {output.strip().splitlines()[-1]}")
+            raise UserError("a rank failed (see the output above)")
+        return 0
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    start = time.monotonic()
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comm = Comm(rank, world)
+    for seed in options.seeds:
+        run_seed(recipe, seed, out, options, comm, rank, world)
+    if rank == 0:
+        wall = time.monotonic() - start
+        shown = [a for i, a in enumerate(argv) if a != "--json" and (i == 0 or argv[i - 1] != "--json")]
+        command = "python bench/speedup.py " + " ".join(shown)
+        report = write_report(out, recipe, options, world, wall, args.preset, command.strip())
+        print(report_markdown(report), end="", flush=True)
+        print(f"speedup: {out / 'speedup.md'} (and speedup.json), plot {out / 'speedup.png'}", flush=True)
+        if args.json:
+            Path(args.json).write_text((out / "speedup.json").read_text())
+    comm.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+        return run(args, argv)
+    except UserError as exc:
+        print(f"speedup: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

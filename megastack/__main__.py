@@ -1,0 +1,5 @@
+import sys
+
+from megastack.cli import main
+
+sys.exit(main())

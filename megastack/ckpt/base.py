@@ -1,0 +1,80 @@
+"""What every checkpoint format provides: a reader of logical-tensor slices and a writer of output units.
+
+A reader answers ``read(name, pieces)``: the concatenation of the given pieces (rows/cols ranges of one
+dimension, see ``layout.Piece``) of a logical tensor, opening only the files that hold them. A writer
+lists its output units (a file, or a chunk of one) and fills each from a ``produce(name, pieces)``
+callback, one unit at a time; the executor decides which rank writes which units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from megastack.ckpt.layout import Piece
+from megastack.config import ModelConfig
+
+# produce(logical name, pieces or None for the whole tensor) -> tensor
+Produce = Callable[[str, "list[Piece] | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One logical tensor (or its TP pieces) that an output unit needs."""
+
+    name: str
+    pieces: tuple[Piece, ...] | None  # None: the whole tensor
+
+
+@dataclass
+class Unit:
+    """A piece of output work: a file (legacy, hf) or a group of chunks (torch_dist)."""
+
+    key: str  # stable id, e.g. the file's relative path
+    nbytes: int  # bytes it writes
+    requests: list[Request]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Reader(Protocol):
+    format: str
+    path: Any
+    cfg: ModelConfig
+
+    def read(self, name: str, pieces: list[Piece] | None = None) -> torch.Tensor: ...
+
+    def dtype(self, name: str) -> torch.dtype: ...
+
+    def sources(self, name: str, pieces: list[Piece] | None = None) -> dict[str, int]:
+        """Files (relative paths) and bytes a ``read`` of these pieces would touch (for --dry-run)."""
+        ...
+
+
+class Writer(Protocol):
+    format: str
+
+    def units(self) -> list[Unit]: ...
+
+    def write_units(self, directory, units: list[Unit], produce: Produce, rank: int) -> Any: ...
+
+    def finalize(self, directory, results: list[Any]) -> None: ...
+
+
+def pieces_shape(full_shape: tuple[int, ...], pieces: list[Piece] | tuple[Piece, ...] | None) -> tuple[int, ...]:
+    """Shape of the concatenation of ``pieces`` of a tensor of ``full_shape``."""
+    if not pieces:
+        return tuple(full_shape)
+    shape = list(full_shape)
+    shape[pieces[0].dim] = sum(p.length for p in pieces)
+    return tuple(shape)
+
+
+def take_pieces(full: torch.Tensor, pieces: list[Piece] | tuple[Piece, ...] | None) -> torch.Tensor:
+    """Cut ``pieces`` out of a full tensor (a view when there is one piece)."""
+    if not pieces:
+        return full
+    parts = [full.narrow(p.dim, p.start, p.length) for p in pieces]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=pieces[0].dim)

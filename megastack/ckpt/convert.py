@@ -1,0 +1,196 @@
+"""``megastack convert SRC DST --to FORMAT``: Hugging Face <-> torch_dist <-> legacy, with resharding.
+
+A conversion is the identity growth plan written by the target format's writer through the same
+executor as ``grow``: every rank computes the same unit list, fills its share tensor by tensor from
+the source reader (which opens only the bytes each piece needs), and rank 0 writes the index files,
+``megastack.json`` and publishes the result by renaming a finished temporary sibling. Nothing appears
+at DST unless the whole conversion succeeded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megastack.ckpt.detect import open_checkpoint
+from megastack.ckpt.execute import Comm, comm_from_launcher, dry_run, execute
+from megastack.ckpt.manifest import manifest_digest, read_manifest
+from megastack.config import ModelConfig, ParallelConfig, load_model_config, to_dict
+from megastack.errors import UserError
+from megastack.fsio import refuse_existing
+from megastack.growth.plan import identity_plan
+from megastack.progress import Progress
+
+FORMATS = ("hf", "torch_dist", "legacy")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_KEYS = {v: k for k, v in DTYPES.items()}
+
+
+def check_paths(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """SRC must exist, DST must not, and neither may contain the other."""
+    s, d = Path(src).resolve(), Path(dst).resolve()
+    if not s.exists():
+        raise UserError(f"{src}: source checkpoint not found")
+    if s == d:
+        raise UserError(f"source and destination are the same directory ({src}); give a new DST")
+    if d.is_relative_to(s) or s.is_relative_to(d):
+        raise UserError(f"{dst}: the destination must not be inside the source (or the other way round)")
+    refuse_existing(dst)
+
+
+def check_layout(cfg: ModelConfig, to: str, tp: int | None, pp: int | None) -> tuple[int, int]:
+    """The output TP/PP, refused in one line when it cannot cut this model."""
+    if to != "legacy":
+        if (tp or 1) != 1 or (pp or 1) != 1:
+            raise UserError(f"--tp/--pp apply to legacy output only; a {to} checkpoint is not cut by rank "
+                            "(torch_dist loads under any TP/PP)")
+        return 1, 1
+    tp, pp = tp or 1, pp or 1
+    if tp < 1 or pp < 1:
+        raise UserError(f"--tp {tp} --pp {pp}: both must be positive")
+    for field_name, problem in ParallelConfig(tensor=tp, pipeline=pp).check_model(cfg):
+        flag, value = ("--tp", tp) if field_name == "tensor" else ("--pp", pp)
+        raise UserError(f"{flag} {value}: {problem.split(' ', 1)[1]}; choose a {flag} that divides it")
+    return tp, pp
+
+
+def source_identity(reader: Any) -> dict[str, Any]:
+    """How the convert event names its source: the manifest's sha256 when the source has one (it lists
+    every file's sha256); otherwise file names and sizes, so conversion never re-reads the whole source
+    just to hash it."""
+    if read_manifest(reader.path) is not None:
+        return {"source_sha256": manifest_digest(reader.path)}
+    sizes = {}
+    for root, _, files in os.walk(reader.path):
+        for name in files:
+            path = Path(root) / name
+            sizes[path.relative_to(reader.path).as_posix()] = path.stat().st_size
+    listing = json.dumps(dict(sorted(sizes.items())), sort_keys=True)
+    return {"source_files_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+            "source_bytes": sum(sizes.values())}
+
+
+def make_writer(cfg: ModelConfig, to: str, tp: int, pp: int, dtype: torch.dtype, iteration: int,
+                hf_shard_bytes: int | None = None):
+    if to == "torch_dist":
+        from megastack.ckpt.torch_dist import TorchDistWriter
+
+        return TorchDistWriter(cfg, dtype)
+    if to == "legacy":
+        from megastack.ckpt.legacy import LegacyWriter
+
+        return LegacyWriter(cfg, tp, pp, dtype, iteration=iteration)
+    from megastack.ckpt.hf import DEFAULT_SHARD_BYTES, HFWriter
+
+    return HFWriter(cfg, dtype, hf_shard_bytes or DEFAULT_SHARD_BYTES)
+
+
+@dataclasses.dataclass
+class Conversion:
+    """Everything decided before writing: reader, plan, writer, manifest (also what --dry-run shows)."""
+
+    reader: Any
+    plan: Any
+    writer: Any
+    dtype: torch.dtype
+    iteration: int
+    manifest: dict[str, Any]
+    tp: int
+    pp: int
+
+
+def prepare(src: str | os.PathLike, to: str, tp: int | None = None, pp: int | None = None,
+            dtype: str | None = None, model: ModelConfig | None = None,
+            hf_shard_bytes: int | None = None) -> Conversion:
+    """Open the source, check the target layout and build writer + manifest; reads metadata only."""
+    if to not in FORMATS:
+        raise UserError(f"--to {to}: unknown format; choose one of {', '.join(FORMATS)}")
+    reader = open_checkpoint(src, model)
+    cfg = reader.cfg
+    if to == "legacy" and tp is None and pp is None and reader.format == "legacy":
+        tp, pp = reader.tp, reader.pp  # legacy -> legacy keeps the layout unless asked to reshard
+    tp, pp = check_layout(cfg, to, tp, pp)
+    out_dtype = DTYPES[dtype] if dtype else reader.dtype("embedding")
+    if out_dtype not in DTYPE_KEYS:
+        raise UserError(f"{src}: weights are {out_dtype}; pass --dtype fp32, bf16 or fp16 for the output")
+    target = dataclasses.replace(cfg, dtype=DTYPE_KEYS[out_dtype])
+    plan = dataclasses.replace(identity_plan(cfg), target=target)
+    source_manifest = read_manifest(reader.path) or {}
+    iteration = int(source_manifest.get("iteration", getattr(reader, "iteration", 0)) or 0)
+    writer = make_writer(target, to, tp, pp, out_dtype, iteration, hf_shard_bytes)
+    event = {"event": "convert", "from": reader.format, "to": to, "source": str(Path(src).resolve()),
+             **source_identity(reader), "dtype": DTYPE_KEYS[out_dtype]}
+    if to == "legacy":
+        event |= {"tp": tp, "pp": pp}
+    manifest = {
+        "format": to, "model": to_dict(target), "iteration": iteration,
+        "consumed_tokens": int(source_manifest.get("consumed_tokens", 0) or 0),
+        "cumulative_flops": float(source_manifest.get("cumulative_flops", 0.0) or 0.0),
+        "history": list(source_manifest.get("history", [])) + [event],
+    }
+    if "growth" in source_manifest:  # a grown checkpoint not trained yet keeps its ramp instructions
+        manifest["growth"] = source_manifest["growth"]
+    return Conversion(reader, plan, writer, out_dtype, iteration, manifest, tp, pp)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, tp: int | None = None,
+            pp: int | None = None, dtype: str | None = None, comm: Comm | None = None,
+            model: ModelConfig | None = None, hf_shard_bytes: int | None = None,
+            progress: bool = False) -> Path:
+    """Convert SRC to format ``to`` at DST (all ranks of ``comm`` call it; one process by default)."""
+    check_paths(src, dst)
+    return run(prepare(src, to, tp, pp, dtype, model, hf_shard_bytes), dst, comm or Comm(), progress)
+
+
+def run(job: Conversion, dst: str | os.PathLike, comm: Comm, progress: bool = False) -> Path:
+    """Write a prepared conversion (every rank calls it)."""
+    to = job.writer.format
+    bar = Progress(sum(len(u.requests) for u in job.writer.units()), "convert", enabled=progress and comm.rank == 0)
+    # HF files go straight into DST; Megatron formats get iter_NNNNNNN/ and the tracker, like Megatron-LM.
+    execute(job.writer, job.plan.producer(job.reader, job.dtype), dst, comm, job.manifest,
+            iteration=None if to == "hf" else job.iteration, progress=bar.update)
+    bar.close()
+    return Path(dst)
+
+
+def describe_dry_run(job: Conversion, plans: list, as_json: bool) -> str:
+    rows = [{"rank": p.rank, "units": len(p.units), "write_bytes": p.write_bytes, "read_bytes": p.read_bytes,
+             "read_files": len(p.reads), "predicted_peak_bytes": p.peak_bytes, "reads": p.reads} for p in plans]
+    summary = {"from": job.reader.format, "to": job.writer.format, "tp": job.tp, "pp": job.pp,
+               "dtype": DTYPE_KEYS[job.dtype], "parameters": job.plan.target.total_parameters(), "ranks": rows}
+    if as_json:
+        return json.dumps(summary, indent=2, sort_keys=True)
+    gib = 1 << 30
+    layout_text = f" TP={job.tp} x PP={job.pp}" if job.writer.format == "legacy" else ""
+    lines = [f"convert: {job.reader.format} -> {job.writer.format}{layout_text}, {DTYPE_KEYS[job.dtype]}, "
+             f"{job.plan.target.total_parameters():,} parameters, {len(plans)} rank(s)",
+             f"{'rank':>4} {'units':>6} {'read GiB':>9} {'files':>6} {'write GiB':>10} {'peak GiB':>9}"]
+    for r in rows:
+        lines.append(f"{r['rank']:>4} {r['units']:>6} {r['read_bytes'] / gib:>9.3f} {r['read_files']:>6} "
+                     f"{r['write_bytes'] / gib:>10.3f} {r['predicted_peak_bytes'] / gib:>9.3f}")
+    return "\n".join(lines)
+
+
+def cli_convert(args: Any) -> int:
+    model = load_model_config(args.model) if getattr(args, "model", None) else None
+    if getattr(args, "dry_run", False):
+        job = prepare(args.src, args.to, args.tp, args.pp, args.dtype, model)
+        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1)
+        print(describe_dry_run(job, dry_run(job.writer, job.reader, job.plan.sources_of, world),
+                               getattr(args, "json", False)))
+        return 0
+    check_paths(args.src, args.dst)
+    job = prepare(args.src, args.to, args.tp, args.pp, args.dtype, model)
+    comm = comm_from_launcher()
+    run(job, args.dst, comm, progress=True)
+    if comm.rank == 0:
+        layout_text = f" TP={job.tp} x PP={job.pp}" if args.to == "legacy" else ""
+        print(f"converted {args.src} ({job.reader.format}) -> {args.dst} ({args.to}{layout_text}, "
+              f"{DTYPE_KEYS[job.dtype]})")
+    return 0

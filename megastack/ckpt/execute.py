@@ -1,0 +1,204 @@
+"""The executor: split a writer's output units across ranks, fill each from a producer, publish atomically.
+
+The same code runs as one process or as N ranks under torchrun, srun or mpirun (gloo is enough: ranks
+exchange only small status objects; tensors go through the shared filesystem). Every rank computes the
+same unit list and assignment from metadata, writes its own units into the staging directory, and rank
+0 writes the format's index files, the manifest and the tracker, then renames the staging directory
+into place. Any rank's failure fails all ranks and removes the staging directory.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megastack.ckpt.base import Produce, Reader, Unit, Writer
+from megastack.ckpt.manifest import TRACKER, iter_dir_name, write_manifest
+from megastack.errors import UserError
+from megastack.fsio import atomic_write_text, fsync_dir, publish_dir, refuse_existing, staging_dir
+
+
+@dataclass
+class Comm:
+    """The few collectives the executor needs; trivial for one process."""
+
+    rank: int = 0
+    world: int = 1
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, on every rank."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def comm_from_launcher() -> Comm:
+    """One process, or the ranks of whichever launcher started us (gloo process group)."""
+    from megastack.dist import discover, init_distributed
+
+    env = discover()
+    if env.world_size == 1:
+        return Comm()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        init_distributed()
+        # A gloo group still alive at interpreter exit can abort the process ("terminate called
+        # without an active exception") after the work is done; tear it down first.
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    return Comm(env.rank, env.world_size)
+
+
+def assign(units: list[Unit], world: int, order_key: Callable[[Unit], Any] | None = None) -> list[list[Unit]]:
+    """Largest units first, each to the least-loaded rank: a deterministic, balanced split by bytes.
+    Within a rank, units keep the checkpoint's order, or ``order_key``'s (e.g. grouping by source)."""
+    loads = [0] * world
+    out: list[list[Unit]] = [[] for _ in range(world)]
+    for unit in sorted(units, key=lambda u: (-u.nbytes, u.key)):
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        out[rank].append(unit)
+        loads[rank] += unit.nbytes
+    order = {u.key: i for i, u in enumerate(units)}
+    for units_of_rank in out:
+        units_of_rank.sort(key=lambda u: (order_key(u) if order_key else (), order[u.key]))
+    return out
+
+
+@dataclass
+class RankPlan:
+    rank: int
+    units: list[str]
+    write_bytes: int
+    read_bytes: int
+    reads: dict[str, int] = field(default_factory=dict)
+    peak_bytes: int = 0
+
+
+def dry_run(writer: Writer, reader: Reader, sources_of: Callable[[str, Any], list[tuple[str, Any]]],
+            world: int) -> list[RankPlan]:
+    """What each rank would read and write, and its predicted peak tensor memory, from metadata alone.
+
+    ``sources_of(target, pieces)`` lists the (source name, pieces) a target piece is made from.
+    Peak: the unit being written (a torch_dist chunk, or a whole legacy/hf file) and its serialised
+    copy, the source slice read for it, and the reader's cached source chunk (loaded bytes + tensor).
+    """
+    cached_chunk = getattr(reader, "max_chunk_bytes", lambda: 0)()
+    plans = []
+    for rank, units in enumerate(assign(writer.units(), world)):
+        reads: dict[str, int] = {}
+        peak = 0
+        for unit in units:
+            largest_read = 0
+            for request in unit.requests:
+                for source, pieces in sources_of(request.name, request.pieces):
+                    touched = reader.sources(source, pieces)
+                    for path, nbytes in touched.items():
+                        reads[path] = reads.get(path, 0) + nbytes
+                    largest_read = max(largest_read, sum(touched.values()))
+            peak = max(peak, 2 * unit.nbytes + largest_read + 2 * cached_chunk)
+        plans.append(RankPlan(rank, [u.key for u in units], sum(u.nbytes for u in units),
+                              sum(reads.values()), dict(sorted(reads.items())), peak))
+    return plans
+
+
+def _user_message(exc: BaseException, dst: Path) -> str | None:
+    """What a user should read for a failure, or None for a bug (which keeps its traceback)."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    seen = exc
+    while seen is not None and not isinstance(seen, OSError):  # torch.save wraps I/O errors
+        seen = seen.__cause__ or seen.__context__
+    if seen is not None:
+        exc = seen
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        hint = {28: "free some space or write elsewhere", 30: "the destination is read-only; write elsewhere",
+                13: "check the destination's permissions"}.get(exc.errno or 0, "check the destination")
+        return f"cannot write {dst}: {exc.strerror or exc}{where}; {hint}; nothing was published"
+    return None
+
+
+def _all_ranks(comm: Comm, dst: Path, staging: Path, step: Callable[[], Any]) -> Any:
+    """Run ``step`` on this rank; if any rank failed, every rank raises the first failure's message and
+    rank 0 removes the staging directory, so nothing half-written survives."""
+    error, result = None, None
+    try:
+        result = step()
+    except Exception as exc:
+        error = _user_message(exc, dst)
+        if error is None:
+            if comm.world == 1:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            error = f"rank {comm.rank}: {type(exc).__name__}: {exc}"
+    errors = [e for e in comm.gather(error) if e]
+    if errors:
+        if comm.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(errors[0])
+    return result
+
+
+def execute(writer: Writer, produce: Produce, dst: str | Path, comm: Comm, manifest: dict[str, Any],
+            iteration: int | None = 0, progress: Callable[[str], None] | None = None,
+            order_key: Callable[[Unit], Any] | None = None) -> Path:
+    """Write ``dst`` with every rank's share of ``writer``'s units; rank 0 publishes it.
+
+    ``iteration`` None writes the files directly in ``dst`` (Hugging Face); otherwise ``dst`` is a
+    checkpoint root with ``iter_NNNNNNN/`` and the tracker file, like Megatron-LM's. A crash at any
+    point leaves either no ``dst`` or a complete one; the ``.dst.partial`` sibling a crash leaves behind
+    is removed by the next run.
+    """
+    dst = Path(dst)
+    refuse_existing(dst)
+    staging = staging_dir(dst)
+    target = staging if iteration is None else staging / iter_dir_name(iteration)
+    start = time.monotonic()
+
+    def prepare() -> None:
+        if comm.rank == 0:
+            if staging.exists():
+                shutil.rmtree(staging)  # a crashed earlier attempt; this run starts over
+            target.mkdir(parents=True)
+
+    def write() -> Any:
+        mine = assign(writer.units(), comm.world, order_key)[comm.rank]
+
+        def produce_logged(name: str, pieces: Any):
+            if progress is not None:
+                progress(name)
+            return produce(name, pieces)
+
+        return writer.write_units(target, mine, produce_logged, comm.rank)
+
+    _all_ranks(comm, dst, staging, prepare)
+    results = comm.gather(_all_ranks(comm, dst, staging, write))
+
+    def publish() -> None:
+        if comm.rank != 0:
+            return
+        writer.finalize(target, results)
+        known = {r.relative_path: r.sha256 for rs in results for r in (rs or []) if hasattr(r, "sha256")}
+        write_manifest(target, {**manifest, "write_seconds": round(time.monotonic() - start, 3)}, known)
+        if iteration is not None:
+            atomic_write_text(staging / TRACKER, f"{iteration}\n")
+        fsync_dir(target)
+        publish_dir(staging, dst)
+
+    _all_ranks(comm, dst, staging, publish)
+    return dst

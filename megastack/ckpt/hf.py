@@ -1,0 +1,495 @@
+"""Hugging Face Llama checkpoints (``config.json`` + safetensors), read and written tensor by tensor.
+
+Reading parses the safetensors headers itself (8-byte length + JSON, a documented format) and copies
+exactly the byte ranges a request needs with ``preadv`` into a fresh tensor: a TP piece of an
+embedding or of a grouped QKV reads only its rows, and nothing is memory-mapped, so a conversion's
+resident memory is what it holds, not the pages of the files it touched. Every shard's header is
+checked against the index and the model config before any tensor is read.
+
+Layout: HF keeps q/k/v and gate/up as separate matrices; the logical (megatron) tensors are the QKV
+grouped per query group and fc1 = [gate; up]. RoPE needs no permutation: HF Llama's rotary embedding
+and megatron-core's non-interleaved RoPE both rotate the two halves of each head (``rotate_half``),
+so q/k rows are copied as they are (proven by logits in tests/test_convert.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megastack.ckpt import layout
+from megastack.ckpt.base import Produce, Unit, take_pieces
+from megastack.ckpt.layout import Piece
+from megastack.config import ModelConfig
+from megastack.errors import UserError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+CONFIG = "config.json"
+DEFAULT_SHARD_BYTES = 2 << 30  # 2 GiB files: bounded writer memory, and units for several ranks
+
+ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+CFG_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# Tensors some Llama exports carry that hold no weights (recomputed by every implementation).
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+# ----------------------------------------------------------------------------- names and shapes
+
+
+def hf_parts(cfg: ModelConfig, name: str) -> list[tuple[str, tuple[int, ...]]]:
+    """The HF tensors (name, shape) a logical tensor is made of, in fusion order."""
+    layer, kind = layout.split_name(name)
+    h, d = cfg.hidden_size, cfg.head_dim
+    if layer is None:
+        return [(layout.HF_GLOBAL[kind], layout.logical_shape(cfg, name))]
+    p = f"model.layers.{layer}."
+    if kind == "qkv":
+        return [(p + "self_attn.q_proj.weight", (cfg.num_attention_heads * d, h)),
+                (p + "self_attn.k_proj.weight", (cfg.query_groups * d, h)),
+                (p + "self_attn.v_proj.weight", (cfg.query_groups * d, h))]
+    if kind == "fc1":
+        return [(p + "mlp.gate_proj.weight", (cfg.ffn_hidden_size, h)),
+                (p + "mlp.up_proj.weight", (cfg.ffn_hidden_size, h))]
+    return [(p + layout.HF_LAYER[kind], layout.logical_shape(cfg, name))]
+
+
+def split_logical(cfg: ModelConfig, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """A full logical tensor -> its HF tensors (q/k/v, gate/up split apart)."""
+    names = [n for n, _ in hf_parts(cfg, name)]
+    _, kind = layout.split_name(name)
+    if kind == "qkv":
+        return list(zip(names, layout.split_qkv(tensor, cfg)))
+    if kind == "fc1":
+        return list(zip(names, layout.split_glu(tensor)))
+    return [(names[0], tensor)]
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; a Hugging Face checkpoint needs it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({str(exc)[:80]}); the file is corrupt") from None
+
+
+def _rope_theta(hc: dict[str, Any], where: Path) -> float:
+    """rope_theta from either transformers 4 (top level + rope_scaling) or 5 (rope_parameters) configs;
+    any RoPE scaling is refused: megatron's plain RoPE would compute a different model."""
+    params = hc.get("rope_parameters")
+    scaling = hc.get("rope_scaling")
+    for field_name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: field '{field_name}' must be an object, got {value!r}")
+        kind = value.get("rope_type", value.get("type", "default"))
+        if kind != "default":
+            raise UserError(f"{where}: field '{field_name}' asks for RoPE scaling '{kind}'; only plain RoPE "
+                            "(rope_type default) converts exactly to megatron; use a model without rope scaling")
+    theta = (params or {}).get("rope_theta", hc.get("rope_theta", 10000.0))
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        raise UserError(f"{where}: field 'rope_theta' must be a positive number, got {theta!r}")
+    return float(theta)
+
+
+def config_from_hf(hc: Any, where: Path) -> ModelConfig:
+    """A ModelConfig from a Llama ``config.json``; anything megatron's Llama would compute differently
+    (another architecture, biases, RoPE scaling, another activation or head dim) is one-line refused."""
+    if not isinstance(hc, dict):
+        raise UserError(f"{where}: must hold a JSON object")
+    archs = hc.get("architectures") or []
+    model_type = hc.get("model_type")
+    if model_type != "llama" or (archs and archs != ["LlamaForCausalLM"]):
+        shown = ", ".join(map(str, archs)) or "none"
+        raise UserError(f"{where}: model_type '{model_type}' (architectures: {shown}) is not supported; only "
+                        "Llama checkpoints (model_type 'llama', LlamaForCausalLM) convert")
+    for field_name in ("attention_bias", "mlp_bias"):
+        if hc.get(field_name):
+            raise UserError(f"{where}: field '{field_name}' is true; megastack's Llama has no biases, so the "
+                            "model cannot convert exactly")
+    act = hc.get("hidden_act", "silu")
+    if act != "silu":
+        raise UserError(f"{where}: field 'hidden_act' is '{act}'; only SwiGLU with silu is supported")
+    try:
+        heads = int(hc["num_attention_heads"])
+        hidden = int(hc["hidden_size"])
+        groups = int(hc.get("num_key_value_heads") or heads)
+        dtype_name = hc.get("dtype") or hc.get("torch_dtype") or "float32"
+        cfg = ModelConfig(
+            num_layers=int(hc["num_hidden_layers"]), hidden_size=hidden, num_attention_heads=heads,
+            num_query_groups=None if groups == heads else groups, ffn_hidden_size=int(hc["intermediate_size"]),
+            vocab_size=int(hc["vocab_size"]), seq_length=int(hc.get("max_position_embeddings", 2048)),
+            rotary_base=_rope_theta(hc, where), norm_epsilon=float(hc.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(hc.get("tie_word_embeddings", False)),
+            dtype=CFG_DTYPES.get(str(dtype_name).replace("torch.", ""), "fp32"),
+            init_std=float(hc.get("initializer_range", 0.02)))
+    except KeyError as exc:
+        raise UserError(f"{where}: field '{exc.args[0]}' is missing; not a complete Llama config") from None
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{where}: a size field is not a number ({exc}); fix config.json") from None
+    for field_name, problem in cfg.check():
+        raise UserError(f"{where}: {field_name} {problem}")
+    head_dim = hc.get("head_dim")
+    if head_dim is not None and int(head_dim) != cfg.head_dim:
+        raise UserError(f"{where}: field 'head_dim' is {head_dim} but hidden_size/num_attention_heads is "
+                        f"{cfg.head_dim}; decoupled head dims are not supported")
+    return cfg
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """config.json for LlamaForCausalLM, readable by transformers 4 (rope_theta, torch_dtype) and 5
+    (rope_parameters, dtype)."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.query_groups, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.seq_length, "rms_norm_eps": cfg.norm_epsilon,
+        "rope_theta": cfg.rotary_base, "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
+        "tie_word_embeddings": cfg.tie_embeddings, "vocab_size": cfg.vocab_size,
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "initializer_range": cfg.init_std, "torch_dtype": HF_DTYPE_NAMES[dtype], "dtype": HF_DTYPE_NAMES[dtype],
+        "use_cache": True,
+    }
+
+
+# ----------------------------------------------------------------------------- safetensors headers
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stored tensor: file, dtype, shape and absolute byte range."""
+
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, Entry]:
+    """Parse and check a safetensors header (no tensor data is read)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise UserError(f"{path}: too short for a safetensors file; it is truncated")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 1 << 28):
+                raise UserError(f"{path}: header length {n} exceeds the file; not a safetensors file or truncated")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing safetensors file") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: unreadable safetensors header; the file is corrupt") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: safetensors header is not an object; the file is corrupt")
+    base = 8 + n
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: header entry '{name}' is malformed; the file is corrupt") from None
+        if dtype_name not in ST_DTYPES:
+            raise UserError(f"{path}: tensor '{name}' has dtype {dtype_name}; only F32, BF16, F16 and F64 "
+                            "weights convert (quantized checkpoints are not supported)")
+        dtype = ST_DTYPES[dtype_name]
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end - begin != numel * dtype.itemsize or begin < 0 or base + end > size:
+            raise UserError(f"{path}: tensor '{name}' has a byte range that does not fit its shape or the "
+                            "file; the file is truncated or corrupt")
+        entries[name] = Entry(path.name, dtype, shape, base + begin, end - begin)
+    return entries
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+class HFReader:
+    """Logical-tensor slices of a Hugging Face Llama checkpoint, fusing q/k/v and gate/up on the fly."""
+
+    format = "hf"
+
+    def __init__(self, directory: str | os.PathLike, cfg: ModelConfig | None = None):
+        self.path = Path(directory)
+        self.iteration = 0
+        self.hf_config = _load_json(self.path / CONFIG)
+        parsed = config_from_hf(self.hf_config, self.path / CONFIG)
+        self.cfg = cfg or parsed
+        self.files = self._shard_files()
+        self.entries = self._index_entries()
+        self._check_tensors()
+        self._fds: dict[str, int] = {}
+
+    # -- discovery and checks, all before any tensor is read
+
+    def _shard_files(self) -> list[str]:
+        index_path = self.path / INDEX
+        if index_path.is_file():
+            index = _load_json(index_path)
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise UserError(f"{index_path}: has no 'weight_map' object; the index is corrupt")
+            self.weight_map: dict[str, str] | None = {}
+            for name, file in weight_map.items():
+                if not isinstance(file, str) or "/" in file or "\\" in file or file in ("", ".", ".."):
+                    raise UserError(f"{index_path}: tensor '{name}' names shard file {file!r}, which is not a "
+                                    "plain file name in this directory; the index is corrupt or malicious")
+                self.weight_map[name] = file
+            files = sorted(set(self.weight_map.values()))
+            for file in files:
+                if not (self.path / file).is_file():
+                    count = sum(1 for f in self.weight_map.values() if f == file)
+                    raise UserError(f"{self.path / file}: shard missing ({INDEX} names it for {count} tensors); "
+                                    "the download or copy is incomplete, fetch that file again")
+            return files
+        self.weight_map = None
+        if (self.path / SINGLE).is_file():
+            return [SINGLE]
+        found = sorted(p.name for p in self.path.glob("*.safetensors"))
+        raise UserError(f"{self.path}: has {', '.join(found) or 'no safetensors files'} but neither {SINGLE} nor "
+                        f"{INDEX}; a sharded checkpoint needs its index file")
+
+    def _index_entries(self) -> dict[str, Entry]:
+        entries: dict[str, Entry] = {}
+        holder: dict[str, str] = {}
+        for file in self.files:
+            for name, entry in read_header(self.path / file).items():
+                if name in holder:
+                    raise UserError(f"{self.path}: tensor '{name}' is stored in both {holder[name]} and {file}; "
+                                    "the shards are from different exports")
+                holder[name] = file
+                entries[name] = entry
+        if self.weight_map is not None:
+            for name, file in sorted(self.weight_map.items()):
+                if holder.get(name) != file:
+                    actual = f"it is in {holder[name]}" if name in holder else "no shard holds it"
+                    raise UserError(f"{self.path / INDEX}: maps '{name}' to {file} but {actual}; the index does "
+                                    "not match the shard files (re-download them together)")
+            for name, file in sorted(holder.items()):
+                if name not in self.weight_map:
+                    raise UserError(f"{self.path / file}: holds '{name}', which {INDEX} does not list; the index "
+                                    "does not match the shard files (re-download them together)")
+        return entries
+
+    def _check_tensors(self) -> None:
+        cfg = self.cfg
+        expected: dict[str, tuple[int, ...]] = {}
+        for name in layout.logical_names(cfg):
+            expected.update(hf_parts(cfg, name))
+        where = f"{self.path} ({INDEX if self.weight_map is not None else SINGLE})"
+        for name, shape in expected.items():
+            if name not in self.entries:
+                raise UserError(f"{where}: tensor '{name}' is missing; the checkpoint does not match config.json "
+                                f"({cfg.num_layers} layers, tie_word_embeddings={cfg.tie_embeddings})")
+            if self.entries[name].shape != shape:
+                raise UserError(f"{self.path / self.entries[name].file}: tensor '{name}' has shape "
+                                f"{list(self.entries[name].shape)} but config.json gives {list(shape)}")
+        allowed_extra = {"lm_head.weight"} if cfg.tie_embeddings else set()
+        for name in sorted(set(self.entries) - set(expected)):
+            if name in allowed_extra or name.endswith(IGNORED_SUFFIXES):
+                continue
+            raise UserError(f"{self.path / self.entries[name].file}: tensor '{name}' is not part of a bias-free "
+                            "Llama; converting would drop it, so the checkpoint is refused")
+
+    # -- reading
+
+    def _fd(self, file: str) -> int:
+        if file not in self._fds:
+            self._fds[file] = os.open(self.path / file, os.O_RDONLY)
+        return self._fds[file]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+    def _fill(self, dst: torch.Tensor, hf_name: str, start: int) -> None:
+        """Rows [start, start + len(dst)) of a stored tensor, read from disk straight into ``dst`` (a
+        contiguous row block of the output): every byte is copied once, no intermediate tensors."""
+        entry = self.entries[hf_name]
+        if entry.dtype != dst.dtype:  # a checkpoint mixing dtypes: read, then cast into place
+            dst.copy_(self._rows(hf_name, start, dst.shape[0] if dst.dim() else 1).reshape(dst.shape))
+            return
+        rows = entry.shape[0] if entry.shape else 1
+        row_bytes = entry.nbytes // rows if rows else 0
+        view = memoryview(dst.reshape(-1).view(torch.uint8).numpy())
+        nbytes, offset = view.nbytes, entry.start + start * row_bytes
+        fd, done = self._fd(entry.file), 0
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise UserError(f"{self.path / entry.file}: ended early while reading '{hf_name}'; truncated file")
+            done += got
+
+    def _rows(self, hf_name: str, start: int = 0, length: int | None = None) -> torch.Tensor:
+        """Rows [start, start+length) of a stored tensor as a new tensor."""
+        entry = self.entries[hf_name]
+        if not entry.shape:
+            out = torch.empty((), dtype=entry.dtype)
+        else:
+            length = entry.shape[0] - start if length is None else length
+            out = torch.empty((length, *entry.shape[1:]), dtype=entry.dtype)
+        self._fill(out, hf_name, start)
+        return out
+
+    def _fill_qkv(self, dst: torch.Tensor, layer: int, piece: Piece) -> None:
+        """Rows of the grouped QKV: whole query groups, each group's q, k and v rows read into place."""
+        cfg = self.cfg
+        d = cfg.head_dim
+        per_group = cfg.num_attention_heads // cfg.query_groups
+        group_rows = (per_group + 2) * d
+        (q, _), (k, _), (v, _) = hf_parts(cfg, layout.layer_name(layer, "qkv"))
+        if piece.start % group_rows or piece.length % group_rows:  # not whole groups: fuse, then cut
+            full = layout.fuse_qkv(self._rows(q), self._rows(k), self._rows(v), cfg)
+            dst.copy_(full.narrow(0, piece.start, piece.length))
+            return
+        g0 = piece.start // group_rows
+        for i in range(piece.length // group_rows):
+            block = dst.narrow(0, i * group_rows, group_rows)
+            self._fill(block.narrow(0, 0, per_group * d), q, (g0 + i) * per_group * d)
+            self._fill(block.narrow(0, per_group * d, d), k, (g0 + i) * d)
+            self._fill(block.narrow(0, (per_group + 1) * d, d), v, (g0 + i) * d)
+
+    def _fill_fc1(self, dst: torch.Tensor, layer: int, piece: Piece) -> None:
+        """Rows of [gate; up]: the gate part and the up part of the range, each read into place."""
+        ffn = self.cfg.ffn_hidden_size
+        (gate, _), (up, _) = hf_parts(self.cfg, layout.layer_name(layer, "fc1"))
+        lo, hi = piece.start, piece.start + piece.length
+        gate_rows = max(0, min(hi, ffn) - lo)
+        if gate_rows:
+            self._fill(dst.narrow(0, 0, gate_rows), gate, lo)
+        if hi > ffn:
+            self._fill(dst.narrow(0, gate_rows, piece.length - gate_rows), up, max(lo, ffn) - ffn)
+
+    def read(self, name: str, pieces: list[Piece] | None = None) -> torch.Tensor:
+        layer, kind = layout.split_name(name)
+        shape = layout.logical_shape(self.cfg, name)
+        want = list(pieces) if pieces else [Piece(0, 0, shape[0])]
+        if want[0].dim != 0:  # column pieces: read whole rows, then cut
+            return take_pieces(self.read(name, None), want).clone()
+        out = torch.empty((sum(p.length for p in want), *shape[1:]), dtype=self.dtype(name))
+        row = 0
+        for piece in want:
+            dst = out.narrow(0, row, piece.length)
+            if kind == "qkv":
+                self._fill_qkv(dst, layer, piece)
+            elif kind == "fc1":
+                self._fill_fc1(dst, layer, piece)
+            else:
+                self._fill(dst, hf_parts(self.cfg, name)[0][0], piece.start)
+            row += piece.length
+        return out
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[hf_parts(self.cfg, name)[0][0]].dtype
+
+    def sources(self, name: str, pieces: list[Piece] | None = None) -> dict[str, int]:
+        """Files and bytes a read touches: the fraction of each part's rows (whole tensors for columns)."""
+        shape = layout.logical_shape(self.cfg, name)
+        want = list(pieces) if pieces else [Piece(0, 0, shape[0])]
+        fraction = 1.0 if want[0].dim != 0 else sum(p.length for p in want) / shape[0]
+        out: dict[str, int] = {}
+        for hf_name, _ in hf_parts(self.cfg, name):
+            entry = self.entries[hf_name]
+            out[entry.file] = out.get(entry.file, 0) + int(entry.nbytes * fraction)
+        return out
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+class HFWriter:
+    """LlamaForCausalLM safetensors files of at most ``max_shard_bytes`` each (a tensor larger than that
+    gets a file of its own), with ``model.safetensors.index.json`` when there is more than one. A unit
+    is one file; it holds that file's tensors while it is written, never more."""
+
+    format = "hf"
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        if dtype not in HF_DTYPE_NAMES:
+            raise UserError(f"dtype {dtype} cannot be written to a Hugging Face checkpoint; use fp32, bf16 or fp16")
+        self.cfg, self.dtype, self.max_shard_bytes = cfg, dtype, max_shard_bytes
+
+    def _nbytes(self, name: str) -> int:
+        numel = 1
+        for s in layout.logical_shape(self.cfg, name):
+            numel *= s
+        return numel * self.dtype.itemsize
+
+    def units(self) -> list[Unit]:
+        from megastack.ckpt.base import Request
+
+        groups: list[list[str]] = [[]]
+        size = 0
+        for name in layout.logical_names(self.cfg):
+            nbytes = self._nbytes(name)
+            if groups[-1] and size + nbytes > self.max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(name)
+            size += nbytes
+        n = len(groups)
+        units = []
+        for i, names in enumerate(groups):
+            key = SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            hf_names = [hf for name in names for hf, _ in hf_parts(self.cfg, name)]
+            units.append(Unit(key=key, nbytes=sum(self._nbytes(name) for name in names),
+                              requests=[Request(name, None) for name in names], meta={"hf_names": hf_names}))
+        return units
+
+    def write_units(self, directory: str | os.PathLike, units: list[Unit], produce: Produce, rank: int) -> list:
+        from safetensors.torch import save_file
+
+        for unit in units:
+            tensors: dict[str, torch.Tensor] = {}
+            for request in unit.requests:
+                full = produce(request.name, None).to(self.dtype)
+                for hf_name, part in split_logical(self.cfg, request.name, full):
+                    # safetensors refuses tensors that share storage (q/k/v are views of one QKV)
+                    tensors[hf_name] = part.contiguous() if len(hf_parts(self.cfg, request.name)) == 1 \
+                        else part.clone(memory_format=torch.contiguous_format)
+                del full
+            save_file(tensors, Path(directory) / unit.key, metadata={"format": "pt"})
+            del tensors
+        return []
+
+    def finalize(self, directory: str | os.PathLike, results: list[Any]) -> None:
+        from megastack.fsio import atomic_write_json
+
+        directory = Path(directory)
+        units = self.units()
+        if len(units) > 1:
+            weight_map = {hf: unit.key for unit in units for hf in unit.meta["hf_names"]}
+            total = sum(unit.nbytes for unit in units)
+            atomic_write_json(directory / INDEX, {"metadata": {"total_size": total},
+                                                  "weight_map": dict(sorted(weight_map.items()))})
+        atomic_write_json(directory / CONFIG, hf_config(self.cfg, self.dtype))

@@ -1,0 +1,202 @@
+"""``megastack inspect CKPT [--json]``: what a checkpoint is, from metadata only (no tensor data is read).
+
+The JSON form is a stable interface (README, "Converting and inspecting checkpoints"): always exactly
+the keys in ``KEYS``, ``null`` where a value is unknown, sorted keys, tensors in a fixed order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megastack.ckpt.detect import detect_format, model_from_manifest
+from megastack.ckpt.manifest import read_manifest, resolve_iteration_dir
+from megastack.config import ModelConfig, to_dict
+from megastack.errors import UserError
+
+KEYS = ("format", "path", "model", "parameters", "layout", "iteration", "tensors", "total_bytes", "files",
+        "manifest", "history")
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+               torch.float64: "float64", torch.int64: "int64", torch.int32: "int32", torch.uint8: "uint8",
+               torch.int8: "int8", torch.bool: "bool"}
+_ITER = re.compile(r"^iter_(\d+)$")
+
+
+def _natural(name: str) -> list:
+    """Sort key that puts layers.10 after layers.9."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _tensor(name: str, shape, dtype: torch.dtype, file: str | None) -> dict[str, Any]:
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    return {"name": name, "shape": [int(s) for s in shape], "dtype": DTYPE_NAMES.get(dtype, str(dtype)),
+            "bytes": numel * dtype.itemsize, "file": file}
+
+
+def _files(directory: Path) -> dict[str, int]:
+    count = size = 0
+    for root, _, names in os.walk(directory):
+        for name in names:
+            count += 1
+            size += (Path(root) / name).stat().st_size
+    return {"count": count, "bytes": size}
+
+
+def _hf(directory: Path) -> tuple[ModelConfig, list[dict], dict | None]:
+    from megastack.ckpt.hf import HFReader
+
+    reader = HFReader(directory, model_from_manifest(directory))
+    tensors = [_tensor(name, e.shape, e.dtype, e.file)
+               for name, e in sorted(reader.entries.items(), key=lambda kv: _natural(kv[0]))]
+    reader.close()
+    return reader.cfg, tensors, None
+
+
+def _torch_dist(directory: Path) -> tuple[ModelConfig | None, list[dict], dict | None]:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from megastack.ckpt.detect import _torch_dist_config
+    from megastack.ckpt.safe_load import read_dcp_metadata
+    from megastack.ckpt.torch_dist import TorchDistReader
+
+    try:
+        cfg: ModelConfig | None = _torch_dist_config(directory)
+    except UserError:
+        cfg = None  # no manifest and no Megatron args: the stored tensors are still worth showing
+    if cfg is not None:
+        TorchDistReader(directory, cfg)  # checks every tensor's global shape against the config
+    metadata = read_dcp_metadata(directory)
+    tensors = [_tensor(key, md.size, md.properties.dtype, None)
+               for key, md in sorted(metadata.state_dict_metadata.items(), key=lambda kv: _natural(kv[0]))
+               if isinstance(md, TensorStorageMetadata)]
+    return cfg, tensors, None
+
+
+def _legacy(directory: Path) -> tuple[ModelConfig, list[dict], dict]:
+    from megastack.ckpt.legacy import LegacyReader, rank_dir
+
+    reader = LegacyReader(directory, model_from_manifest(directory))
+    tensors = []
+    for pp_rank in range(reader.pp):
+        for tp_rank in range(reader.tp):
+            model = reader._file(tp_rank, pp_rank)["model"]
+            rel = rank_dir(tp_rank, pp_rank, reader.pp)
+            for key in sorted(model, key=_natural):
+                if isinstance(model[key], torch.Tensor):
+                    tensors.append(_tensor(key, model[key].shape, model[key].dtype, rel))
+    return reader.cfg, tensors, {"tp": reader.tp, "pp": reader.pp, "iteration": reader.iteration}
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The stable description of a checkpoint (see ``KEYS``)."""
+    directory = resolve_iteration_dir(path)
+    if not directory.is_dir():
+        raise UserError(f"{path}: not a directory; pass a checkpoint directory")
+    fmt = detect_format(directory)
+    cfg, tensors, extra = {"hf": _hf, "torch_dist": _torch_dist, "legacy": _legacy}[fmt](directory)
+    manifest = read_manifest(directory)
+    iteration = None
+    if manifest is not None and isinstance(manifest.get("iteration"), int):
+        iteration = manifest["iteration"]
+    elif extra is not None:
+        iteration = extra["iteration"]
+    elif fmt != "hf" and _ITER.match(directory.name):
+        iteration = int(_ITER.match(directory.name).group(1))
+    summary = None
+    if manifest is not None:
+        summary = {k: v for k, v in manifest.items() if k not in ("files", "history", "model")}
+        summary["files_listed"] = len(manifest.get("files") or {})
+    return {
+        "format": fmt,
+        "path": str(directory),
+        "model": to_dict(cfg) if cfg is not None else None,
+        "parameters": cfg.total_parameters() if cfg is not None else None,
+        "layout": {"tp": extra["tp"], "pp": extra["pp"]} if extra is not None else None,
+        "iteration": iteration,
+        "tensors": tensors,
+        "total_bytes": sum(t["bytes"] for t in tensors),
+        "files": _files(directory),
+        "manifest": summary,
+        "history": list((manifest or {}).get("history") or []),
+    }
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def _event(e: dict[str, Any]) -> str:
+    kind = e.get("event", "?")
+    if kind == "convert":
+        where = f" TP={e['tp']} x PP={e['pp']}" if "tp" in e else ""
+        return f"convert {e.get('from')} -> {e.get('to')}{where} ({e.get('dtype')}) from {e.get('source')}"
+    if kind == "grow":
+        return (f"grow {e.get('operator')} {e.get('source_layers')} -> {e.get('target_layers')} layers "
+                f"from {e.get('source')}")
+    rest = ", ".join(f"{k}={v}" for k, v in sorted(e.items()) if k != "event" and not isinstance(v, (list, dict)))
+    return f"{kind} {rest}".strip()
+
+
+def describe(info: dict[str, Any]) -> str:
+    """The human table."""
+    lines = [f"{info['path']}: {info['format']} checkpoint"
+             + (f", iteration {info['iteration']}" if info["iteration"] is not None else "")]
+    m = info["model"]
+    if m is None:
+        lines.append("model:     unknown (no megastack.json and no Megatron args; pass --model to convert it)")
+    else:
+        groups = m["num_query_groups"] or m["num_attention_heads"]
+        lines.append(f"model:     Llama, {m['num_layers']} layers, hidden {m['hidden_size']}, "
+                     f"{m['num_attention_heads']} heads / {groups} query groups "
+                     f"(head dim {m['hidden_size'] // m['num_attention_heads']}), ffn {m['ffn_hidden_size']}, "
+                     f"vocab {m['vocab_size']}, seq {m['seq_length']}, rope base {m['rotary_base']:g}, "
+                     f"{'tied' if m['tie_embeddings'] else 'untied'} embeddings, {m['dtype']}; "
+                     f"{info['parameters']:,} parameters")
+    if info["layout"] is not None:
+        lines.append(f"layout:    TP={info['layout']['tp']} x PP={info['layout']['pp']} "
+                     f"({info['layout']['tp'] * info['layout']['pp']} rank files)")
+    elif info["format"] == "torch_dist":
+        lines.append("layout:    none fixed (megatron-core loads torch_dist under any TP/PP)")
+    else:
+        shards = sorted({t["file"] for t in info["tensors"]})
+        lines.append(f"layout:    {len(shards)} safetensors file(s)")
+    lines.append(f"tensors:   {len(info['tensors'])}, {_size(info['total_bytes'])} "
+                 f"({info['files']['count']} files, {_size(info['files']['bytes'])} on disk)")
+    width = max([len(t["name"]) for t in info["tensors"]] + [4])
+    with_file = info["format"] != "torch_dist"
+    lines.append(f"  {'name':<{width}}  {'shape':<20} {'dtype':<9} {'bytes':>12}" + ("  file" if with_file else ""))
+    for t in info["tensors"]:
+        shape = "x".join(map(str, t["shape"])) or "scalar"
+        lines.append(f"  {t['name']:<{width}}  {shape:<20} {t['dtype']:<9} {t['bytes']:>12,}"
+                     + (f"  {t['file']}" if with_file else ""))
+    man = info["manifest"]
+    if man is None:
+        lines.append("manifest:  none")
+    else:
+        lines.append(f"manifest:  megastack.json ({man['files_listed']} files listed, consumed_tokens "
+                     f"{man.get('consumed_tokens', 0)}, cumulative_flops {man.get('cumulative_flops', 0.0):.3g})")
+    if info["history"]:
+        lines.append("history:")
+        lines += [f"  {i + 1}. {_event(e)}" for i, e in enumerate(info["history"])]
+    else:
+        lines.append("history:   none")
+    return "\n".join(lines)
+
+
+def cli_inspect(args: Any) -> int:
+    info = inspect_checkpoint(args.ckpt)
+    try:
+        print(json.dumps(info, indent=2, sort_keys=True) if args.json else describe(info), flush=True)
+    except BrokenPipeError:  # `megastack inspect CKPT | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    return 0

@@ -1,0 +1,271 @@
+"""The cutting rules: how each logical tensor of the canonical model is split across TP ranks and named
+in each format. Readers, writers, growth and the tests all use this one module.
+
+Logical tensors (canonical = megatron-core's TP=1 layout):
+
+    embedding              [vocab, h]                     TP: vocab blocks (dim 0)
+    output                 [vocab, h]  (untied only)      TP: vocab blocks (dim 0)
+    final_norm             [h]                            replicated
+    layers.{i}.attn_norm   [h]                            replicated
+    layers.{i}.qkv         [(heads + 2 groups) * d, h]    rows grouped per query group:
+                                                          [q heads of g; k_g; v_g] for each g
+                                                          TP: whole groups (contiguous rows)
+    layers.{i}.proj        [h, heads * d]                 TP: dim 1
+    layers.{i}.mlp_norm    [h]                            replicated
+    layers.{i}.fc1         [2 ffn, h]  = [gate; up]       TP rank r holds [gate_r; up_r]
+    layers.{i}.fc2         [h, ffn]                       TP: dim 1
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from megastack.config import ModelConfig
+
+LAYER_KINDS = ("attn_norm", "qkv", "proj", "mlp_norm", "fc1", "fc2")
+GLOBAL_KINDS = ("embedding", "output", "final_norm")
+
+# How each kind is cut across TP ranks: "rows"/"cols" split one dim evenly, "glu" splits gate and up
+# halves separately (each rank holds [gate_r; up_r]), "replicated" is copied to every rank.
+TP_RULE = {
+    "embedding": "rows", "output": "rows", "final_norm": "replicated",
+    "attn_norm": "replicated", "qkv": "rows", "proj": "cols",
+    "mlp_norm": "replicated", "fc1": "glu", "fc2": "cols",
+}
+
+_LAYER_NAME = re.compile(r"^layers\.(\d+)\.(\w+)$")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows/cols ``[start, start + length)`` of dimension ``dim`` of a full logical tensor."""
+
+    dim: int
+    start: int
+    length: int
+
+
+def split_name(name: str) -> tuple[int | None, str]:
+    """'layers.3.qkv' -> (3, 'qkv'); 'embedding' -> (None, 'embedding')."""
+    m = _LAYER_NAME.match(name)
+    if m:
+        return int(m.group(1)), m.group(2)
+    return None, name
+
+
+def layer_name(layer: int, kind: str) -> str:
+    return f"layers.{layer}.{kind}"
+
+
+def logical_names(cfg: ModelConfig) -> list[str]:
+    """All logical tensors of a model, in a stable order (embedding first, output last)."""
+    names = ["embedding"]
+    for i in range(cfg.num_layers):
+        names += [layer_name(i, kind) for kind in LAYER_KINDS]
+    names.append("final_norm")
+    if not cfg.tie_embeddings:
+        names.append("output")
+    return names
+
+
+def logical_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
+    _, kind = split_name(name)
+    h = cfg.hidden_size
+    return {
+        "embedding": (cfg.vocab_size, h), "output": (cfg.vocab_size, h), "final_norm": (h,),
+        "attn_norm": (h,), "mlp_norm": (h,), "qkv": (cfg.qkv_rows, h),
+        "proj": (h, cfg.num_attention_heads * cfg.head_dim),
+        "fc1": (2 * cfg.ffn_hidden_size, h), "fc2": (h, cfg.ffn_hidden_size),
+    }[kind]
+
+
+def tp_pieces(kind: str, shape: tuple[int, ...], rank: int, size: int) -> list[Piece]:
+    """The pieces of the full tensor that TP rank ``rank`` of ``size`` holds, in shard order."""
+    rule = TP_RULE[kind]
+    if rule == "replicated" or size == 1:
+        return [Piece(0, 0, shape[0])]
+    if rule == "rows":
+        step = shape[0] // size
+        return [Piece(0, rank * step, step)]
+    if rule == "cols":
+        step = shape[1] // size
+        return [Piece(1, rank * step, step)]
+    half = shape[0] // 2  # glu: [gate; up]
+    step = half // size
+    return [Piece(0, rank * step, step), Piece(0, half + rank * step, step)]
+
+
+def tp_shard(kind: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """Cut TP rank ``rank``'s shard out of a full logical tensor."""
+    pieces = tp_pieces(kind, tuple(full.shape), rank, size)
+    parts = [full.narrow(p.dim, p.start, p.length) for p in pieces]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=pieces[0].dim)
+
+
+def tp_merge(kind: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of ``tp_shard``: the full logical tensor from all TP ranks' shards."""
+    rule = TP_RULE[kind]
+    if rule == "replicated" or len(shards) == 1:
+        return shards[0]
+    if rule == "rows":
+        return torch.cat(shards, dim=0)
+    if rule == "cols":
+        return torch.cat(shards, dim=1)
+    halves = [s.chunk(2, dim=0) for s in shards]
+    return torch.cat([g for g, _ in halves] + [u for _, u in halves], dim=0)
+
+
+def tp_shard_shape(kind: str, shape: tuple[int, ...], size: int) -> tuple[int, ...]:
+    rule = TP_RULE[kind]
+    if rule in ("rows", "glu"):
+        return (shape[0] // size, *shape[1:])
+    if rule == "cols":
+        return (shape[0], shape[1] // size)
+    return tuple(shape)
+
+
+# ----------------------------------------------------------------------------- fused attention / MLP
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Separate q/k/v projections (HF layout) -> megatron's QKV grouped per query group."""
+    d, groups = cfg.head_dim, cfg.query_groups
+    per_group = cfg.num_attention_heads // groups
+    h_in = q.shape[-1]
+    q = q.reshape(groups, per_group * d, h_in)
+    k = k.reshape(groups, d, h_in)
+    v = v.reshape(groups, d, h_in)
+    return torch.cat([q, k, v], dim=1).reshape(-1, h_in)
+
+
+def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of ``fuse_qkv``."""
+    d, groups = cfg.head_dim, cfg.query_groups
+    per_group = cfg.num_attention_heads // groups
+    h_in = qkv.shape[-1]
+    grouped = qkv.reshape(groups, (per_group + 2) * d, h_in)
+    q, k, v = grouped.split([per_group * d, d, d], dim=1)
+    return q.reshape(-1, h_in), k.reshape(-1, h_in), v.reshape(-1, h_in)
+
+
+def fuse_glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.cat([gate, up], dim=0)
+
+
+def split_glu(fc1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gate, up = fc1.chunk(2, dim=0)
+    return gate, up
+
+
+# ----------------------------------------------------------------------------- Hugging Face names
+
+HF_GLOBAL = {
+    "embedding": "model.embed_tokens.weight",
+    "final_norm": "model.norm.weight",
+    "output": "lm_head.weight",
+}
+HF_LAYER = {
+    "attn_norm": "input_layernorm.weight",
+    "proj": "self_attn.o_proj.weight",
+    "mlp_norm": "post_attention_layernorm.weight",
+    "fc2": "mlp.down_proj.weight",
+}
+
+
+def logical_from_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A whole HF Llama state dict -> logical tensors (tests and small models; streaming uses hf.py)."""
+    out = {name: state[hf] for name, hf in HF_GLOBAL.items() if hf in state}
+    if cfg.tie_embeddings:
+        out.pop("output", None)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        for kind, suffix in HF_LAYER.items():
+            out[layer_name(i, kind)] = state[p + suffix]
+        out[layer_name(i, "qkv")] = fuse_qkv(state[p + "self_attn.q_proj.weight"],
+                                             state[p + "self_attn.k_proj.weight"],
+                                             state[p + "self_attn.v_proj.weight"], cfg)
+        out[layer_name(i, "fc1")] = fuse_glu(state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"])
+    return out
+
+
+def hf_from_logical(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Inverse of ``logical_from_hf``."""
+    out = {hf: tensors[name] for name, hf in HF_GLOBAL.items() if name in tensors}
+    if cfg.tie_embeddings:
+        out["lm_head.weight"] = tensors["embedding"]
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        for kind, suffix in HF_LAYER.items():
+            out[p + suffix] = tensors[layer_name(i, kind)]
+        q, k, v = split_qkv(tensors[layer_name(i, "qkv")], cfg)
+        out[p + "self_attn.q_proj.weight"], out[p + "self_attn.k_proj.weight"] = q, k
+        out[p + "self_attn.v_proj.weight"] = v
+        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = split_glu(tensors[layer_name(i, "fc1")])
+    return out
+
+
+# ----------------------------------------------------------------------------- megatron-core names
+
+# Parameter names inside a megatron-core GPTModel (per layer, local layer index). The local spec names
+# the norms input_layernorm / pre_mlp_layernorm; the Transformer Engine spec fuses them into the
+# following linear as layer_norm_weight. torch_dist checkpoints always use the TE names.
+MCORE_GLOBAL = {
+    "embedding": "embedding.word_embeddings.weight",
+    "final_norm": "decoder.final_layernorm.weight",
+    "output": "output_layer.weight",
+}
+MCORE_LAYER_TE = {
+    "attn_norm": "self_attention.linear_qkv.layer_norm_weight",
+    "qkv": "self_attention.linear_qkv.weight",
+    "proj": "self_attention.linear_proj.weight",
+    "mlp_norm": "mlp.linear_fc1.layer_norm_weight",
+    "fc1": "mlp.linear_fc1.weight",
+    "fc2": "mlp.linear_fc2.weight",
+}
+MCORE_LAYER_LOCAL = {**MCORE_LAYER_TE, "attn_norm": "input_layernorm.weight",
+                     "mlp_norm": "pre_mlp_layernorm.weight"}
+# Modules whose per-layer _extra_state megatron-core expects next to the weights.
+MCORE_EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj",
+                             "mlp.linear_fc1", "mlp.linear_fc2")
+
+_MCORE_BY_SUFFIX = {v: k for k, v in MCORE_LAYER_LOCAL.items()} | {v: k for k, v in MCORE_LAYER_TE.items()}
+_MCORE_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_MCORE_BY_GLOBAL = {v: k for k, v in MCORE_GLOBAL.items()}
+
+
+def logical_from_mcore_name(name: str, layer_offset: int = 0) -> str | None:
+    """'decoder.layers.1.mlp.linear_fc1.weight' (+ offset) -> 'layers.{1+offset}.fc1'; None if not a weight."""
+    if name in _MCORE_BY_GLOBAL:
+        return _MCORE_BY_GLOBAL[name]
+    m = _MCORE_LAYER.match(name)
+    if m and m.group(2) in _MCORE_BY_SUFFIX:
+        return layer_name(int(m.group(1)) + layer_offset, _MCORE_BY_SUFFIX[m.group(2)])
+    return None
+
+
+def mcore_name(logical: str, layer_offset: int = 0, te_names: bool = True) -> str:
+    """Inverse of ``logical_from_mcore_name``: the global index minus ``layer_offset`` is the local index."""
+    layer, kind = split_name(logical)
+    if layer is None:
+        return MCORE_GLOBAL[kind]
+    suffix = (MCORE_LAYER_TE if te_names else MCORE_LAYER_LOCAL)[kind]
+    return f"decoder.layers.{layer - layer_offset}.{suffix}"
+
+
+def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> range:
+    """Global layer indices held by pipeline stage ``pp_rank`` (even split, as megatron-core does)."""
+    per_stage = num_layers // pp_size
+    return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
+
+
+def stage_holds(name: str, cfg: ModelConfig, pp_rank: int, pp_size: int) -> bool:
+    """Does pipeline stage ``pp_rank`` hold logical tensor ``name``?"""
+    layer, kind = split_name(name)
+    if layer is not None:
+        return layer in stage_layers(cfg.num_layers, pp_rank, pp_size)
+    if kind == "embedding":  # the last stage also holds it when tied (megatron syncs the copies)
+        return pp_rank == 0 or (cfg.tie_embeddings and pp_rank == pp_size - 1)
+    return pp_rank == pp_size - 1

@@ -1,0 +1,285 @@
+"""Megatron-LM's legacy per-rank checkpoints: ``iter_NNNNNNN/mp_rank_TT[_PPP]/model_optim_rng.pt``.
+
+Each file holds one (TP rank, PP stage)'s ``model`` state dict with stage-local layer numbering, plus
+``args`` (an argparse.Namespace describing the architecture), ``checkpoint_version`` and ``iteration``.
+Files are opened with ``torch.load(mmap=True, weights_only=True)``: tensors stay on disk until a slice is
+copied out, so reading one logical tensor touches only the shards that hold the requested rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megastack.ckpt import layout
+from megastack.ckpt.base import Produce, Request, Unit, pieces_shape, take_pieces
+from megastack.ckpt.layout import Piece
+from megastack.ckpt.safe_load import load_pt
+from megastack.config import ModelConfig
+from megastack.errors import UserError
+
+FILE_NAME = "model_optim_rng.pt"
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+def rank_dir(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def is_legacy(directory: Path) -> bool:
+    return directory.is_dir() and any(_RANK_DIR.match(p.name) for p in directory.iterdir())
+
+
+def scan_layout(directory: Path) -> tuple[int, int]:
+    """(TP, PP) from the mp_rank_* directories; a UserError if the set is incomplete or mixed."""
+    ranks = set()
+    with_pp = without_pp = False
+    for p in directory.iterdir():
+        m = _RANK_DIR.match(p.name)
+        if not m:
+            continue
+        if m.group(2) is None:
+            without_pp = True
+        else:
+            with_pp = True
+        ranks.add((int(m.group(1)), int(m.group(2) or 0)))
+    if with_pp and without_pp:
+        raise UserError(f"{directory}: mixes mp_rank_TT and mp_rank_TT_PPP directories; the checkpoint is "
+                        "from two different layouts; keep one")
+    tp = 1 + max(t for t, _ in ranks)
+    pp = 1 + max(p for _, p in ranks)
+    missing = sorted({(t, p) for t in range(tp) for p in range(pp)} - ranks)
+    if missing:
+        t, p = missing[0]
+        raise UserError(f"{directory}: shard {rank_dir(t, p, pp)} is missing (expected TP={tp} x PP={pp} "
+                        "shards); the checkpoint is incomplete")
+    return tp, pp
+
+
+def config_from_args(args: Any, where: str) -> ModelConfig:
+    """A ModelConfig from Megatron-LM's ``args`` Namespace."""
+    get = (lambda k, d=None: getattr(args, k, d)) if not isinstance(args, dict) else args.get
+    try:
+        heads = int(get("num_attention_heads"))
+        groups = int(get("num_query_groups")) if get("group_query_attention") else heads
+        return ModelConfig(
+            num_layers=int(get("num_layers")), hidden_size=int(get("hidden_size")), num_attention_heads=heads,
+            num_query_groups=groups, ffn_hidden_size=int(get("ffn_hidden_size")),
+            vocab_size=int(get("padded_vocab_size") or get("vocab_size")), seq_length=int(get("seq_length")),
+            rotary_base=float(get("rotary_base", 10000) or 10000), norm_epsilon=float(get("norm_epsilon", 1e-5)),
+            tie_embeddings=not bool(get("untie_embeddings_and_output_weights", False)),
+            dtype="bf16" if get("bf16") else ("fp16" if get("fp16") else "fp32"))
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: its 'args' lack the architecture (num_layers, hidden_size, ...); pass "
+                        "--model CONFIG") from None
+
+
+def megatron_args(cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype, iteration: int) -> argparse.Namespace:
+    """The ``args`` Megatron-LM's loader needs to rebuild this model (see notes: missing keys fall back
+    silently to Megatron's defaults, i.e. a different model)."""
+    return argparse.Namespace(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+        ffn_hidden_size=cfg.ffn_hidden_size, seq_length=cfg.seq_length, max_position_embeddings=cfg.seq_length,
+        padded_vocab_size=cfg.vocab_size, vocab_size=cfg.vocab_size, normalization="RMSNorm",
+        norm_epsilon=cfg.norm_epsilon, swiglu=True, add_bias_linear=False, add_qkv_bias=False,
+        untie_embeddings_and_output_weights=not cfg.tie_embeddings, position_embedding_type="rope",
+        rotary_base=int(cfg.rotary_base) if float(cfg.rotary_base).is_integer() else cfg.rotary_base,
+        group_query_attention=cfg.query_groups != cfg.num_attention_heads, num_query_groups=cfg.query_groups,
+        kv_channels=cfg.head_dim, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        tokenizer_type="SentencePieceTokenizer", fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16,
+        params_dtype=str(dtype).replace("torch.", ""), sequence_parallel=False,
+        apply_query_key_layer_scaling=False, iteration=iteration, transformer_impl="transformer_engine",
+        use_mcore_models=True)
+
+
+class LegacyReader:
+    format = "legacy"
+
+    def __init__(self, directory: str | os.PathLike, cfg: ModelConfig | None = None, open_files: int = 4):
+        self.path = Path(directory)
+        self.tp, self.pp = scan_layout(self.path)
+        self._cache: OrderedDict[tuple[int, int], dict] = OrderedDict()
+        self._open_files = open_files
+        first = self._file(0, 0)
+        self.iteration = int(first.get("iteration", 0)) if isinstance(first, dict) else 0
+        self.cfg = cfg or config_from_args(first.get("args"), str(self._file_path(0, 0)))
+        if self.cfg.num_layers % self.pp:
+            raise UserError(f"{self.path}: PP={self.pp} does not divide num_layers={self.cfg.num_layers}")
+        self._check_shapes()
+
+    def _file_path(self, tp_rank: int, pp_rank: int) -> Path:
+        return self.path / rank_dir(tp_rank, pp_rank, self.pp) / FILE_NAME
+
+    def _file(self, tp_rank: int, pp_rank: int) -> dict:
+        key = (tp_rank, pp_rank)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        data = load_pt(self._file_path(tp_rank, pp_rank), mmap=True)
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            raise UserError(f"{self._file_path(tp_rank, pp_rank)}: no 'model' state dict; not a Megatron-LM "
+                            "checkpoint file")
+        self._cache[key] = data
+        while len(self._cache) > self._open_files:
+            self._cache.popitem(last=False)
+        return data
+
+    def _stage(self, name: str) -> int:
+        for pp_rank in range(self.pp):
+            if layout.stage_holds(name, self.cfg, pp_rank, self.pp):
+                return pp_rank
+        raise KeyError(name)
+
+    def _local_tensor(self, name: str, tp_rank: int) -> torch.Tensor:
+        pp_rank = self._stage(name)
+        offset = layout.stage_layers(self.cfg.num_layers, pp_rank, self.pp).start
+        model = self._file(tp_rank, pp_rank)["model"]
+        for te_names in (True, False):
+            key = layout.mcore_name(name, offset, te_names)
+            if key in model:
+                return model[key]
+        raise UserError(f"{self._file_path(tp_rank, pp_rank)}: tensor for '{name}' "
+                        f"({layout.mcore_name(name, offset)}) is missing; the shard does not match the model")
+
+    def _check_shapes(self) -> None:
+        for name in layout.logical_names(self.cfg):
+            _, kind = layout.split_name(name)
+            expected = layout.tp_shard_shape(kind, layout.logical_shape(self.cfg, name), self.tp)
+            if layout.split_name(name)[0] not in (None, 0):
+                continue  # every layer has the same shapes; checking layer 0 and the globals is enough
+            got = tuple(self._local_tensor(name, 0).shape)
+            if got != expected:
+                raise UserError(f"{self.path}: '{name}' has shard shape {got} but the model config with TP="
+                                f"{self.tp} gives {expected}; pass the matching model config")
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._local_tensor(name, 0).dtype
+
+    def _split_dim(self, kind: str) -> int | None:
+        """The dimension the input's TP cuts, or None when every file holds the whole tensor."""
+        rule = layout.TP_RULE[kind]
+        if rule == "replicated" or self.tp == 1:
+            return None
+        return 1 if rule == "cols" else 0
+
+    def _overlaps(self, kind: str, shape: tuple[int, ...], pieces: list[Piece]):
+        """(tp rank, local start, length) of every input slice the pieces need, in global order.
+
+        Only for pieces along the input's split dimension: each shard is the concatenation of its own
+        global pieces, so a global range maps to a local range by walking them."""
+        parts = []
+        for p in pieces:
+            for r in range(self.tp):
+                local = 0
+                for q in layout.tp_pieces(kind, shape, r, self.tp):
+                    lo, hi = max(p.start, q.start), min(p.start + p.length, q.start + q.length)
+                    if hi > lo:
+                        parts.append((lo, r, local + lo - q.start, hi - lo))
+                    local += q.length
+        return [(r, start, length) for _, r, start, length in sorted(parts)]
+
+    def _plan_read(self, name: str, pieces: list[Piece] | None):
+        """[(tp rank, pieces in that shard's coordinates)], and whether the results need a TP merge."""
+        _, kind = layout.split_name(name)
+        shape = layout.logical_shape(self.cfg, name)
+        split = self._split_dim(kind)
+        if split is None:
+            return [(0, pieces)], False
+        if not pieces or pieces[0].dim != split:  # every shard, narrowed along the other dimension
+            return [(r, pieces) for r in range(self.tp)], True
+        return [(r, [Piece(split, start, length)]) for r, start, length in self._overlaps(kind, shape, pieces)], False
+
+    def sources(self, name: str, pieces: list[Piece] | None = None) -> dict[str, int]:
+        pp_rank = self._stage(name)
+        _, kind = layout.split_name(name)
+        shard_shape = layout.tp_shard_shape(kind, layout.logical_shape(self.cfg, name), self.tp)
+        size = DTYPE_BYTES.get(self.dtype(name), 4)
+        out: dict[str, int] = {}
+        for r, local_pieces in self._plan_read(name, pieces)[0]:
+            rel = str(self._file_path(r, pp_rank).relative_to(self.path))
+            numel = 1
+            for s in pieces_shape(shard_shape, local_pieces):
+                numel *= s
+            out[rel] = out.get(rel, 0) + numel * size
+        return out
+
+    def read(self, name: str, pieces: list[Piece] | None = None) -> torch.Tensor:
+        plan, merge = self._plan_read(name, pieces)
+        parts = [take_pieces(self._local_tensor(name, r), local).clone() for r, local in plan]
+        if merge:
+            return layout.tp_merge(layout.split_name(name)[1], parts)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=plan[0][1][0].dim)
+
+
+class LegacyWriter:
+    """One unit per (TP rank, PP stage) file. A unit holds that file's tensors while it is written
+    (torch.save needs the whole dict), i.e. 1/(TP x PP) of the model, as Megatron-LM itself does."""
+
+    format = "legacy"
+
+    def __init__(self, cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype, iteration: int = 0,
+                 te_names: bool = True):
+        self.cfg, self.tp, self.pp, self.dtype, self.iteration = cfg, tp, pp, dtype, iteration
+        self.te_names = te_names
+
+    def units(self) -> list[Unit]:
+        units = []
+        for pp_rank in range(self.pp):
+            for tp_rank in range(self.tp):
+                requests, nbytes = [], 0
+                for name in layout.logical_names(self.cfg):
+                    if not layout.stage_holds(name, self.cfg, pp_rank, self.pp):
+                        continue
+                    _, kind = layout.split_name(name)
+                    shape = layout.logical_shape(self.cfg, name)
+                    pieces = tuple(layout.tp_pieces(kind, shape, tp_rank, self.tp))
+                    requests.append(Request(name, pieces))
+                    numel = 1
+                    for s in layout.tp_shard_shape(kind, shape, self.tp):
+                        numel *= s
+                    nbytes += numel * DTYPE_BYTES[self.dtype]
+                units.append(Unit(key=f"{rank_dir(tp_rank, pp_rank, self.pp)}/{FILE_NAME}", nbytes=nbytes,
+                                  requests=requests, meta={"tp": tp_rank, "pp": pp_rank}))
+        return units
+
+    def write_units(self, directory: str | os.PathLike, units: list[Unit], produce: Produce, rank: int) -> list:
+        for unit in units:
+            pp_rank = unit.meta["pp"]
+            offset = layout.stage_layers(self.cfg.num_layers, pp_rank, self.pp).start
+            model: dict[str, torch.Tensor] = {}
+            for request in unit.requests:
+                tensor = produce(request.name, list(request.pieces)).to(self.dtype).contiguous()
+                if tensor.untyped_storage().nbytes() != tensor.nbytes:
+                    tensor = tensor.clone()
+                if request.name == "embedding" and pp_rank == self.pp - 1 and self.cfg.tie_embeddings \
+                        and self.pp > 1:
+                    model[layout.mcore_name("output")] = tensor  # megatron's last-stage copy of the tied weight
+                    if pp_rank != 0:
+                        continue
+                model[layout.mcore_name(request.name, offset, self.te_names)] = tensor
+            model.update(self._extra_state(pp_rank))
+            blob = {"model": model, "args": megatron_args(self.cfg, self.tp, self.pp, self.dtype, self.iteration),
+                    "checkpoint_version": 3.0, "iteration": self.iteration}
+            path = Path(directory) / unit.key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(blob, path)
+            del model, blob
+        return []
+
+    def _extra_state(self, pp_rank: int) -> dict[str, None]:
+        """The ``_extra_state`` entries megatron's linear layers put in a state dict (None: no FP8 meta)."""
+        keys = [f"decoder.layers.{j}.{module}._extra_state"
+                for j in range(self.cfg.num_layers // self.pp) for module in layout.MCORE_EXTRA_STATE_MODULES]
+        if pp_rank == self.pp - 1:
+            keys.append("output_layer._extra_state")
+        return dict.fromkeys(keys)
+
+    def finalize(self, directory: str | os.PathLike, results: list[Any]) -> None:
+        pass

@@ -1,0 +1,136 @@
+"""``megastack.json``: what a checkpoint is (model config, iteration, FLOPs, history) and the sha256 of
+every file in it, so ``megastack verify`` can tell a complete checkpoint from a damaged one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from megastack.errors import UserError
+from megastack.fsio import atomic_write_json, sha256_file
+
+MANIFEST = "megastack.json"
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def iter_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: not valid JSON; the manifest is corrupt") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: must hold a JSON object")
+    return data
+
+
+def checked_relative(name: str, where: Path) -> str:
+    """A manifest or shard file name that stays inside its checkpoint directory."""
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or ".." in pure.parts or not pure.parts or "\\" in name:
+        raise UserError(f"{where}: refuses file name '{name}' (absolute or outside the checkpoint); the "
+                        "manifest may be malicious")
+    return str(pure)
+
+
+def file_hashes(directory: str | os.PathLike, known: dict[str, str] | None = None) -> dict[str, str]:
+    """sha256 of every file below ``directory`` except the manifest itself (``known``: already hashed
+    while they were written)."""
+    directory = Path(directory)
+    known = known or {}
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = Path(root) / name
+            rel = path.relative_to(directory).as_posix()
+            if rel != MANIFEST:
+                out[rel] = known.get(rel) or sha256_file(path)
+    return dict(sorted(out.items()))
+
+
+def write_manifest(directory: str | os.PathLike, data: dict[str, Any],
+                   known_hashes: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write megastack.json with the hashes of everything else in ``directory`` (call it last)."""
+    data = {**data, "files": file_hashes(directory, known_hashes)}
+    atomic_write_json(Path(directory) / MANIFEST, data)
+    return data
+
+
+def manifest_digest(directory: str | os.PathLike) -> str:
+    """One checksum of a checkpoint: sha256 of its manifest file (which lists every file's sha256)."""
+    return sha256_file(Path(directory) / MANIFEST)
+
+
+def resolve_iteration_dir(path: str | os.PathLike) -> Path:
+    """ROOT with a tracker -> ROOT/iter_N; an iter dir (or any checkpoint dir) -> itself."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such checkpoint directory")
+    tracker = path / TRACKER
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        if text == "release":
+            return path / "release"
+        if not text.isdigit():
+            raise UserError(f"{tracker}: expected an iteration number, got {text[:40]!r}")
+        target = path / iter_dir_name(int(text))
+        if not target.is_dir():
+            raise UserError(f"{tracker}: names iteration {text} but {target.name} is missing; the checkpoint "
+                            "is incomplete")
+        return target
+    return path
+
+
+def verify(path: str | os.PathLike) -> list[str]:
+    """Problems with a checkpoint against its manifest (empty when it is intact)."""
+    directory = resolve_iteration_dir(path)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return [f"{directory}: no {MANIFEST}; nothing to verify against"]
+    listed = manifest.get("files")
+    if not isinstance(listed, dict):
+        return [f"{directory / MANIFEST}: has no 'files' table"]
+    problems = []
+    actual = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            rel = (Path(root) / name).relative_to(directory).as_posix()
+            if rel != MANIFEST:
+                actual[rel] = Path(root) / name
+    for name, digest in sorted(listed.items()):
+        rel = checked_relative(name, directory / MANIFEST)
+        if rel not in actual:
+            problems.append(f"{directory / rel}: missing")
+        elif sha256_file(actual[rel]) != digest:
+            problems.append(f"{directory / rel}: checksum differs from the manifest (corrupt or modified)")
+    for rel in sorted(set(actual) - set(listed)):
+        problems.append(f"{directory / rel}: not in the manifest (unexpected file)")
+    if not problems and "model" in manifest:
+        from megastack.ckpt.detect import open_checkpoint
+
+        try:
+            open_checkpoint(directory)  # checks every tensor's shape against the model config
+        except UserError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def cli_verify(args: Any) -> int:
+    problems = verify(args.ckpt)
+    if problems:
+        for line in problems:
+            print(line)
+        raise UserError(f"{args.ckpt}: {len(problems)} problem(s) found (listed above); restore the checkpoint "
+                        "from its source or re-run the command that wrote it")
+    manifest = read_manifest(resolve_iteration_dir(args.ckpt)) or {}
+    print(f"{args.ckpt}: OK ({len(manifest.get('files', {}))} files match {MANIFEST})")
+    return 0

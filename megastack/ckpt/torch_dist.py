@@ -1,0 +1,420 @@
+"""Megatron-core's distributed checkpoint format (``torch_dist``: PyTorch DCP files), read and written
+one chunk at a time.
+
+Layers are stored as one tensor per parameter with a leading global layer axis
+(``decoder.layers.self_attention.linear_qkv.weight`` is ``[num_layers, rows, h]``), cut into chunks
+(megatron writes one per layer per TP rank). A DCP file is a concatenation of ``torch.save`` blobs and
+``.metadata`` maps each chunk to (file, offset, length), so a reader seeks to exactly the chunks it
+needs. The writer here writes its own chunk blobs and metadata rather than going through
+``torch.distributed.checkpoint.save``, whose file writer keeps every tensor of a file alive until the
+file closes; this one holds one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+from megastack.ckpt import layout
+from megastack.ckpt.base import Produce, Request, Unit, pieces_shape
+from megastack.ckpt.layout import Piece
+from megastack.ckpt.safe_load import read_dcp_metadata
+from megastack.config import ModelConfig
+from megastack.errors import UserError
+
+METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                 "common_backend": "torch", "common_backend_version": 1}
+DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float64: 8}
+
+
+def dcp_key(name: str) -> tuple[str, int | None]:
+    """Logical name -> (DCP key, layer index on the leading axis or None)."""
+    layer, kind = layout.split_name(name)
+    if layer is None:
+        return layout.MCORE_GLOBAL[kind], None
+    return "decoder.layers." + layout.MCORE_LAYER_TE[kind], layer
+
+
+def extra_state_keys(num_layers: int) -> list[str]:
+    """The per-layer ``_extra_state`` objects megatron-core expects even in a non-strict load."""
+    return [f"decoder.layers.{module}._extra_state/shard_{i}_{num_layers}"
+            for module in layout.MCORE_EXTRA_STATE_MODULES for i in range(num_layers)]
+
+
+def is_torch_dist(directory: Path) -> bool:
+    return (directory / "metadata.json").is_file() and (directory / ".metadata").is_file()
+
+
+class TorchDistReader:
+    format = "torch_dist"
+
+    def __init__(self, directory: str | os.PathLike, cfg: ModelConfig, check_files: bool = True):
+        self.path = Path(directory)
+        self.cfg = cfg
+        self.metadata = read_dcp_metadata(self.path)
+        self._last_chunk: tuple[tuple, torch.Tensor] | None = None  # row-block reads of one big chunk
+        self._index: dict[str, tuple[list[int], list[ChunkStorageMetadata], int]] = {}
+        self._check_shapes()
+        if check_files:
+            self._check_files()
+
+    def _check_files(self) -> None:
+        """Every data file the metadata names exists and is long enough: fail before writing anything."""
+        from megastack.ckpt.manifest import checked_relative
+
+        needed: dict[str, int] = {}
+        for info in self.metadata.storage_data.values():
+            rel = checked_relative(info.relative_path, self.path / ".metadata")
+            needed[rel] = max(needed.get(rel, 0), info.offset + info.length)
+        for rel, end in sorted(needed.items()):
+            path = self.path / rel
+            if not path.is_file():
+                raise UserError(f"{path}: missing shard file named in {self.path / '.metadata'}; the checkpoint "
+                                "is incomplete (copy it again)")
+            if path.stat().st_size < end:
+                raise UserError(f"{path}: truncated ({path.stat().st_size} bytes, the metadata needs {end}); the "
+                                "checkpoint is incomplete or corrupt")
+
+    def _check_shapes(self) -> None:
+        sd = self.metadata.state_dict_metadata
+        for name in layout.logical_names(self.cfg):
+            key, layer = dcp_key(name)
+            if key not in sd or not isinstance(sd[key], TensorStorageMetadata):
+                raise UserError(f"{self.path}: tensor '{key}' is missing; the checkpoint does not match the "
+                                f"model config ({self.cfg.num_layers} layers, tied={self.cfg.tie_embeddings})")
+            expected = layout.logical_shape(self.cfg, name)
+            if layer is not None:
+                expected = (self.cfg.num_layers, *expected)
+            if tuple(sd[key].size) != expected:
+                raise UserError(f"{self.path}: tensor '{key}' has shape {tuple(sd[key].size)} but the model "
+                                f"config gives {expected}; pass the matching model config")
+        for index, info in self.metadata.storage_data.items():
+            if getattr(info, "transform_descriptors", None):
+                raise UserError(f"{self.path}: chunk {index.fqn} uses storage transforms "
+                                f"{list(info.transform_descriptors)}; only plain torch_dist files are supported")
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.metadata.state_dict_metadata[dcp_key(name)[0]].properties.dtype
+
+    def _regions(self, name: str, pieces: list[Piece] | None) -> tuple[str, list[tuple[list[int], list[int]]], int]:
+        """DCP key, [(offsets, sizes)] in the stored tensor, and the concat dim in the result."""
+        key, layer = dcp_key(name)
+        shape = layout.logical_shape(self.cfg, name)
+        lead = [] if layer is None else [layer]
+        lead_size = [] if layer is None else [1]
+        if not pieces:
+            return key, [(lead + [0] * len(shape), lead_size + list(shape))], 0
+        regions = []
+        for p in pieces:
+            offsets, sizes = [0] * len(shape), list(shape)
+            offsets[p.dim], sizes[p.dim] = p.start, p.length
+            regions.append((lead + offsets, lead_size + sizes))
+        return key, regions, pieces[0].dim
+
+    def _chunk_index(self, key: str) -> tuple[list[int], list[ChunkStorageMetadata], int]:
+        """A key's chunks sorted by their start on dim 0, and the longest extent on dim 0: lookups
+        touch only the chunks near a region (a 70B checkpoint has thousands per key)."""
+        if key not in self._index:
+            chunks = sorted(self.metadata.state_dict_metadata[key].chunks, key=lambda c: c.offsets[0])
+            self._index[key] = ([c.offsets[0] for c in chunks], chunks, max((c.sizes[0] for c in chunks), default=1))
+        return self._index[key]
+
+    def _overlaps(self, key: str, offsets: list[int], sizes: list[int]):
+        starts, chunks, longest = self._chunk_index(key)
+        first = bisect.bisect_left(starts, offsets[0] - longest + 1)
+        last = bisect.bisect_left(starts, offsets[0] + sizes[0])
+        for chunk in chunks[first:last]:
+            lo = [max(a, b) for a, b in zip(offsets, chunk.offsets)]
+            hi = [min(a + s, b + t) for a, s, b, t in zip(offsets, sizes, chunk.offsets, chunk.sizes)]
+            if all(h > l_ for l_, h in zip(lo, hi)):
+                yield chunk, lo, hi
+
+    def sources(self, name: str, pieces: list[Piece] | None = None) -> dict[str, int]:
+        """Bytes of the requested region in each file (what a reader with the chunk cache reads when
+        the request follows the stored chunking)."""
+        key, regions, _ = self._regions(name, pieces)
+        size = self.dtype(name).itemsize
+        out: dict[str, int] = {}
+        for offsets, sizes in regions:
+            for chunk, lo, hi in self._overlaps(key, offsets, sizes):
+                info = self.metadata.storage_data[MetadataIndex(key, chunk.offsets)]
+                numel = 1
+                for a, b in zip(lo, hi):
+                    numel *= b - a
+                out[info.relative_path] = out.get(info.relative_path, 0) + numel * size
+        return out
+
+    def max_chunk_bytes(self) -> int:
+        """The largest stored chunk: what the reader's chunk cache may hold."""
+        return max((info.length for info in self.metadata.storage_data.values()), default=0)
+
+    def _load_chunk(self, key: str, chunk: ChunkStorageMetadata) -> torch.Tensor:
+        """One stored chunk; the last one is kept, so consecutive reads of its row blocks load it once."""
+        cache_key = (key, tuple(chunk.offsets))
+        if self._last_chunk is not None and self._last_chunk[0] == cache_key:
+            return self._last_chunk[1]
+        self._last_chunk = None
+        tensor = self._load_chunk_uncached(key, chunk)
+        self._last_chunk = (cache_key, tensor)
+        return tensor
+
+    def _load_chunk_uncached(self, key: str, chunk: ChunkStorageMetadata) -> torch.Tensor:
+        info = self.metadata.storage_data[MetadataIndex(key, chunk.offsets)]
+        path = self.path / info.relative_path
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise UserError(f"{path}: missing shard file named in {self.path / '.metadata'}; the checkpoint "
+                            "is incomplete (copy it again)") from None
+        with f:
+            if os.fstat(f.fileno()).st_size < info.offset + info.length:
+                raise UserError(f"{path}: truncated (chunk of '{key}' ends past the end of the file); the "
+                                "checkpoint is incomplete or corrupt")
+            try:
+                # torch.load reads the storages straight from the file: no second copy of the bytes.
+                tensor = torch.load(FileWindow(f, info.offset, info.length), map_location="cpu",
+                                    weights_only=True)
+            except Exception as exc:
+                raise UserError(f"{path}: chunk of '{key}' is unreadable ({type(exc).__name__}); the file is "
+                                "corrupt") from None
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(chunk.sizes):
+            raise UserError(f"{path}: chunk of '{key}' does not match its metadata; the file is corrupt")
+        return tensor
+
+    def _assemble(self, key: str, offsets: list[int], sizes: list[int], overlaps: list, dtype: torch.dtype
+                  ) -> torch.Tensor:
+        """A region copied out of the chunks it overlaps (each loaded through the one-chunk cache)."""
+        out = torch.empty(sizes, dtype=dtype)
+        covered = 0
+        for chunk, lo, hi in overlaps:
+            src, dst = self._load_chunk(key, chunk), out
+            for d, (a, b) in enumerate(zip(lo, hi)):
+                src = src.narrow(d, a - chunk.offsets[d], b - a)
+                dst = dst.narrow(d, a - offsets[d], b - a)
+            dst.copy_(src)
+            covered += src.numel()
+        if covered != out.numel():
+            raise UserError(f"{self.path}: the chunks of '{key}' do not cover the requested region; the "
+                            "checkpoint metadata is inconsistent")
+        return out
+
+    def read(self, name: str, pieces: list[Piece] | None = None) -> torch.Tensor:
+        """The requested region. A region that is exactly one stored chunk is that chunk's tensor, shared
+        with the chunk cache (no copy): callers must not modify what they get in place."""
+        key, regions, cat_dim = self._regions(name, pieces)
+        layered = layout.split_name(name)[0] is not None  # stored with a leading layer dim, dropped here
+        parts = []
+        for offsets, sizes in regions:
+            overlaps = list(self._overlaps(key, offsets, sizes))
+            chunk = overlaps[0][0] if len(overlaps) == 1 else None
+            if chunk is not None and list(chunk.offsets) == offsets and list(chunk.sizes) == sizes:
+                region = self._load_chunk(key, chunk)  # the whole stored chunk: no copy
+            else:
+                region = self._assemble(key, offsets, sizes, overlaps, self.dtype(name))
+            parts.append(region[0] if layered else region)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=cat_dim)
+
+
+class FileWindow(io.RawIOBase):
+    """A read-only, seekable view of ``length`` bytes at ``start`` in an open file: torch.load on one
+    chunk inside a .distcp file without reading the chunk into a bytes object first."""
+
+    def __init__(self, f: io.BufferedReader, start: int, length: int):
+        super().__init__()
+        self.f, self.start, self.length, self.position = f, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self.length - self.position))
+        self.f.seek(self.start + self.position)
+        got = self.f.readinto(memoryview(buffer).cast("B")[:n])
+        self.position += got
+        return got
+
+
+@dataclass
+class ChunkRecord:
+    key: str
+    global_size: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    dtype: torch.dtype
+    relative_path: str
+    offset: int
+    length: int
+
+
+class HashingWriter:
+    """A write-only file wrapper that hashes what passes through (torch.save writes via ``write``)."""
+
+    def __init__(self, f):
+        self.f, self.digest, self.position = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.position += len(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.position
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+@dataclass
+class FileHash:
+    """sha256 of a file a rank wrote, computed while writing so the manifest need not re-read it."""
+
+    relative_path: str
+    sha256: str
+
+
+@dataclass
+class ObjectRecord:
+    key: str
+    relative_path: str
+    offset: int
+    length: int
+
+
+class TorchDistWriter:
+    """Writes a model in megatron-core's torch_dist layout, in chunks of at most ``chunk_bytes``: each
+    layer's tensor is cut into row blocks, so memory stays a few chunks whatever the model size
+    (megatron-core loads any chunking)."""
+
+    format = "torch_dist"
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, chunk_bytes: int = 32 << 20):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.chunk_bytes = chunk_bytes
+
+    def units(self) -> list[Unit]:
+        units = []
+        size = DTYPE_BYTES[self.dtype]
+        for name in layout.logical_names(self.cfg):
+            shape = layout.logical_shape(self.cfg, name)
+            # Cut along the dimension tensor parallelism cuts (columns of proj/fc2, rows elsewhere), as
+            # megatron's own chunks are: a block then reads the source chunks it overlaps once.
+            dim = 1 if layout.TP_RULE[layout.split_name(name)[1]] == "cols" else 0
+            line_bytes = size
+            for d, s in enumerate(shape):
+                if d != dim:
+                    line_bytes *= s
+            block = max(1, self.chunk_bytes // line_bytes)
+            for start in range(0, shape[dim], block):
+                length = min(block, shape[dim] - start)
+                whole = length == shape[dim]
+                units.append(Unit(key=name if whole else f"{name}#{start}", nbytes=length * line_bytes,
+                                  requests=[Request(name, None if whole else (Piece(dim, start, length),))]))
+        # The _extra_state objects are a few bytes each: one unit, written with the first chunks.
+        units.append(Unit(key="_extra_state", nbytes=0, requests=[], meta={"objects": True}))
+        return units
+
+    def write_units(self, directory: str | os.PathLike, units: list[Unit], produce: Produce,
+                    rank: int) -> list[ChunkRecord | ObjectRecord]:
+        relative = f"__{rank}_0.distcp"
+        records: list[ChunkRecord | ObjectRecord | FileHash] = []
+        if not units:
+            return records
+        with open(Path(directory) / relative, "wb") as f:
+            stream = HashingWriter(f)
+            for unit in units:
+                if unit.meta.get("objects"):
+                    for key in extra_state_keys(self.cfg.num_layers):
+                        offset = stream.tell()
+                        torch.save([None], stream)
+                        records.append(ObjectRecord(key, relative, offset, stream.tell() - offset))
+                    continue
+                for request in unit.requests:
+                    pieces = list(request.pieces) if request.pieces else None
+                    tensor = produce(request.name, pieces)
+                    records.append(self._write_chunk(stream, relative, request.name, tensor, pieces))
+            f.flush()
+            os.fsync(f.fileno())
+        records.append(FileHash(relative, stream.digest.hexdigest()))
+        return records
+
+    def _write_chunk(self, stream: HashingWriter, relative: str, name: str, tensor: torch.Tensor,
+                     pieces: list[Piece] | None) -> ChunkRecord:
+        key, layer = dcp_key(name)
+        shape = layout.logical_shape(self.cfg, name)
+        expected = pieces_shape(shape, pieces)
+        if tuple(tensor.shape) != expected:
+            raise RuntimeError(f"produced {name} with shape {tuple(tensor.shape)}, expected {expected}")
+        tensor = tensor.to(self.dtype).contiguous()
+        offsets = [0] * len(shape)
+        if pieces:
+            offsets[pieces[0].dim] = pieces[0].start
+        global_size = shape
+        if layer is not None:
+            tensor = tensor.unsqueeze(0)
+            global_size, offsets = (self.cfg.num_layers, *shape), [layer, *offsets]
+        offsets = tuple(offsets)
+        if tensor.untyped_storage().nbytes() != tensor.nbytes:
+            tensor = tensor.clone()  # torch.save writes whole storages; never a view's parent
+        offset = stream.tell()
+        torch.save(tensor, stream)
+        return ChunkRecord(key, tuple(global_size), offsets, tuple(tensor.shape), self.dtype, relative, offset,
+                           stream.tell() - offset)
+
+    def finalize(self, directory: str | os.PathLike, results: list[list[Any]]) -> None:
+        from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        directory = Path(directory)
+        state: dict[str, Any] = {}
+        storage: dict[MetadataIndex, Any] = {}
+        for records in results:
+            for r in records:
+                if isinstance(r, FileHash):
+                    continue
+                if isinstance(r, ObjectRecord):
+                    state[r.key] = BytesStorageMetadata()
+                    storage[MetadataIndex(r.key)] = _StorageInfo(r.relative_path, r.offset, r.length)
+                    continue
+                md = state.setdefault(r.key, TensorStorageMetadata(
+                    properties=TensorProperties(dtype=r.dtype), size=torch.Size(r.global_size), chunks=[]))
+                md.chunks.append(ChunkStorageMetadata(offsets=torch.Size(r.offsets), sizes=torch.Size(r.sizes)))
+                storage[MetadataIndex(r.key, r.offsets)] = _StorageInfo(r.relative_path, r.offset, r.length)
+        for md in state.values():
+            if isinstance(md, TensorStorageMetadata):
+                md.chunks.sort(key=lambda c: tuple(c.offsets))
+        metadata = Metadata(state_dict_metadata=state, storage_data=storage, storage_meta=StorageMeta(),
+                            version=CURRENT_DCP_VERSION)
+        import pickle
+
+        with open(directory / ".metadata", "wb") as f:
+            pickle.dump(metadata, f)
+        (directory / "metadata.json").write_text(json.dumps(METADATA_JSON))
+        torch.save({}, directory / "common.pt")

@@ -1,0 +1,173 @@
+"""megastack's command line: one entry, one subcommand per stage of a growth run.
+
+Handlers are imported lazily so ``--help`` and argument errors answer without importing megatron.
+A subcommand that is not built yet says so in one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from megastack import __version__
+from megastack.errors import NotBuiltError, UserError, report
+
+# subcommand -> ("module:function" taking the parsed args and returning an exit code, issue that builds it).
+# A handler whose module or function does not exist yet is reported as not built (exit 2).
+HANDLERS: dict[str, tuple[str, str]] = {
+    "plan": ("megastack.planner:cli_plan", "planner, issue 7"),
+    "grow": ("megastack.growth.cli:cli_grow", "growth operators, issue 3"),
+    "convert": ("megastack.ckpt.convert:cli_convert", "checkpoint conversion, issue 6"),
+    "inspect": ("megastack.ckpt.inspect:cli_inspect", "checkpoint inspection, issue 6"),
+    "verify": ("megastack.ckpt.manifest:cli_verify", "checkpoint verification, issue 10"),
+    "data": ("megastack.train.data:cli_data", "data preparation, issue 4"),
+    "train": ("megastack.train.loop:cli_train", "training engine, issue 4"),
+    "run": ("megastack.pipeline:cli_run", "chained stages, issue 5"),
+    "validate": ("megastack.config:cli_validate", "config validation"),
+}
+
+
+def resolve_handler(command: str) -> Callable[[argparse.Namespace], int] | None:
+    """The handler function, or None when it is not built yet."""
+    module_name, function = HANDLERS[command][0].split(":")
+    try:
+        if importlib.util.find_spec(module_name) is None:
+            return None
+    except ModuleNotFoundError:  # a parent package is missing
+        return None
+    return getattr(importlib.import_module(module_name), function, None)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line (what is wrong, where to look), exit 2, like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="megastack",
+        description="Grow small LLMs into large ones on Megatron sharded checkpoints, and train them.")
+    parser.add_argument("--version", action="version", version=f"megastack {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("plan", help="plan a growth run (small model, growth timing d, factor g) from scaling laws")
+    p.add_argument("--params", required=True, help="target model parameters N, e.g. 7e9 or 7B")
+    p.add_argument("--tokens", required=True, help="target training tokens D, e.g. 2e12 or 2T")
+    p.add_argument("--factor", default="4", help="growth factor g (default 4; the paper found 2-4 best)")
+    p.add_argument("--model", help="target model config (YAML path or shipped name) to derive the small model")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    p = sub.add_parser("grow", help="grow a Megatron checkpoint (stack, zero, random, learn; depth or width)")
+    p.add_argument("src", help="source checkpoint directory (torch_dist or legacy; format detected)")
+    p.add_argument("dst", help="destination directory (must not exist)")
+    p.add_argument("--operator", default="stack", choices=["stack", "zero", "random", "learn"])
+    p.add_argument("--factor", type=int, default=None, help="growth factor g (depth: layers x g)")
+    p.add_argument("--layer-map", help="explicit source-layer list or range expression, e.g. '0-5,0-5' or '0,1,1,2'")
+    p.add_argument("--dimension", default="depth", choices=["depth", "width", "both"],
+                   help="depth (--factor/--layer-map), width (--hidden/--ffn/--heads/--query-groups) or both")
+    p.add_argument("--hidden", type=int, help="width: target hidden size (a multiple of the head dim)")
+    p.add_argument("--ffn", type=int, help="width: target FFN hidden size")
+    p.add_argument("--heads", type=int, help="width: target attention heads (default hidden / head dim)")
+    p.add_argument("--query-groups", type=int, help="width: target query groups (default: keep heads per group)")
+    p.add_argument("--data", action="append", help="learn: token data (indexed-dataset prefix, 'megastack data' "
+                   "dir, .npy tokens, or text files/dirs read as bytes); repeatable")
+    p.add_argument("--learn-tokens", type=int, default=65536, help="learn: tokens to train the maps on (default 65536)")
+    p.add_argument("--learn-batch", type=int, default=8, help="learn: sequences per step over all ranks (default 8)")
+    p.add_argument("--learn-lr", type=float, default=0.01, help="learn: Adam learning rate of the maps (default 0.01)")
+    p.add_argument("--noise", type=float, default=0.0, help="W <- (1-A) W + A eps (the paper uses 0.2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tp", type=int, help="output tensor-parallel size (legacy output; default: the input's)")
+    p.add_argument("--pp", type=int, help="output pipeline-parallel size (legacy output; default: the input's)")
+    p.add_argument("--carry-optimizer", action="store_true", help="EXPERIMENTAL: stack Adam moments like weights")
+    p.add_argument("--dry-run", action="store_true", help="print the per-rank plan (reads, writes, peak memory) only")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    p.add_argument("--ranks", type=int, help="with --dry-run: plan for this many ranks (default: the launcher's)")
+
+    p = sub.add_parser("convert", help="convert between Hugging Face, torch_dist and legacy Megatron (resharding)")
+    p.add_argument("src", help="source checkpoint (format detected)")
+    p.add_argument("dst", help="destination directory (must not exist)")
+    p.add_argument("--to", required=True, choices=["hf", "torch_dist", "legacy"])
+    p.add_argument("--tp", type=int, help="output tensor-parallel size (legacy; default: the input's, else 1)")
+    p.add_argument("--pp", type=int, help="output pipeline-parallel size (legacy; default: the input's, else 1)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="output dtype (default: the input's)")
+    p.add_argument("--model", help="model config (YAML or shipped name) for a source without its architecture")
+    p.add_argument("--dry-run", action="store_true", help="print the per-rank plan (reads, writes, peak memory) only")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+
+    p = sub.add_parser("inspect", help="describe a checkpoint: format, architecture, layout, tensors, history")
+    p.add_argument("ckpt")
+    p.add_argument("--json", action="store_true", help="machine-readable output (stable keys, see README)")
+
+    p = sub.add_parser("verify", help="check a checkpoint against its manifest (checksums and shapes)")
+    p.add_argument("ckpt")
+
+    p = sub.add_parser("data", help="train a sentencepiece tokenizer and write Megatron indexed datasets")
+    p.add_argument("inputs", nargs="*", help="text or jsonl files or directories (default: the demo corpus)")
+    p.add_argument("--out", default="data", help="output directory")
+    p.add_argument("--vocab-size", type=int, default=1024)
+
+    p = sub.add_parser("validate", help="check a config file (model, or model + parallel layout)")
+    p.add_argument("config", help="YAML file")
+
+    p = sub.add_parser("train", help="train one stage (launch with torchrun, deepspeed, srun or mpirun)")
+    p.add_argument("config", help="training config YAML")
+
+    p = sub.add_parser("run", help="run a whole recipe: small stage, growth, large stage, scratch baseline")
+    p.add_argument("recipe", nargs="?", help="recipe YAML or shipped name (default: the embedded tiny recipe)")
+    p.add_argument("--out", help="output directory (default: runs/<recipe name> under the current directory)")
+    p.add_argument("--nproc", type=int, default=2, help="local processes when not under a launcher (default 2)")
+    p.add_argument("--stage", help="run only this stage (small, grow, large, scratch); earlier ones must be done")
+    return parser
+
+
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends ``--local_rank=N`` to every command; the rank is in the environment
+    too (LOCAL_RANK), so take it from there and keep the command's own arguments clean."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        for flag in ("--local_rank", "--local-rank"):
+            if arg == flag and i + 1 < len(argv):
+                os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+                skip = True
+                break
+            if arg.startswith(flag + "="):
+                os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+                break
+        else:
+            out.append(arg)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(strip_launcher_args(list(sys.argv[1:] if argv is None else argv)))
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        run = resolve_handler(args.command)
+        if run is None:
+            raise NotBuiltError(f"'megastack {args.command}' is not built yet ({HANDLERS[args.command][1]}); "
+                                "nothing was done")
+        return int(run(args) or 0)
+    except UserError as error:
+        return report(error)
+    except KeyboardInterrupt:
+        print("megastack: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into head & co.: stop quietly, like other CLI tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Crash-safe file publishing: every write goes to a temporary sibling and is renamed into place.
+
+A reader therefore sees either the old state or the complete new one, never a half-written file or
+directory. ``publish_dir`` is how checkpoints appear; ``atomic_write_*`` is how tracker files change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from megastack.errors import UserError
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def staging_dir(final: str | os.PathLike) -> Path:
+    """The temporary sibling a directory is built in before ``publish_dir`` renames it."""
+    final = Path(final)
+    return final.parent / f".{final.name}.partial"
+
+
+def refuse_existing(dst: str | os.PathLike, what: str = "destination") -> None:
+    if os.path.lexists(dst):
+        raise UserError(f"{what} {dst} already exists; choose a new directory or remove it first")
+
+
+@contextlib.contextmanager
+def building_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory at a temporary sibling; on success rename it to ``final``, on failure remove it.
+
+    A stale sibling from a crashed earlier attempt is cleared first, so re-running a command completes.
+    """
+    final = Path(final)
+    refuse_existing(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging_dir(final)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_dir(tmp, final)
+
+
+def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """fsync every file in ``tmp`` and rename it to ``final`` (which must not exist)."""
+    tmp, final = Path(tmp), Path(final)
+    for root, _, files in os.walk(tmp):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)

@@ -1,0 +1,59 @@
+"""``--layer-map``: which source layer each target layer is copied from.
+
+Grammar: comma-separated items; an item is a layer ``i`` or an inclusive range ``a-b`` (descending
+allowed), optionally repeated with ``xN``. Examples for a 6-layer source:
+
+    0-5x4              G_stack x4: [0..5, 0..5, 0..5, 0..5] (the paper's default)
+    0-5,0-5            stack x2
+    0x2,1x2,2x2,...    interleaving: each layer twice in place (worse in the paper; here for ablations)
+    0-3,2-5            SOLAR-style depth up-scaling: two copies, dropping the last 2 / first 2
+    0-5,2-3x2          MIDAS-style: the whole stack, then the middle layers again
+"""
+
+from __future__ import annotations
+
+import re
+
+from megastack.errors import UserError
+
+_ITEM = re.compile(r"^(\d+)(?:-(\d+))?(?:x(\d+))?$")
+
+
+def parse_layer_map(expr: str, source_layers: int, flag: str = "--layer-map") -> list[int]:
+    """Source layer index for every target layer; a UserError naming the flag for bad input."""
+    if not isinstance(expr, str) or not expr.strip():
+        raise UserError(f"{flag} is empty; give source layers like '0-{source_layers - 1}x2'")
+    out: list[int] = []
+    for raw in expr.replace(" ", "").split(","):
+        m = _ITEM.match(raw)
+        if not m:
+            raise UserError(f"{flag}: cannot parse '{raw}'; use layers 'i', ranges 'a-b' and repeats 'xN', "
+                            "e.g. '0-5x4' or '0-3,2-5'")
+        start = int(m.group(1))
+        stop = int(m.group(2)) if m.group(2) is not None else start
+        repeat = int(m.group(3)) if m.group(3) is not None else 1
+        if repeat < 1:
+            raise UserError(f"{flag}: repeat count in '{raw}' must be at least 1")
+        for index in (start, stop):
+            if index >= source_layers:
+                raise UserError(f"{flag}: layer {index} in '{raw}' does not exist; the source has "
+                                f"{source_layers} layers (0-{source_layers - 1})")
+        step = 1 if stop >= start else -1
+        out += list(range(start, stop + step, step)) * repeat
+    return out
+
+
+def stack_map(source_layers: int, factor: int) -> list[int]:
+    """G_stack: the whole stack repeated ``factor`` times."""
+    return list(range(source_layers)) * factor
+
+
+def first_occurrences(layer_map: list[int]) -> list[int]:
+    """Target positions that are the first copy of their source layer (the 'original' blocks)."""
+    seen: set[int] = set()
+    out = []
+    for position, source in enumerate(layer_map):
+        if source not in seen:
+            seen.add(source)
+            out.append(position)
+    return out

@@ -1,0 +1,167 @@
+"""The registry of growth operators (Du et al. 2024's four atomic operators, depth direction).
+
+Each operator turns (source config, GrowthSpec) into a Plan. Definitions: shared/notes/growth-science.md.
+- stack  (G_direct depth = G_stack): target layer i copies source layer layer_map[i]; embedding, final
+         norm and output layer are copied once.
+- zero   (G_zero depth): like stack, but every block that is not the first copy of its source layer gets
+         zero attention output projection and MLP down projection, so it is the identity through its
+         residual path and the grown model computes exactly the small model's function.
+- random (G_random depth): first copies keep their weights; the other blocks are freshly initialised
+         (Megatron's init: N(0, std) with proj/fc2 scaled by 1/sqrt(2 L)); training ramps them in with a
+         mask (the manifest lists them under growth.new_layers).
+- learn  (G_learn, LiGO): per weight type a learned D (L2 x L1), W'_l = sum_j D[l, j] W_j, initialised
+         at the stacking map and optimised on the LM loss (megastack/growth/learn.py).
+Width (``--dimension width``) and depth + width (``--dimension both``): megastack/growth/width.py.
+``--noise A`` applies W <- (1 - A) W + A eps (eps ~ N(0, init_std^2)) to every weight matrix of every
+target block (norms, embedding and output layer untouched), seeded and deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from megastack.ckpt import layout
+from megastack.config import ModelConfig
+from megastack.errors import NotBuiltError, UserError
+from megastack.growth.layer_map import first_occurrences, parse_layer_map, stack_map
+from megastack.growth.plan import Copy, Noisy, Plan, RandomInit, Zeros
+
+NORM_KINDS = ("attn_norm", "mlp_norm")
+OUTPUT_KINDS = ("proj", "fc2")  # the residual-branch outputs G_zero zeroes
+
+
+@dataclass(frozen=True)
+class GrowthSpec:
+    operator: str = "stack"
+    factor: int | None = None
+    layer_map: str | None = None
+    dimension: str = "depth"
+    noise: float = 0.0
+    seed: int = 0
+    hidden: int | None = None  # width targets (None: the source's)
+    ffn: int | None = None
+    heads: int | None = None
+    query_groups: int | None = None
+    learned: Any = None  # G_learn: {kind: D as nested lists [L2][L1]} from megastack.growth.learn
+
+
+def resolve_layer_map(spec: GrowthSpec, source_layers: int) -> list[int]:
+    """The layer map from --layer-map and/or --factor; they must agree when both are given."""
+    if spec.factor is not None and spec.factor < 1:
+        raise UserError(f"--factor must be a positive integer, got {spec.factor}")
+    if spec.layer_map:
+        mapping = parse_layer_map(spec.layer_map, source_layers)
+        if spec.factor is not None and len(mapping) != source_layers * spec.factor:
+            raise UserError(f"--layer-map gives {len(mapping)} layers but --factor {spec.factor} asks for "
+                            f"{source_layers * spec.factor}; drop one of them or make them agree")
+        return mapping
+    if spec.factor is None:
+        raise UserError("give --factor G (stack the whole model G times) or --layer-map")
+    return stack_map(source_layers, spec.factor)
+
+
+def _global_copies(source: ModelConfig) -> dict[str, Copy]:
+    return {name: Copy(name) for name in layout.logical_names(source) if layout.split_name(name)[0] is None}
+
+
+def _depth_plan(source: ModelConfig, spec: GrowthSpec, block: Callable[[int, int, str, bool], object]) -> Plan:
+    """Shared skeleton of depth operators: ``block(target_layer, source_layer, kind, is_first_copy)``."""
+    if spec.dimension != "depth":
+        raise NotBuiltError("width growth (--dimension width) is not built yet (issue 8); nothing was done")
+    if not 0.0 <= spec.noise < 1.0:
+        raise UserError(f"--noise must be in [0, 1), got {spec.noise} (the paper uses 0.2; above it hurts)")
+    mapping = resolve_layer_map(spec, source.num_layers)
+    target = replace(source, num_layers=len(mapping), name=f"{source.name or 'model'}-grown{len(mapping)}L")
+    originals = set(first_occurrences(mapping))
+    recipes: dict[str, object] = _global_copies(source)
+    for position, src in enumerate(mapping):
+        for kind in layout.LAYER_KINDS:
+            recipe = block(position, src, kind, position in originals)
+            if spec.noise and kind not in NORM_KINDS and not isinstance(recipe, Zeros):
+                recipe = Noisy(recipe, spec.noise, source.init_std, spec.seed)
+            recipes[layout.layer_name(position, kind)] = recipe
+    new_layers = sorted(set(range(len(mapping))) - originals)
+    info = {"operator": spec.operator, "dimension": "depth", "factor": len(mapping) / source.num_layers,
+            "layer_map": mapping, "new_layers": new_layers, "noise": spec.noise, "seed": spec.seed}
+    return Plan(source, target, recipes, info)
+
+
+def stack(source: ModelConfig, spec: GrowthSpec) -> Plan:
+    return _depth_plan(source, spec, lambda pos, src, kind, first: Copy(layout.layer_name(src, kind)))
+
+
+def _check_zero_map(mapping: list[int], source_layers: int) -> None:
+    firsts = [mapping[p] for p in first_occurrences(mapping)]
+    if firsts != list(range(source_layers)):
+        raise UserError(f"--operator zero needs every source layer to appear, first copies in order 0..."
+                        f"{source_layers - 1}, so the grown model is the small one; the layer map's first "
+                        f"copies are {firsts}")
+
+
+def zero(source: ModelConfig, spec: GrowthSpec) -> Plan:
+    _check_zero_map(resolve_layer_map(spec, source.num_layers), source.num_layers)
+
+    def block(pos: int, src: int, kind: str, first: bool):
+        if not first and kind in OUTPUT_KINDS:
+            return Zeros()
+        return Copy(layout.layer_name(src, kind))
+
+    return _depth_plan(source, spec, block)
+
+
+def random(source: ModelConfig, spec: GrowthSpec) -> Plan:
+    target_layers = len(resolve_layer_map(spec, source.num_layers))
+    scaled_std = source.init_std / math.sqrt(2.0 * target_layers)
+
+    def block(pos: int, src: int, kind: str, first: bool):
+        if first:
+            return Copy(layout.layer_name(src, kind))
+        if kind in NORM_KINDS:
+            return RandomInit(0.0, spec.seed, ones=True)
+        return RandomInit(scaled_std if kind in OUTPUT_KINDS else source.init_std, spec.seed)
+
+    plan = _depth_plan(source, spec, block)
+    plan.info["mask_ramp"] = True
+    return plan
+
+
+def learn(source: ModelConfig, spec: GrowthSpec) -> Plan:
+    from megastack.growth.learn import learned_plan
+
+    return learned_plan(source, spec)
+
+
+OPERATORS: dict[str, Callable[[ModelConfig, GrowthSpec], Plan]] = {
+    "stack": stack, "zero": zero, "random": random, "learn": learn,
+}
+
+
+WIDTH_FLAGS = ("hidden", "ffn", "heads", "query_groups")
+
+
+def make_plan(source: ModelConfig, spec: GrowthSpec) -> Plan:
+    if spec.operator not in OPERATORS:
+        raise UserError(f"--operator {spec.operator!r} is unknown; choose one of {', '.join(OPERATORS)}")
+    widths = [f"--{f.replace('_', '-')}" for f in WIDTH_FLAGS if getattr(spec, f) is not None]
+    if spec.dimension == "depth" and widths:
+        raise UserError(f"width flags ({', '.join(widths)}) need --dimension width (or --dimension both to grow "
+                        "depth and width in one step)")
+    if spec.dimension in ("width", "both") and not widths:
+        raise UserError(f"--dimension {spec.dimension} needs a width target: --hidden, --ffn, --heads and/or "
+                        "--query-groups")
+    if spec.dimension == "width" and (spec.factor is not None or spec.layer_map):
+        raise UserError("--factor/--layer-map grow depth; use --dimension both to grow depth and width together")
+    if spec.dimension not in ("depth", "width", "both"):
+        raise UserError(f"--dimension {spec.dimension!r} is unknown; choose depth, width or both")
+    if spec.dimension != "depth" and spec.operator != "learn":
+        from megastack.growth.width import width_plan
+
+        mapping = (resolve_layer_map(spec, source.num_layers) if spec.dimension == "both"
+                   else list(range(source.num_layers)))
+        if spec.operator == "zero":
+            _check_zero_map(mapping, source.num_layers)
+        return width_plan(source, spec, mapping)
+    return OPERATORS[spec.operator](source, spec)

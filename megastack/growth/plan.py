@@ -1,0 +1,165 @@
+"""Growth as a pure plan: for every logical tensor of the target model, which source tensors it is made
+from and how. Operators only build plans; readers, writers and the executor never know which operator
+made one. Conversion is the identity plan.
+
+A recipe's ``produce(read, pieces)`` returns the requested pieces (TP shards or row blocks) of its target
+tensor. Copies read only those pieces of the source; random values (init, noise) come from fixed row
+blocks seeded by (seed, target name, block), so the result is identical under any output layout, chunking
+and number of ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from megastack.ckpt import layout
+from megastack.ckpt.base import Reader, pieces_shape
+from megastack.ckpt.layout import Piece
+from megastack.config import ModelConfig
+
+Read = Callable[[str, "list[Piece] | None"], torch.Tensor]
+
+
+RANDOM_BLOCK_ROWS = 256  # random values are drawn in fixed row blocks, each with its own seed
+
+
+def generator_for(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def seeded_normal(shape: tuple[int, ...], seed: int, name: str, pieces) -> torch.Tensor:
+    """The requested pieces of a N(0, 1) tensor that is a pure function of (seed, name, shape).
+
+    Rows come from canonical blocks of RANDOM_BLOCK_ROWS rows, each drawn from its own generator, so
+    any slice costs only the blocks it touches and is identical whatever the slicing or rank count.
+    """
+    def rows(start: int, stop: int) -> torch.Tensor:
+        blocks = []
+        first, last = start // RANDOM_BLOCK_ROWS, (stop - 1) // RANDOM_BLOCK_ROWS
+        for k in range(first, last + 1):
+            lo, hi = k * RANDOM_BLOCK_ROWS, min((k + 1) * RANDOM_BLOCK_ROWS, shape[0])
+            block = torch.randn((hi - lo, *shape[1:]), generator=generator_for(seed, f"{name}#{k}"))
+            blocks.append(block[max(start, lo) - lo: min(stop, hi) - lo])
+        return torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+
+    if not pieces:
+        return rows(0, shape[0])
+    parts = []
+    for p in pieces:
+        if p.dim == 0:
+            parts.append(rows(p.start, p.start + p.length))
+        else:  # a column piece needs every row block, narrowed as it is drawn
+            blocks = [rows(lo, min(lo + RANDOM_BLOCK_ROWS, shape[0])).narrow(p.dim, p.start, p.length).clone()
+                      for lo in range(0, shape[0], RANDOM_BLOCK_ROWS)]
+            parts.append(torch.cat(blocks))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=pieces[0].dim)
+
+
+@dataclass(frozen=True)
+class Copy:
+    """target <- source (same shape)."""
+
+    source: str
+
+    def produce(self, target: str, shape: tuple[int, ...], read: Read, pieces, dtype) -> torch.Tensor:
+        return read(self.source, pieces)
+
+    def sources(self, pieces) -> list[tuple[str, Any]]:
+        return [(self.source, pieces)]
+
+
+@dataclass(frozen=True)
+class Zeros:
+    """target <- 0: G_zero's output projections, which make a new block the identity."""
+
+    def produce(self, target: str, shape: tuple[int, ...], read: Read, pieces, dtype) -> torch.Tensor:
+        return torch.zeros(pieces_shape(shape, pieces), dtype=dtype)
+
+    def sources(self, pieces) -> list[tuple[str, Any]]:
+        return []
+
+
+@dataclass(frozen=True)
+class RandomInit:
+    """target <- N(0, std^2) for matrices, ones for norms: G_random's fresh blocks."""
+
+    std: float
+    seed: int
+    ones: bool = False
+
+    def produce(self, target: str, shape: tuple[int, ...], read: Read, pieces, dtype) -> torch.Tensor:
+        if self.ones:
+            return torch.ones(pieces_shape(shape, pieces), dtype=dtype)
+        return (seeded_normal(shape, self.seed, target, pieces) * self.std).to(dtype)
+
+    def sources(self, pieces) -> list[tuple[str, Any]]:
+        return []
+
+
+@dataclass(frozen=True)
+class Noisy:
+    """target <- (1 - alpha) * base + alpha * eps, eps ~ N(0, std^2): the paper's growth noise."""
+
+    base: Any
+    alpha: float
+    std: float
+    seed: int
+
+    def produce(self, target: str, shape: tuple[int, ...], read: Read, pieces, dtype) -> torch.Tensor:
+        base = self.base.produce(target, shape, read, pieces, dtype).float()
+        eps = seeded_normal(shape, self.seed, "noise:" + target, pieces)
+        return ((1 - self.alpha) * base + self.alpha * self.std * eps).to(dtype)
+
+    def sources(self, pieces) -> list[tuple[str, Any]]:
+        return self.base.sources(pieces)
+
+
+@dataclass
+class Plan:
+    """Everything the executor needs to build the target, plus what the manifest records."""
+
+    source: ModelConfig
+    target: ModelConfig
+    recipes: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def producer(self, reader: Reader, dtype: torch.dtype) -> Callable[[str, list[Piece] | None], torch.Tensor]:
+        """produce(target, pieces). The last source read is kept: units ordered by ``source_key`` (as the
+        executor does) read each source slice once even when several targets copy it."""
+        last: dict[tuple, torch.Tensor] = {}
+
+        def read(source: str, pieces: list[Piece] | None) -> torch.Tensor:
+            key = (source, tuple(pieces) if pieces else None)
+            if key not in last:
+                last.clear()
+                last[key] = reader.read(source, pieces)
+            return last[key]
+
+        def produce(name: str, pieces: list[Piece] | None) -> torch.Tensor:
+            shape = layout.logical_shape(self.target, name)
+            return self.recipes[name].produce(name, shape, read, pieces, dtype)
+
+        return produce
+
+    def source_key(self, unit: Any) -> tuple:
+        """Sort key putting units that read the same source slice next to each other."""
+        sources = [(s, p) for r in unit.requests for s, p in self.recipes[r.name].sources(r.pieces)]
+        if not sources:
+            return (1, "", 0, 0)
+        (name, pieces) = sources[0]
+        layer, kind = layout.split_name(name)
+        return (0, kind, -1 if layer is None else layer, pieces[0].start if pieces else 0)
+
+    def sources_of(self, name: str, pieces) -> list[tuple[str, Any]]:
+        return self.recipes[name].sources(list(pieces) if pieces else None)
+
+
+def identity_plan(cfg: ModelConfig) -> Plan:
+    """Conversion: every tensor copied as it is."""
+    return Plan(cfg, cfg, {name: Copy(name) for name in layout.logical_names(cfg)}, {"operator": "identity"})

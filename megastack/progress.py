@@ -1,0 +1,36 @@
+"""Progress for long work: a tqdm bar on a terminal, a few plain lines in CI and logs."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    """``update()`` once per finished item; a bar on a TTY, otherwise a line every few seconds."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True):
+        self.total, self.label, self.done = max(total, 1), label, 0
+        self.enabled = enabled
+        self.start = time.monotonic()
+        self._bar = None
+        self._last_line = self.start
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=label, unit="item", leave=False)
+
+    def update(self, *_: object) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(1)
+        elif time.monotonic() - self._last_line >= 5.0 or self.done == self.total:
+            self._last_line = time.monotonic()
+            elapsed = self._last_line - self.start
+            print(f"{self.label}: {self.done}/{self.total} ({elapsed:.1f}s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,285 @@
+"""DeepSpeed's engine around megatron-core's GPTModel, and one optimizer step through megatron's schedules.
+
+How the two fit together:
+- megatron-core owns the model and the layout: tensor parallelism inside the layers, pipeline
+  parallelism through ``get_forward_backward_func`` (1F1B over micro-batches, p2p between stages).
+- DeepSpeed owns data parallelism and the optimizer: ZeRO 1/2/3 partitions of the fp32 master
+  weights, Adam moments and gradients, gradient clipping, mixed precision. It sees megatron's
+  ``parallel_state`` through ``MegatronMPU`` (its ``mpu`` argument), so it reduces over the DP group only
+  and computes the clipping norm over the TP x PP group once per parameter.
+- Gradient accumulation belongs to megatron's schedule (it divides each micro-batch loss by the number
+  of micro-batches). DeepSpeed runs with ``managed_gradient_accumulation: false`` and sees a single
+  "micro-batch" per step: backward passes only accumulate, ``engine.step()`` reduces and updates.
+- The forward goes through the engine (``engine(...)``) so that DeepSpeed's torch-style backward hooks
+  (ZeRO-2 gradient partitioning, ZeRO-3 parameter gathering) run inside megatron's backward calls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from megastack.compat import cpu
+from megastack.config import ModelConfig, ParallelConfig
+from megastack.errors import NotBuiltError, UserError
+from megastack.train.config import OptimizerConfig
+
+
+class MegatronMPU:
+    """megatron-core's parallel_state in the shape of DeepSpeed's ``mpu``.
+
+    ``model_parallel`` is the TP x PP group (the clipping norm sums over it; checkpoint files are named by
+    the rank in it); ``tensor_model_parallel`` is what DeepSpeed uses to count replicated parameters
+    (norm weights) once."""
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state
+
+        self.ps = parallel_state
+
+    def get_model_parallel_group(self):
+        return self.ps.get_model_parallel_group()
+
+    def get_model_parallel_world_size(self) -> int:
+        return torch.distributed.get_world_size(group=self.ps.get_model_parallel_group())
+
+    def get_model_parallel_rank(self) -> int:
+        return torch.distributed.get_rank(group=self.ps.get_model_parallel_group())
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ps.get_data_parallel_rank()
+
+    def get_tensor_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_src_rank()
+
+    def get_pipeline_model_parallel_group(self):
+        return self.ps.get_pipeline_model_parallel_group()
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.ps.get_pipeline_model_parallel_world_size()
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.ps.get_pipeline_model_parallel_rank()
+
+
+# ----------------------------------------------------------------------------- learning rate
+
+
+def learning_rate(step: int, opt: OptimizerConfig, total_iters: int) -> float:
+    """LR for optimizer step ``step`` (0-based): linear warmup to ``lr``, cosine to ``min_lr_fraction x lr``."""
+    if opt.warmup_iters and step < opt.warmup_iters:
+        return opt.lr * (step + 1) / opt.warmup_iters
+    decay = opt.decay_iters if opt.decay_iters is not None else max(total_iters - opt.warmup_iters, 0)
+    floor = opt.lr * opt.min_lr_fraction
+    if decay <= 0:
+        return opt.lr
+    progress = min(1.0, (step - opt.warmup_iters) / decay)
+    return floor + 0.5 * (opt.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def is_decayed(name: str, param: torch.nn.Parameter) -> bool:
+    """Weight decay on matrices (linear layers, embedding, output layer), not on norm weights."""
+    return param.dim() > 1
+
+
+def param_groups(model: torch.nn.Module, opt: OptimizerConfig) -> list[dict[str, Any]]:
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and is_decayed(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not is_decayed(n, p)]
+    return [{"params": decay, "weight_decay": opt.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.Optimizer:
+    """torch's AdamW (fused kernel on GPU): no hidden JIT builds, the same update as the reference loop."""
+    fused = torch.cuda.is_available()
+    return torch.optim.AdamW(param_groups(model, opt), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
+                             fused=fused, foreach=False if not fused else None)
+
+
+# ----------------------------------------------------------------------------- DeepSpeed
+
+
+def deepspeed_config(parallel: ParallelConfig, opt: OptimizerConfig, dp: int, micro_batches: int) -> dict[str, Any]:
+    """The DeepSpeed config of one stage. DeepSpeed sees one micro-batch of micro x accumulation samples
+    per step because megatron's schedule does the accumulation."""
+    per_rank = parallel.micro_batch_size * micro_batches
+    zero: dict[str, Any] = {"stage": parallel.zero_stage, "overlap_comm": False, "contiguous_gradients": True,
+                            "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000}
+    if parallel.zero_stage == 3:
+        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=50_000_000)
+    config: dict[str, Any] = {
+        "train_batch_size": per_rank * dp,
+        "train_micro_batch_size_per_gpu": per_rank,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": opt.clip_grad,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": parallel.precision == "bf16"},
+        "fp16": {"enabled": parallel.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+    }
+    if parallel.precision == "bf16":
+        # DP-only layouts accumulate bf16 gradients in fp32 (DeepSpeed's BF16 optimizer at ZeRO-1). Under
+        # pipeline parallelism that optimizer misses the first stage's gradients (its backward hooks see only
+        # the hidden-state output), so there the ZeRO optimizer takes the bf16 gradients as they are.
+        config["data_types"] = {"grad_accum_dtype": "bf16" if parallel.pipeline > 1 else "fp32"}
+    return config
+
+
+def check_layout(parallel: ParallelConfig, model: ModelConfig) -> None:
+    if parallel.zero_stage == 0:
+        raise NotBuiltError("parallel.zero_stage 0 is not built in the trainer yet; use zero_stage 1 (at one "
+                            "data-parallel rank it keeps the same state as no ZeRO)")
+    if parallel.pipeline > 1 and parallel.zero_stage > 1:
+        raise UserError(f"parallel.zero_stage {parallel.zero_stage} cannot be combined with pipeline parallelism "
+                        f"({parallel.pipeline} stages): ZeRO-2/3 partition gradients during backward, which the "
+                        "pipeline schedule interleaves across micro-batches; use zero_stage 1 with pipeline > 1 "
+                        "(as Megatron-DeepSpeed does)")
+    if parallel.precision == "fp16" and parallel.pipeline > 1:
+        raise NotBuiltError("precision fp16 with pipeline parallelism is not built in the trainer yet (DeepSpeed's "
+                            "loss scaler expects every stage's backward to be scaled); use bf16")
+    if model.tie_embeddings and parallel.pipeline > 1:
+        raise NotBuiltError("tied embeddings with pipeline parallelism are not built in the trainer yet (the "
+                            "first and last stages would need their embedding gradients summed); untie them "
+                            "(tie_embeddings: false, as in the paper's models) or use pipeline 1")
+
+
+def initialize(model: torch.nn.Module, parallel: ParallelConfig, opt: OptimizerConfig, micro_batches: int):
+    """Wrap a megatron-core model in a DeepSpeed engine over megatron's parallel_state."""
+    cpu.prepare_deepspeed()
+    import deepspeed
+    from megatron.core import parallel_state as ps
+
+    dp = ps.get_data_parallel_world_size()
+    optimizer = make_optimizer(model, opt)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=MegatronMPU(),
+                                           config=deepspeed_config(parallel, opt, dp, micro_batches))
+    return engine
+
+
+def set_lr(engine: Any, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+@dataclass
+class Batch:
+    """One micro-batch on this rank."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+
+    @staticmethod
+    def of(items: dict[str, torch.Tensor], device: torch.device) -> Batch:
+        return Batch(items["tokens"].to(device), items["labels"].to(device), items["loss_mask"].to(device).float())
+
+
+def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over micro-batches and data-parallel ranks of each micro-batch's token-mean loss
+    grad_norm: float | None
+    lr: float
+
+
+@dataclass
+class Stepper:
+    """Runs forward/backward over a step's micro-batches with megatron's schedule, then DeepSpeed's step."""
+
+    engine: Any
+    parallel: ParallelConfig
+    seq_length: int
+    device: torch.device
+    call: Callable[..., torch.Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.call = self.engine  # forward through the engine: DeepSpeed's backward hooks run under megatron
+        if self.parallel.precision == "fp16":
+            # megatron's schedule scales the last stage's loss before backward; DeepSpeed's dynamic loss scale
+            engine = self.engine
+            self.module.config.grad_scale_func = lambda t: engine.scale(t) if t.grad_fn is not None else t
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def _forward_step(self, data_iterator, model):
+        batch: Batch = next(data_iterator)
+        positions = torch.arange(batch.tokens.shape[1], device=self.device).unsqueeze(0).expand_as(batch.tokens)
+        output = self.call(batch.tokens, positions, None, labels=batch.labels)
+
+        def loss_func(per_token: torch.Tensor):
+            loss = masked_mean(per_token, batch.loss_mask)
+            return loss, {"loss": loss.detach().clone()}  # megatron divides the returned loss in place
+
+        return output, loss_func
+
+    def _run(self, batches: list[Batch], forward_only: bool) -> torch.Tensor:
+        """Sum of this rank's micro-batch losses (zero off the last pipeline stage)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        with cpu.device_mode():
+            results = get_forward_backward_func()(
+                forward_step_func=self._forward_step, data_iterator=iter(batches), model=self.module,
+                num_microbatches=len(batches), seq_length=self.seq_length,
+                micro_batch_size=self.parallel.micro_batch_size, forward_only=forward_only)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        if ps.is_pipeline_last_stage():
+            for r in results:
+                total += r["loss"].float()
+        return total
+
+    def mean_over_ranks(self, local_sum: torch.Tensor, micro_batches: int) -> float:
+        """Average of the micro-batch losses over every DP rank (last-stage TP ranks hold equal copies)."""
+        from megatron.core import parallel_state as ps
+
+        value = local_sum.detach().clone()
+        torch.distributed.all_reduce(value)
+        copies = ps.get_data_parallel_world_size() * ps.get_tensor_model_parallel_world_size()
+        return value.item() / (copies * micro_batches)
+
+    def train_step(self, batches: list[Batch], lr: float) -> StepResult:
+        self.module.train()
+        set_lr(self.engine, lr)
+        local = self._run(batches, forward_only=False)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm_value = float(norm.item() if isinstance(norm, torch.Tensor) else norm) if norm is not None else None
+        return StepResult(self.mean_over_ranks(local, len(batches)), norm_value, lr)
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list[Batch]) -> float:
+        self.module.eval()
+        local = self._run(batches, forward_only=True)
+        self.module.train()
+        return self.mean_over_ranks(local, len(batches))
+

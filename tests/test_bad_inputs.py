@@ -1,0 +1,277 @@
+"""The bad-input corpus: every case gives one clear line, a non-zero exit, no traceback, and writes nothing.
+
+Static cases are the YAML files under tests/bad_inputs/ (each says its command and the words its error
+must contain in its first two lines); checkpoint, dataset, tokenizer and CLI cases are generated here
+from good inputs damaged one way each.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from megastack.ckpt.manifest import resolve_iteration_dir
+
+from ckpt_factory import reference, small_config, write_checkpoint
+from conftest import assert_one_line_error, run_cli
+
+CORPUS = Path(__file__).resolve().parent / "bad_inputs"
+STATIC = sorted((CORPUS / "configs").glob("*.yaml")) + sorted((CORPUS / "recipes").glob("*.yaml"))
+
+
+def header(path: Path) -> tuple[str, str]:
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("# command: ") and lines[1].startswith("# expect: "), path
+    return lines[0].split(": ", 1)[1], lines[1].split(": ", 1)[1]
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("path", STATIC, ids=[p.stem for p in STATIC])
+def test_static_case(path: Path, tmp_path: Path):
+    command, expect = header(path)
+    case = tmp_path / path.name
+    shutil.copy(path, case)
+    args = {"validate": ["validate", case.name], "train": ["train", case.name],
+            "run": ["run", case.name, "--out", "o", "--nproc", "1"]}[command]
+    proc = run_cli(*args, cwd=tmp_path, env={"MEGASTACK_CACHE": str(tmp_path / "cache")})
+    assert_one_line_error(proc, expect)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [case.name], "something was written"
+
+
+# ----------------------------------------------------------------------------- generated cases
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    """Good inputs of every kind, damaged per case on a copy."""
+    root = tmp_path_factory.mktemp("good")
+    model = reference(small_config())
+    write_checkpoint(model, root / "td")
+    write_checkpoint(model, root / "legacy", fmt="legacy", tp=2, pp=2)
+    transformers = pytest.importorskip("transformers")
+    from megastack.ckpt import layout
+
+    hf_cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                      tie_word_embeddings=False)
+    hf = transformers.LlamaForCausalLM(hf_cfg)
+    hf.load_state_dict(layout.hf_from_logical(layout.logical_from_hf(model.state_dict(), model.cfg), model.cfg))
+    hf.save_pretrained(root / "hf", max_shard_size="100KB")
+    text = root / "text.txt"
+    text.write_text("\n".join(f"def function_{i}(x):\n    return x * {i} + {i % 7}" for i in range(400)))
+    proc = run_cli("data", str(text), "--out", str(root / "data"), "--vocab-size", "320")
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+def train_yaml(root: Path, data: Path, vocab_size: int = 320) -> Path:
+    """A one-process training config over ``data`` for a 1-layer model (vocab 320 matches the fixture's
+    tokenizer)."""
+    import yaml
+
+    model = {"num_layers": 1, "hidden_size": 64, "num_attention_heads": 4, "ffn_hidden_size": 96,
+             "vocab_size": vocab_size, "seq_length": 32}
+    cfg = {"model": model, "out_dir": str(root / "out"), "parallel": {"micro_batch_size": 2},
+           "data": {"prefixes": [str(data / "corpus")]},
+           "schedule": {"train_iters": 2, "eval_interval": 0, "save_interval": 0},
+           "logging": {"tensorboard": False}}
+    path = root / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def copy(good: Path, tmp: Path, name: str) -> Path:
+    shutil.copytree(good / name, tmp / name)
+    return tmp / name
+
+
+def damage_td_missing_shard(good, tmp):
+    src = copy(good, tmp, "td")
+    next(resolve_iteration_dir(src).glob("__*.distcp")).unlink()
+    return ["grow", str(src), str(tmp / "out"), "--factor", "2"], ["missing shard"], src
+
+
+def damage_td_truncated(good, tmp):
+    src = copy(good, tmp, "td")
+    f = next(resolve_iteration_dir(src).glob("__*.distcp"))
+    f.write_bytes(f.read_bytes()[:100])
+    return ["convert", str(src), str(tmp / "out"), "--to", "hf"], ["truncated"], src
+
+
+def damage_td_bad_manifest_json(good, tmp):
+    src = copy(good, tmp, "td")
+    (resolve_iteration_dir(src) / "megastack.json").write_text("{not json")
+    return ["inspect", str(src)], ["megastack.json", "not valid JSON"], src
+
+
+def damage_td_malicious_metadata(good, tmp):
+    src = copy(good, tmp, "td")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (resolve_iteration_dir(src) / ".metadata").write_bytes(pickle.dumps(Evil()))
+    return ["grow", str(src), str(tmp / "out"), "--factor", "2"], ["refused"], src
+
+
+def damage_td_tracker(good, tmp):
+    src = copy(good, tmp, "td")
+    (src / "latest_checkpointed_iteration.txt").write_text("12\n")
+    return ["grow", str(src), str(tmp / "out"), "--factor", "2"], ["iter_0000012 is missing"], src
+
+
+def damage_legacy_missing_rank(good, tmp):
+    src = copy(good, tmp, "legacy")
+    shutil.rmtree(resolve_iteration_dir(src) / "mp_rank_01_000")
+    return ["convert", str(src), str(tmp / "out"), "--to", "torch_dist"], ["mp_rank_01_000", "missing"], src
+
+
+def damage_legacy_mixed(good, tmp):
+    src = copy(good, tmp, "legacy")
+    (resolve_iteration_dir(src) / "mp_rank_00").mkdir()
+    return ["inspect", str(src)], ["mixes"], src
+
+
+def damage_legacy_truncated(good, tmp):
+    src = copy(good, tmp, "legacy")
+    f = resolve_iteration_dir(src) / "mp_rank_00_001" / "model_optim_rng.pt"
+    f.write_bytes(f.read_bytes()[:300])
+    return ["grow", str(src), str(tmp / "out"), "--factor", "2"], ["model_optim_rng.pt"], src
+
+
+def damage_legacy_malicious(good, tmp):
+    import torch
+
+    src = copy(good, tmp, "legacy")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"model": {}, "args": Evil()}, resolve_iteration_dir(src) / "mp_rank_00_000" / "model_optim_rng.pt")
+    return ["grow", str(src), str(tmp / "out"), "--factor", "2"], ["refused"], src
+
+
+def damage_hf_not_llama(good, tmp):
+    src = copy(good, tmp, "hf")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"], cfg["architectures"] = "gpt2", ["GPT2LMHeadModel"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    return ["convert", str(src), str(tmp / "out"), "--to", "torch_dist"], ["config.json"], src
+
+
+def damage_hf_missing_shard(good, tmp):
+    src = copy(good, tmp, "hf")
+    sorted(src.glob("model-*.safetensors"))[0].unlink()
+    return ["convert", str(src), str(tmp / "out"), "--to", "torch_dist"], ["safetensors"], src
+
+
+def damage_hf_index_mismatch(good, tmp):
+    src = copy(good, tmp, "hf")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    key = next(k for k, f in index["weight_map"].items() if f == shards[0])
+    index["weight_map"][key] = shards[1]  # the index now names the wrong shard for one tensor
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    return ["convert", str(src), str(tmp / "out"), "--to", "torch_dist"], ["index"], src
+
+
+def damage_convert_tp_not_dividing(good, tmp):
+    src = copy(good, tmp, "td")
+    return ["convert", str(src), str(tmp / "out"), "--to", "legacy", "--tp", "3"], ["--tp", "3"], src
+
+
+def damage_dst_exists(good, tmp):
+    src = copy(good, tmp, "td")
+    (tmp / "out").mkdir()
+    (tmp / "out" / "keep").write_text("mine")
+    return ["grow", str(src), str(tmp / "out"), "--factor", "2"], ["already exists"], src
+
+
+def damage_data_missing_bin(good, tmp):
+    data = copy(good, tmp, "data")
+    (data / "corpus.bin").unlink()
+    return ["train", str(train_yaml(tmp, data))], ["corpus.bin not found"], data
+
+
+def damage_data_corrupt_idx(good, tmp):
+    data = copy(good, tmp, "data")
+    (data / "corpus.idx").write_bytes(b"MMIDIDX\x00\x00" + b"\x01" * 7)
+    return ["train", str(train_yaml(tmp, data))], ["corpus"], data
+
+
+def damage_tokenizer_vocab_mismatch(good, tmp):
+    data = copy(good, tmp, "data")  # a 320-token tokenizer for a model with vocab 1024
+    return ["train", str(train_yaml(tmp, data, vocab_size=1024))], ["320 tokens", "1024"], data
+
+
+def damage_tokenizer_garbage(good, tmp):
+    data = copy(good, tmp, "data")
+    (data / "tokenizer.model").write_bytes(b"this is not a sentencepiece model")
+    return ["train", str(train_yaml(tmp, data))], ["not a sentencepiece model"], data
+
+
+def damage_data_input_missing(good, tmp):
+    return ["data", str(tmp / "nope.txt"), "--out", str(tmp / "out")], ["nope.txt", "not found"], None
+
+
+def damage_data_bad_jsonl(good, tmp):
+    (tmp / "in.jsonl").write_text('{"text": "ok"}\n{broken\n')
+    return ["data", str(tmp / "in.jsonl"), "--out", str(tmp / "out")], ["in.jsonl:2", "JSON"], None
+
+
+def damage_cli_factor_zero(good, tmp):
+    return ["grow", str(copy(good, tmp, "td")), str(tmp / "out"), "--factor", "0"], ["--factor"], None
+
+
+def damage_cli_noise(good, tmp):
+    return ["grow", str(copy(good, tmp, "td")), str(tmp / "out"), "--factor", "2", "--noise", "2"], ["--noise"], None
+
+
+def damage_cli_plan_params(good, tmp):
+    return ["plan", "--params", "lots", "--tokens", "1T"], ["--params"], None
+
+
+def damage_cli_plan_factor(good, tmp):
+    return ["plan", "--params", "1B", "--tokens", "1T", "--factor", "0.5"], ["factor"], None
+
+
+def damage_cli_unknown_command(good, tmp):
+    return ["explode"], ["invalid choice"], None
+
+
+def damage_cli_missing_args(good, tmp):
+    return ["convert", str(tmp / "a")], ["required"], None
+
+
+GENERATED: dict[str, Callable] = {name[len("damage_"):]: fn for name, fn in globals().items()
+                                  if name.startswith("damage_")}
+
+
+@pytest.mark.parametrize("case", sorted(GENERATED))
+def test_generated_case(case: str, good: Path, tmp_path: Path):
+    argv, needles, source = GENERATED[case](good, tmp_path)
+    before = tree(source) if source is not None else None
+    existing = {p.name for p in tmp_path.iterdir()}
+    proc = run_cli(*argv, cwd=tmp_path, env={"MEGASTACK_CACHE": str(tmp_path / "cache")})
+    assert_one_line_error(proc, *needles)
+    assert "pwned" not in proc.stdout + proc.stderr
+    assert {p.name for p in tmp_path.iterdir()} - existing <= {"cache"}, "something was written"
+    if (tmp_path / "out").exists():  # a case whose destination existed before: left as it was
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep"]
+    if before is not None:
+        assert tree(source) == before, "the source was modified"
+
+
+def test_corpus_has_at_least_30_cases():
+    assert len(STATIC) + len(GENERATED) >= 30

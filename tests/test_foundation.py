@@ -1,0 +1,224 @@
+"""Kernel selection, rank discovery, the local launcher, the CPU compat module and the CLI skeleton."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megastack.dist import DistEnv, discover, free_port, launch_local, slurm_master_port
+from megastack.errors import UserError
+from megastack.model.build import Kernels, Machine, check_precision, select_kernels
+
+from conftest import assert_one_line_error, run_cli
+
+# ----------------------------------------------------------------------------- kernel selection
+
+
+def test_cpu_gets_local_spec_and_no_fusions():
+    assert select_kernels(Machine(cuda=False, transformer_engine=True, apex=True)) == \
+        Kernels("local", False, False, False, False)
+
+
+def test_gpu_with_te_gets_te_spec_and_fusions():
+    k = select_kernels(Machine(cuda=True, transformer_engine=True, apex=False))
+    assert k.spec == "transformer_engine" and k.apply_rope_fusion and k.bias_activation_fusion
+    assert k.masked_softmax_fusion
+    assert not k.gradient_accumulation_fusion  # DeepSpeed allocates no main_grad buffers
+    assert select_kernels(Machine(True, True, False), main_grad_buffers=True).gradient_accumulation_fusion
+
+
+def test_gpu_without_te_falls_back_to_local_spec():
+    k = select_kernels(Machine(cuda=True, transformer_engine=False, apex=False))
+    assert k.spec == "local" and not k.apply_rope_fusion and not k.masked_softmax_fusion
+    assert k.bias_activation_fusion
+    assert select_kernels(Machine(True, False, True)).masked_softmax_fusion
+
+
+def test_fp16_refused_on_cpu_only():
+    with pytest.raises(UserError, match="fp16 needs a GPU"):
+        check_precision("fp16", Machine(False, False, False))
+    check_precision("fp16", Machine(True, False, False))
+    check_precision("bf16", Machine(False, False, False))
+
+
+def test_cpu_spec_config_matches_selection():
+    pytest.importorskip("megatron.core")
+    from megastack.config import ModelConfig, ParallelConfig
+    from megastack.model.build import transformer_config
+
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96,
+                      vocab_size=256, seq_length=16)
+    machine = Machine(False, False, False)
+    tc = transformer_config(cfg, ParallelConfig(precision="bf16"), select_kernels(machine), machine)
+    assert tc.use_cpu_initialization and tc.bf16 and not tc.apply_rope_fusion and tc.normalization == "RMSNorm"
+    assert tc.gated_linear_unit and not tc.add_bias_linear and tc.num_query_groups == 4
+
+
+def test_compat_is_inert_when_cuda_present(monkeypatch):
+    import torch
+
+    from megastack.compat import cpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpu, "_applied", False)
+    before = torch.cuda.synchronize
+    assert cpu.apply() is False
+    assert torch.cuda.synchronize is before
+    assert type(cpu.device_mode()).__name__ == "nullcontext"
+
+
+def test_cpu_rng_tracker_forks_independent_streams():
+    import torch
+
+    from megastack.compat.cpu import CpuRNGStatesTracker
+
+    tracker = CpuRNGStatesTracker()
+    tracker.add("a", 1)
+    torch.manual_seed(5)
+    outside = torch.get_rng_state()
+    with tracker.fork("a"):
+        first = torch.rand(3)
+    assert torch.equal(torch.get_rng_state(), outside)
+    assert torch.equal(first, torch.rand(3, generator=torch.Generator().manual_seed(1)))
+    with tracker.fork("a"):
+        second = torch.rand(3)
+    assert not torch.equal(first, second)  # the forked stream advanced
+
+
+# ----------------------------------------------------------------------------- rank discovery
+
+
+def test_discover_torchrun():
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "1234"}
+    assert discover(env) == DistEnv(3, 4, 1, "h0", 1234, "torchrun")
+
+
+def test_discover_slurm_uses_nodelist_and_job_port():
+    env = {"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "77",
+           "SLURM_JOB_NODELIST": "node1"}
+    d = discover(env)
+    assert (d.rank, d.world_size, d.local_rank, d.launcher) == (2, 4, 0, "slurm")
+    assert d.master_addr == "node1" and d.master_port == slurm_master_port("77") == 20077
+
+
+def test_discover_torchrun_wins_inside_slurm():
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+           "MASTER_ADDR": "a", "MASTER_PORT": "9"}
+    assert discover(env).launcher == "torchrun" and discover(env).rank == 5
+
+
+def test_discover_openmpi_and_mpich_without_mpi():
+    ompi = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+            "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "5000", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    assert discover(ompi) == DistEnv(1, 2, 1, "10.0.0.1", 5000, "openmpi")
+    mpich = {"PMI_RANK": "0", "PMI_SIZE": "3", "MPI_LOCALRANKID": "0"}
+    d = discover(mpich, allow_mpi=False)
+    assert (d.rank, d.world_size, d.launcher) == (0, 3, "mpich")
+
+
+def test_discover_single_process():
+    assert discover({}).launcher == "single" and discover({}).world_size == 1
+
+
+def test_mpirun_rendezvous_over_mpi4py(tmp_path):
+    """Two ranks under MPICH's mpiexec agree on rank 0's rendezvous through mpi4py."""
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if not os.path.exists(mpiexec):
+        pytest.skip("no mpiexec beside this Python (pip install mpich)")
+    # flush before exit: MPICH may drop what a rank still buffers when mpi4py finalizes at exit
+    code = ("from megastack.dist import discover; d = discover(); "
+            "print('RANK', d.rank, d.world_size, d.master_port, flush=True)")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run([mpiexec, "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = sorted(line.split() for line in out.stdout.splitlines() if line.startswith("RANK"))
+    assert [line[1:3] for line in lines] == [["0", "2"], ["1", "2"]]
+    assert lines[0][3] == lines[1][3]  # same port on both ranks
+
+
+# ----------------------------------------------------------------------------- local launcher
+
+
+def test_free_port_is_bindable():
+    import socket
+
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_launch_local_passes_rank_env():
+    code = "import os; print('R', os.environ['RANK'], os.environ['WORLD_SIZE'], os.environ['MASTER_PORT'])"
+    result = launch_local([sys.executable, "-c", code], 3, timeout=60)
+    assert result.ok
+    ranks = sorted(out.split()[1] for out in result.outputs)
+    assert ranks == ["0", "1", "2"]
+
+
+def test_launch_local_timeout_leaves_no_process(tmp_path):
+    pidfile = tmp_path / "pids"
+    code = (f"import os, subprocess, time; child = subprocess.Popen(['sleep', '300']);"
+            f"open('{pidfile}', 'a').write(f'{{os.getpid()}} {{child.pid}}\\n'); time.sleep(300)")
+    start = time.monotonic()
+    result = launch_local([sys.executable, "-c", code], 2, timeout=5)
+    assert result.timed_out and not result.ok
+    assert time.monotonic() - start < 60
+    pids = [int(p) for p in pidfile.read_text().split()]
+    assert len(pids) == 4
+    time.sleep(0.2)
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", pid
+
+
+def test_launch_local_stops_others_when_one_rank_fails():
+    code = "import os, sys, time; r = int(os.environ['RANK']); sys.exit(3) if r == 1 else time.sleep(300)"
+    start = time.monotonic()
+    result = launch_local([sys.executable, "-c", code], 2, timeout=120)
+    assert not result.ok and not result.timed_out and result.returncodes[1] == 3
+    assert time.monotonic() - start < 60
+
+
+# ----------------------------------------------------------------------------- CLI skeleton
+
+SUBCOMMANDS = ["plan", "grow", "convert", "inspect", "verify", "data", "train", "run", "validate"]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help(command):
+    proc = run_cli(command, "--help")
+    assert proc.returncode == 0 and f"megastack {command}" in proc.stdout
+
+
+def test_unbuilt_commands_say_so_and_exit_2():
+    from megastack.cli import HANDLERS, resolve_handler
+
+    for command in HANDLERS:
+        if resolve_handler(command) is not None:
+            continue
+        args = {"plan": ["--params", "1B", "--tokens", "1T"], "grow": ["a", "b"],
+                "convert": ["a", "b", "--to", "hf"], "inspect": ["a"], "verify": ["a"], "data": [],
+                "train": ["c.yaml"], "run": []}[command]
+        proc = run_cli(command, *args)
+        assert proc.returncode == 2
+        assert_one_line_error(proc, "not built yet")
+
+
+def test_python_m_and_console_script_agree():
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and "megastack" in proc.stdout
+
+
+def test_readme_quick_start_matches_ci():
+    """README's Quick start has exactly two commands; the second is what .ci/run runs."""
+    import re
+
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```bash\n(.*?)\n```", quick, flags=re.S)
+    assert len(commands) == 2 and all("\n" not in c for c in commands), commands
+    assert commands[1] in (REPO / ".ci" / "run").read_text()

@@ -1,0 +1,192 @@
+"""`megastack run`: the embedded default recipe end to end, resume after a kill, refusal of changed stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from megastack.ckpt import layout
+from megastack.ckpt.detect import open_checkpoint
+
+from conftest import assert_one_line_error, run_cli
+
+MICRO = {
+    "name": "micro",
+    "parallel": {"tensor": 1, "pipeline": 1, "zero_stage": 1, "micro_batch_size": 4, "global_batch_size": 8},
+    "data": {"prefixes": [], "split": "98,2,0", "seed": 1234},
+    "logging": {"tensorboard": False, "progress": "lines"},
+    "small": {"model": "tiny-small", "optimizer": {"lr": 3.0e-3, "warmup_iters": 2},
+              "schedule": {"train_iters": 6, "eval_interval": 3, "eval_iters": 1, "save_interval": 3,
+                           "keep_last": 1, "log_interval": 3}},
+    "growth": {"operator": "stack", "factor": 4},
+    "large": {"model": "tiny", "optimizer": {"lr": 2.0e-3, "warmup_iters": 2},
+              "schedule": {"train_iters": 8, "eval_interval": 4, "eval_iters": 1, "save_interval": 2,
+                           "keep_last": 2, "log_interval": 2}},
+}
+
+
+def evals(path: Path) -> list[dict]:
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["type"] == "eval"]
+
+
+@pytest.mark.timeout(1500)
+def test_default_recipe_end_to_end(tmp_path):
+    """`megastack run` with no argument: 2 CPU processes, all stages, summary and plot in runs/tiny."""
+    proc = subprocess.run([sys.executable, "-m", "megastack", "run"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=1400,
+                          env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "runs" / "tiny"
+    last = proc.stdout.strip().splitlines()[-2:]
+    assert last[0].startswith("summary: ") and last[1] == f"plot: {Path('runs/tiny/loss_vs_flops.png')}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["stage"] for r in summary["stages"]] == ["small", "grow", "large", "scratch"]
+    assert (out / "loss_vs_flops.png").stat().st_size > 10_000
+    large, scratch = evals(out / "large" / "train.jsonl"), evals(out / "scratch" / "train.jsonl")
+    assert large[0]["iteration"] == 0 and scratch[0]["iteration"] == 0
+    # right after growth the large model is already a trained model; a fresh one is near ln(vocab)
+    assert large[0]["valid_loss"] < scratch[0]["valid_loss"] - 1.5, (large[0], scratch[0])
+    rows = {r["stage"]: r for r in summary["stages"]}
+    small_flops, large_flops = rows["small"]["flops"], rows["large"]["flops"]
+    assert abs(rows["scratch"]["flops"] - (small_flops + large_flops)) / (small_flops + large_flops) < 0.01
+    assert rows["large"]["cumulative_flops"] == pytest.approx(small_flops + large_flops)
+
+
+def run_micro(recipe: Path, out: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    return subprocess.Popen([sys.executable, "-m", "megastack", "run", str(recipe), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+
+
+def final_large_tensors(out: Path) -> dict[str, torch.Tensor]:
+    reader = open_checkpoint(out / "large")
+    return {name: reader.read(name) for name in layout.logical_names(reader.cfg)}
+
+
+# Each trial costs about one micro run (~40 s), so the suite runs 3 and MEGASTACK_TRAIN_KILL_TRIALS=10 runs
+# the 10 of the reliability issue.
+TRAIN_KILL_TRIALS = int(os.environ.get("MEGASTACK_TRAIN_KILL_TRIALS", "3"))
+
+
+def rank_pids(launcher: subprocess.Popen) -> list[int]:
+    """The rank processes `megastack run` started (its direct children)."""
+    try:
+        return [int(p) for p in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.timeout(3000)
+def test_sigkill_of_one_rank_then_rerun_gives_the_uninterrupted_result(tmp_path):
+    """Seeded trials: SIGKILL one rank of a 2-rank `megastack run` (small, grow, large) at a random moment,
+    then re-run the same command; it finishes and its final weights and losses equal an uninterrupted run."""
+    recipe = tmp_path / "micro.yaml"
+    recipe.write_text(yaml.safe_dump(MICRO))
+    started = time.monotonic()
+    reference = run_micro(recipe, tmp_path / "a")
+    output = reference.communicate(timeout=600)[0]
+    assert reference.returncode == 0, output[-3000:]
+    duration = time.monotonic() - started
+    want_summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    want = final_large_tensors(tmp_path / "a")
+
+    rng = random.Random(0)
+    moments = []
+    for trial in range(TRAIN_KILL_TRIALS):
+        out = tmp_path / f"t{trial}"
+        # stratified: trial i lands in the i-th slice of the run, at a seeded point inside it
+        delay = (0.05 + 0.9 * (trial + rng.random()) / TRAIN_KILL_TRIALS) * duration
+        victim_rank = trial % 2
+        victim = run_micro(recipe, out)
+        launched = time.monotonic()
+        while len(ranks := rank_pids(victim)) < 2:
+            assert victim.poll() is None and time.monotonic() < launched + 300, victim.stdout.read()[-3000:]
+            time.sleep(0.02)
+        time.sleep(max(0.0, launched + delay - time.monotonic()))
+        ranks = rank_pids(victim) or ranks  # the children now (a short-lived helper may have gone)
+        try:
+            os.kill(ranks[victim_rank % len(ranks)], signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it exited on its own a moment ago; the launcher still sees a rank stop early
+        output = victim.communicate(timeout=120)[0]  # the launcher notices and stops the other rank
+        assert victim.returncode != 0, f"trial {trial}: the run ended before the kill at {delay:.1f}s"
+        assert not any(alive(pid) for pid in ranks), f"trial {trial}: a rank outlived its launcher"
+        moments.append(sorted(p.stem for p in (out / "stages").glob("*.json")) if (out / "stages").exists() else [])
+
+        resumed = run_micro(recipe, out)
+        output = resumed.communicate(timeout=600)[0]
+        assert resumed.returncode == 0, f"trial {trial} (kill at {delay:.1f}s): " + output[-3000:]
+        for stage in moments[-1]:  # stages finished before the kill are resumed past, not redone
+            assert f"stage {stage}: finished earlier, skipped" in output, output[-3000:]
+        got_summary = json.loads((out / "summary.json").read_text())
+        for ra, rb in zip(want_summary["stages"], got_summary["stages"]):
+            assert (ra["final_valid_loss"], ra["final_train_loss"]) == (rb["final_valid_loss"], rb["final_train_loss"])
+        got = final_large_tensors(out)
+        assert all(torch.equal(want[n], got[n]) for n in want), f"trial {trial}: weights differ"
+        shutil.rmtree(out)
+    # the seeded moments fall in different stages: before the small stage finished and after
+    assert [] in moments and any(m for m in moments), moments
+
+    # a finished stage whose config changed is refused, naming the stage; nothing is touched
+    changed = dict(MICRO, large={**MICRO["large"], "optimizer": {"lr": 1.0e-3, "warmup_iters": 2}})
+    recipe.write_text(yaml.safe_dump(changed))
+    before = (tmp_path / "a" / "stages" / "large.json").read_text()
+    proc = run_cli("run", str(recipe), "--out", str(tmp_path / "a"), "--nproc", "1")
+    assert_one_line_error(proc, "stage 'large'", "different config")
+    assert (tmp_path / "a" / "stages" / "large.json").read_text() == before
+
+
+def test_stage_needs_its_predecessors(tmp_path):
+    recipe = tmp_path / "micro.yaml"
+    recipe.write_text(yaml.safe_dump(MICRO))
+    proc = run_cli("run", str(recipe), "--out", str(tmp_path / "x"), "--stage", "large", "--nproc", "1")
+    assert_one_line_error(proc, "needs stage 'small'")
+    proc = run_cli("run", str(recipe), "--out", str(tmp_path / "x"), "--stage", "bogus", "--nproc", "1")
+    assert_one_line_error(proc, "--stage")
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"growth": {"operator": "stack", "factor": 3}}, "growth.factor"),
+    ({"large": {**MICRO["large"], "model": "llama-7b"}}, "large.model"),
+    ({"small": {**MICRO["small"], "schedule": {"train_iters": -1}}}, "small.schedule.train_iters"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_bad_recipe_is_one_line(tmp_path, change, needle):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(yaml.safe_dump({**MICRO, **change}))
+    assert_one_line_error(run_cli("run", str(recipe), "--out", str(tmp_path / "o")), str(recipe), needle)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name,world", [("llama-410m", 8), ("llama-1.1b", 32), ("llama-3b", 64), ("llama-7b", 64)])
+def test_paper_recipes_load_and_plan(name, world, tmp_path):
+    """The cluster recipes validate, and their small stage trains the planner's d tokens."""
+    from megastack.pipeline import Layout, load_recipe, stage_configs
+    from megastack.planner import plan_growth
+
+    recipe, _ = load_recipe(name)
+    stages = {stage: cfg for stage, cfg, _ in stage_configs(recipe, Layout(tmp_path), world)}
+    large = recipe.large.resolved_model()
+    d = plan_growth(large.total_parameters(), float(recipe.large.schedule.train_tokens), model=large).growth_tokens
+    assert stages["small"].schedule.train_tokens == int(d)
+    assert stages["small"].resolved_model().num_layers * 4 == large.num_layers
+    assert stages["large"].init_from == str(tmp_path / "grown")

@@ -1,0 +1,108 @@
+"""bench/speedup.py's smoke preset end to end (2 local ranks), so the speedup harness cannot rot.
+
+The numbers are recomputed here from the runs' own train.jsonl files, independently of the harness's code:
+the FLOP matching of the scratch baseline, the FLOPs each grown run needed to reach scratch's final loss,
+and speedup = FLOPs_scratch / FLOPs_op - 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error
+
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "speedup.py"
+
+
+def speedup(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def evals(stage: Path) -> list[tuple[int, float, float]]:
+    """(iteration, cumulative FLOPs, valid loss) of every evaluation a stage logged."""
+    records = [json.loads(line) for line in (stage / "train.jsonl").read_text().splitlines() if line.strip()]
+    return [(r["iteration"], r["cumulative_flops"], r["valid_loss"]) for r in records if r["type"] == "eval"]
+
+
+def first_reach(points: list[tuple[int, float, float]], target: float) -> float | None:
+    for i, (_, flops, loss) in enumerate(points):
+        if loss <= target:
+            if i == 0:
+                return flops
+            _, f0, l0 = points[i - 1]
+            return f0 + (flops - f0) * (l0 - target) / (l0 - loss)
+    return None
+
+
+@pytest.mark.timeout(900)
+def test_smoke_preset_end_to_end(tmp_path):
+    out = tmp_path / "speedup"
+    proc = speedup("--preset", "smoke", "--out", str(out), "--json", str(tmp_path / "copy.json"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "speedup.json").read_text())
+    assert json.loads((tmp_path / "copy.json").read_text()) == report
+    assert report["world"] == 2 and report["seeds"] == [1] and report["operators"] == ["stack", "zero"]
+    assert set(report["not_measured"]) >= {"random", "learn", "width"}
+    png = (out / "speedup.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    md = (out / "speedup.md").read_text()
+    for row in ("| scratch |", "| stack |", "| zero |", "`learn`: not measured"):
+        assert row in md, md
+
+    seed = out / "seed-1"
+    setup = report["setup"]
+    small, scratch = evals(seed / "small"), evals(seed / "scratch")
+    # FLOP matching: scratch trains whole iterations for at least the FLOPs of small + large
+    per_iter = setup["scratch_flops"] / setup["scratch_iters"]
+    budget = setup["small_flops"] + setup["large_flops"]
+    assert budget <= scratch[-1][1] < budget + per_iter
+    assert scratch[0][0] == 0 and scratch[0][2] > small[-1][2]  # scratch starts untrained: eval at start
+    target, f_scratch = scratch[-1][2], scratch[-1][1]
+    row = report["runs"]["1"]
+    assert row["scratch"]["final_valid_loss"] == pytest.approx(target)
+    for op in ("stack", "zero"):
+        large = evals(seed / f"large-{op}")
+        assert large[0][0] == 0 and large[0][1] == pytest.approx(small[-1][1])  # small's FLOPs carried over
+        assert large[-1][1] == pytest.approx(budget)
+        r = row[op]
+        assert r["loss_after_growth"] == pytest.approx(large[0][2])
+        assert r["final_valid_loss"] == pytest.approx(large[-1][2])
+        reached = first_reach(large, target)
+        if reached is None:
+            assert r["flops_to_scratch_loss"] is None and r["speedup"] is None
+        else:
+            assert r["flops_to_scratch_loss"] == pytest.approx(reached)
+            assert r["speedup"] == pytest.approx(f_scratch / reached - 1)
+        assert report["table"][op]["final_valid_loss"]["mean"] == pytest.approx(large[-1][2])
+    # G_zero is function preserving: right after growth the 8-layer model scores the small model's loss
+    assert row["zero"]["loss_after_growth"] == pytest.approx(small[-1][2], abs=1e-4)
+    # identical stacking, different operators: both grown runs start from the same small checkpoint
+    assert row["stack"]["small_final_valid_loss"] == row["zero"]["small_final_valid_loss"]
+
+    # re-running the same command skips every finished run and reports the same numbers
+    again = speedup("--preset", "smoke", "--out", str(out))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    for stage in ("small", "grow-stack", "large-stack", "grow-zero", "large-zero", "scratch"):
+        assert f"{stage}: finished earlier, skipped" in again.stdout, again.stdout
+    assert json.loads((out / "speedup.json").read_text())["table"] == report["table"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--operators", "stack,bogus"], "--operators 'bogus' is unknown"),
+    (["--operators", "width-random"], "--operators width-random"),
+    (["--seeds", "1,x"], "--seeds"),
+    (["--learn-tokens", "0"], "--learn-tokens"),
+    (["--recipe", "no-such-recipe"], "no-such-recipe"),
+])
+def test_bad_input_is_one_line(tmp_path, args, needle):
+    proc = speedup("--preset", "smoke", "--out", str(tmp_path / "x"), *args, timeout=120)
+    assert_one_line_error(proc, needle)
+    assert proc.returncode == 2 and not (tmp_path / "x").exists()
