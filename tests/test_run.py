@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +71,42 @@ def run_micro(recipe: Path, out: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
+class WatchedRun:
+    """A `megastack run` of the micro recipe whose output lines are timestamped as they arrive, so a kill can
+    be placed by progress (after the k-th line) rather than by wall time, which varies with machine load."""
+
+    def __init__(self, recipe: Path, out: Path):
+        self.proc = run_micro(recipe, out)
+        self.started = time.monotonic()
+        self.lines: list[tuple[float, str]] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic() - self.started, line))
+
+    def wait_for_ranks(self) -> float:
+        """Seconds from launch until both rank processes exist."""
+        while len(rank_pids(self.proc)) < 2:
+            assert self.proc.poll() is None and time.monotonic() < self.started + 300, self.output()
+            time.sleep(0.02)
+        return time.monotonic() - self.started
+
+    def wait_for_line(self, index: int) -> None:
+        while len(self.lines) <= index:
+            assert self.proc.poll() is None and time.monotonic() < self.started + 600, self.output()
+            time.sleep(0.02)
+
+    def finish(self, timeout: float) -> str:
+        self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=30)
+        return self.output()
+
+    def output(self) -> str:
+        return "".join(line for _, line in self.lines)[-3000:]
+
+
 def final_large_tensors(out: Path) -> dict[str, torch.Tensor]:
     reader = open_checkpoint(out / "large")
     return {name: reader.read(name) for name in layout.logical_names(reader.cfg)}
@@ -101,47 +138,50 @@ def test_sigkill_of_one_rank_then_rerun_gives_the_uninterrupted_result(tmp_path)
     then re-run the same command; it finishes and its final weights and losses equal an uninterrupted run."""
     recipe = tmp_path / "micro.yaml"
     recipe.write_text(yaml.safe_dump(MICRO))
-    started = time.monotonic()
-    reference = run_micro(recipe, tmp_path / "a")
-    output = reference.communicate(timeout=600)[0]
-    assert reference.returncode == 0, output[-3000:]
-    duration = time.monotonic() - started
+    reference = WatchedRun(recipe, tmp_path / "a")
+    ranks_up = reference.wait_for_ranks()
+    output = reference.finish(timeout=600)
+    assert reference.proc.returncode == 0, output
     want_summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     want = final_large_tensors(tmp_path / "a")
+    # Kill anchors: -1 (both ranks started) and every output line before the large stage's last one, so each
+    # kill leaves at least the final evaluation, checkpoint and summary undone.
+    last_large = max(i for i, (_, line) in enumerate(reference.lines) if line.startswith("done:"))
+    anchor_times = [ranks_up] + [t for t, _ in reference.lines[:last_large]]
 
     rng = random.Random(0)
     moments = []
     for trial in range(TRAIN_KILL_TRIALS):
         out = tmp_path / f"t{trial}"
-        # stratified: trial i lands in the i-th slice of the run, at a seeded point inside it
-        delay = (0.05 + 0.9 * (trial + rng.random()) / TRAIN_KILL_TRIALS) * duration
-        victim_rank = trial % 2
-        victim = run_micro(recipe, out)
-        launched = time.monotonic()
-        while len(ranks := rank_pids(victim)) < 2:
-            assert victim.poll() is None and time.monotonic() < launched + 300, victim.stdout.read()[-3000:]
-            time.sleep(0.02)
-        time.sleep(max(0.0, launched + delay - time.monotonic()))
-        ranks = rank_pids(victim) or ranks  # the children now (a short-lived helper may have gone)
-        try:
-            os.kill(ranks[victim_rank % len(ranks)], signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # it exited on its own a moment ago; the launcher still sees a rank stop early
-        output = victim.communicate(timeout=120)[0]  # the launcher notices and stops the other rank
-        assert victim.returncode != 0, f"trial {trial}: the run ended before the kill at {delay:.1f}s"
-        assert not any(alive(pid) for pid in ranks), f"trial {trial}: a rank outlived its launcher"
+        # stratified by progress: trial i lands in the i-th slice of the anchors, a seeded way between two
+        position = (trial + rng.random()) / TRAIN_KILL_TRIALS * (len(anchor_times) - 1)
+        anchor, between = int(position), position - int(position)
+        pause = between * max(0.0, anchor_times[anchor + 1] - anchor_times[anchor])
+        where = f"trial {trial}: kill {pause:.1f}s after " + \
+            ("both ranks started" if anchor == 0 else f"output line {anchor}")
+        victim = WatchedRun(recipe, out)
+        victim.wait_for_ranks()
+        if anchor > 0:
+            victim.wait_for_line(anchor - 1)
+        time.sleep(pause)
+        ranks = rank_pids(victim.proc)
+        assert len(ranks) == 2 and all(map(alive, ranks)), f"{where}: ranks gone early\n{victim.output()}"
+        os.kill(ranks[trial % 2], signal.SIGKILL)
+        output = victim.finish(timeout=120)  # the launcher notices and stops the other rank
+        assert victim.proc.returncode != 0, f"{where}: the run ended as if not killed\n{output}"
+        assert not any(alive(pid) for pid in ranks), f"{where}: a rank outlived its launcher"
         moments.append(sorted(p.stem for p in (out / "stages").glob("*.json")) if (out / "stages").exists() else [])
 
-        resumed = run_micro(recipe, out)
-        output = resumed.communicate(timeout=600)[0]
-        assert resumed.returncode == 0, f"trial {trial} (kill at {delay:.1f}s): " + output[-3000:]
+        resumed = WatchedRun(recipe, out)
+        output = resumed.finish(timeout=600)
+        assert resumed.proc.returncode == 0, f"{where}: re-run failed\n{output}"
         for stage in moments[-1]:  # stages finished before the kill are resumed past, not redone
-            assert f"stage {stage}: finished earlier, skipped" in output, output[-3000:]
+            assert f"stage {stage}: finished earlier, skipped" in output, output
         got_summary = json.loads((out / "summary.json").read_text())
         for ra, rb in zip(want_summary["stages"], got_summary["stages"]):
             assert (ra["final_valid_loss"], ra["final_train_loss"]) == (rb["final_valid_loss"], rb["final_train_loss"])
         got = final_large_tensors(out)
-        assert all(torch.equal(want[n], got[n]) for n in want), f"trial {trial}: weights differ"
+        assert all(torch.equal(want[n], got[n]) for n in want), f"{where}: weights differ"
         shutil.rmtree(out)
     # the seeded moments fall in different stages: before the small stage finished and after
     assert [] in moments and any(m for m in moments), moments
