@@ -160,8 +160,11 @@ def test_stop_and_resume_is_exact(equivalence):
     assert equivalence["results"]["stopped"]["iterations"] == 5
     assert (tmp / "resumed" / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
     config = stage_config(tmp / "resumed", equivalence["init"])
-    result = launch(tmp, "resume", 1, [{"name": "resumed", "config": config}])["resumed"]
-    assert result["iterations"] == ITERS
+    # the second run finds the stage finished (as a job killed after its last save would): it trains nothing
+    results = launch(tmp, "resume", 1, [{"name": "resumed", "config": config}, {"name": "again", "config": config}])
+    result, again, single = results["resumed"], results["again"], equivalence["results"]["single"]
+    assert result["iterations"] == again["iterations"] == ITERS
+    assert result["final_train_loss"] == again["final_train_loss"] == single["final_train_loss"] is not None
     assert losses(tmp / "resumed") == losses(tmp / "single")  # bit-identical, data order included
     a, b = checkpoint_tensors(result["checkpoint"]), checkpoint_tensors(equivalence["results"]["single"]["checkpoint"])
     assert all(torch.equal(a[k], b[k]) for k in b)

@@ -293,7 +293,11 @@ def train(config: TrainConfig, *, verbose: bool = True, stop_at: int | None = No
                   for i in range(sched.eval_iters)]
         return sum(losses) / len(losses)
 
-    state = {"last_loss": None, "valid": None, "best": None, "checkpoint": None}
+    # the numbers the summary reports; a resumed job starts from the interrupted job's, so a stage resumed
+    # at its very end (killed after the last save) still reports its last train loss and its best eval
+    saved = train_state.get("losses", {})
+    state = {"last_loss": saved.get("last_train"), "valid": saved.get("last_valid"), "best": saved.get("best_valid"),
+             "checkpoint": None}
 
     def stage_flops(iteration: int) -> float:
         return iteration * iter_flops
@@ -307,7 +311,9 @@ def train(config: TrainConfig, *, verbose: bool = True, stop_at: int | None = No
             "cumulative_flops": base_flops + stage_flops(iteration), "history": base_history + [event],
             "train": {"base_cumulative_flops": base_flops, "base_history": base_history, "mask_ramp": ramp_info,
                       "consumed_samples": consumed_samples, "global_batch_size": global_batch,
-                      "total_iters": total_iters},
+                      "total_iters": total_iters,
+                      "losses": {"last_train": state["last_loss"], "last_valid": state["valid"],
+                                 "best_valid": state["best"]}},
         }
         client = {"iteration": iteration, "consumed_samples": consumed_samples}
         path = checkpointing.save(out, iteration, engine, par.zero_stage, manifest, client, sched.keep_last)
