@@ -41,6 +41,14 @@ def records(out: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, (out / "train.jsonl").read_text().splitlines()) if r["type"] == kind]
 
 
+def grown_model(checkpoint: Path) -> dict:
+    """The grown checkpoint's model config (width growth changes norm_epsilon too)."""
+    from megastack.ckpt.detect import open_checkpoint
+    from megastack.config import to_dict
+
+    return to_dict(open_checkpoint(checkpoint).cfg)
+
+
 def first_batch_loss(checkpoint: str | Path, total_iters: int) -> float:
     """Loss of a checkpoint's weights (plain PyTorch reference) on the large stage's first global batch."""
     from megastack.ckpt import layout
@@ -75,13 +83,23 @@ def test_small_grow_large_chain(tmp_path):
         proc = run_cli("grow", str(small_out), str(tmp_path / f"grown_{operator}"), "--operator", operator,
                        "--factor", "2", timeout=300)
         assert proc.returncode == 0, proc.stderr
+    # G_random in width (TP2) and in depth and width at once (PP2): new heads, FFN neurons, hidden channels
+    wide = ["--operator", "random", "--hidden", "128", "--ffn", "192"]
+    for name, flags in (("width", ["--dimension", "width"]), ("both", ["--dimension", "both", "--factor", "2"])):
+        proc = run_cli("grow", str(small_out), str(tmp_path / f"grown_{name}"), *wide, *flags, timeout=300)
+        assert proc.returncode == 0, proc.stderr
     grown_stack, grown_random = tmp_path / "grown_stack", tmp_path / "grown_random"
+    grown_width, grown_both = tmp_path / "grown_width", tmp_path / "grown_both"
     runs = [
         {"name": "stack", "config": stage(LARGE, tmp_path / "large_stack", LARGE_ITERS, init_from=str(grown_stack),
                                            parallel={"tensor": 2})},
         {"name": "random", "config": stage(LARGE, tmp_path / "large_random", LARGE_ITERS,
                                             init_from=str(grown_random), mask_ramp_steps=4,
                                             parallel={"pipeline": 2})},
+        {"name": "width", "config": stage(grown_model(grown_width), tmp_path / "large_width", LARGE_ITERS,
+                                           init_from=str(grown_width), mask_ramp_steps=4, parallel={"tensor": 2})},
+        {"name": "both", "config": stage(grown_model(grown_both), tmp_path / "large_both", LARGE_ITERS,
+                                          init_from=str(grown_both), mask_ramp_steps=4, parallel={"pipeline": 2})},
     ]
     large = launch(tmp_path, "large", runs)
 
@@ -93,6 +111,13 @@ def test_small_grow_large_chain(tmp_path):
     small_ckpt = small["checkpoint"]
     assert first_random == pytest.approx(first_batch_loss(small_ckpt, LARGE_ITERS), rel=1e-5)
     assert first_random != pytest.approx(first_batch_loss(grown_random, LARGE_ITERS), rel=1e-3)
+    # width masks (docs/checkpoints.md): at c = 0 the widened model is the small one too, then they ramp in
+    for name, grown in (("width", grown_width), ("both", grown_both)):
+        assert "error" not in large[name], large[name]
+        got = records(tmp_path / f"large_{name}", "train")
+        assert got[0]["loss"] == pytest.approx(first_batch_loss(small_ckpt, LARGE_ITERS), rel=1e-5), name
+        assert got[0]["loss"] != pytest.approx(first_batch_loss(grown, LARGE_ITERS), rel=1e-3), name
+        assert len(got) == LARGE_ITERS and all(r["loss"] == r["loss"] for r in got), got  # trains on, no NaN
 
     # FLOPs add up across stages; the history tells the whole story
     summary = large["stack"]

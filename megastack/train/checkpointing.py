@@ -28,7 +28,7 @@ import torch
 from megastack.ckpt import layout
 from megastack.ckpt.manifest import MANIFEST, TRACKER, iter_dir_name, read_manifest
 from megastack.config import ModelConfig
-from megastack.errors import NotBuiltError, UserError
+from megastack.errors import UserError
 from megastack.fsio import atomic_write_json, atomic_write_text, fsync_dir, publish_dir, sha256_file, staging_dir
 
 ENGINE_DIR = "engine"  # DeepSpeed's tag inside an iteration directory
@@ -94,12 +94,6 @@ def check_source(path: str | os.PathLike, cfg: ModelConfig, where: str = "init_f
         raise UserError(f"{where}: {path} not found; give a checkpoint directory (ROOT with a tracker or iter_*)")
     reader = open_checkpoint(path)
     check_architecture(reader.cfg, cfg, f"{where} {path}")
-    from megastack.ckpt.manifest import read_manifest
-
-    growth = (read_manifest(reader.path) or {}).get("growth") or {}
-    if growth.get("mask_ramp") and (growth.get("width") or {}).get("masks"):
-        raise NotBuiltError(f"{where} {path}: ramping G_random's width masks in during training is not built yet; "
-                            "grow width with --operator stack or zero (or random depth) instead")
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ one-line errors naming the file and the field. Paths are taken relative to the w
     optimizer: {lr: 1.0e-3, min_lr_fraction: 0.1, warmup_iters: 20, weight_decay: 0.1, clip_grad: 1.0}
     schedule: {train_iters: 200, eval_interval: 50, eval_iters: 4, save_interval: 100, keep_last: 2}
     init_from: null                    # a grown or converted torch_dist checkpoint (ROOT or iter_* dir)
-    mask_ramp_steps: 100               # G_random: steps over which new blocks ramp in (0: off)
+    mask_ramp_steps: 100               # G_random: steps over which new blocks and width slices ramp in (0: off)
     logging: {tensorboard: true, peak_flops: null, progress: auto}
     out_dir: runs/tiny-small           # checkpoint root (iter_*/ + tracker), train.jsonl, tensorboard/
 """
@@ -151,7 +151,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(train_iters=100))
     init_from: str | None = None  # torch_dist checkpoint to start from (weights only)
     init_optimizer: Literal["fresh", "carried"] = "fresh"  # after growth the paper re-creates AdamW
-    mask_ramp_steps: int = 100  # G_random new blocks: residual branches scaled by min(1, step / N)
+    mask_ramp_steps: int = 100  # G_random new blocks and width slices: scaled by min(1, step / N)
     resume: bool = True  # continue from out_dir's newest complete checkpoint when there is one
     seed: int = 1234
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -24,12 +24,13 @@ from typing import Any
 
 import torch
 
-from megastack.config import ModelConfig, to_dict
+from megastack.config import to_dict
 from megastack.errors import NotBuiltError, UserError
 from megastack.fsio import atomic_write_text
 from megastack.train import checkpointing, data, flops
 from megastack.train.config import TrainConfig, load_train_config
 from megastack.train.engine import Batch, Stepper, check_layout, initialize, learning_rate
+from megastack.train.ramp import MaskRamp
 
 LOG_FILE = "train.jsonl"
 
@@ -48,45 +49,6 @@ class StageSummary:
     wall_seconds: float  # of this process's run (a resumed stage counts only the resumed part)
     checkpoint: str | None  # the last published checkpoint (iter_* directory)
     out_dir: str
-
-
-# ----------------------------------------------------------------------------- G_random's mask ramp
-
-
-class MaskRamp:
-    """Scales the attention and MLP outputs of new blocks by c = min(1, step / steps) (MSG-style ramp).
-
-    The grown checkpoint's manifest names the new blocks (``growth.new_layers``, ``mask_ramp: true``);
-    only the blocks held by this pipeline stage get hooks."""
-
-    def __init__(self, module: torch.nn.Module, cfg: ModelConfig, new_layers: list[int], steps: int):
-        from megatron.core import parallel_state as ps
-
-        from megastack.ckpt import layout
-
-        self.steps, self.scale, self.handles = steps, 1.0, []
-        here = layout.stage_layers(cfg.num_layers, ps.get_pipeline_model_parallel_rank(),
-                                   ps.get_pipeline_model_parallel_world_size())
-        layers = module.decoder.layers
-        for global_index in new_layers:
-            if global_index in here:
-                block = layers[global_index - here.start]
-                for sub in (block.self_attention, block.mlp):
-                    self.handles.append(sub.register_forward_hook(self._hook))
-
-    def _hook(self, module, inputs, output):
-        if self.scale == 1.0:
-            return output
-        if isinstance(output, tuple):
-            return (output[0] * self.scale, *output[1:])
-        return output * self.scale
-
-    def set_step(self, step: int) -> None:
-        self.scale = 1.0 if self.steps <= 0 else min(1.0, step / self.steps)
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 # ----------------------------------------------------------------------------- logging
@@ -249,9 +211,13 @@ def train(config: TrainConfig, *, verbose: bool = True, stop_at: int | None = No
         base_flops = float(source_manifest.get("cumulative_flops", 0.0))
         base_history = list(source_manifest.get("history", []))
         growth = source_manifest.get("growth") or {}
-        ramp_info = ({"new_layers": list(growth.get("new_layers", [])), "steps": config.mask_ramp_steps}
-                     if growth.get("mask_ramp") and growth.get("new_layers") and config.mask_ramp_steps > 0 else None)
-    ramp = MaskRamp(module, cfg, ramp_info["new_layers"], ramp_info["steps"]) if ramp_info else None
+        new_layers = list(growth.get("new_layers", []))
+        width_masks = list((growth.get("width") or {}).get("masks") or [])
+        ramp_info = ({"new_layers": new_layers, "width_masks": width_masks, "steps": config.mask_ramp_steps}
+                     if growth.get("mask_ramp") and (new_layers or width_masks) and config.mask_ramp_steps > 0
+                     else None)
+    ramp = (MaskRamp(module, cfg, ramp_info["new_layers"], ramp_info.get("width_masks", []), ramp_info["steps"])
+            if ramp_info else None)
 
     # 3. engine, data
     engine = initialize(module, par, opt, accumulation)
