@@ -97,7 +97,7 @@ def test_smoke_preset_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("args, needle", [
     (["--operators", "stack,bogus"], "--operators 'bogus' is unknown"),
-    (["--operators", "width-random"], "--operators width-random"),
+    (["--operators", "stack,stack"], "--operators needs distinct"),
     (["--seeds", "1,x"], "--seeds"),
     (["--learn-tokens", "0"], "--learn-tokens"),
     (["--recipe", "no-such-recipe"], "no-such-recipe"),
