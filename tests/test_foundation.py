@@ -127,16 +127,16 @@ def test_mpirun_rendezvous_over_mpi4py(tmp_path):
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     if not os.path.exists(mpiexec):
         pytest.skip("no mpiexec beside this Python (pip install mpich)")
-    # flush before exit: MPICH may drop what a rank still buffers when mpi4py finalizes at exit
-    code = ("from megastack.dist import discover; d = discover(); "
-            "print('RANK', d.rank, d.world_size, d.master_port, flush=True)")
+    # each rank writes a file: MPICH's mpiexec forwards rank output unreliably (a rank's line went missing in CI)
+    code = ("import pathlib, sys; from megastack.dist import discover; d = discover(); "
+            "pathlib.Path(sys.argv[1], f'rank{d.rank}').write_text(f'{d.rank} {d.world_size} {d.master_port}')")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    out = subprocess.run([mpiexec, "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, env=env)
+    out = subprocess.run([mpiexec, "-n", "2", sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
-    lines = sorted(line.split() for line in out.stdout.splitlines() if line.startswith("RANK"))
-    assert [line[1:3] for line in lines] == [["0", "2"], ["1", "2"]]
-    assert lines[0][3] == lines[1][3]  # same port on both ranks
+    lines = [(tmp_path / f"rank{rank}").read_text().split() for rank in (0, 1)]
+    assert [line[:2] for line in lines] == [["0", "2"], ["1", "2"]]
+    assert lines[0][2] == lines[1][2]  # same port on both ranks
 
 
 # ----------------------------------------------------------------------------- local launcher
