@@ -11,10 +11,10 @@ as speedup.md / speedup.json and a loss-vs-FLOPs plot (speedup.png).
 
 Operators: stack, zero, random, learn (depth, from the small model) and width, width-zero, width-random
 (G_direct / G_zero / G_random width: from a model of the large depth at half the width, trained on the same
-tokens as the small model, since width growth cannot start from the shallow one). learn's own training (the LiGO maps) is
-counted as 6 N tokens of the grown model and added to its cumulative FLOPs.
+tokens as the small model, since width growth cannot start from the shallow one). learn's own training
+(the LiGO maps) is counted as 6 N tokens of the grown model and added to its cumulative FLOPs.
 
-    python bench/speedup.py --preset cpu                  # ~45-55 min on an idle 2-core machine
+    python bench/speedup.py --preset cpu                  # ~35-40 min on an idle 2-core machine
     python bench/speedup.py --preset smoke --out /tmp/s   # seconds per stage: the test suite runs it
     python bench/speedup.py --preset cpu --seeds 1,2,3 --operators stack,zero
     torchrun --nproc-per-node 8 bench/speedup.py --preset cluster --out runs/speedup-1.1b
@@ -89,7 +89,7 @@ class Preset:
 PRESETS = {
     "smoke": Preset(SMOKE, (1,), ("stack", "zero"), learn_tokens=2048, note="seconds per stage: the test suite's"),
     "cpu": Preset("speedup-cpu", (1, 2), ("stack", "zero", "random", "learn", "width", "width-zero", "width-random"),
-                  note="configs/recipes/speedup-cpu.yaml: ~45-55 min on an idle 2-core machine"),
+                  note="configs/recipes/speedup-cpu.yaml: ~35-40 min on an idle 2-core machine"),
     "cluster": Preset("llama-1.1b", (1,), ("stack", "zero", "random"), learn_tokens=1 << 22,
                       note="configs/recipes/llama-1.1b.yaml (the paper's 1.1B setting): a GPU cluster's job"),
 }
