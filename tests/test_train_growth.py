@@ -108,14 +108,14 @@ def test_small_grow_large_chain(tmp_path):
     assert first == pytest.approx(first_batch_loss(grown_stack, LARGE_ITERS), rel=1e-5)
     # G_random: new blocks are masked out at step 0, so the grown model computes the small one (PP2 here)
     first_random = records(tmp_path / "large_random", "train")[0]["loss"]
-    small_ckpt = small["checkpoint"]
-    assert first_random == pytest.approx(first_batch_loss(small_ckpt, LARGE_ITERS), rel=1e-5)
+    small_loss = first_batch_loss(small["checkpoint"], LARGE_ITERS)
+    assert first_random == pytest.approx(small_loss, rel=1e-5)
     assert first_random != pytest.approx(first_batch_loss(grown_random, LARGE_ITERS), rel=1e-3)
     # width masks (docs/checkpoints.md): at c = 0 the widened model is the small one too, then they ramp in
     for name, grown in (("width", grown_width), ("both", grown_both)):
         assert "error" not in large[name], large[name]
         got = records(tmp_path / f"large_{name}", "train")
-        assert got[0]["loss"] == pytest.approx(first_batch_loss(small_ckpt, LARGE_ITERS), rel=1e-5), name
+        assert got[0]["loss"] == pytest.approx(small_loss, rel=1e-5), name
         assert got[0]["loss"] != pytest.approx(first_batch_loss(grown, LARGE_ITERS), rel=1e-3), name
         assert len(got) == LARGE_ITERS and all(r["loss"] == r["loss"] for r in got), got  # trains on, no NaN
 

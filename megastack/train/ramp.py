@@ -25,40 +25,37 @@ import torch
 from megastack.config import ModelConfig
 from megastack.errors import UserError
 
-# (tensor, dim) -> (where the hook goes, whether the activation's last dim is TP-cut like the weight's dim)
+# (tensor, dim) -> where the hook scales the activation's last dim
 WIDTH_POINTS = {
-    ("embedding", 1): ("embedding output", False),
-    ("layers.*.proj", 0): ("attention output", False),
-    ("layers.*.proj", 1): ("linear_proj input", True),
-    ("layers.*.fc2", 0): ("mlp output", False),
-    ("layers.*.fc2", 1): ("linear_fc2 input", True),
+    ("embedding", 1): "embedding output",
+    ("layers.*.proj", 0): "attention output",
+    ("layers.*.proj", 1): "linear_proj input",
+    ("layers.*.fc2", 0): "mlp output",
+    ("layers.*.fc2", 1): "linear_fc2 input",
 }
-
-
-def width_size(cfg: ModelConfig, tensor: str, dim: int) -> int:
-    h = cfg.hidden_size
-    return {("embedding", 1): h, ("layers.*.proj", 0): h, ("layers.*.fc2", 0): h,
-            ("layers.*.proj", 1): cfg.num_attention_heads * cfg.head_dim,
-            ("layers.*.fc2", 1): cfg.ffn_hidden_size}[(tensor, dim)]
 
 
 def local_mask(cfg: ModelConfig, spec: dict[str, Any], tp_rank: int, tp_size: int) -> torch.Tensor:
     """The bool vector of positions to scale, over this TP rank's slice of the activation's last dim."""
+    from megastack.ckpt import layout
+
     key = (spec.get("tensor"), spec.get("dim"))
     if key not in WIDTH_POINTS:
         raise UserError(f"growth.width.masks: unknown mask {key[0]!r} dim {key[1]!r} in the checkpoint's "
                         f"megastack.json (known: {sorted(WIDTH_POINTS)}); was it written by a newer megastack?")
-    size = width_size(cfg, *key)
+    tensor, dim = key
+    name = tensor.replace("*", "0")
+    shape = layout.logical_shape(cfg, name)
+    size = shape[dim]
     mask = torch.zeros(size, dtype=torch.bool)
     for start, stop in spec.get("ranges", []):
         if not 0 <= start <= stop <= size:
-            raise UserError(f"growth.width.masks: range [{start}, {stop}) of {key[0]} dim {key[1]} is outside "
+            raise UserError(f"growth.width.masks: range [{start}, {stop}) of {tensor} dim {dim} is outside "
                             f"0..{size} for this model; the checkpoint's megastack.json does not match it")
         mask[start:stop] = True
-    if WIDTH_POINTS[key][1] and tp_size > 1:
-        step = size // tp_size
-        mask = mask[tp_rank * step:(tp_rank + 1) * step]
-    return mask
+    # a dim the weight is TP-cut along (proj / fc2 columns) is cut the same way in the activation it reads
+    piece = layout.tp_pieces(layout.split_name(name)[1], shape, tp_rank, tp_size)[0]
+    return mask.narrow(0, piece.start, piece.length) if piece.dim == dim else mask
 
 
 class MaskRamp:
@@ -79,14 +76,14 @@ class MaskRamp:
         new = [layers[i - here.start] for i in new_layers if i in here]
         for block in new:
             for sub in (block.self_attention, block.mlp):
-                self.handles.append(sub.register_forward_hook(self._scale_block))
+                self.handles.append(sub.register_forward_hook(self._output_hook(None)))
 
         tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
         for spec in width_masks:
             mask = local_mask(cfg, spec, tp_rank, tp_size)
             if not mask.any():
                 continue
-            where = WIDTH_POINTS[(spec["tensor"], spec["dim"])][0]
+            where = WIDTH_POINTS[(spec["tensor"], spec["dim"])]
             if where == "embedding output":
                 targets = [module.embedding] if getattr(module, "pre_process", False) else []
             else:
@@ -100,11 +97,14 @@ class MaskRamp:
                 else:
                     self.handles.append(target.register_forward_hook(self._output_hook(mask)))
 
-    def _factor(self, mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def _factor(self, mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | float:
+        """c on the masked positions, 1 elsewhere; c everywhere without a mask (a whole new block)."""
+        if mask is None:
+            return self.scale
         factor = torch.ones(mask.shape, dtype=like.dtype, device=like.device)
         return factor.masked_fill_(mask.to(like.device), self.scale)
 
-    def _output_hook(self, mask: torch.Tensor):
+    def _output_hook(self, mask: torch.Tensor | None):
         def hook(module, inputs, output):
             if self.scale == 1.0:
                 return output
@@ -119,13 +119,6 @@ class MaskRamp:
                 return None
             return (inputs[0] * self._factor(mask, inputs[0]), *inputs[1:])
         return hook
-
-    def _scale_block(self, module, inputs, output):
-        if self.scale == 1.0:
-            return output
-        if isinstance(output, tuple):
-            return (output[0] * self.scale, *output[1:])
-        return output * self.scale
 
     def set_step(self, step: int) -> None:
         self.scale = 1.0 if self.steps <= 0 else min(1.0, step / self.steps)
