@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tp", type=int, help="output tensor-parallel size (legacy output; default: the input's)")
     p.add_argument("--pp", type=int, help="output pipeline-parallel size (legacy output; default: the input's)")
+    p.add_argument("--norm-names", choices=["te", "local"], help="legacy output: norm keys for Megatron-LM's "
+                   "--transformer-impl transformer_engine or local (default: as the source)")
     p.add_argument("--carry-optimizer", action="store_true", help="EXPERIMENTAL: stack Adam moments like weights")
     p.add_argument("--dry-run", action="store_true", help="print the per-rank plan (reads, writes, peak memory) only")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
@@ -97,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=int, help="output pipeline-parallel size (legacy; default: the input's, else 1)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="output dtype (default: the input's)")
     p.add_argument("--model", help="model config (YAML or shipped name) for a source without its architecture")
+    p.add_argument("--norm-names", choices=["te", "local"], help="legacy output: norm keys for Megatron-LM's "
+                   "--transformer-impl transformer_engine or local (default: as the source)")
     p.add_argument("--dry-run", action="store_true", help="print the per-rank plan (reads, writes, peak memory) only")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from megastack.ckpt import megatron_args
 from megastack.ckpt.detect import open_checkpoint
 from megastack.ckpt.execute import Comm, comm_from_launcher, dry_run, execute
 from megastack.ckpt.manifest import manifest_digest, read_manifest
@@ -77,15 +78,21 @@ def source_identity(reader: Any) -> dict[str, Any]:
 
 
 def make_writer(cfg: ModelConfig, to: str, tp: int, pp: int, dtype: torch.dtype, iteration: int,
-                hf_shard_bytes: int | None = None):
+                hf_shard_bytes: int | None = None, reader: Any = None, norm_names: str | None = None):
+    """The target format's writer; Megatron outputs carry ``reader``'s Megatron-LM args (new layout and
+    dtype, same iteration and counters), or fresh args for a source without them."""
+    if to in ("torch_dist", "legacy"):
+        args, te_names = megatron_args.for_output(reader, cfg, tp if to == "legacy" else None,
+                                                  pp if to == "legacy" else None, dtype, iteration=iteration,
+                                                  new_stage=False, norm_names=norm_names)
     if to == "torch_dist":
         from megastack.ckpt.torch_dist import TorchDistWriter
 
-        return TorchDistWriter(cfg, dtype)
+        return TorchDistWriter(cfg, dtype, args=args, iteration=iteration)
     if to == "legacy":
         from megastack.ckpt.legacy import LegacyWriter
 
-        return LegacyWriter(cfg, tp, pp, dtype, iteration=iteration)
+        return LegacyWriter(cfg, tp, pp, dtype, iteration=iteration, te_names=te_names, args=args)
     from megastack.ckpt.hf import DEFAULT_SHARD_BYTES, HFWriter
 
     return HFWriter(cfg, dtype, hf_shard_bytes or DEFAULT_SHARD_BYTES)
@@ -107,7 +114,7 @@ class Conversion:
 
 def prepare(src: str | os.PathLike, to: str, tp: int | None = None, pp: int | None = None,
             dtype: str | None = None, model: ModelConfig | None = None,
-            hf_shard_bytes: int | None = None) -> Conversion:
+            hf_shard_bytes: int | None = None, norm_names: str | None = None) -> Conversion:
     """Open the source, check the target layout and build writer + manifest; reads metadata only."""
     if to not in FORMATS:
         raise UserError(f"--to {to}: unknown format; choose one of {', '.join(FORMATS)}")
@@ -123,7 +130,9 @@ def prepare(src: str | os.PathLike, to: str, tp: int | None = None, pp: int | No
     plan = dataclasses.replace(identity_plan(cfg), target=target)
     source_manifest = read_manifest(reader.path) or {}
     iteration = int(source_manifest.get("iteration", getattr(reader, "iteration", 0)) or 0)
-    writer = make_writer(target, to, tp, pp, out_dtype, iteration, hf_shard_bytes)
+    if norm_names is not None and to != "legacy":
+        raise UserError(f"--norm-names applies to legacy output; {to} has one naming")
+    writer = make_writer(target, to, tp, pp, out_dtype, iteration, hf_shard_bytes, reader, norm_names)
     event = {"event": "convert", "from": reader.format, "to": to, "source": str(Path(src).resolve()),
              **source_identity(reader), "dtype": DTYPE_KEYS[out_dtype]}
     if to == "legacy":
@@ -142,10 +151,10 @@ def prepare(src: str | os.PathLike, to: str, tp: int | None = None, pp: int | No
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, tp: int | None = None,
             pp: int | None = None, dtype: str | None = None, comm: Comm | None = None,
             model: ModelConfig | None = None, hf_shard_bytes: int | None = None,
-            progress: bool = False) -> Path:
+            progress: bool = False, norm_names: str | None = None) -> Path:
     """Convert SRC to format ``to`` at DST (all ranks of ``comm`` call it; one process by default)."""
     check_paths(src, dst)
-    return run(prepare(src, to, tp, pp, dtype, model, hf_shard_bytes), dst, comm or Comm(), progress)
+    return run(prepare(src, to, tp, pp, dtype, model, hf_shard_bytes, norm_names), dst, comm or Comm(), progress)
 
 
 def run(job: Conversion, dst: str | os.PathLike, comm: Comm, progress: bool = False) -> Path:
@@ -180,13 +189,13 @@ def describe_dry_run(job: Conversion, plans: list, as_json: bool) -> str:
 def cli_convert(args: Any) -> int:
     model = load_model_config(args.model) if getattr(args, "model", None) else None
     if getattr(args, "dry_run", False):
-        job = prepare(args.src, args.to, args.tp, args.pp, args.dtype, model)
+        job = prepare(args.src, args.to, args.tp, args.pp, args.dtype, model, norm_names=args.norm_names)
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1)
         print(describe_dry_run(job, dry_run(job.writer, job.reader, job.plan.sources_of, world),
                                getattr(args, "json", False)))
         return 0
     check_paths(args.src, args.dst)
-    job = prepare(args.src, args.to, args.tp, args.pp, args.dtype, model)
+    job = prepare(args.src, args.to, args.tp, args.pp, args.dtype, model, norm_names=args.norm_names)
     comm = comm_from_launcher()
     run(job, args.dst, comm, progress=True)
     if comm.rank == 0:

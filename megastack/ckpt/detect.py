@@ -37,14 +37,10 @@ def _torch_dist_config(directory: Path) -> ModelConfig:
     cfg = model_from_manifest(directory)
     if cfg is not None:
         return cfg
-    from megastack.ckpt.legacy import config_from_args
-    from megastack.ckpt.safe_load import load_pt
+    from megastack.ckpt.megatron_args import model_config
+    from megastack.ckpt.torch_dist import read_common
 
-    common = load_pt(directory / "common.pt") if (directory / "common.pt").is_file() else {}
-    if isinstance(common, dict) and common.get("args") is not None:
-        return config_from_args(common["args"], str(directory / "common.pt"))
-    raise UserError(f"{directory}: no megastack.json and no Megatron args in common.pt, so the architecture "
-                    "is unknown; pass --model CONFIG")
+    return model_config(read_common(directory).get("args"), str(directory / "common.pt"))
 
 
 def open_checkpoint(path: str | os.PathLike, model: ModelConfig | None = None, check_files: bool = True) -> Reader:

@@ -20,7 +20,9 @@ from megastack.config import ModelConfig, to_dict
 from megastack.errors import UserError
 
 KEYS = ("format", "path", "model", "parameters", "layout", "iteration", "tensors", "total_bytes", "files",
-        "manifest", "history")
+        "manifest", "history", "megatron")
+# What grow and convert read past and do not write (Megatron-LM resumes with --no-load-optim --no-load-rng).
+NOT_CARRIED = ("optimizer", "opt_param_scheduler", "rng_state", "rerun_state_machine")
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
                torch.float64: "float64", torch.int64: "int64", torch.int32: "int32", torch.uint8: "uint8",
                torch.int8: "int8", torch.bool: "bool"}
@@ -64,12 +66,11 @@ def _torch_dist(directory: Path) -> tuple[ModelConfig | None, list[dict], dict |
 
     from megastack.ckpt.detect import _torch_dist_config
     from megastack.ckpt.safe_load import read_dcp_metadata
-    from megastack.ckpt.torch_dist import TorchDistReader
+    from megastack.ckpt.torch_dist import TorchDistReader, read_common
 
-    try:
-        cfg: ModelConfig | None = _torch_dist_config(directory)
-    except UserError:
-        cfg = None  # no manifest and no Megatron args: the stored tensors are still worth showing
+    cfg: ModelConfig | None = None
+    if model_from_manifest(directory) is not None or read_common(directory).get("args") is not None:
+        cfg = _torch_dist_config(directory)  # a refused or malformed args object is an error, not "unknown"
     if cfg is not None:
         TorchDistReader(directory, cfg)  # checks every tensor's global shape against the config
     metadata = read_dcp_metadata(directory)
@@ -92,6 +93,61 @@ def _legacy(directory: Path) -> tuple[ModelConfig, list[dict], dict]:
                 if isinstance(model[key], torch.Tensor):
                     tensors.append(_tensor(key, model[key].shape, model[key].dtype, rel))
     return reader.cfg, tensors, {"tp": reader.tp, "pp": reader.pp, "iteration": reader.iteration}
+
+
+def _megatron_state(directory: Path, fmt: str) -> dict[str, Any] | None:
+    """What Megatron-LM saved beside the weights (args, optimizer, scheduler, rng), from rank 0's file or
+    common.pt and the DCP metadata; None for a checkpoint with no Megatron-LM state at all."""
+    from megastack.ckpt import megatron_args
+
+    if fmt == "legacy":
+        from megastack.ckpt.legacy import FILE_NAME, rank_dir, scan_layout
+        from megastack.ckpt.safe_load import load_pt
+
+        pp = scan_layout(directory)[1]
+        first = directory / rank_dir(0, 0, pp)
+        blob = load_pt(first / FILE_NAME, mmap=True)
+        blob = blob if isinstance(blob, dict) else {}
+        sharded: list[str] = []
+        optimizer = None
+        if (first / "distrib_optim.pt").is_file():
+            optimizer = "distributed optimizer (distrib_optim.pt per rank)"
+        elif isinstance(blob.get("optimizer"), dict):
+            optimizer = "Megatron optimizer state (in model_optim_rng.pt)"
+    elif fmt == "torch_dist":
+        from megastack.ckpt.safe_load import read_dcp_metadata
+        from megastack.ckpt.torch_dist import read_common
+
+        blob = read_common(directory)
+        sharded = list(read_dcp_metadata(directory).state_dict_metadata)
+        optim_keys = [k for k in sharded if k.startswith("optimizer.")]
+        optimizer = None
+        if optim_keys:
+            kind = (blob.get("content_metadata") or {}).get("distrib_optim_sharding_type") \
+                if isinstance(blob.get("content_metadata"), dict) else None
+            optimizer = f"sharded optimizer state ({len(optim_keys)} entries" + (f", {kind})" if kind else ")")
+    else:
+        return None
+    args = blob.get("args")
+    if args is None and optimizer is None and not blob:
+        return None
+    where = str(directory)
+    eps_name = next((n for n in megatron_args.FIELDS["norm_epsilon"].names if getattr(args, n, None) is not None),
+                    None)
+    present = [k for k in NOT_CARRIED if k in blob or any(s == k or s.startswith(k + "/") for s in sharded)]
+    if optimizer is not None and "optimizer" not in present:
+        present.insert(0, "optimizer")
+    return {
+        "args": args is not None,
+        "checkpoint_version": blob.get("checkpoint_version") if isinstance(blob.get("checkpoint_version"),
+                                                                          (int, float)) else None,
+        "epsilon_field": eps_name,
+        "transformer_impl": megatron_args.get(args, "transformer_impl", where) if args is not None else None,
+        "tokenizer_type": megatron_args.get(args, "tokenizer_type", where) if args is not None else None,
+        "optimizer": optimizer,
+        "rng_state": "rng_state" in present,
+        "not_carried": present,
+    }
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -125,6 +181,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "files": _files(directory),
         "manifest": summary,
         "history": list((manifest or {}).get("history") or []),
+        "megatron": _megatron_state(directory, fmt),
     }
 
 
@@ -153,7 +210,7 @@ def describe(info: dict[str, Any]) -> str:
              + (f", iteration {info['iteration']}" if info["iteration"] is not None else "")]
     m = info["model"]
     if m is None:
-        lines.append("model:     unknown (no megastack.json and no Megatron args; pass --model to convert it)")
+        lines.append("model:     unknown (no megastack.json and no Megatron args; convert it with --model CONFIG)")
     else:
         groups = m["num_query_groups"] or m["num_attention_heads"]
         lines.append(f"model:     Llama, {m['num_layers']} layers, hidden {m['hidden_size']}, "
@@ -185,6 +242,19 @@ def describe(info: dict[str, Any]) -> str:
     else:
         lines.append(f"manifest:  megastack.json ({man['files_listed']} files listed, consumed_tokens "
                      f"{man.get('consumed_tokens', 0)}, cumulative_flops {man.get('cumulative_flops', 0.0):.3g})")
+    mlm = info.get("megatron")
+    if mlm is not None:
+        parts = [f"args ({mlm['epsilon_field'] or 'no epsilon'} field"
+                 + (f", checkpoint_version {mlm['checkpoint_version']:g}" if mlm["checkpoint_version"] else "")
+                 + (f", transformer_impl {mlm['transformer_impl']}" if mlm["transformer_impl"] else "")
+                 + (f", tokenizer {mlm['tokenizer_type']}" if mlm["tokenizer_type"] else "") + ")"
+                 if mlm["args"] else "no args"]
+        parts.append(f"optimizer: {mlm['optimizer'] or 'none'}")
+        parts.append(f"rng state: {'yes' if mlm['rng_state'] else 'no'}")
+        lines.append("megatron:  " + "; ".join(parts))
+        if mlm["not_carried"]:
+            lines.append(f"           not carried by grow/convert: {', '.join(mlm['not_carried'])} (resume the "
+                         "output in Megatron-LM with --no-load-optim --no-load-rng)")
     if info["history"]:
         lines.append("history:")
         lines += [f"  {i + 1}. {_event(e)}" for i, e in enumerate(info["history"])]

@@ -1,7 +1,9 @@
 """Megatron-LM's legacy per-rank checkpoints: ``iter_NNNNNNN/mp_rank_TT[_PPP]/model_optim_rng.pt``.
 
 Each file holds one (TP rank, PP stage)'s ``model`` state dict with stage-local layer numbering, plus
-``args`` (an argparse.Namespace describing the architecture), ``checkpoint_version`` and ``iteration``.
+``args`` (Megatron-LM's argparse.Namespace, see ``megatron_args``), ``checkpoint_version`` and ``iteration``;
+Megatron-LM's training saves add ``optimizer``, ``opt_param_scheduler``, ``rng_state`` (and
+``distrib_optim.pt`` beside the file), which megastack reads past and does not carry.
 Files are opened with ``torch.load(mmap=True, weights_only=True)``: tensors stay on disk until a slice is
 copied out, so reading one logical tensor touches only the shards that hold the requested rows.
 """
@@ -17,10 +19,10 @@ from typing import Any
 
 import torch
 
-from megastack.ckpt import layout
+from megastack.ckpt import layout, megatron_args
 from megastack.ckpt.base import Produce, Request, Unit, pieces_shape, take_pieces
 from megastack.ckpt.layout import Piece
-from megastack.ckpt.safe_load import load_pt
+from megastack.ckpt.safe_load import load_pt, save_pt
 from megastack.config import ModelConfig
 from megastack.errors import UserError
 
@@ -63,42 +65,6 @@ def scan_layout(directory: Path) -> tuple[int, int]:
     return tp, pp
 
 
-def config_from_args(args: Any, where: str) -> ModelConfig:
-    """A ModelConfig from Megatron-LM's ``args`` Namespace."""
-    get = (lambda k, d=None: getattr(args, k, d)) if not isinstance(args, dict) else args.get
-    try:
-        heads = int(get("num_attention_heads"))
-        groups = int(get("num_query_groups")) if get("group_query_attention") else heads
-        return ModelConfig(
-            num_layers=int(get("num_layers")), hidden_size=int(get("hidden_size")), num_attention_heads=heads,
-            num_query_groups=groups, ffn_hidden_size=int(get("ffn_hidden_size")),
-            vocab_size=int(get("padded_vocab_size") or get("vocab_size")), seq_length=int(get("seq_length")),
-            rotary_base=float(get("rotary_base", 10000) or 10000), norm_epsilon=float(get("norm_epsilon", 1e-5)),
-            tie_embeddings=not bool(get("untie_embeddings_and_output_weights", False)),
-            dtype="bf16" if get("bf16") else ("fp16" if get("fp16") else "fp32"))
-    except (TypeError, ValueError):
-        raise UserError(f"{where}: its 'args' lack the architecture (num_layers, hidden_size, ...); pass "
-                        "--model CONFIG") from None
-
-
-def megatron_args(cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype, iteration: int) -> argparse.Namespace:
-    """The ``args`` Megatron-LM's loader needs to rebuild this model (see notes: missing keys fall back
-    silently to Megatron's defaults, i.e. a different model)."""
-    return argparse.Namespace(
-        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
-        ffn_hidden_size=cfg.ffn_hidden_size, seq_length=cfg.seq_length, max_position_embeddings=cfg.seq_length,
-        padded_vocab_size=cfg.vocab_size, vocab_size=cfg.vocab_size, normalization="RMSNorm",
-        norm_epsilon=cfg.norm_epsilon, swiglu=True, add_bias_linear=False, add_qkv_bias=False,
-        untie_embeddings_and_output_weights=not cfg.tie_embeddings, position_embedding_type="rope",
-        rotary_base=int(cfg.rotary_base) if float(cfg.rotary_base).is_integer() else cfg.rotary_base,
-        group_query_attention=cfg.query_groups != cfg.num_attention_heads, num_query_groups=cfg.query_groups,
-        kv_channels=cfg.head_dim, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        tokenizer_type="SentencePieceTokenizer", fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16,
-        params_dtype=str(dtype).replace("torch.", ""), sequence_parallel=False,
-        apply_query_key_layer_scaling=False, iteration=iteration, transformer_impl="transformer_engine",
-        use_mcore_models=True)
-
-
 class LegacyReader:
     format = "legacy"
 
@@ -108,8 +74,14 @@ class LegacyReader:
         self._cache: OrderedDict[tuple[int, int], dict] = OrderedDict()
         self._open_files = open_files
         first = self._file(0, 0)
-        self.iteration = int(first.get("iteration", 0)) if isinstance(first, dict) else 0
-        self.cfg = cfg or config_from_args(first.get("args"), str(self._file_path(0, 0)))
+        where = str(self._file_path(0, 0))
+        self.saved_args = first.get("args")
+        iteration = first.get("iteration", 0)
+        if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+            raise UserError(f"{where}: field 'iteration' is {iteration!r}; expected a non-negative integer; the "
+                            "file is corrupt")
+        self.iteration = iteration
+        self.cfg = cfg or megatron_args.model_config(self.saved_args, where)
         if self.cfg.num_layers % self.pp:
             raise UserError(f"{self.path}: PP={self.pp} does not divide num_layers={self.cfg.num_layers}")
         self._check_shapes()
@@ -123,6 +95,10 @@ class LegacyReader:
             self._cache.move_to_end(key)
             return self._cache[key]
         data = load_pt(self._file_path(tp_rank, pp_rank), mmap=True)
+        if isinstance(data, dict) and "model" not in data and isinstance(data.get("model0"), dict):
+            raise UserError(f"{self._file_path(tp_rank, pp_rank)}: saved with virtual pipeline parallelism "
+                            "(model0, model1, ...); reshard it to a plain pipeline with Megatron-LM's "
+                            "tools/checkpoint/convert.py first")
         if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
             raise UserError(f"{self._file_path(tp_rank, pp_rank)}: no 'model' state dict; not a Megatron-LM "
                             "checkpoint file")
@@ -147,6 +123,13 @@ class LegacyReader:
                 return model[key]
         raise UserError(f"{self._file_path(tp_rank, pp_rank)}: tensor for '{name}' "
                         f"({layout.mcore_name(name, offset)}) is missing; the shard does not match the model")
+
+    @property
+    def te_names(self) -> bool:
+        """Whether the files name norms the Transformer Engine way (``linear_qkv.layer_norm_weight``) or
+        the local spec's way (``input_layernorm.weight``)."""
+        model = self._file(0, 0)["model"]
+        return layout.mcore_name(layout.layer_name(0, "attn_norm"), 0, te_names=False) not in model
 
     def _check_shapes(self) -> None:
         for name in layout.logical_names(self.cfg):
@@ -225,9 +208,12 @@ class LegacyWriter:
     format = "legacy"
 
     def __init__(self, cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype, iteration: int = 0,
-                 te_names: bool = True):
+                 te_names: bool = True, args: argparse.Namespace | None = None):
+        """``args``: Megatron-LM's args to store (``megatron_args.output_args``); fresh ones when None."""
         self.cfg, self.tp, self.pp, self.dtype, self.iteration = cfg, tp, pp, dtype, iteration
         self.te_names = te_names
+        self.args = args if args is not None else megatron_args.output_args(
+            None, cfg, tp, pp, dtype, iteration=iteration, new_stage=False, te_names=te_names)
 
     def units(self) -> list[Unit]:
         units = []
@@ -265,11 +251,11 @@ class LegacyWriter:
                         continue
                 model[layout.mcore_name(request.name, offset, self.te_names)] = tensor
             model.update(self._extra_state(pp_rank))
-            blob = {"model": model, "args": megatron_args(self.cfg, self.tp, self.pp, self.dtype, self.iteration),
-                    "checkpoint_version": 3.0, "iteration": self.iteration}
+            blob = {"model": model, "args": self.args, "checkpoint_version": megatron_args.CHECKPOINT_VERSION,
+                    "iteration": self.iteration}
             path = Path(directory) / unit.key
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(blob, path)
+            save_pt(blob, path)
             del model, blob
         return []
 

@@ -1,7 +1,8 @@
 """Loading checkpoint files that may come from anyone, without running their code.
 
-Every ``.pt`` goes through ``torch.load(weights_only=True)``. Megatron-LM's legacy files also hold an
-``argparse.Namespace`` and numpy RNG states, so exactly those few globals are allowed, nothing else.
+Every ``.pt`` goes through ``torch.load(weights_only=True)``. Megatron-LM's files also hold its ``args``
+(an ``argparse.Namespace`` with enums and ``signal.Signals`` in it), numpy/python RNG states and optimizer
+config objects: exactly those classes are allowed, Megatron's own as inert stand-ins, nothing else.
 DCP's ``.metadata`` is a plain pickle that torch reads with ``pickle.load``; ``read_dcp_metadata``
 reads it with an unpickler that only admits the checkpoint metadata classes.
 """
@@ -9,9 +10,11 @@ reads it with an unpickler that only admits the checkpoint metadata classes.
 from __future__ import annotations
 
 import argparse
+import copyreg
 import io
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -35,27 +38,146 @@ def _numpy_globals() -> list[Any]:
     return allowed
 
 
-SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+class MegatronObject:
+    """An inert stand-in for a Megatron-LM class found in a checkpoint's pickle (an enum member or a
+    config dataclass inside ``args``, rng or optimizer state).
+
+    Unpickling builds this instead of importing megatron: it only records the constructor arguments
+    (an enum's value) or the state dict (a dataclass's fields). ``save_pt`` writes it back under the
+    original class name, so Megatron-LM reads its own object again."""
+
+    origin: tuple[str, str] = ("", "")
+    args: tuple = ()
+    state: Any = None
+
+    def __init__(self, *args: Any):
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    @property
+    def value(self) -> Any:
+        return self.args[0] if len(self.args) == 1 else self.args
+
+    def __reduce__(self) -> tuple:
+        if self.state is not None:
+            return copyreg.__newobj__, (type(self), *self.args), self.state
+        return type(self), self.args
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and (self.args, self.state) == (other.args, other.state)
+
+    def __hash__(self) -> int:
+        return hash((self.origin, self.args))
+
+    def __repr__(self) -> str:
+        inside = repr(self.value) if self.args else ("" if self.state is None else f"**{self.state!r}")
+        return f"{'.'.join(self.origin)}({inside})"
+
+
+# Every class Megatron-LM (core 0.12 to 0.16 and main) pickles into args, rng, optimizer or rerun state,
+# as megatron.core.safe_globals lists them, by the module that defines it. Each is rebuilt as an inert
+# MegatronObject; nothing is imported.
+MEGATRON_CLASSES: tuple[tuple[str, str], ...] = (
+    ("megatron.core.enums", "ModelType"),
+    ("megatron.core.enums", "Fp8Recipe"),
+    ("megatron.core.enums", "Fp4Recipe"),
+    ("megatron.core.transformer.enums", "AttnBackend"),
+    ("megatron.core.transformer.enums", "AttnMaskType"),
+    ("megatron.core.transformer.enums", "CudaGraphScope"),
+    ("megatron.core.transformer.enums", "CudaGraphModule"),
+    ("megatron.core.transformer.enums", "InferenceCudaGraphScope"),
+    ("megatron.core.rerun_state_machine", "RerunDiagnostic"),
+    ("megatron.core.rerun_state_machine", "RerunMode"),
+    ("megatron.core.rerun_state_machine", "RerunState"),
+    ("megatron.core.optimizer.optimizer_config", "OptimizerConfig"),
+    ("megatron.core.optimizer.optimizer_config", "AdamOptimizerConfig"),
+    ("megatron.core.optimizer.optimizer_config", "SGDOptimizerConfig"),
+)
+STAND_INS: dict[str, type[MegatronObject]] = {
+    f"{module}.{name}": type(name, (MegatronObject,), {"origin": (module, name), "__module__": __name__})
+    for module, name in MEGATRON_CLASSES
+}
+
+
+def _standard_globals() -> list[Any]:
+    """Harmless standard classes Megatron-LM's args and rng state hold (its own safe_globals list)."""
+    import io
+    import pathlib
+    import signal
+    import types
+
+    return [argparse.Namespace, types.SimpleNamespace, pathlib.PosixPath, signal.Signals, io.BytesIO,
+            torch.Generator]
+
+
+_registered = False
+
+
+def _allow_megatron_globals() -> None:
+    """Add megastack's allowlist to torch's, once per process and never removed: torch's ``safe_globals``
+    context would, on exit, also remove entries another library registered (megatron-core registers the
+    same Namespace and numpy classes at import), breaking its later loads."""
+    global _registered
+    if not _registered:
+        torch.serialization.add_safe_globals(_standard_globals() + _numpy_globals()
+                                             + [(cls, name) for name, cls in STAND_INS.items()])
+        _registered = True
+
+
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 def load_pt(path: str | os.PathLike, *, mmap: bool = False) -> Any:
-    """``torch.load`` with ``weights_only=True`` plus the Namespace/numpy globals Megatron-LM pickles.
+    """``torch.load`` with ``weights_only=True`` plus the few objects Megatron-LM pickles (its args
+    Namespace, numpy/python rng state, its enums and optimizer config as inert stand-ins).
 
-    A file whose pickle would import anything else is refused with one line, never executed.
-    """
+    A file whose pickle would import anything else is refused with one line naming the global, never
+    executed."""
     path = Path(path)
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS + _numpy_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        _allow_megatron_globals()
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found; the checkpoint is incomplete") from None
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
-        raise UserError(f"{path}: refused to load: the pickle asks for something outside the allowlist "
-                        f"({first[:160]}); only tensors and Megatron's args/RNG state are accepted") from None
+        found = _REFUSED_GLOBAL.search(str(exc))
+        what = f"global '{found.group(1)}'" if found else \
+            f"content ({(str(exc).strip().splitlines() or ['unsafe'])[0][:120]})"
+        raise UserError(f"{path}: refused to load: its pickle asks for {what}, which is not a tensor nor one "
+                        "of the Megatron-LM args/rng/optimizer objects megastack admits; the file may be "
+                        "malicious, or written by a tool megastack does not know (nothing was executed)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
         raise UserError(f"{path}: not a readable torch file ({str(exc).splitlines()[0][:120]}); "
                         "it may be truncated or corrupt") from None
+
+
+class _Pickler(pickle._Pickler):  # type: ignore[name-defined]
+    """pickle's Python pickler, writing each MegatronObject class under its original name (pickle's own
+    ``save_global`` would insist the name resolves to the same object, i.e. import megatron)."""
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        if isinstance(obj, type) and issubclass(obj, MegatronObject) and obj is not MegatronObject:
+            module, qualname = obj.origin
+            self.write(pickle.GLOBAL + f"{module}\n{qualname}\n".encode())
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
+class _PickleModule:
+    """What ``torch.save(pickle_module=...)`` needs: a module-like object with ``Pickler``."""
+
+    Pickler = _Pickler
+    Unpickler = pickle.Unpickler
+    load = staticmethod(pickle.load)
+    dump = staticmethod(pickle.dump)
+
+
+def save_pt(obj: Any, path_or_file: Any) -> None:
+    """``torch.save`` that writes MegatronObject stand-ins back as the Megatron-LM classes they came from."""
+    torch.save(obj, path_or_file, pickle_module=_PickleModule)
 
 
 # DCP metadata is built from the dataclasses and enums of these modules (megatron also pickles its

@@ -31,10 +31,10 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from megastack.ckpt import layout
+from megastack.ckpt import layout, megatron_args
 from megastack.ckpt.base import Produce, Request, Unit, pieces_shape
 from megastack.ckpt.layout import Piece
-from megastack.ckpt.safe_load import read_dcp_metadata
+from megastack.ckpt.safe_load import load_pt, read_dcp_metadata, save_pt
 from megastack.config import ModelConfig
 from megastack.errors import UserError
 
@@ -61,6 +61,18 @@ def is_torch_dist(directory: Path) -> bool:
     return (directory / "metadata.json").is_file() and (directory / ".metadata").is_file()
 
 
+def read_common(directory: Path) -> dict[str, Any]:
+    """``common.pt``: the non-sharded state (Megatron-LM's args, iteration, scheduler, ...); {} if absent."""
+    path = Path(directory) / "common.pt"
+    if not path.is_file():
+        return {}
+    common = load_pt(path)
+    if not isinstance(common, dict):
+        raise UserError(f"{path}: holds a {type(common).__name__}, not the dict megatron-core writes; the file is "
+                        "corrupt")
+    return common
+
+
 class TorchDistReader:
     format = "torch_dist"
 
@@ -73,6 +85,11 @@ class TorchDistReader:
         self._check_shapes()
         if check_files:
             self._check_files()
+
+    @property
+    def saved_args(self) -> Any:
+        """Megatron-LM's args from common.pt (None when it has none, e.g. megastack's own older files)."""
+        return read_common(self.path).get("args")
 
     def _check_files(self) -> None:
         """Every data file the metadata names exists and is long enough: fail before writing anything."""
@@ -314,10 +331,15 @@ class TorchDistWriter:
 
     format = "torch_dist"
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, chunk_bytes: int = 32 << 20):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, chunk_bytes: int = 32 << 20,
+                 args: Any = None, iteration: int = 0):
+        """``args``: Megatron-LM's args for ``common.pt`` (``megatron_args.output_args``; fresh when None)."""
         self.cfg = cfg
         self.dtype = dtype
         self.chunk_bytes = chunk_bytes
+        self.iteration = iteration
+        self.args = args if args is not None else megatron_args.output_args(
+            None, cfg, None, None, dtype, iteration=iteration, new_stage=False, te_names=True)
 
     def units(self) -> list[Unit]:
         units = []
@@ -417,4 +439,10 @@ class TorchDistWriter:
         with open(directory / ".metadata", "wb") as f:
             pickle.dump(metadata, f)
         (directory / "metadata.json").write_text(json.dumps(METADATA_JSON))
-        torch.save({}, directory / "common.pt")
+        save_pt(self.common_state(), directory / "common.pt")
+
+    def common_state(self) -> dict[str, Any]:
+        """What Megatron-LM's ``save_checkpoint`` puts in ``common.pt`` and its ``load_checkpoint`` needs to
+        resume (``iteration``: without it Megatron-LM exits without training unless --finetune)."""
+        return {"args": self.args, "checkpoint_version": megatron_args.CHECKPOINT_VERSION,
+                "iteration": self.iteration}

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from megastack.ckpt import megatron_args
 from megastack.ckpt.detect import open_checkpoint
 from megastack.ckpt.execute import comm_from_launcher, dry_run, execute
 from megastack.ckpt.manifest import file_hashes, manifest_digest, read_manifest
@@ -40,26 +41,36 @@ def source_digest(reader: Any) -> str:
     return hashlib.sha256(json.dumps(file_hashes(reader.path), sort_keys=True).encode()).hexdigest()
 
 
-def make_writer(reader: Any, plan: Plan, tp: int | None, pp: int | None, fmt: str | None = None):
-    """Writer for the target in the source's format (legacy may change TP/PP)."""
+def make_writer(reader: Any, plan: Plan, tp: int | None, pp: int | None, fmt: str | None = None,
+                norm_names: str | None = None):
+    """Writer for the target in the source's format (legacy may change TP/PP). The output's Megatron-LM
+    args are the source's with the new shape and a new stage's counters (iteration 0, no samples seen)."""
     fmt = fmt or reader.format
     dtype = reader.dtype("embedding")
     if fmt == "torch_dist":
-        if tp is not None or pp is not None:
-            raise UserError("--tp/--pp apply to legacy output; a torch_dist checkpoint loads under any TP/PP")
+        if tp is not None or pp is not None or norm_names is not None:
+            raise UserError("--tp/--pp/--norm-names apply to legacy output; a torch_dist checkpoint loads under any "
+                            "TP/PP and has one naming")
         from megastack.ckpt.torch_dist import TorchDistWriter
 
-        return TorchDistWriter(plan.target, dtype)
+        args, _ = megatron_args.for_output(reader, plan.target, None, None, dtype, iteration=0, new_stage=True,
+                                           norm_names=norm_names)
+        return TorchDistWriter(plan.target, dtype, args=args, iteration=0)
     if fmt == "legacy":
         from megastack.ckpt.legacy import LegacyWriter
 
+        for flag, value in (("--tp", tp), ("--pp", pp)):
+            if value is not None and value < 1:
+                raise UserError(f"{flag} {value}: must be a positive integer")
         tp = tp or getattr(reader, "tp", 1)
         pp = pp or getattr(reader, "pp", 1)
         for field_name, problem in ParallelConfig(tensor=tp, pipeline=pp).check_model(plan.target):
             flag = "--tp" if field_name == "tensor" else "--pp"
             raise UserError(f"{flag} {tp if flag == '--tp' else pp}: {problem.split(' ', 1)[1]} of the grown "
                             f"model; choose a {flag} that divides it")
-        return LegacyWriter(plan.target, tp, pp, dtype)
+        args, te_names = megatron_args.for_output(reader, plan.target, tp, pp, dtype, iteration=0, new_stage=True,
+                                                  norm_names=norm_names)
+        return LegacyWriter(plan.target, tp, pp, dtype, te_names=te_names, args=args)
     raise NotBuiltError(f"growing {fmt} checkpoints is not built; convert to torch_dist first")
 
 
@@ -121,7 +132,7 @@ def cli_grow(args: Any) -> int:
             comm = comm_from_launcher()
             spec = learn_maps(reader, spec, args.data, args.learn_tokens, args.learn_batch, args.learn_lr, comm)
     plan = make_plan(reader.cfg, spec)
-    writer = make_writer(reader, plan, args.tp, args.pp)
+    writer = make_writer(reader, plan, args.tp, args.pp, norm_names=args.norm_names)
     if args.dry_run:
         world = args.ranks or int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1)
         if world < 1:

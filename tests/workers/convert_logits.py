@@ -39,9 +39,11 @@ def main() -> None:
     for case in spec["cases"]:
         reader = open_checkpoint(case["torch_dist"])
         model = build_model(reader.cfg, parallel)
-        loaded = dist_checkpointing.load(model.sharded_state_dict(), str(reader.path),
+        # As Megatron-LM's load_checkpoint does: the model under "model", common.pt's keys beside it.
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(reader.path),
                                          strict=StrictHandling.RAISE_ALL)
-        model.load_state_dict(loaded, strict=True)
+        assert isinstance(loaded["iteration"], int) and loaded["args"].num_layers == reader.cfg.num_layers
+        model.load_state_dict(loaded["model"], strict=True)
         report(case["label"], "torch_dist", model)
 
         legacy = open_checkpoint(case["legacy"])

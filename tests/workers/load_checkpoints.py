@@ -59,9 +59,11 @@ def main() -> None:
             init_model_parallel(tp, pp)
             model = build_model(cfg, ParallelConfig(tensor=tp, pipeline=pp))
             if entry["how"] == "dist":
-                loaded = dist_checkpointing.load(model.sharded_state_dict(), str(reader.path),
+                # As Megatron-LM's load_checkpoint does: the model under "model", common.pt's keys beside it.
+                loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(reader.path),
                                                  strict=StrictHandling.RAISE_ALL)
-                model.load_state_dict(loaded, strict=True)
+                assert isinstance(loaded["iteration"], int) and loaded["args"].num_layers == reader.cfg.num_layers
+                model.load_state_dict(loaded["model"], strict=True)
             elif entry["how"] == "legacy":
                 load_legacy_strict(model, reader, cfg)
             else:

@@ -1,0 +1,217 @@
+"""Megatron-LM's ``args`` as data: every field megastack reads or writes, under its names across releases.
+
+Megatron-LM pickles its whole argparse Namespace into every checkpoint (legacy ``model_optim_rng.pt``,
+torch_dist ``common.pt``), and its loader rebuilds the model from it: a field megastack misreads is a
+different model, a field it forgets is Megatron's default. So the fields are one table (``FIELDS``,
+also in docs/checkpoints.md), read by their current name first (``layernorm_epsilon`` since core 0.16,
+``norm_epsilon`` before) and written under every name. Output args start from the source's own and
+change only what the operation changed (``output_args``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megastack.config import ModelConfig
+from megastack.errors import UserError
+
+CHECKPOINT_VERSION = 3.0
+
+
+@dataclass(frozen=True)
+class ArgField:
+    names: tuple[str, ...]  # Megatron-LM's names for it, the current release's first
+    kind: type  # int, float, bool or str
+    meaning: str
+
+
+FIELDS: dict[str, ArgField] = {
+    "num_layers": ArgField(("num_layers",), int, "transformer layers"),
+    "hidden_size": ArgField(("hidden_size",), int, "model width"),
+    "ffn_hidden_size": ArgField(("ffn_hidden_size",), int, "MLP width"),
+    "num_attention_heads": ArgField(("num_attention_heads",), int, "query heads"),
+    "group_query_attention": ArgField(("group_query_attention",), bool, "num_query_groups applies"),
+    "num_query_groups": ArgField(("num_query_groups",), int, "key/value heads (with group_query_attention)"),
+    "kv_channels": ArgField(("kv_channels",), int, "head dim; megastack needs hidden_size / heads"),
+    "seq_length": ArgField(("seq_length",), int, "training sequence length"),
+    "max_position_embeddings": ArgField(("max_position_embeddings",), int, "RoPE table length"),
+    "padded_vocab_size": ArgField(("padded_vocab_size",), int, "rows of the embedding (vocab after padding)"),
+    "vocab_size": ArgField(("vocab_size",), int, "unpadded vocab (only when padded_vocab_size is absent)"),
+    "rotary_base": ArgField(("rotary_base",), float, "RoPE base"),
+    "norm_epsilon": ArgField(("layernorm_epsilon", "norm_epsilon"), float,
+                             "RMSNorm epsilon (core 0.16 names it layernorm_epsilon, earlier norm_epsilon)"),
+    "untie_embeddings_and_output_weights": ArgField(("untie_embeddings_and_output_weights",), bool,
+                                                    "separate output layer"),
+    "bf16": ArgField(("bf16",), bool, "bf16 training"),
+    "fp16": ArgField(("fp16",), bool, "fp16 training"),
+    "tensor_model_parallel_size": ArgField(("tensor_model_parallel_size",), int, "TP of the files (legacy)"),
+    "pipeline_model_parallel_size": ArgField(("pipeline_model_parallel_size",), int, "PP of the files (legacy)"),
+    "virtual_pipeline_model_parallel_size": ArgField(("virtual_pipeline_model_parallel_size",), int,
+                                                     "interleaved PP chunks (megastack reads none)"),
+    "use_distributed_optimizer": ArgField(("use_distributed_optimizer",), bool, "optimizer in distrib_optim.pt"),
+    "transformer_impl": ArgField(("transformer_impl",), str, "local or transformer_engine: the norm key names"),
+    "tokenizer_type": ArgField(("tokenizer_type",), str, "kept from the source"),
+    "iteration": ArgField(("iteration",), int, "reset to 0 by grow"),
+    "consumed_train_samples": ArgField(("consumed_train_samples",), int, "reset to 0 by grow (a new stage)"),
+    "consumed_valid_samples": ArgField(("consumed_valid_samples",), int, "reset to 0 by grow"),
+    "skipped_train_samples": ArgField(("skipped_train_samples",), int, "reset to 0 by grow"),
+}
+
+# What megastack's Llama is: a source with another value here is another architecture, refused.
+LLAMA: dict[str, Any] = {
+    "normalization": "RMSNorm", "swiglu": True, "add_bias_linear": False, "add_qkv_bias": False,
+    "position_embedding_type": "rope", "rotary_percent": 1.0, "rotary_interleaved": False,
+    "apply_layernorm_1p": False, "qk_layernorm": False, "num_experts": None,
+}
+
+# Fields grow sets for the new stage (Megatron-LM reads them on resume unless --finetune).
+NEW_STAGE = {"iteration": 0, "consumed_train_samples": 0, "consumed_valid_samples": 0,
+             "skipped_train_samples": 0}
+
+
+def get(args: Any, field: str, where: str) -> Any:
+    """One field by its first present name, type-checked; None when no name is present (or it is None)."""
+    spec = FIELDS[field]
+    for name in spec.names:
+        value = args.get(name) if isinstance(args, dict) else getattr(args, name, None)
+        if value is None:
+            continue
+        ok = isinstance(value, spec.kind) and not (spec.kind is int and isinstance(value, bool))
+        if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok or (spec.kind is float and not math.isfinite(value)) or (spec.kind is int and value < 0):
+            raise UserError(f"{where}: args field '{name}' is {value!r} ({type(value).__name__}); expected a "
+                            f"{'non-negative ' if spec.kind is int else ''}{spec.kind.__name__} ({spec.meaning}); "
+                            "the checkpoint's args are corrupt")
+        return value
+    return None
+
+
+def _get_raw(args: Any, name: str) -> Any:
+    return args.get(name) if isinstance(args, dict) else getattr(args, name, None)
+
+
+def model_config(args: Any, where: str) -> ModelConfig:
+    """The ModelConfig Megatron-LM's loader would build from these args, or a UserError naming the field."""
+    if args is None:
+        raise UserError(f"{where}: no Megatron 'args' and no megastack.json, so the architecture is unknown; "
+                        "convert it with --model CONFIG naming the architecture")
+    for name, want in LLAMA.items():
+        have = _get_raw(args, name)
+        if have is not None and have != want and not (name == "num_experts" and have in (0, 1)):
+            raise UserError(f"{where}: args field '{name}' is {have!r}; megastack reads Llama-style models "
+                            f"({name}={want!r}), so this checkpoint is another architecture")
+    vpp = get(args, "virtual_pipeline_model_parallel_size", where)
+    if vpp not in (None, 1):
+        raise UserError(f"{where}: saved with virtual pipeline parallelism ({vpp} chunks per stage); reshard it "
+                        "to a plain pipeline with Megatron-LM's tools/checkpoint/convert.py first")
+    required = {}
+    for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "seq_length"):
+        required[field] = get(args, field, where)
+        if not required[field]:
+            raise UserError(f"{where}: args lack '{field}', so the architecture is unknown; the checkpoint's args "
+                            "are incomplete")
+    heads = required["num_attention_heads"]
+    groups = get(args, "num_query_groups", where) if get(args, "group_query_attention", where) else heads
+    vocab = get(args, "padded_vocab_size", where) or get(args, "vocab_size", where)
+    if not vocab:
+        raise UserError(f"{where}: args lack 'padded_vocab_size', so the vocab is unknown; the args are incomplete")
+    kv = get(args, "kv_channels", where)
+    if kv is not None and kv * heads != required["hidden_size"]:
+        raise UserError(f"{where}: args give kv_channels={kv} with {heads} heads and hidden_size "
+                        f"{required['hidden_size']}; megastack needs head dim = hidden_size / heads")
+    epsilon = get(args, "norm_epsilon", where)
+    base = get(args, "rotary_base", where)
+    return ModelConfig(
+        num_layers=required["num_layers"], hidden_size=required["hidden_size"], num_attention_heads=heads,
+        num_query_groups=groups or heads, ffn_hidden_size=required["ffn_hidden_size"], vocab_size=vocab,
+        seq_length=required["seq_length"], rotary_base=base if base is not None else 10000.0,
+        norm_epsilon=epsilon if epsilon is not None else 1e-5,
+        tie_embeddings=not get(args, "untie_embeddings_and_output_weights", where),
+        dtype="bf16" if get(args, "bf16", where) else ("fp16" if get(args, "fp16", where) else "fp32"))
+
+
+def fresh_args(cfg: ModelConfig) -> argparse.Namespace:
+    """Args for a checkpoint with no Megatron source (HF or megastack's own): what Megatron-LM's loader and
+    ``pretrain_gpt.py`` need to rebuild this Llama (a missing key silently falls back to Megatron's
+    default, i.e. a different model)."""
+    return argparse.Namespace(
+        **LLAMA, make_vocab_size_divisible_by=128, tokenizer_type="SentencePieceTokenizer",
+        add_position_embedding=False, use_rotary_position_embeddings=True,
+        apply_query_key_layer_scaling=False, sequence_parallel=False, attention_dropout=0.0, hidden_dropout=0.0,
+        use_mcore_models=True, transformer_impl="transformer_engine", use_distributed_optimizer=False,
+        **NEW_STAGE)
+
+
+def output_args(source: Any, cfg: ModelConfig, tp: int | None, pp: int | None, dtype: torch.dtype, *, iteration: int,
+                new_stage: bool, te_names: bool, where: str = "source") -> argparse.Namespace:
+    """The args to write: the source's (a copy; fresh when it has none) with only what changed changed.
+    ``tp``/``pp`` None (torch_dist output, which loads under any layout) keeps the source's."""
+    if source is None:
+        args = fresh_args(cfg)
+    elif isinstance(source, argparse.Namespace):
+        args = copy.copy(source)
+    elif isinstance(source, dict):
+        args = argparse.Namespace(**source)
+    else:
+        raise UserError(f"{where}: 'args' is a {type(source).__name__}, not Megatron-LM's Namespace")
+    changed = {
+        "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "ffn_hidden_size": cfg.ffn_hidden_size,
+        "num_attention_heads": cfg.num_attention_heads, "num_query_groups": cfg.query_groups,
+        "group_query_attention": cfg.query_groups != cfg.num_attention_heads, "kv_channels": cfg.head_dim,
+        "seq_length": cfg.seq_length, "padded_vocab_size": cfg.vocab_size,
+        "untie_embeddings_and_output_weights": not cfg.tie_embeddings,
+        "rotary_base": int(cfg.rotary_base) if float(cfg.rotary_base).is_integer() else cfg.rotary_base,
+        "tensor_model_parallel_size": tp or getattr(args, "tensor_model_parallel_size", None) or 1,
+        "pipeline_model_parallel_size": pp or getattr(args, "pipeline_model_parallel_size", None) or 1,
+        "fp16": dtype == torch.float16, "bf16": dtype == torch.bfloat16,
+        "params_dtype": dtype, "iteration": iteration,
+        "transformer_impl": "transformer_engine" if te_names else "local",
+    }
+    if source is None or (getattr(args, "max_position_embeddings", None) or 0) < cfg.seq_length:
+        changed["max_position_embeddings"] = cfg.seq_length
+    if source is None or getattr(args, "vocab_size", None) is None:
+        changed["vocab_size"] = cfg.vocab_size
+    for name in FIELDS["norm_epsilon"].names:  # every release's name: each reads its own
+        changed[name] = cfg.norm_epsilon
+    if new_stage:
+        changed |= NEW_STAGE
+    for name, value in changed.items():
+        setattr(args, name, value)
+    return args
+
+
+NORM_NAMES = ("te", "local")
+
+
+def output_te_names(reader: Any, requested: str | None) -> bool:
+    """Whether legacy output names norms the Transformer Engine way: ``--norm-names`` if given, else as the
+    source's legacy files do, else as its args' ``transformer_impl`` says, else TE (megatron-core's default)."""
+    if requested is not None:
+        if requested not in NORM_NAMES:
+            raise UserError(f"--norm-names {requested}: choose te or local")
+        return requested == "te"
+    if isinstance(getattr(reader, "te_names", None), bool):
+        return reader.te_names
+    impl = _get_raw(getattr(reader, "saved_args", None), "transformer_impl")
+    return impl != "local"
+
+
+def for_output(reader: Any, cfg: ModelConfig, tp: int | None, pp: int | None, dtype: torch.dtype, *, iteration: int,
+               new_stage: bool, norm_names: str | None = None) -> tuple[argparse.Namespace, bool]:
+    """(args, te_names) for a Megatron output made from ``reader``'s checkpoint."""
+    te_names = output_te_names(reader, norm_names)
+    source = getattr(reader, "saved_args", None)
+    args = output_args(source, cfg, tp, pp, dtype, iteration=iteration, new_stage=new_stage, te_names=te_names,
+                       where=str(reader.path))
+    if source is None and getattr(reader, "format", None) == "hf":
+        tokenizer_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+        if any((reader.path / name).is_file() for name in tokenizer_files):
+            args.tokenizer_type, args.tokenizer_model = "HuggingFaceTokenizer", str(reader.path.resolve())
+    return args, te_names
