@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,16 @@ def run_cli(*args: str, cwd: str | os.PathLike | None = None, timeout: float = 3
     """``python -m megastack ARGS`` in a subprocess, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "megastack", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def in_process(*argv: str) -> subprocess.CompletedProcess:
+    """``megastack ARGV`` in this process (saves a torch import per call), as a CompletedProcess."""
+    from megastack.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(list(argv))
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:

@@ -9,13 +9,11 @@ its logits are compared here with transformers' LlamaForCausalLM on the original
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -25,9 +23,8 @@ from megastack.ckpt import layout
 from megastack.ckpt.convert import convert
 from megastack.ckpt.detect import open_checkpoint
 from megastack.ckpt.inspect import KEYS
-from megastack.cli import main
 
-from conftest import REPO, assert_one_line_error, run_cli, run_workers
+from conftest import REPO, assert_one_line_error, in_process, run_cli, run_workers
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
@@ -62,14 +59,6 @@ def safetensors_of(directory: Path) -> dict[str, torch.Tensor]:
 def tree_digest(directory: Path) -> dict[str, str]:
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def in_process(*argv: str) -> subprocess.CompletedProcess:
-    """``megastack ARGV`` in this process (saves a torch import per call), as a CompletedProcess."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(list(argv))
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

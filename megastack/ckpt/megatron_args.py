@@ -50,13 +50,14 @@ FIELDS: dict[str, ArgField] = {
                                                     "separate output layer"),
     "bf16": ArgField(("bf16",), bool, "bf16 training"),
     "fp16": ArgField(("fp16",), bool, "fp16 training"),
+    "params_dtype": ArgField(("params_dtype",), torch.dtype, "weights dtype (written with bf16/fp16)"),
     "tensor_model_parallel_size": ArgField(("tensor_model_parallel_size",), int, "TP of the files (legacy)"),
     "pipeline_model_parallel_size": ArgField(("pipeline_model_parallel_size",), int, "PP of the files (legacy)"),
     "virtual_pipeline_model_parallel_size": ArgField(("virtual_pipeline_model_parallel_size",), int,
                                                      "interleaved PP chunks (megastack reads none)"),
-    "use_distributed_optimizer": ArgField(("use_distributed_optimizer",), bool, "optimizer in distrib_optim.pt"),
     "transformer_impl": ArgField(("transformer_impl",), str, "local or transformer_engine: the norm key names"),
-    "tokenizer_type": ArgField(("tokenizer_type",), str, "kept from the source"),
+    "tokenizer_type": ArgField(("tokenizer_type",), str, "kept from the source; HuggingFaceTokenizer from HF"),
+    "tokenizer_model": ArgField(("tokenizer_model",), str, "kept; from HF: the source dir if it has a tokenizer"),
     "iteration": ArgField(("iteration",), int, "reset to 0 by grow"),
     "consumed_train_samples": ArgField(("consumed_train_samples",), int, "reset to 0 by grow (a new stage)"),
     "consumed_valid_samples": ArgField(("consumed_valid_samples",), int, "reset to 0 by grow"),
@@ -145,7 +146,7 @@ def fresh_args(cfg: ModelConfig) -> argparse.Namespace:
         **LLAMA, make_vocab_size_divisible_by=128, tokenizer_type="SentencePieceTokenizer",
         add_position_embedding=False, use_rotary_position_embeddings=True,
         apply_query_key_layer_scaling=False, sequence_parallel=False, attention_dropout=0.0, hidden_dropout=0.0,
-        use_mcore_models=True, transformer_impl="transformer_engine", use_distributed_optimizer=False,
+        use_mcore_models=True, transformer_impl="transformer_engine",
         **NEW_STAGE)
 
 

@@ -1,0 +1,263 @@
+"""Checkpoints that Megatron-LM itself wrote (core_v0.16.1; tests/fixtures/megatron_lm/, made by its
+``save_checkpoint`` after two training steps and by its HF -> Megatron converter at TP2 PP2): inspected,
+exported to HF (logits against Megatron-LM's own forward), grown (against the in-memory stack), their args
+carried with only the changed fields changed, and a malicious pickle in every place an object may sit
+refused by name. Megatron-LM's own load of the grown outputs is recorded in docs/checkpoints.md (it needs
+Megatron-LM's source, which CI does not have).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from megastack.ckpt import layout
+from megastack.ckpt.convert import convert
+from megastack.ckpt.detect import open_checkpoint
+from megastack.ckpt.inspect import inspect_checkpoint
+from megastack.ckpt.manifest import resolve_iteration_dir
+from megastack.ckpt.safe_load import load_pt, save_pt
+
+from conftest import assert_one_line_error, in_process, run_cli
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "megatron_lm"
+TRAINING_SAVES = ("legacy", "legacy_distopt", "torch_dist", "torch_dist_distopt")
+ALL = (*TRAINING_SAVES, "legacy_tp2pp2")
+transformers = pytest.importorskip("transformers")
+
+
+def saved_args(ckpt: Path):
+    directory = resolve_iteration_dir(ckpt)
+    if (directory / "common.pt").is_file():
+        return load_pt(directory / "common.pt")["args"]
+    rank0 = sorted(p for p in directory.iterdir() if p.name.startswith("mp_rank_"))[0]
+    return load_pt(rank0 / "model_optim_rng.pt", mmap=True)["args"]
+
+
+def changed_fields(before, after) -> set[str]:
+    names = set(vars(before)) | set(vars(after))
+    return {n for n in names if getattr(before, n, None) != getattr(after, n, None)}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_inspect_reads_what_megatron_lm_wrote(name):
+    info = inspect_checkpoint(FIXTURES / name)
+    m = info["model"]
+    assert (m["num_layers"], m["hidden_size"], m["num_attention_heads"], m["num_query_groups"],
+            m["ffn_hidden_size"], m["vocab_size"], m["tie_embeddings"]) == (4, 32, 4, 2, 64, 128, False)
+    # Megatron-LM 0.16 names the epsilon layernorm_epsilon; the training saves hold the model's 1e-6. Its
+    # own HF converter stores it under the pre-0.16 name that 0.16 no longer reads, so that file says 1e-5.
+    assert m["norm_epsilon"] == (1e-5 if name == "legacy_tp2pp2" else 1e-6)
+    mlm = info["megatron"]
+    assert mlm["args"] and mlm["epsilon_field"] == "layernorm_epsilon" and mlm["transformer_impl"] == "local"
+    assert mlm["checkpoint_version"] == 3.0
+    if name in TRAINING_SAVES:
+        assert info["iteration"] == 2 and mlm["rng_state"] and "optimizer" in mlm["not_carried"]
+        assert mlm["tokenizer_type"] == "HuggingFaceTokenizer"
+        kind = {"legacy": "Megatron optimizer", "legacy_distopt": "distrib_optim.pt", "torch_dist": "sharded",
+                "torch_dist_distopt": "dp_reshardable"}[name]
+        assert kind in mlm["optimizer"]
+    else:
+        assert info["layout"] == {"tp": 2, "pp": 2} and mlm["optimizer"] is None and not mlm["rng_state"]
+
+
+def test_inspect_cli_names_what_it_will_not_carry():
+    proc = run_cli("inspect", str(FIXTURES / "legacy_distopt"))
+    assert proc.returncode == 0, proc.stderr
+    assert "layernorm_epsilon field" in proc.stdout and "distrib_optim.pt" in proc.stdout
+    assert "not carried by grow/convert: optimizer, opt_param_scheduler, rng_state" in proc.stdout
+    assert "--no-load-optim --no-load-rng" in proc.stdout
+
+
+@pytest.mark.parametrize("name", TRAINING_SAVES)
+def test_hf_export_matches_megatron_lms_own_forward(name, tmp_path):
+    ref = torch.load(FIXTURES / f"{name}.ref.pt", weights_only=True)
+    convert(FIXTURES / name, tmp_path / "hf", "hf")
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert model.config.rms_norm_eps == 1e-6
+    with torch.no_grad():
+        logits = model(ref["tokens"]).logits
+    assert (logits - ref["logits"]).abs().max().item() <= 1e-5
+
+
+def test_tp2pp2_conversion_holds_the_hf_weights(tmp_path):
+    """Megatron-LM's converter output (TP2 PP2, local names, per-stage layer numbers) reads back as the
+    HF model it was made from, tensor for tensor."""
+    from safetensors.torch import load_file
+
+    reader = open_checkpoint(FIXTURES / "legacy_tp2pp2")
+    hf = layout.logical_from_hf(load_file(FIXTURES / "hf_tiny" / "model.safetensors"), reader.cfg)
+    for name in layout.logical_names(reader.cfg):
+        assert torch.equal(reader.read(name), hf[name]), name
+
+
+def grown_pairs(src: Path, dst: Path):
+    a, b = open_checkpoint(src), open_checkpoint(dst)
+    assert b.cfg.num_layers == 2 * a.cfg.num_layers
+    for name in layout.logical_names(b.cfg):
+        layer, kind = layout.split_name(name)
+        source = name if layer is None else layout.layer_name(layer % a.cfg.num_layers, kind)
+        yield name, a.read(source), b.read(name)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_grow_keeps_megatron_args_and_stacks(name, tmp_path):
+    dst = tmp_path / "grown"
+    proc = in_process("grow", str(FIXTURES / name), str(dst), "--factor", "2")
+    assert proc.returncode == 0, proc.stderr
+    for tensor_name, want, got in grown_pairs(FIXTURES / name, dst):  # G_stack: layer i <- layer i mod L
+        assert torch.equal(want, got), tensor_name
+    before, after = saved_args(FIXTURES / name), saved_args(dst)
+    # Only what growth changes: the depth, a new stage's counters, the epsilon under both names.
+    allowed = {"num_layers", "iteration", "consumed_train_samples", "consumed_valid_samples",
+               "skipped_train_samples", "norm_epsilon", "layernorm_epsilon"}
+    assert changed_fields(before, after) <= allowed, changed_fields(before, after) - allowed
+    assert after.num_layers == 8 and after.iteration == 0 and after.consumed_train_samples == 0
+    assert after.layernorm_epsilon == after.norm_epsilon == before.layernorm_epsilon
+    for kept in ("tokenizer_type", "tokenizer_model", "make_vocab_size_divisible_by", "transformer_impl",
+                 "hidden_dropout", "attention_dropout", "model_type", "attention_backend", "exit_signal"):
+        assert getattr(after, kept) == getattr(before, kept), kept
+    directory = resolve_iteration_dir(dst)
+    if name.startswith("torch_dist"):  # what Megatron-LM's load_checkpoint needs to resume without --finetune
+        common = load_pt(directory / "common.pt")
+        assert common["iteration"] == 0 and common["checkpoint_version"] == 3.0
+        assert not any(k.startswith("optimizer") for k in common)
+    else:  # the source's naming (local spec), every rank, every stage
+        for f in directory.glob("mp_rank_*/model_optim_rng.pt"):
+            blob = load_pt(f)
+            assert set(blob) == {"model", "args", "checkpoint_version", "iteration"}
+            norms = [k for k in blob["model"] if "layernorm" in k or "layer_norm" in k]
+            assert norms and all("input_layernorm" in k or "pre_mlp_layernorm" in k or "final_layernorm" in k
+                                 for k in norms), norms
+
+
+def pickled_globals(path: Path) -> set[str]:
+    """Every class or function a torch file's pickle names (what an unpickler would import)."""
+    import pickletools
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    found, strings = set(), []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name == "GLOBAL":
+            found.add(arg.replace(" ", "."))
+        elif op.name == "STACK_GLOBAL":
+            found.add(".".join(strings[-2:]))
+        if isinstance(arg, str):
+            strings.append(arg)
+    return found
+
+
+def test_grown_args_pickle_as_megatron_classes(tmp_path):
+    """The stand-ins in the output's args are written under Megatron-LM's own class names (what its
+    safe-globals list admits), never as megastack's classes."""
+    in_process("grow", str(FIXTURES / "torch_dist"), str(tmp_path / "g"), "--factor", "2")
+    names = pickled_globals(resolve_iteration_dir(tmp_path / "g") / "common.pt")
+    assert {"megatron.core.enums.ModelType", "megatron.core.transformer.enums.AttnBackend", "signal.Signals",
+            "argparse.Namespace"} <= names
+    assert not any(n.startswith("megastack") for n in names), names
+
+
+def test_convert_reshards_with_args_and_norm_names(tmp_path):
+    dst = tmp_path / "tp2"
+    assert in_process("convert", str(FIXTURES / "legacy"), str(dst), "--to", "legacy", "--tp", "2",
+                      "--norm-names", "te").returncode == 0
+    args = saved_args(dst)
+    assert changed_fields(saved_args(FIXTURES / "legacy"), args) <= {
+        "tensor_model_parallel_size", "transformer_impl", "norm_epsilon"}
+    assert args.tensor_model_parallel_size == 2 and args.transformer_impl == "transformer_engine"
+    assert args.iteration == 2  # a conversion is the same run: its counters are kept
+    model = load_pt(resolve_iteration_dir(dst) / "mp_rank_01" / "model_optim_rng.pt")["model"]
+    assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in model
+    # and back to the local names, read by megastack either way
+    back = tmp_path / "tp1"
+    assert in_process("convert", str(dst), str(back), "--to", "legacy", "--tp", "1", "--norm-names",
+                      "local").returncode == 0
+    for name in layout.logical_names(open_checkpoint(back).cfg):
+        assert torch.equal(open_checkpoint(back).read(name), open_checkpoint(FIXTURES / "legacy").read(name))
+
+
+def test_hf_to_megatron_writes_args_pretrain_gpt_accepts(tmp_path):
+    proc = in_process("convert", str(FIXTURES / "hf_tiny"), str(tmp_path / "td"), "--to", "torch_dist")
+    assert proc.returncode == 0, proc.stderr
+    common = load_pt(resolve_iteration_dir(tmp_path / "td") / "common.pt")
+    args = common["args"]
+    assert common["iteration"] == 0 and args.layernorm_epsilon == args.norm_epsilon == 1e-6
+    assert (args.normalization, args.swiglu, args.position_embedding_type, args.add_bias_linear) == (
+        "RMSNorm", True, "rope", False)
+    assert args.num_query_groups == 2 and args.group_query_attention and args.untie_embeddings_and_output_weights
+    assert args.tokenizer_type == "HuggingFaceTokenizer" and Path(args.tokenizer_model) == (FIXTURES / "hf_tiny")
+
+
+class Planted:
+    """A pickle that would create a file if it ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant(path: Path, where: str, marker: Path) -> None:
+    """Rewrite a Megatron-LM file with a code-running object at ``where``, everything else as it was."""
+    blob = load_pt(path)
+    if where == "args":
+        blob["args"].exit_signal = Planted(marker)
+    elif where == "rng_state":
+        blob["rng_state"][0]["np_rng_state"] = Planted(marker)
+    elif where == "optimizer":
+        blob["optimizer"]["param_groups"][0]["default_config"] = Planted(marker)
+    elif where == "opt_param_scheduler":
+        blob["opt_param_scheduler"]["lr_decay_style"] = Planted(marker)
+    else:
+        blob[where] = Planted(marker)
+    save_pt(blob, path)  # Megatron's objects under their own names, the planted one as os.system
+
+
+@pytest.mark.parametrize("name,where", [
+    ("legacy", "args"), ("legacy", "rng_state"), ("legacy", "optimizer"), ("legacy", "opt_param_scheduler"),
+    ("legacy", "rerun_state_machine"), ("torch_dist", "args"), ("torch_dist", "optimizer"),
+    ("torch_dist", "opt_param_scheduler"), ("torch_dist", "content_metadata"),
+])
+def test_planted_pickle_is_refused_by_name(name, where, tmp_path):
+    src = tmp_path / name
+    shutil.copytree(FIXTURES / name, src)
+    directory = resolve_iteration_dir(src)
+    target = directory / ("common.pt" if name == "torch_dist" else "mp_rank_00/model_optim_rng.pt")
+    marker = tmp_path / "ran"
+    plant(target, where, marker)
+    before = target.read_bytes()
+    for argv in (["inspect", str(src)], ["grow", str(src), str(tmp_path / "out"), "--factor", "2"],
+                 ["convert", str(src), str(tmp_path / "hf"), "--to", "hf"]):
+        proc = in_process(*argv)
+        assert_one_line_error(proc, "refused to load", f"global '{os.system.__module__}.system'", target.name)
+        assert not marker.exists() and not (tmp_path / "out").exists() and not (tmp_path / "hf").exists()
+    assert target.read_bytes() == before
+
+
+def test_unknown_megatron_class_is_refused_by_name(tmp_path):
+    """A class megastack does not know (here a real, harmless one) is refused, named, not imported."""
+    import datetime
+
+    src = tmp_path / "legacy"
+    shutil.copytree(FIXTURES / "legacy", src)
+    target = resolve_iteration_dir(src) / "mp_rank_00" / "model_optim_rng.pt"
+    blob = load_pt(target)
+    blob["args"].odd = datetime.timedelta(days=1)
+    save_pt(blob, target)
+    assert_one_line_error(in_process("inspect", str(src)), "global 'datetime.timedelta'", str(target))
+
+
+def test_docs_table_lists_every_args_field():
+    from megastack.ckpt.megatron_args import FIELDS
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "checkpoints.md").read_text()
+    for field, spec in FIELDS.items():
+        row = f"| `{field}` | {', '.join(f'`{n}`' for n in spec.names)} | {spec.kind.__name__} |"
+        assert row in docs, row
