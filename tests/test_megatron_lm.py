@@ -261,3 +261,46 @@ def test_docs_table_lists_every_args_field():
     for field, spec in FIELDS.items():
         row = f"| `{field}` | {', '.join(f'`{n}`' for n in spec.names)} | {spec.kind.__name__} |"
         assert row in docs, row
+
+
+def split_into_stages(src: Path, dst: Path, pp: int = 2) -> None:
+    """The legacy training save cut into PP stages as Megatron-LM's save_checkpoint writes them with
+    --pipeline-model-parallel-size: every stage's file has the same keys (args, optimizer, scheduler, rng),
+    its own layers numbered from 0, the embedding on the first stage, the final norm and output layer on
+    the last."""
+    iteration = (src / "latest_checkpointed_iteration.txt").read_text().strip()
+    blob = load_pt(resolve_iteration_dir(src) / "mp_rank_00" / "model_optim_rng.pt")
+    layers = blob["args"].num_layers
+    per = layers // pp
+    blob["args"].pipeline_model_parallel_size = pp
+    for stage in range(pp):
+        model = {}
+        for key, value in blob["model"].items():
+            parts = key.split(".")
+            if key.startswith("decoder.layers."):
+                layer = int(parts[2])
+                if layer // per == stage:
+                    model[".".join([*parts[:2], str(layer - stage * per), *parts[3:]])] = value
+            elif key.startswith("embedding.") and stage == 0 or not key.startswith("embedding.") and stage == pp - 1:
+                model[key] = value
+        out = dst / f"iter_{int(iteration):07d}" / f"mp_rank_00_{stage:03d}" / "model_optim_rng.pt"
+        out.parent.mkdir(parents=True)
+        save_pt({**blob, "model": model}, out)
+    (dst / "latest_checkpointed_iteration.txt").write_text(iteration)
+
+
+def test_pipeline_stages_of_a_training_save(tmp_path):
+    src = tmp_path / "pp2"
+    split_into_stages(FIXTURES / "legacy", src)
+    info = inspect_checkpoint(src)
+    assert info["layout"] == {"tp": 1, "pp": 2} and info["model"]["norm_epsilon"] == 1e-6
+    ref = torch.load(FIXTURES / "legacy.ref.pt", weights_only=True)
+    convert(src, tmp_path / "hf", "hf")
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (model(ref["tokens"]).logits - ref["logits"]).abs().max().item() <= 1e-5
+    assert in_process("grow", str(src), str(tmp_path / "g"), "--factor", "2").returncode == 0
+    for tensor_name, want, got in grown_pairs(src, tmp_path / "g"):
+        assert torch.equal(want, got), tensor_name
+    after = saved_args(tmp_path / "g")
+    assert after.pipeline_model_parallel_size == 2 and after.num_layers == 8 and after.transformer_impl == "local"
