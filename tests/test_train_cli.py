@@ -4,6 +4,7 @@ the demo corpus, the logs, and one clear line (and nothing written) for each kin
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,44 @@ def test_unknown_field_and_zero_with_pipeline_are_one_line(tmp_path):
     config = {**TINY_STAGE, "parallel": {"pipeline": 2, "zero_stage": 2}}
     expect_user_error(tmp_path, config, "zero_stage", "pipeline")
 
+
+def test_out_dir_over_init_from_is_refused_and_the_source_kept(tmp_path):
+    """Training prunes old iter_* in out_dir: with out_dir = init_from it would delete the source."""
+    source = write_checkpoint(reference(small_config()), tmp_path / "grown")
+    before = sorted(p.relative_to(source).as_posix() for p in source.rglob("*"))
+    for out_dir in (source, source / "sub", tmp_path):
+        config = {**TINY_STAGE, "out_dir": str(out_dir), "init_from": str(source), "resume": False,
+                  "schedule": {**TINY_STAGE["schedule"], "keep_last": 1}}
+        proc = run_cli("train", str(write_config(tmp_path, "over", config)))
+        assert_one_line_error(proc, "out_dir", "must not be, contain or lie inside init_from")
+    assert sorted(p.relative_to(source).as_posix() for p in source.rglob("*")) == before
+
+
+@pytest.mark.timeout(300)
+def test_resume_refuses_a_planted_pickle_in_deepspeeds_files(tmp_path):
+    """DeepSpeed loads its optimizer files with weights_only=False; megastack's resume must not."""
+    import torch
+
+    out = tmp_path / "run"
+    stage = {**TINY_STAGE, "out_dir": str(out), "parallel": {"micro_batch_size": 4, "global_batch_size": 4},
+             "schedule": {"train_iters": 2, "eval_interval": 2, "eval_iters": 1, "save_interval": 2}}
+    proc = run_cli("train", str(write_config(tmp_path, "two", stage)), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    optim = next((out / "iter_0000002" / "engine").glob("*optim_states.pt"))
+    marker = tmp_path / "ran"
+
+    class Planted:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    state = torch.load(optim, weights_only=False)  # our own file, just written
+    state["planted"] = Planted()
+    torch.save(state, optim)
+    more = {**stage, "schedule": {**stage["schedule"], "train_iters": 4}}
+    proc = run_cli("train", str(write_config(tmp_path, "four", more)), timeout=300)
+    assert proc.returncode == 1 and "refused to load" in proc.stderr and "posix.system" in proc.stderr
+    assert "Traceback" not in proc.stderr and not marker.exists()
+    assert not (out / "iter_0000004").exists()
 
 
 BLEND_SCRIPT = """

@@ -126,6 +126,17 @@ def _allow_megatron_globals() -> None:
         _registered = True
 
 
+def allow_deepspeed_globals() -> None:
+    """DeepSpeed's own data classes in its ZeRO optimizer files (a loss scaler, the ZeRO stage enum,
+    fp32 fragment addresses): plain attribute holders, rebuilt without running code. Added once, process
+    wide, by the trainer before DeepSpeed loads anything."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    torch.serialization.add_safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
+
+
 _REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 

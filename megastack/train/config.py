@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 from megastack.config import (
@@ -166,6 +167,12 @@ class TrainConfig:
             problems.append(("mask_ramp_steps", f"must be >= 0, got {self.mask_ramp_steps}"))
         if not self.out_dir:
             problems.append(("out_dir", "must name a directory"))
+        elif self.init_from:
+            out, source = Path(self.out_dir).resolve(), Path(self.init_from).resolve()
+            if out == source or out.is_relative_to(source) or source.is_relative_to(out):
+                # training prunes old iter_* in out_dir: the source checkpoint would be deleted
+                problems.append(("out_dir", f"({self.out_dir}) must not be, contain or lie inside init_from "
+                                 f"({self.init_from}); train into a new directory"))
         return problems
 
 

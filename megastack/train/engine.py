@@ -175,7 +175,22 @@ def initialize(model: torch.nn.Module, parallel: ParallelConfig, opt: OptimizerC
     optimizer = make_optimizer(model, opt)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=MegatronMPU(),
                                            config=deepspeed_config(parallel, opt, dp, micro_batches))
+    guard_checkpoint_loads(engine)
     return engine
+
+
+def guard_checkpoint_loads(engine: Any) -> None:
+    """DeepSpeed's checkpoint engine loads its files with ``torch.load(weights_only=False)``: a pickle
+    planted in ``engine/*optim_states.pt`` would run on resume. Every load goes through ``load_pt``
+    instead (weights_only, with DeepSpeed's few data classes allowed)."""
+    from megastack.ckpt.safe_load import allow_deepspeed_globals, load_pt
+
+    allow_deepspeed_globals()
+
+    def load(path: str, map_location: Any = None) -> Any:
+        return load_pt(path)
+
+    engine.checkpoint_engine.load = load
 
 
 def set_lr(engine: Any, lr: float) -> None:
