@@ -254,6 +254,97 @@ def damage_cli_missing_args(good, tmp):
     return ["convert", str(tmp / "a")], ["required"], None
 
 
+def _hf_config_field(good, tmp, key, value_json):
+    src = copy(good, tmp, "hf")
+    text = (src / "config.json").read_text()
+    cfg = json.loads(text)
+    cfg[key] = "__VALUE__"
+    (src / "config.json").write_text(json.dumps(cfg).replace('"__VALUE__"', value_json))
+    return ["convert", str(src), str(tmp / "out"), "--to", "torch_dist"], ["config.json", f"'{key}'"], src
+
+
+def damage_hf_tie_as_string(good, tmp):  # "false" is a true string: read as tied, the output layer was dropped
+    return _hf_config_field(good, tmp, "tie_word_embeddings", '"false"')
+
+
+def damage_hf_eps_nan(good, tmp):
+    return _hf_config_field(good, tmp, "rms_norm_eps", "NaN")
+
+
+def damage_hf_layers_huge(good, tmp):  # was planned before anything checked the weights: OOM-killed
+    return _hf_config_field(good, tmp, "num_hidden_layers", "1e30")
+
+
+def damage_hf_size_as_string(good, tmp):
+    return _hf_config_field(good, tmp, "hidden_size", '"64"')
+
+
+def _rewrite_safetensors_header(src: Path, edit) -> Path:
+    """Rewrite the JSON header of the shard holding most tensors with ``edit(header_text) -> header_text``,
+    data bytes unchanged."""
+    import struct
+
+    from megastack.ckpt.hf import read_header
+
+    shard = max(sorted(src.glob("model-*.safetensors")), key=lambda f: len(read_header(f)))
+    data = shard.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    text = edit(data[8:8 + n].decode())
+    raw = text.encode()
+    raw += b" " * (-len(raw) % 8)
+    shard.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    return shard
+
+
+def damage_hf_overlapping_offsets(good, tmp):  # two tensors share bytes: layer 1 would read layer 0's weights
+    src = copy(good, tmp, "hf")
+
+    def edit(text):
+        header = json.loads(text)
+        norms = sorted(k for k in header if k.endswith("layernorm.weight"))  # same shape, same dtype
+        header[norms[1]]["data_offsets"] = header[norms[0]]["data_offsets"]
+        return json.dumps(header)
+
+    _rewrite_safetensors_header(src, edit)
+    return ["convert", str(src), str(tmp / "out"), "--to", "torch_dist"], ["data_offsets"], src
+
+
+def damage_hf_duplicate_header_key(good, tmp):
+    src = copy(good, tmp, "hf")
+
+    def edit(text):
+        header = json.loads(text)
+        name = next(k for k in header if k != "__metadata__")
+        body = json.dumps(header)
+        return body[:-1] + ", " + json.dumps(name) + ": " + json.dumps(header[name]) + "}"
+
+    _rewrite_safetensors_header(src, edit)
+    return ["convert", str(src), str(tmp / "out"), "--to", "torch_dist"], ["twice"], src
+
+
+def damage_hf_offsets_as_strings(good, tmp):
+    src = copy(good, tmp, "hf")
+
+    def edit(text):
+        header = json.loads(text)
+        name = next(k for k in header if k != "__metadata__")
+        header[name]["data_offsets"] = [str(v) for v in header[name]["data_offsets"]]
+        return json.dumps(header)
+
+    _rewrite_safetensors_header(src, edit)
+    return ["convert", str(src), str(tmp / "out"), "--to", "torch_dist"], ["non-integer"], src
+
+
+def damage_cli_grow_tp_negative(good, tmp):  # once published a checkpoint with no files
+    src = copy(good, tmp, "legacy")
+    return ["grow", str(src), str(tmp / "out"), "--factor", "2", "--tp", "-2"], ["--tp -2", "positive"], src
+
+
+def damage_cli_grow_tp_zero(good, tmp):  # once silently meant the default
+    src = copy(good, tmp, "legacy")
+    return ["grow", str(src), str(tmp / "out"), "--factor", "2", "--tp", "0"], ["--tp 0", "positive"], src
+
+
 GENERATED: dict[str, Callable] = {name[len("damage_"):]: fn for name, fn in globals().items()
                                   if name.startswith("damage_")}
 

@@ -15,6 +15,7 @@ so q/k rows are copied as they are (proven by logits in tests/test_convert.py).
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -100,9 +101,36 @@ def _rope_theta(hc: dict[str, Any], where: Path) -> float:
             raise UserError(f"{where}: field '{field_name}' asks for RoPE scaling '{kind}'; only plain RoPE "
                             "(rope_type default) converts exactly to megatron; use a model without rope scaling")
     theta = (params or {}).get("rope_theta", hc.get("rope_theta", 10000.0))
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not 0 < theta < math.inf:
         raise UserError(f"{where}: field 'rope_theta' must be a positive number, got {theta!r}")
     return float(theta)
+
+
+# Sizes users type are far below this; a config.json asking for more is corrupt or hostile (a 1e30-layer
+# model would be planned before anything checks the weights).
+MAX_SIZE = 1 << 24
+
+
+def _field(hc: dict[str, Any], key: str, kind: type, where: Path, default: Any = ...) -> Any:
+    """One config.json field, of exactly ``kind`` (an int may stand for a float, nothing else converts:
+    the string "false" is not a bool), finite, sizes positive and bounded; a one-line error otherwise."""
+    if key not in hc or hc[key] is None:
+        if default is ...:
+            raise UserError(f"{where}: field '{key}' is missing; not a complete Llama config")
+        return default
+    value = hc[key]
+    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if ok and kind is float and not (math.isfinite(value) and value > 0):
+        ok = False
+    if ok and kind is int and not 0 < value <= MAX_SIZE:
+        ok = False
+    if not ok:
+        what = {int: f"a positive integer up to {MAX_SIZE}", float: "a positive finite number",
+                bool: "true or false"}[kind]
+        raise UserError(f"{where}: field '{key}' is {json.dumps(value)[:40]}; expected {what}; fix config.json")
+    return value
 
 
 def config_from_hf(hc: Any, where: Path) -> ModelConfig:
@@ -123,27 +151,22 @@ def config_from_hf(hc: Any, where: Path) -> ModelConfig:
     act = hc.get("hidden_act", "silu")
     if act != "silu":
         raise UserError(f"{where}: field 'hidden_act' is '{act}'; only SwiGLU with silu is supported")
-    try:
-        heads = int(hc["num_attention_heads"])
-        hidden = int(hc["hidden_size"])
-        groups = int(hc.get("num_key_value_heads") or heads)
-        dtype_name = hc.get("dtype") or hc.get("torch_dtype") or "float32"
-        cfg = ModelConfig(
-            num_layers=int(hc["num_hidden_layers"]), hidden_size=hidden, num_attention_heads=heads,
-            num_query_groups=None if groups == heads else groups, ffn_hidden_size=int(hc["intermediate_size"]),
-            vocab_size=int(hc["vocab_size"]), seq_length=int(hc.get("max_position_embeddings", 2048)),
-            rotary_base=_rope_theta(hc, where), norm_epsilon=float(hc.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hc.get("tie_word_embeddings", False)),
-            dtype=CFG_DTYPES.get(str(dtype_name).replace("torch.", ""), "fp32"),
-            init_std=float(hc.get("initializer_range", 0.02)))
-    except KeyError as exc:
-        raise UserError(f"{where}: field '{exc.args[0]}' is missing; not a complete Llama config") from None
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{where}: a size field is not a number ({exc}); fix config.json") from None
+    heads = _field(hc, "num_attention_heads", int, where)
+    groups = _field(hc, "num_key_value_heads", int, where, heads)
+    dtype_name = hc.get("dtype") or hc.get("torch_dtype") or "float32"
+    cfg = ModelConfig(
+        num_layers=_field(hc, "num_hidden_layers", int, where), hidden_size=_field(hc, "hidden_size", int, where),
+        num_attention_heads=heads, num_query_groups=None if groups == heads else groups,
+        ffn_hidden_size=_field(hc, "intermediate_size", int, where), vocab_size=_field(hc, "vocab_size", int, where),
+        seq_length=_field(hc, "max_position_embeddings", int, where, 2048),
+        rotary_base=_rope_theta(hc, where), norm_epsilon=_field(hc, "rms_norm_eps", float, where, 1e-6),
+        tie_embeddings=_field(hc, "tie_word_embeddings", bool, where, False),
+        dtype=CFG_DTYPES.get(str(dtype_name).replace("torch.", ""), "fp32"),
+        init_std=_field(hc, "initializer_range", float, where, 0.02))
     for field_name, problem in cfg.check():
         raise UserError(f"{where}: {field_name} {problem}")
-    head_dim = hc.get("head_dim")
-    if head_dim is not None and int(head_dim) != cfg.head_dim:
+    head_dim = _field(hc, "head_dim", int, where, None)
+    if head_dim is not None and head_dim != cfg.head_dim:
         raise UserError(f"{where}: field 'head_dim' is {head_dim} but hidden_size/num_attention_heads is "
                         f"{cfg.head_dim}; decoupled head dims are not supported")
     return cfg
@@ -196,8 +219,10 @@ def read_header(path: Path) -> dict[str, Entry]:
     except FileNotFoundError:
         raise UserError(f"{path}: missing safetensors file") from None
     try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise UserError(f"{path}: safetensors header names '{exc.args[0]}' twice; the file is corrupt") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise UserError(f"{path}: unreadable safetensors header; the file is corrupt") from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: safetensors header is not an object; the file is corrupt")
@@ -207,9 +232,11 @@ def read_header(path: Path) -> dict[str, Entry]:
         if name == "__metadata__":
             continue
         try:
-            dtype_name, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{path}: header entry '{name}' is malformed; the file is corrupt") from None
+        if not isinstance(dtype_name, str) or not all(_is_count(v) for v in (*shape, begin, end)):
+            raise UserError(f"{path}: header entry '{name}' has a non-integer shape or offset; the file is corrupt")
         if dtype_name not in ST_DTYPES:
             raise UserError(f"{path}: tensor '{name}' has dtype {dtype_name}; only F32, BF16, F16 and F64 "
                             "weights convert (quantized checkpoints are not supported)")
@@ -221,7 +248,33 @@ def read_header(path: Path) -> dict[str, Entry]:
             raise UserError(f"{path}: tensor '{name}' has a byte range that does not fit its shape or the "
                             "file; the file is truncated or corrupt")
         entries[name] = Entry(path.name, dtype, shape, base + begin, end - begin)
+    # The safetensors library's rule: the tensors tile the data buffer exactly, no overlap, no gap.
+    position = 0
+    for entry in sorted(entries.values(), key=lambda e: (e.start, e.nbytes)):
+        if entry.start - base != position:
+            raise UserError(f"{path}: tensors' data_offsets overlap or leave a gap at byte {position}; the file is "
+                            "corrupt (the safetensors library refuses it too)")
+        position += entry.nbytes
+    if position != size - base:
+        raise UserError(f"{path}: the tensors cover {position} of {size - base} data bytes; the file is corrupt")
     return entries
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 # ----------------------------------------------------------------------------- reader
