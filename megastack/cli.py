@@ -10,8 +10,11 @@ import argparse
 import importlib
 import importlib.util
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from megastack import __version__
 from megastack.errors import NotBuiltError, UserError, report
@@ -130,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(stop: BaseException) -> int:
+    """One line and the shell's exit code for the signal; the command's own cleanup has already run."""
+    terminated = isinstance(stop, Terminated)
+    print(f"megastack: {'terminated (SIGTERM)' if terminated else 'interrupted'}; unfinished output was "
+          "removed (published checkpoints are kept)",
+          file=sys.stderr)
+    return 143 if terminated else 130
+
+
 def strip_launcher_args(argv: list[str]) -> list[str]:
     """The deepspeed launcher appends ``--local_rank=N`` to every command; the rank is in the environment
     too (LOCAL_RANK), so take it from there and keep the command's own arguments clean."""
@@ -151,7 +163,46 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so every ``finally`` and cleanup runs."""
+
+
+_signalled: list[BaseException] = []  # the interruption this process received, once it has
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    _signalled.append(Terminated())
+    raise _signalled[-1]
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    _signalled.append(KeyboardInterrupt())
+    raise _signalled[-1]
+
+
+def _interruption(exc: BaseException) -> BaseException | None:
+    """The signal behind ``exc``, or None. Recorded when it arrived, because a library it interrupted may
+    turn it into another error (torch.load inside a signal, a collective cut short: RuntimeError, ...)."""
+    if _signalled:
+        return _signalled[0]
+    return exc if isinstance(exc, (KeyboardInterrupt, Terminated)) else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {}
+    if on_main_thread:
+        _signalled.clear()
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated),
+                    signal.SIGINT: signal.signal(signal.SIGINT, _raise_interrupted)}
+    try:
+        return _main(argv)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(strip_launcher_args(list(sys.argv[1:] if argv is None else argv)))
     if not args.command:
@@ -164,10 +215,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "nothing was done")
         return int(run(args) or 0)
     except UserError as error:
-        return report(error)
-    except KeyboardInterrupt:
-        print("megastack: interrupted", file=sys.stderr)
-        return 130
+        cause = _interruption(error)
+        if cause is None:
+            return report(error)
+        return _interrupted(cause)
+    except (KeyboardInterrupt, Terminated) as stop:
+        return _interrupted(_interruption(stop) or stop)
+    except Exception as exc:
+        cause = _interruption(exc)
+        if cause is None:
+            raise
+        return _interrupted(cause)
     except BrokenPipeError:  # output piped into head & co.: stop quietly, like other CLI tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,6 +72,62 @@ def staging_dir(final: str | os.PathLike) -> Path:
     """The temporary sibling a directory is built in before ``publish_dir`` renames it."""
     final = Path(final)
     return final.parent / f".{final.name}.partial"
+
+
+class DestinationLock:
+    """``.NAME.lock`` beside a destination: who is building it (host and pid), created exclusively, so
+    two commands writing one DST cannot delete each other's partial output. A lock left by a process
+    that no longer runs (on this host) is cleared with a message; one from another host is reported."""
+
+    def __init__(self, final: str | os.PathLike):
+        final = Path(final)
+        self.path = final.parent / f".{final.name}.lock"
+        self.held = False
+
+    def acquire(self) -> None:
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                self._clear_if_stale()
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me + "\n")
+            self.held = True
+            return
+        raise UserError(f"{self.path}: could not take the lock; another command is writing this destination")
+
+    def _clear_if_stale(self) -> None:
+        try:
+            host, pid_text = self.path.read_text()[:200].split()[:2]
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            host, pid = "", -1
+        if host == socket.gethostname() and pid > 0 and not _alive(pid):
+            print(f"megastack: removing a stale lock {self.path} (pid {pid} is gone)", file=sys.stderr)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            return
+        where = f"pid {pid} on {host}" if pid > 0 else "an unknown process"
+        raise UserError(f"{self.path}: {where} is writing this destination; wait for it, or remove the lock if "
+                        "that process is gone")
+
+    def release(self) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def refuse_existing(dst: str | os.PathLike, what: str = "destination") -> None:

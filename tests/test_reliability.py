@@ -148,6 +148,44 @@ def test_sigkill_during_multi_rank_convert(mid_source):
     assert "absent" in outcomes
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("signum,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_signal_mid_grow_is_one_line_and_leaves_nothing(mid_source, tmp_path, signum, code, word):
+    dst = tmp_path / "dst"
+    proc = subprocess.Popen([sys.executable, "-m", "megastack", "grow", str(mid_source / "src"), str(dst),
+                             "--factor", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(tmp_path / ".dst.partial", [proc])
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        kill_all([proc])
+    assert proc.returncode == code, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and word in lines[0] and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == [], "partial output or lock left behind"
+
+
+@pytest.mark.timeout(300)
+def test_two_grows_into_one_destination(mid_source, tmp_path):
+    """Both start at once: one publishes a complete checkpoint, the other is refused in one line and
+    deletes nothing of the winner's."""
+    dst = tmp_path / "dst"
+    argv = [sys.executable, "-m", "megastack", "grow", str(mid_source / "src"), str(dst), "--factor", "4"]
+    procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        errs = [p.communicate(timeout=240)[1] for p in procs]
+    finally:
+        kill_all(procs)
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 1], errs
+    loser = errs[[p.returncode for p in procs].index(1)]
+    assert "is writing this destination" in loser or "already exists" in loser, loser
+    assert "Traceback" not in loser
+    assert verify(dst) == [] and (resolve_iteration_dir(dst) / "megastack.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
 def test_disk_full_leaves_nothing(mid_source, tmp_path):
     mount = tmp_path / "small"
     mount.mkdir()

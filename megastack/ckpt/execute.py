@@ -20,7 +20,14 @@ from typing import Any
 from megastack.ckpt.base import Produce, Reader, Unit, Writer
 from megastack.ckpt.manifest import TRACKER, iter_dir_name, write_manifest
 from megastack.errors import UserError
-from megastack.fsio import atomic_write_text, fsync_dir, publish_dir, refuse_existing, staging_dir
+from megastack.fsio import (
+    DestinationLock,
+    atomic_write_text,
+    fsync_dir,
+    publish_dir,
+    refuse_existing,
+    staging_dir,
+)
 
 
 @dataclass
@@ -133,9 +140,9 @@ def _user_message(exc: BaseException, dst: Path) -> str | None:
     return None
 
 
-def _all_ranks(comm: Comm, dst: Path, staging: Path, step: Callable[[], Any]) -> Any:
+def _all_ranks(comm: Comm, dst: Path, cleanup: Callable[[], None], step: Callable[[], Any]) -> Any:
     """Run ``step`` on this rank; if any rank failed, every rank raises the first failure's message and
-    rank 0 removes the staging directory, so nothing half-written survives."""
+    rank 0 runs ``cleanup`` (removes the staging directory it owns), so nothing half-written survives."""
     error, result = None, None
     try:
         result = step()
@@ -143,13 +150,13 @@ def _all_ranks(comm: Comm, dst: Path, staging: Path, step: Callable[[], Any]) ->
         error = _user_message(exc, dst)
         if error is None:
             if comm.world == 1:
-                shutil.rmtree(staging, ignore_errors=True)
+                cleanup()
                 raise
             error = f"rank {comm.rank}: {type(exc).__name__}: {exc}"
     errors = [e for e in comm.gather(error) if e]
     if errors:
         if comm.rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
+            cleanup()
         raise UserError(errors[0])
     return result
 
@@ -169,9 +176,16 @@ def execute(writer: Writer, produce: Produce, dst: str | Path, comm: Comm, manif
     staging = staging_dir(dst)
     target = staging if iteration is None else staging / iter_dir_name(iteration)
     start = time.monotonic()
+    lock = DestinationLock(dst)
+
+    def cleanup() -> None:
+        if lock.held:  # never another command's partial output
+            shutil.rmtree(staging, ignore_errors=True)
 
     def prepare() -> None:
         if comm.rank == 0:
+            lock.acquire()  # refuses while another live command writes the same DST
+            refuse_existing(dst)
             if staging.exists():
                 shutil.rmtree(staging)  # a crashed earlier attempt; this run starts over
             target.mkdir(parents=True)
@@ -186,8 +200,22 @@ def execute(writer: Writer, produce: Produce, dst: str | Path, comm: Comm, manif
 
         return writer.write_units(target, mine, produce_logged, comm.rank)
 
-    _all_ranks(comm, dst, staging, prepare)
-    results = comm.gather(_all_ranks(comm, dst, staging, write))
+    try:
+        _all_ranks(comm, dst, cleanup, prepare)
+        results = comm.gather(_all_ranks(comm, dst, cleanup, write))
+        _publish(comm, dst, staging, target, writer, results, manifest, iteration, start, cleanup)
+    except BaseException as exc:
+        if not isinstance(exc, Exception):  # interrupted (SIGINT, SIGTERM): leave nothing half-written
+            cleanup()
+        raise
+    finally:
+        lock.release()
+    return dst
+
+
+def _publish(comm: Comm, dst: Path, staging: Path, target: Path, writer: Writer, results: list[Any],
+             manifest: dict[str, Any], iteration: int | None, start: float, cleanup: Callable[[], None]) -> None:
+    """Rank 0 finalises the files, writes the manifest and the tracker, and renames staging into place."""
 
     def publish() -> None:
         if comm.rank != 0:
@@ -200,5 +228,4 @@ def execute(writer: Writer, produce: Produce, dst: str | Path, comm: Comm, manif
         fsync_dir(target)
         publish_dir(staging, dst)
 
-    _all_ranks(comm, dst, staging, publish)
-    return dst
+    _all_ranks(comm, dst, cleanup, publish)
