@@ -109,7 +109,13 @@ def parse_count(text: str | float, flag: str = "--params", what: str = "a count"
         raise UserError(f"{flag}: '{text}' is not a finite number; pass {what}, {example}")
     if value < 1:
         raise UserError(f"{flag}: '{text}' must be {what} of at least 1, {example}")
+    if value > MAX_COUNT:
+        raise UserError(f"{flag}: '{text}' is above {MAX_COUNT:.0e}, beyond any model or corpus the fitted laws "
+                        f"speak for (and FLOP counts would overflow); pass {what}, {example}")
     return value
+
+
+MAX_COUNT = 1e18
 
 
 def parse_factor(text: str | float) -> float:
@@ -272,7 +278,11 @@ class GrowthPlan:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        try:
+            return json.dumps(self.to_dict(), indent=2, allow_nan=False)  # valid JSON or an error, never NaN
+        except ValueError:
+            raise UserError("the plan's numbers overflow (a non-finite value); pass smaller --params/--tokens") \
+                from None
 
 
 def _plain(x: float) -> int | float:

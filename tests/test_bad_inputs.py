@@ -345,6 +345,67 @@ def damage_cli_grow_tp_zero(good, tmp):  # once silently meant the default
     return ["grow", str(src), str(tmp / "out"), "--factor", "2", "--tp", "0"], ["--tp 0", "positive"], src
 
 
+def _rewrite_dcp_metadata(src: Path, edit) -> None:
+    import pickle
+
+    from megastack.ckpt.safe_load import read_dcp_metadata
+
+    directory = resolve_iteration_dir(src)
+    metadata = read_dcp_metadata(directory)
+    edit(metadata)
+    (directory / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+def damage_td_chunk_hole(good, tmp):  # a missing chunk was uninitialised memory in a "verified" output
+    src = copy(good, tmp, "td")
+
+    def edit(metadata):
+        md = metadata.state_dict_metadata["decoder.layers.self_attention.linear_qkv.weight"]
+        md.chunks = [c for c in md.chunks if c.offsets[0] != 1]
+
+    _rewrite_dcp_metadata(src, edit)
+    return ["grow", str(src), str(tmp / "out"), "--factor", "2"], ["linear_qkv.weight", "hole"], src
+
+
+def damage_td_chunk_overlap(good, tmp):
+    src = copy(good, tmp, "td")
+
+    def edit(metadata):
+        import torch
+
+        md = metadata.state_dict_metadata["decoder.layers.mlp.linear_fc2.weight"]
+        second = md.chunks[1]
+        md.chunks[1] = type(second)(offsets=torch.Size([0, *second.offsets[1:]]), sizes=second.sizes)
+
+    _rewrite_dcp_metadata(src, edit)
+    return ["convert", str(src), str(tmp / "out"), "--to", "hf"], ["linear_fc2.weight", "overlap"], src
+
+
+def damage_legacy_wrong_shape_late(good, tmp):  # only layer 0 of TP rank 0 was checked: crashed in torch
+    from megastack.ckpt.safe_load import load_pt, save_pt
+
+    src = copy(good, tmp, "legacy")
+    f = resolve_iteration_dir(src) / "mp_rank_01_001" / "model_optim_rng.pt"
+    blob = load_pt(f)
+    key = "decoder.layers.0.mlp.linear_fc2.weight"
+    blob["model"][key] = blob["model"][key][:, :-1].clone()
+    save_pt(blob, f)
+    return ["grow", str(src), str(tmp / "out"), "--factor", "2"], ["mp_rank_01_001", "shard shape"], src
+
+
+def damage_manifest_negative_iteration(good, tmp):  # produced iter_-000005, which megastack then refused
+    src = copy(good, tmp, "td")
+    manifest = resolve_iteration_dir(src) / "megastack.json"
+    data = json.loads(manifest.read_text())
+    data["iteration"] = -5
+    manifest.write_text(json.dumps(data))
+    return ["convert", str(src), str(tmp / "out"), "--to", "legacy"], ["'iteration'", "non-negative"], src
+
+
+def damage_cli_plan_overflow(good, tmp):  # printed Infinity/NaN: invalid JSON
+    return ["plan", "--params", "1e308", "--tokens", "1e308", "--json"], ["--params", "above"], None
+
+
 GENERATED: dict[str, Callable] = {name[len("damage_"):]: fn for name, fn in globals().items()
                                   if name.startswith("damage_")}
 

@@ -132,15 +132,20 @@ class LegacyReader:
         return layout.mcore_name(layout.layer_name(0, "attn_norm"), 0, te_names=False) not in model
 
     def _check_shapes(self) -> None:
-        for name in layout.logical_names(self.cfg):
-            _, kind = layout.split_name(name)
-            expected = layout.tp_shard_shape(kind, layout.logical_shape(self.cfg, name), self.tp)
-            if layout.split_name(name)[0] not in (None, 0):
-                continue  # every layer has the same shapes; checking layer 0 and the globals is enough
-            got = tuple(self._local_tensor(name, 0).shape)
-            if got != expected:
-                raise UserError(f"{self.path}: '{name}' has shard shape {got} but the model config with TP="
-                                f"{self.tp} gives {expected}; pass the matching model config")
+        """Every tensor of every layer in every rank's file has its TP shard shape: a wrong one anywhere is
+        an error now, before anything is written, not a crash inside torch halfway through."""
+        expected = {name: layout.tp_shard_shape(layout.split_name(name)[1], layout.logical_shape(self.cfg, name),
+                                                self.tp) for name in layout.logical_names(self.cfg)}
+        for pp_rank in range(self.pp):
+            names = [n for n in expected if layout.stage_holds(n, self.cfg, pp_rank, self.pp)]
+            for tp_rank in range(self.tp):
+                for name in names:
+                    tensor = self._local_tensor(name, tp_rank)
+                    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != expected[name]:
+                        got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                        raise UserError(f"{self._file_path(tp_rank, pp_rank)}: '{name}' has shard shape {got} but "
+                                        f"the model config with TP={self.tp} gives {expected[name]}; the checkpoint "
+                                        "does not match its args (or pass the matching model config)")
 
     def dtype(self, name: str) -> torch.dtype:
         return self._local_tensor(name, 0).dtype

@@ -110,6 +110,7 @@ class TorchDistReader:
 
     def _check_shapes(self) -> None:
         sd = self.metadata.state_dict_metadata
+        checked: set[str] = set()
         for name in layout.logical_names(self.cfg):
             key, layer = dcp_key(name)
             if key not in sd or not isinstance(sd[key], TensorStorageMetadata):
@@ -121,10 +122,42 @@ class TorchDistReader:
             if tuple(sd[key].size) != expected:
                 raise UserError(f"{self.path}: tensor '{key}' has shape {tuple(sd[key].size)} but the model "
                                 f"config gives {expected}; pass the matching model config")
+            if key not in checked:
+                self._check_tiling(key, sd[key])
+                checked.add(key)
         for index, info in self.metadata.storage_data.items():
             if getattr(info, "transform_descriptors", None):
                 raise UserError(f"{self.path}: chunk {index.fqn} uses storage transforms "
                                 f"{list(info.transform_descriptors)}; only plain torch_dist files are supported")
+
+    def _check_tiling(self, key: str, md: TensorStorageMetadata) -> None:
+        """The chunks of ``key`` tile its global shape exactly: inside it, no two overlapping, and their
+        volumes summing to the whole (so no hole), checked once here rather than trusted at every read (a
+        hole would be uninitialised memory in a published output)."""
+        size = tuple(md.size)
+        chunks = sorted(md.chunks, key=lambda c: tuple(c.offsets))
+        total = 0
+        for c in chunks:
+            if len(c.offsets) != len(size) or any(o < 0 or n < 1 or o + n > s
+                                                   for o, n, s in zip(c.offsets, c.sizes, size)):
+                raise UserError(f"{self.path / '.metadata'}: a chunk of '{key}' (offsets {list(c.offsets)}, sizes "
+                                f"{list(c.sizes)}) lies outside its shape {list(size)}; the metadata is corrupt")
+            volume = 1
+            for n in c.sizes:
+                volume *= n
+            total += volume
+        whole = 1
+        for n in size:
+            whole *= n
+        starts = [c.offsets[0] for c in chunks]
+        for i, a in enumerate(chunks):  # only chunks starting before a's end on dim 0 can overlap it
+            for b in chunks[i + 1:bisect.bisect_left(starts, a.offsets[0] + a.sizes[0])]:
+                if all(max(x, y) < min(x + n, y + m) for x, n, y, m in zip(a.offsets, a.sizes, b.offsets, b.sizes)):
+                    raise UserError(f"{self.path / '.metadata'}: chunks of '{key}' at {list(a.offsets)} and "
+                                    f"{list(b.offsets)} overlap; the metadata is corrupt")
+        if total != whole:
+            raise UserError(f"{self.path / '.metadata'}: the chunks of '{key}' cover {total} of its {whole} elements "
+                            "(a hole); the metadata is corrupt or the checkpoint incomplete")
 
     def dtype(self, name: str) -> torch.dtype:
         return self.metadata.state_dict_metadata[dcp_key(name)[0]].properties.dtype
