@@ -304,3 +304,18 @@ def test_pipeline_stages_of_a_training_save(tmp_path):
         assert torch.equal(want, got), tensor_name
     after = saved_args(tmp_path / "g")
     assert after.pipeline_model_parallel_size == 2 and after.num_layers == 8 and after.transformer_impl == "local"
+
+
+def test_fresh_args_agree_with_megatron_lms_own_save():
+    """The args megastack writes for a source without them (HF, its own files) hold, field for field, what
+    Megatron-LM's own save of the same Llama holds (its loader compares some of them with its defaults)."""
+    from megastack.ckpt.megatron_args import output_args
+
+    real = saved_args(FIXTURES / "legacy")
+    cfg = open_checkpoint(FIXTURES / "legacy").cfg
+    fresh = output_args(None, cfg, 1, 1, torch.float32, iteration=2, new_stage=False, te_names=False)
+    # the run's own choice (its tokenizer) may differ; the pre-0.16 epsilon name and apply_layernorm_1p are extra
+    differ = {n for n in vars(fresh) if n in vars(real) and getattr(fresh, n) != getattr(real, n)}
+    assert differ <= {"tokenizer_type"}, {n: (getattr(fresh, n), getattr(real, n)) for n in differ}
+    missing = {n for n in vars(fresh) if n not in vars(real)}
+    assert missing <= {"norm_epsilon", "apply_layernorm_1p"}, missing

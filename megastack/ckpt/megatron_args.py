@@ -144,9 +144,11 @@ def fresh_args(cfg: ModelConfig) -> argparse.Namespace:
     default, i.e. a different model)."""
     return argparse.Namespace(
         **LLAMA, make_vocab_size_divisible_by=128, tokenizer_type="SentencePieceTokenizer",
-        add_position_embedding=False, use_rotary_position_embeddings=True,
+        # as Megatron-LM's own saves of a RoPE Llama hold them (its loader compares add_position_embedding
+        # with its default True; rope is chosen by position_embedding_type)
+        add_position_embedding=True, use_rotary_position_embeddings=False,
         apply_query_key_layer_scaling=False, sequence_parallel=False, attention_dropout=0.0, hidden_dropout=0.0,
-        use_mcore_models=True, transformer_impl="transformer_engine",
+        use_legacy_models=False, transformer_impl="transformer_engine",
         **NEW_STAGE)
 
 
