@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,16 @@ T = TypeVar("T")
 
 class ConfigError(UserError):
     """A config field is wrong; the message names file and field."""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 40, 40
+
+
+def brief(value: Any) -> str:
+    """A value for an error message: short, and bounded however large or nested (a file the config points
+    at is not echoed back; a YAML alias bomb is not expanded)."""
+    return _REPR.repr(value)
 
 
 def _fail(where: str, field_path: str, problem: str) -> ConfigError:
@@ -209,7 +220,7 @@ def _coerce(value: Any, tp: Any, where: str, path: str) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
             return value
-        raise _fail(where, path, f"must be {_type_name(tp)}, got {value!r}")
+        raise _fail(where, path, f"must be {_type_name(tp)}, got {brief(value)}")
     if origin in (typing.Union, types.UnionType):
         if isinstance(value, dict):  # a mapping can only be the dataclass option: keep its precise error
             for option in typing.get_args(tp):
@@ -220,48 +231,48 @@ def _coerce(value: Any, tp: Any, where: str, path: str) -> Any:
                 return _coerce(value, option, where, path)
             except ConfigError:
                 continue
-        raise _fail(where, path, f"must be {_type_name(tp)}, got {value!r}")
+        raise _fail(where, path, f"must be {_type_name(tp)}, got {brief(value)}")
     if tp is type(None):
         if value is None:
             return None
-        raise _fail(where, path, f"must be null, got {value!r}")
+        raise _fail(where, path, f"must be null, got {brief(value)}")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where, path)
     if origin in (list, tuple):
         if not isinstance(value, list):
-            raise _fail(where, path, f"must be {_type_name(tp)}, got {value!r}")
+            raise _fail(where, path, f"must be {_type_name(tp)}, got {brief(value)}")
         item = typing.get_args(tp)[0]
         items = [_coerce(v, item, where, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
-            raise _fail(where, path, f"must be a mapping, got {value!r}")
+            raise _fail(where, path, f"must be a mapping, got {brief(value)}")
         key_t, val_t = typing.get_args(tp)
         return {_coerce(k, key_t, where, path): _coerce(v, val_t, where, f"{path}.{k}")
                 for k, v in value.items()}
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
-                raise _fail(where, path, f"must be a finite number, got {value!r}")
+                raise _fail(where, path, f"must be a finite number, got {brief(value)}")
             return float(value)
         if isinstance(value, str):  # YAML reads 1e-5 without a dot as a string
             try:
                 return _coerce(float(value), float, where, path)
             except ValueError:
                 pass
-        raise _fail(where, path, f"must be a number, got {value!r}")
+        raise _fail(where, path, f"must be a number, got {brief(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise _fail(where, path, f"must be an integer, got {value!r}")
+        raise _fail(where, path, f"must be an integer, got {brief(value)}")
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise _fail(where, path, f"must be true or false, got {value!r}")
+        raise _fail(where, path, f"must be true or false, got {brief(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise _fail(where, path, f"must be a string, got {value!r}")
+        raise _fail(where, path, f"must be a string, got {brief(value)}")
     if tp is Any:
         return value
     raise TypeError(f"unsupported config annotation {tp!r} at {path}")
@@ -272,7 +283,7 @@ def from_dict(cls: type[T], data: Any, where: str = "<config>", path: str = "") 
     prefix = f"{path}." if path else ""
     if not isinstance(data, dict):
         shown = path or "(top level)"
-        raise ConfigError(f"{where}: field '{shown}' must be a mapping of fields, got {data!r}")
+        raise ConfigError(f"{where}: field '{shown}' must be a mapping of fields, got {brief(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(map(str, data)) - set(fields))
@@ -297,10 +308,16 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def read_yaml(path: str | os.PathLike) -> Any:
     """Parse a YAML file; unreadable or malformed files are one-line UserErrors."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise UserError(f"{path}: {path.stat().st_size} bytes; a config is at most {MAX_CONFIG_BYTES} "
+                            "bytes; pass the YAML config, not another file")
         text = path.read_text()
     except FileNotFoundError:
         raise UserError(f"{path}: config file not found; check the path") from None
@@ -308,6 +325,8 @@ def read_yaml(path: str | os.PathLike) -> Any:
         raise UserError(f"{path}: cannot read config ({type(exc).__name__}); pass a readable YAML file") from None
     try:
         return yaml.safe_load(text)
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a config; fix the file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""

@@ -130,6 +130,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def check_paths(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """SRC must exist, DST must not, and neither may contain the other (a symlink loop is an error too)."""
+    try:
+        s, d = Path(src).resolve(), Path(dst).resolve()
+    except (OSError, RuntimeError) as exc:
+        raise UserError(f"{src} or {dst}: cannot resolve the path ({str(exc)[:80]}); a symlink loop?") from None
+    if not s.exists():
+        raise UserError(f"{src}: source checkpoint not found")
+    if s == d:
+        raise UserError(f"source and destination are the same directory ({src}); give a new DST")
+    if d.is_relative_to(s) or s.is_relative_to(d):
+        raise UserError(f"{dst}: the destination must not be inside the source (or the other way round)")
+    refuse_existing(dst)
+
+
 def refuse_existing(dst: str | os.PathLike, what: str = "destination") -> None:
     if os.path.lexists(dst):
         raise UserError(f"{what} {dst} already exists; choose a new directory or remove it first")

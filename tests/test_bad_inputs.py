@@ -406,6 +406,42 @@ def damage_cli_plan_overflow(good, tmp):  # printed Infinity/NaN: invalid JSON
     return ["plan", "--params", "1e308", "--tokens", "1e308", "--json"], ["--params", "above"], None
 
 
+def damage_cli_factor_huge(good, tmp):  # built a list of billions of layers: killed by the OOM killer
+    src = copy(good, tmp, "td")
+    return ["grow", str(src), str(tmp / "out"), "--factor", "1000000000"], ["--factor", "at most"], src
+
+
+def damage_cli_layer_map_repeat_huge(good, tmp):
+    src = copy(good, tmp, "td")
+    return ["grow", str(src), str(tmp / "out"), "--layer-map", "0x100000000"], ["--layer-map"], src
+
+
+def damage_cli_layer_map_digits_huge(good, tmp):
+    src = copy(good, tmp, "td")
+    return ["grow", str(src), str(tmp / "out"), "--layer-map", "0-1x99999999999999999999"], ["--layer-map"], src
+
+
+def damage_src_symlink_loop(good, tmp):
+    (tmp / "loop").symlink_to(tmp / "loop")
+    return ["grow", str(tmp / "loop"), str(tmp / "out"), "--factor", "2"], ["loop"], None
+
+
+def damage_td_binary_tracker(good, tmp):
+    src = copy(good, tmp, "td")
+    (src / "latest_checkpointed_iteration.txt").write_bytes(b"\xff\xfe\x00\x01garbage")
+    return ["inspect", str(src)], ["latest_checkpointed_iteration.txt", "binary"], src
+
+
+def damage_config_points_at_a_system_file(good, tmp):  # printed the whole file in the error
+    (tmp / "bad.yaml").write_text("model: /etc/passwd\nout_dir: out\n")
+    return ["train", str(tmp / "bad.yaml")], ["/etc/passwd", "mapping"], None
+
+
+def damage_config_nested_deeply(good, tmp):  # RecursionError traceback
+    (tmp / "deep.yaml").write_text("model: " + "[" * 50000 + "]" * 50000 + "\n")
+    return ["validate", str(tmp / "deep.yaml")], ["nested too deeply"], None
+
+
 GENERATED: dict[str, Callable] = {name[len("damage_"):]: fn for name, fn in globals().items()
                                   if name.startswith("damage_")}
 
@@ -418,6 +454,8 @@ def test_generated_case(case: str, good: Path, tmp_path: Path):
     proc = run_cli(*argv, cwd=tmp_path, env={"MEGASTACK_CACHE": str(tmp_path / "cache")})
     assert_one_line_error(proc, *needles)
     assert "pwned" not in proc.stdout + proc.stderr
+    assert "daemon:x:1:1" not in proc.stderr, "a file's contents were echoed"
+    assert len(proc.stderr) < 1000, "the error line is not short"
     assert {p.name for p in tmp_path.iterdir()} - existing <= {"cache"}, "something was written"
     if (tmp_path / "out").exists():  # a case whose destination existed before: left as it was
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep"]

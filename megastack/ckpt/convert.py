@@ -24,25 +24,13 @@ from megastack.ckpt.execute import Comm, comm_from_launcher, dry_run, execute
 from megastack.ckpt.manifest import manifest_digest, read_manifest
 from megastack.config import ModelConfig, ParallelConfig, load_model_config, to_dict
 from megastack.errors import UserError
-from megastack.fsio import refuse_existing
+from megastack.fsio import check_paths
 from megastack.growth.plan import identity_plan
 from megastack.progress import Progress
 
 FORMATS = ("hf", "torch_dist", "legacy")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_KEYS = {v: k for k, v in DTYPES.items()}
-
-
-def check_paths(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """SRC must exist, DST must not, and neither may contain the other."""
-    s, d = Path(src).resolve(), Path(dst).resolve()
-    if not s.exists():
-        raise UserError(f"{src}: source checkpoint not found")
-    if s == d:
-        raise UserError(f"source and destination are the same directory ({src}); give a new DST")
-    if d.is_relative_to(s) or s.is_relative_to(d):
-        raise UserError(f"{dst}: the destination must not be inside the source (or the other way round)")
-    refuse_existing(dst)
 
 
 def check_layout(cfg: ModelConfig, to: str, tp: int | None, pp: int | None) -> tuple[int, int]:

@@ -103,11 +103,20 @@ def manifest_digest(directory: str | os.PathLike) -> str:
 def resolve_iteration_dir(path: str | os.PathLike) -> Path:
     """ROOT with a tracker -> ROOT/iter_N; an iter dir (or any checkpoint dir) -> itself."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such checkpoint directory")
+    try:
+        path.resolve(strict=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such checkpoint directory") from None
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a permission problem on the way
+        raise UserError(f"{path}: cannot be opened ({type(exc).__name__}: {str(exc)[:80]}); pass a checkpoint "
+                        "directory") from None
     tracker = path / TRACKER
     if tracker.is_file():
-        text = tracker.read_text().strip()
+        try:
+            text = tracker.read_bytes()[:64].decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise UserError(f"{tracker}: not a text iteration number (binary content); the tracker is corrupt"
+                            ) from None
         if text == "release":
             return path / "release"
         if not text.isdigit():

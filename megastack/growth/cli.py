@@ -14,22 +14,10 @@ from megastack.ckpt.execute import comm_from_launcher, dry_run, execute
 from megastack.ckpt.manifest import file_hashes, manifest_digest, read_manifest
 from megastack.config import ParallelConfig, to_dict
 from megastack.errors import NotBuiltError, UserError
-from megastack.fsio import refuse_existing
+from megastack.fsio import check_paths
 from megastack.growth.operators import GrowthSpec, make_plan
 from megastack.growth.plan import Plan
 from megastack.progress import Progress
-
-
-def check_paths(src: str, dst: str) -> None:
-    """SRC must exist, DST must not, and neither may contain the other."""
-    s, d = Path(src).resolve(), Path(dst).resolve()
-    if not s.exists():
-        raise UserError(f"{src}: source checkpoint not found")
-    if s == d:
-        raise UserError(f"source and destination are the same directory ({src}); give a new DST")
-    if d.is_relative_to(s) or s.is_relative_to(d):
-        raise UserError(f"{dst}: the destination must not be inside the source (or the other way round)")
-    refuse_existing(dst)
 
 
 def source_digest(reader: Any) -> str:

@@ -16,7 +16,15 @@ import re
 
 from megastack.errors import UserError
 
-_ITEM = re.compile(r"^(\d+)(?:-(\d+))?(?:x(\d+))?$")
+_ITEM = re.compile(r"^(\d{1,9})(?:-(\d{1,9}))?(?:x(\d{1,9}))?$")
+# Far above any model's depth (Megatron's largest have a few hundred layers); a map past it is a typo or an
+# attack that would build a list of billions before anything else is checked.
+MAX_LAYERS = 4096
+
+
+def check_depth(layers: int, flag: str) -> None:
+    if layers > MAX_LAYERS:
+        raise UserError(f"{flag}: asks for {layers} target layers; at most {MAX_LAYERS} are supported")
 
 
 def parse_layer_map(expr: str, source_layers: int, flag: str = "--layer-map") -> list[int]:
@@ -27,8 +35,8 @@ def parse_layer_map(expr: str, source_layers: int, flag: str = "--layer-map") ->
     for raw in expr.replace(" ", "").split(","):
         m = _ITEM.match(raw)
         if not m:
-            raise UserError(f"{flag}: cannot parse '{raw}'; use layers 'i', ranges 'a-b' and repeats 'xN', "
-                            "e.g. '0-5x4' or '0-3,2-5'")
+            raise UserError(f"{flag}: cannot parse '{raw[:40]}'; use layers 'i', ranges 'a-b' and repeats 'xN' "
+                            "(numbers up to 9 digits), e.g. '0-5x4' or '0-3,2-5'")
         start = int(m.group(1))
         stop = int(m.group(2)) if m.group(2) is not None else start
         repeat = int(m.group(3)) if m.group(3) is not None else 1
@@ -39,6 +47,7 @@ def parse_layer_map(expr: str, source_layers: int, flag: str = "--layer-map") ->
                 raise UserError(f"{flag}: layer {index} in '{raw}' does not exist; the source has "
                                 f"{source_layers} layers (0-{source_layers - 1})")
         step = 1 if stop >= start else -1
+        check_depth(len(out) + (abs(stop - start) + 1) * repeat, flag)
         out += list(range(start, stop + step, step)) * repeat
     return out
 

@@ -26,7 +26,7 @@ from typing import Any
 from megastack.ckpt import layout
 from megastack.config import ModelConfig
 from megastack.errors import NotBuiltError, UserError
-from megastack.growth.layer_map import first_occurrences, parse_layer_map, stack_map
+from megastack.growth.layer_map import check_depth, first_occurrences, parse_layer_map, stack_map
 from megastack.growth.plan import Copy, Noisy, Plan, RandomInit, Zeros
 
 NORM_KINDS = ("attn_norm", "mlp_norm")
@@ -60,6 +60,7 @@ def resolve_layer_map(spec: GrowthSpec, source_layers: int) -> list[int]:
         return mapping
     if spec.factor is None:
         raise UserError("give --factor G (stack the whole model G times) or --layer-map")
+    check_depth(source_layers * spec.factor, f"--factor {spec.factor}")
     return stack_map(source_layers, spec.factor)
 
 
