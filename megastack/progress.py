@@ -7,7 +7,8 @@ import time
 
 
 class Progress:
-    """``update()`` once per finished item; a bar on a TTY, otherwise a line every few seconds."""
+    """``update()`` once per finished item; a bar on a TTY (stderr), otherwise a line every few seconds
+    (stdout)."""
 
     def __init__(self, total: int, label: str, enabled: bool = True):
         self.total, self.label, self.done = max(total, 1), label, 0
@@ -29,7 +30,8 @@ class Progress:
         elif time.monotonic() - self._last_line >= 5.0 or self.done == self.total:
             self._last_line = time.monotonic()
             elapsed = self._last_line - self.start
-            print(f"{self.label}: {self.done}/{self.total} ({elapsed:.1f}s)", file=sys.stderr, flush=True)
+            # stdout, with the command's other output: stderr holds only the one-line error if one comes
+            print(f"{self.label}: {self.done}/{self.total} ({elapsed:.1f}s)", flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -186,14 +186,19 @@ def test_two_grows_into_one_destination(mid_source, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
 
 
-def test_disk_full_leaves_nothing(mid_source, tmp_path):
+@pytest.mark.parametrize("command,needle", [
+    (["grow", "--factor", "4"], "No space left on device"),
+    (["convert", "--to", "legacy"], "disk full"),  # torch's zip writer: "unexpected pos"
+    (["convert", "--to", "hf"], "No space left on device"),  # safetensors' Rust error, "os error 28"
+])
+def test_disk_full_leaves_nothing(mid_source, tmp_path, command, needle):
     mount = tmp_path / "small"
     mount.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mount)]).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root / CAP_SYS_ADMIN)")
     try:
-        proc = run_cli("grow", str(mid_source / "src"), str(mount / "dst"), "--factor", "4")
-        assert_one_line_error(proc, "No space left on device", "nothing was published")
+        proc = run_cli(command[0], str(mid_source / "src"), str(mount / "dst"), *command[1:])
+        assert_one_line_error(proc, needle, "nothing was published")
         assert list(mount.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mount)])

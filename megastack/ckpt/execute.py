@@ -10,6 +10,8 @@ into place. Any rank's failure fails all ranks and removes the staging directory
 from __future__ import annotations
 
 import atexit
+import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -132,12 +134,25 @@ def _user_message(exc: BaseException, dst: Path) -> str | None:
         seen = seen.__cause__ or seen.__context__
     if seen is not None:
         exc = seen
-    if isinstance(exc, OSError):
-        where = f" ({exc.filename})" if exc.filename else ""
-        hint = {28: "free some space or write elsewhere", 30: "the destination is read-only; write elsewhere",
-                13: "check the destination's permissions"}.get(exc.errno or 0, "check the destination")
-        return f"cannot write {dst}: {exc.strerror or exc}{where}; {hint}; nothing was published"
-    return None
+    if not isinstance(exc, OSError):
+        # Writers in other languages report I/O failures as their own errors: safetensors' Rust
+        # "I/O error: No space left on device (os error 28)", torch's zip writer "PytorchStreamWriter failed
+        # writing" or, when a short write went unnoticed, "unexpected pos".
+        text = str(exc)
+        code = _OS_ERROR.search(text)
+        if code is not None:
+            exc = OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+        elif any(m in text for m in ("PytorchStreamWriter failed", "file write failed", "unexpected pos")):
+            exc = OSError(5, "write failed (disk full or an I/O error)")
+        else:
+            return None
+    where = f" ({exc.filename})" if exc.filename else ""
+    hint = {28: "free some space or write elsewhere", 30: "the destination is read-only; write elsewhere",
+            13: "check the destination's permissions"}.get(exc.errno or 0, "check the destination")
+    return f"cannot write {dst}: {exc.strerror or exc}{where}; {hint}; nothing was published"
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 def _all_ranks(comm: Comm, dst: Path, cleanup: Callable[[], None], step: Callable[[], Any]) -> Any:
