@@ -86,6 +86,19 @@ class Recipe:
         if self.growth.layer_map is None and factor is not None and small.num_layers * factor != large.num_layers:
             problems.append(("growth.factor", f"{factor} x {small.num_layers} small layers != {large.num_layers} "
                              "large layers; fix the factor or the models"))
+        if not problems:  # the whole growth step, planned now (pure: no data), not after the small stage trained
+            from megastack.growth.operators import GrowthSpec, make_plan
+
+            g = self.growth
+            try:
+                plan = make_plan(small, GrowthSpec(operator=g.operator, factor=g.factor, layer_map=g.layer_map,
+                                                   noise=g.noise, seed=g.seed))
+            except UserError as exc:
+                problems.append(("growth", str(exc)))
+            else:
+                if plan.target.num_layers != large.num_layers:
+                    problems.append(("growth.layer_map", f"gives {plan.target.num_layers} layers but large.model "
+                                     f"has {large.num_layers}; make them agree"))
         for name, stage in (("small", self.small), ("large", self.large), ("scratch", self.scratch)):
             if stage is not None:
                 par = stage.parallel or self.parallel
