@@ -442,6 +442,21 @@ def damage_config_nested_deeply(good, tmp):  # RecursionError traceback
     return ["validate", str(tmp / "deep.yaml")], ["nested too deeply"], None
 
 
+def damage_data_one_document(good, tmp):  # megatron's sample index looped forever on the empty valid split
+    text = tmp / "one.txt"
+    text.write_text("\n".join(f"def function_{i}(x):\n    return x * {i} + {i % 7}" for i in range(400)))
+    proc = run_cli("data", str(text), "--out", str(tmp / "one"), "--vocab-size", "320")
+    assert proc.returncode == 0, proc.stderr
+    return ["train", str(train_yaml(tmp, tmp / "one"))], ["1 document", "valid split"], tmp / "one"
+
+
+def damage_data_vocab_below_characters(good, tmp):  # sentencepiece's RuntimeError traceback
+    text = tmp / "chars.txt"
+    text.write_text("".join(chr(0x4E00 + i) for i in range(200)) + "\n" + "abc\n" * 10)
+    argv = ["data", str(text), "--out", str(tmp / "out"), "--vocab-size", "300"]
+    return argv, ["--vocab-size 300", "too small"], None
+
+
 GENERATED: dict[str, Callable] = {name[len("damage_"):]: fn for name, fn in globals().items()
                                   if name.startswith("damage_")}
 

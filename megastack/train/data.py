@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -137,10 +138,18 @@ def train_tokenizer(files: list[Path], model_path: Path, vocab_size: int, max_li
                 remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
                 user_defined_symbols=["\n"], unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
                 shuffle_input_sentence=False, minloglevel=2)
-    except RuntimeError:
+    except RuntimeError as exc:
         if failure:
             raise failure[0] from None
-        raise
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        needed = re.search(r"required_chars\. (\d+) vs (\d+)", text)
+        if needed:
+            raise UserError(f"--vocab-size {vocab_size} is too small for these inputs: they hold "
+                            f"{needed.group(2)} distinct characters and pieces; use --vocab-size "
+                            f"{int(needed.group(2)) + 64} or more") from None
+        reason = text.split("] ", 1)[-1][:200]
+        raise UserError(f"sentencepiece could not train a tokenizer on the inputs ({reason}); check that they "
+                        "are text and the --vocab-size fits them") from None
     atomic_write_bytes(model_path, model.getvalue())
 
 
@@ -311,6 +320,32 @@ def resolve_data(prefixes: list[str], tokenizer_path: str | None, vocab_size: in
     return prefixes, tokenizer
 
 
+def _check_split_documents(prefixes: list[str], split: str) -> None:
+    """Every split with a share gets at least one document of every corpus, by megatron's own rounding:
+    megatron builds each such split (sized at least 1 sample here), and an empty one has zero tokens per
+    epoch, so its sample index counts epochs forever."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    try:
+        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    except (AssertionError, ValueError):
+        raise UserError(f"data.split '{split}': give three non-negative shares, e.g. '98,2,0'") from None
+    for prefix in prefixes:
+        documents = len(IndexedDataset(prefix).sequence_lengths)
+        for index, name in enumerate(("train", "valid", "test")):
+            if matrix[index] is None:
+                continue
+            begin, end = (int(round(x * documents)) for x in matrix[index])
+            if end <= begin:
+                raise UserError(f"data: {prefix} has {documents} document(s) and data.split '{split}' leaves the "
+                                f"{name} split none; give a corpus of more documents (megastack data makes one "
+                                "per file or jsonl line) or change data.split")
+
+
 def build_datasets(prefixes: list[str], weights: list[float] | None, split: str, tokenizer: Tokenizer,
                    seq_length: int, seed: int, train_samples: int, valid_samples: int,
                    cache_dir: str | os.PathLike) -> Datasets:
@@ -330,6 +365,7 @@ def build_datasets(prefixes: list[str], weights: list[float] | None, split: str,
         reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
         mid_level_dataset_surplus=0.005)
     sizes = [train_samples, max(valid_samples, 1), 1]  # every split sized: megatron needs it with blend weights
+    _check_split_documents(prefixes, split)
     try:
         train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     except AssertionError as exc:
