@@ -218,7 +218,7 @@ def run_grow(recipe: Recipe, layout: Layout, small_checkpoint: str, comm) -> dic
     dst = layout.stage_dir("grow")
     manifest = growth_manifest(reader, plan, small_checkpoint) | {"format": writer.format}
     execute(writer, plan.producer(reader, reader.dtype("embedding")), dst, comm, manifest,
-            order_key=plan.source_key)
+            order_key=plan.source_key, source=reader.path)
     return grow_result(dst, manifest["growth"])
 
 

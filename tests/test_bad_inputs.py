@@ -457,6 +457,24 @@ def damage_data_vocab_below_characters(good, tmp):  # sentencepiece's RuntimeErr
     return argv, ["--vocab-size 300", "too small"], None
 
 
+def damage_td_flipped_byte_under_manifest(good, tmp):  # was grown, and the source's checksum recorded as intact
+    src = copy(good, tmp, "td")
+    shard = sorted(resolve_iteration_dir(src).glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside tensor bytes: every chunk still loads
+    shard.write_bytes(bytes(data))
+    return ["grow", str(src), str(tmp / "out"), "--factor", "2"], [shard.name, "checksum differs"], src
+
+
+def damage_legacy_flipped_byte_under_manifest(good, tmp):
+    src = copy(good, tmp, "legacy")
+    f = resolve_iteration_dir(src) / "mp_rank_01_001" / "model_optim_rng.pt"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    return ["convert", str(src), str(tmp / "out"), "--to", "hf"], ["model_optim_rng.pt", "checksum"], src
+
+
 GENERATED: dict[str, Callable] = {name[len("damage_"):]: fn for name, fn in globals().items()
                                   if name.startswith("damage_")}
 

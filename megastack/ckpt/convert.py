@@ -151,7 +151,7 @@ def run(job: Conversion, dst: str | os.PathLike, comm: Comm, progress: bool = Fa
     bar = Progress(sum(len(u.requests) for u in job.writer.units()), "convert", enabled=progress and comm.rank == 0)
     # HF files go straight into DST; Megatron formats get iter_NNNNNNN/ and the tracker, like Megatron-LM.
     execute(job.writer, job.plan.producer(job.reader, job.dtype), dst, comm, job.manifest,
-            iteration=None if to == "hf" else job.iteration, progress=bar.update)
+            iteration=None if to == "hf" else job.iteration, progress=bar.update, source=job.reader.path)
     bar.close()
     return Path(dst)
 

@@ -13,6 +13,7 @@ import atexit
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from megastack.ckpt.base import Produce, Reader, Unit, Writer
-from megastack.ckpt.manifest import TRACKER, iter_dir_name, write_manifest
+from megastack.ckpt.manifest import MANIFEST, TRACKER, iter_dir_name, write_manifest
 from megastack.errors import UserError
 from megastack.fsio import (
     DestinationLock,
@@ -178,13 +179,14 @@ def _all_ranks(comm: Comm, dst: Path, cleanup: Callable[[], None], step: Callabl
 
 def execute(writer: Writer, produce: Produce, dst: str | Path, comm: Comm, manifest: dict[str, Any],
             iteration: int | None = 0, progress: Callable[[str], None] | None = None,
-            order_key: Callable[[Unit], Any] | None = None) -> Path:
+            order_key: Callable[[Unit], Any] | None = None, source: Path | None = None) -> Path:
     """Write ``dst`` with every rank's share of ``writer``'s units; rank 0 publishes it.
 
     ``iteration`` None writes the files directly in ``dst`` (Hugging Face); otherwise ``dst`` is a
     checkpoint root with ``iter_NNNNNNN/`` and the tracker file, like Megatron-LM's. A crash at any
     point leaves either no ``dst`` or a complete one; the ``.dst.partial`` sibling a crash leaves behind
-    is removed by the next run.
+    is removed by the next run. A ``source`` with a megastack.json has its files' sha256 checked while the
+    output is written (a thread, each rank a share of the files); a mismatch publishes nothing.
     """
     dst = Path(dst)
     refuse_existing(dst)
@@ -215,9 +217,13 @@ def execute(writer: Writer, produce: Produce, dst: str | Path, comm: Comm, manif
 
         return writer.write_units(target, mine, produce_logged, comm.rank)
 
+    source_check = SourceCheck(source, comm)
+
     try:
         _all_ranks(comm, dst, cleanup, prepare)
+        source_check.start()
         results = comm.gather(_all_ranks(comm, dst, cleanup, write))
+        _all_ranks(comm, dst, cleanup, source_check.result)
         _publish(comm, dst, staging, target, writer, results, manifest, iteration, start, cleanup)
     except BaseException as exc:
         if not isinstance(exc, Exception):  # interrupted (SIGINT, SIGTERM): leave nothing half-written
@@ -226,6 +232,42 @@ def execute(writer: Writer, produce: Produce, dst: str | Path, comm: Comm, manif
     finally:
         lock.release()
     return dst
+
+
+class SourceCheck:
+    """The source's files against its manifest's sha256, hashed in a thread while the output is written,
+    so a corrupt source is refused before anything is published (and its checksum never recorded as if
+    intact)."""
+
+    def __init__(self, source: Path | None, comm: Comm):
+        from megastack.ckpt.manifest import read_manifest
+
+        self.source, self.comm = source, comm
+        self.manifest = read_manifest(source) if source is not None else None
+        self.problems: list[str] = []
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.manifest is None:
+            return
+        from megastack.ckpt.manifest import check_hashes
+
+        def run() -> None:
+            try:
+                self.problems = check_hashes(self.source, self.manifest, (self.comm.rank, self.comm.world),
+                                             extra_files=False)
+            except UserError as exc:
+                self.problems = [str(exc)]
+
+        self.thread = threading.Thread(target=run, name="source-sha256", daemon=True)
+        self.thread.start()
+
+    def result(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+        if self.problems:
+            raise UserError(f"{self.problems[0]}; the source does not match its {MANIFEST}: restore it or "
+                            "re-run the command that wrote it (nothing was published)")
 
 
 def _publish(comm: Comm, dst: Path, staging: Path, target: Path, writer: Writer, results: list[Any],

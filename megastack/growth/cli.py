@@ -133,7 +133,7 @@ def cli_grow(args: Any) -> int:
     units = writer.units()
     progress = Progress(sum(len(u.requests) for u in units), "grow", enabled=comm.rank == 0)
     execute(writer, plan.producer(reader, reader.dtype("embedding")), args.dst, comm, manifest,
-            progress=progress.update, order_key=plan.source_key)
+            progress=progress.update, order_key=plan.source_key, source=reader.path)
     progress.close()
     if comm.rank == 0:
         print(f"grew {args.src} ({plan.source.num_layers} layers) into {args.dst} ({plan.target.num_layers} layers, "
