@@ -103,7 +103,6 @@ STAND_INS: dict[str, type[MegatronObject]] = {
 
 def _standard_globals() -> list[Any]:
     """Harmless standard classes Megatron-LM's args and rng state hold (its own safe_globals list)."""
-    import io
     import pathlib
     import signal
     import types
