@@ -15,7 +15,6 @@ import io
 import os
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -158,9 +157,10 @@ def load_pt(path: str | os.PathLike, *, mmap: bool = False) -> Any:
         raise UserError(f"{path}: refused to load: its pickle asks for {what}, which is not a tensor nor one "
                         "of the Megatron-LM args/rng/optimizer objects megastack admits; the file may be "
                         "malicious, or written by a tool megastack does not know (nothing was executed)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-        raise UserError(f"{path}: not a readable torch file ({str(exc).splitlines()[0][:120]}); "
-                        "it may be truncated or corrupt") from None
+    except Exception as exc:  # a corrupt pickle or zip raises many types (IndexError, KeyError, EINVAL, ...)
+        # OSError: torch's mmap of a truncated zip fails with EINVAL ("cannot write DST: Invalid argument" once)
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        raise UserError(f"{path}: not a readable torch file ({first}); it may be truncated or corrupt") from None
 
 
 class _Pickler(pickle._Pickler):  # type: ignore[name-defined]
@@ -230,4 +230,45 @@ def read_dcp_metadata(directory: str | os.PathLike):
 
     if not isinstance(metadata, Metadata):
         raise UserError(f"{path}: does not hold DCP checkpoint metadata")
+    problem = _metadata_problem(metadata)
+    if problem:
+        raise UserError(f"{path}: malformed checkpoint metadata ({problem}); the file is corrupt")
     return metadata
+
+
+def _is_counts(values: Any, length: int | None = None) -> bool:
+    return (isinstance(values, (tuple, list)) and (length is None or len(values) == length)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values))
+
+
+def _metadata_problem(metadata: Any) -> str | None:
+    """What is wrong with an unpickled DCP Metadata's fields (the classes are right, their contents are
+    the file's: any type may sit in any field), or None."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
+
+    entries, storage = getattr(metadata, "state_dict_metadata", None), getattr(metadata, "storage_data", None)
+    if not isinstance(entries, dict) or not isinstance(storage, dict):
+        return "state_dict_metadata and storage_data must be mappings"
+    for key, md in entries.items():
+        if not isinstance(key, str):
+            return f"key {key!r:.40} is not a string"
+        if isinstance(md, BytesStorageMetadata):
+            continue
+        if not isinstance(md, TensorStorageMetadata):
+            return f"'{key}' has entry type {type(md).__name__}"
+        dtype = getattr(getattr(md, "properties", None), "dtype", None)
+        if not isinstance(dtype, torch.dtype) or not _is_counts(getattr(md, "size", None)):
+            return f"'{key}' has no valid dtype and size"
+        if not isinstance(md.chunks, list):
+            return f"'{key}' has no chunk list"
+        for chunk in md.chunks:
+            if not (_is_counts(getattr(chunk, "offsets", None), len(md.size))
+                    and _is_counts(getattr(chunk, "sizes", None), len(md.size))):
+                return f"a chunk of '{key}' has offsets/sizes that are not {len(md.size)} non-negative integers"
+    for index, info in storage.items():
+        if not isinstance(index, MetadataIndex) or not isinstance(getattr(index, "fqn", None), str):
+            return "a storage entry is not indexed by name"
+        if not (isinstance(getattr(info, "relative_path", None), str)
+                and _is_counts([getattr(info, "offset", None), getattr(info, "length", None)])):
+            return f"the storage of '{index.fqn}' has no valid file, offset and length"
+    return None

@@ -142,6 +142,9 @@ class TorchDistReader:
                                                    for o, n, s in zip(c.offsets, c.sizes, size)):
                 raise UserError(f"{self.path / '.metadata'}: a chunk of '{key}' (offsets {list(c.offsets)}, sizes "
                                 f"{list(c.sizes)}) lies outside its shape {list(size)}; the metadata is corrupt")
+            if MetadataIndex(key, c.offsets) not in self.metadata.storage_data:
+                raise UserError(f"{self.path / '.metadata'}: a chunk of '{key}' at {list(c.offsets)} has no stored "
+                                "bytes; the metadata is corrupt")
             volume = 1
             for n in c.sizes:
                 volume *= n
