@@ -319,3 +319,9 @@ def test_fresh_args_agree_with_megatron_lms_own_save():
     assert differ <= {"tokenizer_type"}, {n: (getattr(fresh, n), getattr(real, n)) for n in differ}
     missing = {n for n in vars(fresh) if n not in vars(real)}
     assert missing <= {"norm_epsilon", "apply_layernorm_1p"}, missing
+
+
+def test_convert_keeps_a_torch_dist_saves_iteration(tmp_path):
+    assert in_process("convert", str(FIXTURES / "torch_dist"), str(tmp_path / "l"), "--to", "legacy").returncode == 0
+    assert (tmp_path / "l" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert saved_args(tmp_path / "l").iteration == 2

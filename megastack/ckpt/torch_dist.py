@@ -87,6 +87,15 @@ class TorchDistReader:
             self._check_files()
 
     @property
+    def iteration(self) -> int:
+        """Megatron-LM's iteration from common.pt (0 when it has none)."""
+        value = read_common(self.path).get("iteration", 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(f"{self.path / 'common.pt'}: field 'iteration' is {value!r:.40}; expected a "
+                            "non-negative integer; the file is corrupt")
+        return value
+
+    @property
     def saved_args(self) -> Any:
         """Megatron-LM's args from common.pt (None when it has none, e.g. megastack's own older files)."""
         return read_common(self.path).get("args")
