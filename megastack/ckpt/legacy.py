@@ -76,11 +76,7 @@ class LegacyReader:
         first = self._file(0, 0)
         where = str(self._file_path(0, 0))
         self.saved_args = first.get("args")
-        iteration = first.get("iteration", 0)
-        if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
-            raise UserError(f"{where}: field 'iteration' is {iteration!r}; expected a non-negative integer; the "
-                            "file is corrupt")
-        self.iteration = iteration
+        self.iteration = megatron_args.saved_iteration(first, where)
         self.cfg = cfg or megatron_args.model_config(self.saved_args, where)
         if self.cfg.num_layers % self.pp:
             raise UserError(f"{self.path}: PP={self.pp} does not divide num_layers={self.cfg.num_layers}")

@@ -80,7 +80,7 @@ def get(args: Any, field: str, where: str) -> Any:
     """One field by its first present name, type-checked; None when no name is present (or it is None)."""
     spec = FIELDS[field]
     for name in spec.names:
-        value = args.get(name) if isinstance(args, dict) else getattr(args, name, None)
+        value = _get_raw(args, name)
         if value is None:
             continue
         ok = isinstance(value, spec.kind) and not (spec.kind is int and isinstance(value, bool))
@@ -96,6 +96,16 @@ def get(args: Any, field: str, where: str) -> Any:
 
 def _get_raw(args: Any, name: str) -> Any:
     return args.get(name) if isinstance(args, dict) else getattr(args, name, None)
+
+
+def saved_iteration(state: dict[str, Any], where: str) -> int:
+    """The top-level ``iteration`` Megatron-LM's save_checkpoint writes beside ``args`` (a legacy rank file
+    or torch_dist's common.pt); 0 when absent."""
+    value = state.get("iteration", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"{where}: field 'iteration' is {value!r:.40}; expected a non-negative integer; the file "
+                        "is corrupt")
+    return value
 
 
 def model_config(args: Any, where: str) -> ModelConfig:

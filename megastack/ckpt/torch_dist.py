@@ -13,6 +13,7 @@ file closes; this one holds one chunk at a time.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import io
 import json
@@ -86,19 +87,20 @@ class TorchDistReader:
         if check_files:
             self._check_files()
 
+    @functools.cached_property
+    def common(self) -> dict[str, Any]:
+        """common.pt, loaded once (args and iteration are read from it more than once per command)."""
+        return read_common(self.path)
+
     @property
     def iteration(self) -> int:
         """Megatron-LM's iteration from common.pt (0 when it has none)."""
-        value = read_common(self.path).get("iteration", 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise UserError(f"{self.path / 'common.pt'}: field 'iteration' is {value!r:.40}; expected a "
-                            "non-negative integer; the file is corrupt")
-        return value
+        return megatron_args.saved_iteration(self.common, str(self.path / "common.pt"))
 
     @property
     def saved_args(self) -> Any:
         """Megatron-LM's args from common.pt (None when it has none, e.g. megastack's own older files)."""
-        return read_common(self.path).get("args")
+        return self.common.get("args")
 
     def _check_files(self) -> None:
         """Every data file the metadata names exists and is long enough: fail before writing anything."""
