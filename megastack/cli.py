@@ -30,7 +30,7 @@ HANDLERS: dict[str, tuple[str, str]] = {
     "data": ("megastack.train.data:cli_data", "data preparation, issue 4"),
     "train": ("megastack.train.loop:cli_train", "training engine, issue 4"),
     "run": ("megastack.pipeline:cli_run", "chained stages, issue 5"),
-    "validate": ("megastack.config:cli_validate", "config validation"),
+    "validate": ("megastack.validate:cli_validate", "config validation"),
 }
 
 
@@ -43,6 +43,29 @@ def resolve_handler(command: str) -> Callable[[argparse.Namespace], int] | None:
     except ModuleNotFoundError:  # a parent package is missing
         return None
     return getattr(importlib.import_module(module_name), function, None)
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r:.40}") from None
+
+
+def positive(text: str) -> int:
+    """An argparse type: sizes, counts and parallel degrees (0 never silently means "the default")."""
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def count(text: str) -> int:
+    """An argparse type: a non-negative integer (seeds)."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -70,36 +93,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="source checkpoint directory (torch_dist or legacy; format detected)")
     p.add_argument("dst", help="destination directory (must not exist)")
     p.add_argument("--operator", default="stack", choices=["stack", "zero", "random", "learn"])
-    p.add_argument("--factor", type=int, default=None, help="growth factor g (depth: layers x g)")
+    p.add_argument("--factor", type=positive, default=None, help="growth factor g (depth: layers x g)")
     p.add_argument("--layer-map", help="explicit source-layer list or range expression, e.g. '0-5,0-5' or '0,1,1,2'")
     p.add_argument("--dimension", default="depth", choices=["depth", "width", "both"],
                    help="depth (--factor/--layer-map), width (--hidden/--ffn/--heads/--query-groups) or both")
-    p.add_argument("--hidden", type=int, help="width: target hidden size (a multiple of the head dim)")
-    p.add_argument("--ffn", type=int, help="width: target FFN hidden size")
-    p.add_argument("--heads", type=int, help="width: target attention heads (default hidden / head dim)")
-    p.add_argument("--query-groups", type=int, help="width: target query groups (default: keep heads per group)")
+    p.add_argument("--hidden", type=positive, help="width: target hidden size (a multiple of the head dim)")
+    p.add_argument("--ffn", type=positive, help="width: target FFN hidden size")
+    p.add_argument("--heads", type=positive, help="width: target attention heads (default hidden / head dim)")
+    p.add_argument("--query-groups", type=positive, help="width: target query groups (default: keep heads per group)")
     p.add_argument("--data", action="append", help="learn: token data (indexed-dataset prefix, 'megastack data' "
                    "dir, .npy tokens, or text files/dirs read as bytes); repeatable")
-    p.add_argument("--learn-tokens", type=int, default=65536, help="learn: tokens to train the maps on (default 65536)")
-    p.add_argument("--learn-batch", type=int, default=8, help="learn: sequences per step over all ranks (default 8)")
+    p.add_argument("--learn-tokens", type=positive, default=65536,
+                   help="learn: tokens to train the maps on (default 65536)")
+    p.add_argument("--learn-batch", type=positive, default=8,
+                   help="learn: sequences per step over all ranks (default 8)")
     p.add_argument("--learn-lr", type=float, default=0.01, help="learn: Adam learning rate of the maps (default 0.01)")
     p.add_argument("--noise", type=float, default=0.0, help="W <- (1-A) W + A eps (the paper uses 0.2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tp", type=int, help="output tensor-parallel size (legacy output; default: the input's)")
-    p.add_argument("--pp", type=int, help="output pipeline-parallel size (legacy output; default: the input's)")
+    p.add_argument("--seed", type=count, default=0)
+    p.add_argument("--tp", type=positive, help="output tensor-parallel size (legacy output; default: the input's)")
+    p.add_argument("--pp", type=positive, help="output pipeline-parallel size (legacy output; default: the input's)")
     p.add_argument("--norm-names", choices=["te", "local"], help="legacy output: norm keys for Megatron-LM's "
                    "--transformer-impl transformer_engine or local (default: as the source)")
     p.add_argument("--carry-optimizer", action="store_true", help="EXPERIMENTAL: stack Adam moments like weights")
     p.add_argument("--dry-run", action="store_true", help="print the per-rank plan (reads, writes, peak memory) only")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
-    p.add_argument("--ranks", type=int, help="with --dry-run: plan for this many ranks (default: the launcher's)")
+    p.add_argument("--ranks", type=positive, help="with --dry-run: plan for this many ranks (default: the launcher's)")
 
     p = sub.add_parser("convert", help="convert between Hugging Face, torch_dist and legacy Megatron (resharding)")
     p.add_argument("src", help="source checkpoint (format detected)")
     p.add_argument("dst", help="destination directory (must not exist)")
     p.add_argument("--to", required=True, choices=["hf", "torch_dist", "legacy"])
-    p.add_argument("--tp", type=int, help="output tensor-parallel size (legacy; default: the input's, else 1)")
-    p.add_argument("--pp", type=int, help="output pipeline-parallel size (legacy; default: the input's, else 1)")
+    p.add_argument("--tp", type=positive, help="output tensor-parallel size (legacy; default: the input's, else 1)")
+    p.add_argument("--pp", type=positive, help="output pipeline-parallel size (legacy; default: the input's, else 1)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="output dtype (default: the input's)")
     p.add_argument("--model", help="model config (YAML or shipped name) for a source without its architecture")
     p.add_argument("--norm-names", choices=["te", "local"], help="legacy output: norm keys for Megatron-LM's "
@@ -117,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="train a sentencepiece tokenizer and write Megatron indexed datasets")
     p.add_argument("inputs", nargs="*", help="text or jsonl files or directories (default: the demo corpus)")
     p.add_argument("--out", default="data", help="output directory")
-    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--vocab-size", type=positive, default=1024)
 
-    p = sub.add_parser("validate", help="check a config file (model, or model + parallel layout)")
+    p = sub.add_parser("validate", help="check a config file (model, layout, training stage or recipe)")
     p.add_argument("config", help="YAML file")
 
     p = sub.add_parser("train", help="train one stage (launch with torchrun, deepspeed, srun or mpirun)")
@@ -128,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a whole recipe: small stage, growth, large stage, scratch baseline")
     p.add_argument("recipe", nargs="?", help="recipe YAML or shipped name (default: the embedded tiny recipe)")
     p.add_argument("--out", help="output directory (default: runs/<recipe name> under the current directory)")
-    p.add_argument("--nproc", type=int, default=2, help="local processes when not under a launcher (default 2)")
+    p.add_argument("--nproc", type=positive, default=2, help="local processes when not under a launcher (default 2)")
     p.add_argument("--stage", help="run only this stage (small, grow, large, scratch); earlier ones must be done")
     return parser
 

@@ -27,6 +27,11 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 T = TypeVar("T")
 
+# Far above any model's depth (Megatron's largest have a few hundred layers): a model, map or factor past it
+# is a typo or an attack that would build lists of billions before anything else is checked.
+MAX_LAYERS = 4096
+MAX_DIMENSION = 1 << 22  # widths, heads, vocabulary and sequence length: 4M is far beyond any real model
+
 
 class ConfigError(UserError):
     """A config field is wrong; the message names file and field."""
@@ -101,6 +106,14 @@ class ModelConfig:
                      "vocab_size", "seq_length"):
             if getattr(self, name) <= 0:
                 problems.append((name, f"must be a positive integer, got {getattr(self, name)}"))
+        if problems:
+            return problems
+        if self.num_layers > MAX_LAYERS:
+            problems.append(("num_layers", f"is {self.num_layers}; at most {MAX_LAYERS} layers are supported"))
+        for name in ("hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "seq_length",
+                     "num_query_groups"):
+            if (getattr(self, name) or 0) > MAX_DIMENSION:
+                problems.append((name, f"is {getattr(self, name)}; at most {MAX_DIMENSION} is supported"))
         if problems:
             return problems
         if self.num_query_groups is not None and self.num_query_groups <= 0:
@@ -309,6 +322,39 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_ALIASES = 100  # configs rarely use anchors at all; thousands of them is a billion-laughs bomb
+
+
+class _YamlRefusal(Exception):
+    """A YAML document that parses but is refused (the message says why)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice (PyYAML silently keeps the last: a user's edit that
+    appears to change a field would not) and alias bombs."""
+
+    def compose_document(self):
+        self._aliases = 0
+        return super().compose_document()
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise _YamlRefusal(f"uses more than {MAX_YAML_ALIASES} aliases (*name)")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = (key_node.tag, key_node.value)
+                    if key in seen:
+                        raise _YamlRefusal(f"gives key {brief(key_node.value)} twice "
+                                           f"(line {key_node.start_mark.line + 1})")
+                    seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def read_yaml(path: str | os.PathLike) -> Any:
@@ -324,7 +370,9 @@ def read_yaml(path: str | os.PathLike) -> Any:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read config ({type(exc).__name__}); pass a readable YAML file") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _YamlRefusal as exc:
+        raise UserError(f"{path}: {exc}; fix the file") from None
     except RecursionError:
         raise UserError(f"{path}: nested too deeply to be a config; fix the file") from None
     except yaml.YAMLError as exc:
@@ -369,20 +417,3 @@ class LayoutConfig:
     def check(self) -> list[tuple[str, str]]:
         return [(f"parallel.{name}", problem)
                 for name, problem in self.parallel.check_model(self.resolved_model())]
-
-
-def load_any_config(path: str | os.PathLike) -> Any:
-    """Validate a megastack YAML of any kind, told apart by its top-level keys."""
-    data = read_yaml(path)
-    if isinstance(data, dict) and "num_layers" in data:
-        return from_dict(ModelConfig, data, where=str(path))
-    return from_dict(LayoutConfig, data, where=str(path))
-
-
-def cli_validate(args: Any) -> int:
-    """``megastack validate FILE``: load and check a config, print what it describes."""
-    cfg = load_any_config(args.config)
-    model = cfg if isinstance(cfg, ModelConfig) else cfg.resolved_model()
-    print(f"{args.config}: valid {type(cfg).__name__} ({model.num_layers} layers, hidden {model.hidden_size}, "
-          f"{model.total_parameters():,} parameters, {model.non_embedding_parameters():,} non-embedding)")
-    return 0

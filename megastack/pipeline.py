@@ -16,16 +16,33 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from megastack.config import ModelConfig, ParallelConfig, from_dict, load_model_config, read_yaml, resolve_config_path
+from megastack import untrusted
+from megastack.config import (
+    ModelConfig,
+    ParallelConfig,
+    brief,
+    from_dict,
+    load_model_config,
+    read_yaml,
+    resolve_config_path,
+)
 from megastack.errors import UserError
 from megastack.fsio import atomic_write_json, atomic_write_text
-from megastack.train.config import DataConfig, LoggingConfig, OptimizerConfig, ScheduleConfig, TrainConfig
+from megastack.train.config import (
+    MAX_TRAIN_TOKENS,
+    DataConfig,
+    LoggingConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
 
 DEFAULT_RECIPE = "tiny"
 STAGES = ("small", "grow", "large", "scratch")
@@ -76,6 +93,14 @@ class Recipe:
 
     def check(self) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}", self.name):
+            # the default output directory is runs/<name>: a path here would write elsewhere
+            problems.append(("name", f"{brief(self.name)} must be a plain name (letters, digits, '.', '_', '-')"))
+        tokens = self.growth.tokens
+        if isinstance(tokens, int) and not 0 < tokens <= MAX_TRAIN_TOKENS:
+            problems.append(("growth.tokens", f"must be in [1, {MAX_TRAIN_TOKENS:.0e}], got {tokens}"))
+        elif tokens == "plan" and self.large.schedule.train_tokens is None:
+            problems.append(("growth.tokens", "'plan' needs large.schedule.train_tokens (D) to plan d from"))
         small, large = self.small.resolved_model(), self.large.resolved_model()
         for attr in ("hidden_size", "num_attention_heads", "query_groups", "ffn_hidden_size", "vocab_size",
                      "seq_length", "tie_embeddings"):
@@ -138,10 +163,10 @@ def read_marker(layout: Layout, stage: str) -> dict[str, Any] | None:
     path = layout.marker(stage)
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{path}: stage marker is corrupt; delete it to re-run stage '{stage}'") from None
+    marker = untrusted.read_json(path, 1 << 20, f"the stage marker is corrupt; delete it to re-run stage '{stage}'")
+    if not isinstance(marker, dict):
+        raise UserError(f"{path}: the stage marker is corrupt; delete it to re-run stage '{stage}'")
+    return marker
 
 
 def check_marker(layout: Layout, stage: str, digest: str) -> dict[str, Any] | None:
@@ -328,9 +353,12 @@ def eval_curve(stage_dir: Path) -> list[tuple[float, float]]:
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
-        record = json.loads(line)
-        if record.get("type") == "eval" and record.get("valid_loss") is not None:
-            points.append((float(record["cumulative_flops"]), float(record["valid_loss"])))
+        try:
+            record = json.loads(line)
+            if record.get("type") == "eval" and record.get("valid_loss") is not None:
+                points.append((float(record["cumulative_flops"]), float(record["valid_loss"])))
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            continue  # a line torn by a killed job, or not a record: not a point of the curve
     return points
 
 

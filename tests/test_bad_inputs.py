@@ -267,8 +267,9 @@ def damage_hf_tie_as_string(good, tmp):  # "false" is a true string: read as tie
     return _hf_config_field(good, tmp, "tie_word_embeddings", '"false"')
 
 
-def damage_hf_eps_nan(good, tmp):
-    return _hf_config_field(good, tmp, "rms_norm_eps", "NaN")
+def damage_hf_eps_nan(good, tmp):  # Python's json reads NaN; JSON has no NaN
+    argv, _, src = _hf_config_field(good, tmp, "rms_norm_eps", "NaN")
+    return argv, ["config.json", "NaN"], src
 
 
 def damage_hf_layers_huge(good, tmp):  # was planned before anything checked the weights: OOM-killed
@@ -337,12 +338,12 @@ def damage_hf_offsets_as_strings(good, tmp):
 
 def damage_cli_grow_tp_negative(good, tmp):  # once published a checkpoint with no files
     src = copy(good, tmp, "legacy")
-    return ["grow", str(src), str(tmp / "out"), "--factor", "2", "--tp", "-2"], ["--tp -2", "positive"], src
+    return ["grow", str(src), str(tmp / "out"), "--factor", "2", "--tp", "-2"], ["--tp", "positive integer, got -2"], src
 
 
 def damage_cli_grow_tp_zero(good, tmp):  # once silently meant the default
     src = copy(good, tmp, "legacy")
-    return ["grow", str(src), str(tmp / "out"), "--factor", "2", "--tp", "0"], ["--tp 0", "positive"], src
+    return ["grow", str(src), str(tmp / "out"), "--factor", "2", "--tp", "0"], ["--tp", "positive integer, got 0"], src
 
 
 def _rewrite_dcp_metadata(src: Path, edit) -> None:
@@ -399,7 +400,7 @@ def damage_manifest_negative_iteration(good, tmp):  # produced iter_-000005, whi
     data = json.loads(manifest.read_text())
     data["iteration"] = -5
     manifest.write_text(json.dumps(data))
-    return ["convert", str(src), str(tmp / "out"), "--to", "legacy"], ["'iteration'", "non-negative"], src
+    return ["convert", str(src), str(tmp / "out"), "--to", "legacy"], ["'iteration'", "integer >= 0"], src
 
 
 def damage_cli_plan_overflow(good, tmp):  # printed Infinity/NaN: invalid JSON
@@ -475,6 +476,240 @@ def damage_legacy_flipped_byte_under_manifest(good, tmp):
     return ["convert", str(src), str(tmp / "out"), "--to", "hf"], ["model_optim_rng.pt", "checksum"], src
 
 
+
+def _edit_legacy(src: Path, rank: str, edit) -> Path:
+    from megastack.ckpt.safe_load import load_pt, save_pt
+
+    f = resolve_iteration_dir(src) / rank / "model_optim_rng.pt"
+    blob = load_pt(f)
+    edit(blob)
+    save_pt(blob, f)
+    return f
+
+
+def damage_legacy_iteration_string(good, tmp):  # int('abc') traceback
+    src = copy(good, tmp, "legacy")
+    _edit_legacy(src, "mp_rank_00_000", lambda blob: blob.__setitem__("iteration", "abc"))
+    return ["convert", str(src), str(tmp / "out"), "--to", "torch_dist"], ["'iteration'"], src
+
+
+def damage_legacy_args_layernorm(good, tmp):  # Megatron-LM args of a model megastack cannot represent
+    src = copy(good, tmp, "legacy")
+    (resolve_iteration_dir(src) / "megastack.json").unlink()  # a Megatron-LM save: its args are what it is
+    for rank in ("mp_rank_00_000", "mp_rank_01_000", "mp_rank_00_001", "mp_rank_01_001"):
+        _edit_legacy(src, rank, lambda blob: setattr(blob["args"], "normalization", "LayerNorm"))
+    return ["grow", str(src), str(tmp / "out"), "--factor", "2"], ["normalization", "LayerNorm"], src
+
+
+def damage_legacy_planted_in_optimizer(good, tmp):
+    import torch
+
+    src = copy(good, tmp, "legacy")
+    f = resolve_iteration_dir(src) / "mp_rank_01_001" / "model_optim_rng.pt"
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    blob = torch.load(f, weights_only=False)
+    blob["optimizer"] = {"state": Evil()}
+    torch.save(blob, f)
+    return ["inspect", str(src)], ["refused", "mp_rank_01_001"], src
+
+
+def damage_td_common_planted(good, tmp):
+    src = copy(good, tmp, "td")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (resolve_iteration_dir(src) / "common.pt").write_bytes(pickle.dumps({"args": Evil()}))
+    return ["convert", str(src), str(tmp / "out"), "--to", "hf"], ["common.pt"], src
+
+
+def damage_td_common_truncated(good, tmp):
+    src = copy(good, tmp, "td")
+    f = resolve_iteration_dir(src) / "common.pt"
+    f.write_bytes(f.read_bytes()[:64])
+    return ["grow", str(src), str(tmp / "out"), "--factor", "2"], ["common.pt"], src
+
+
+def damage_td_metadata_missing(good, tmp):
+    src = copy(good, tmp, "td")
+    (resolve_iteration_dir(src) / ".metadata").unlink()
+    return ["grow", str(src), str(tmp / "out"), "--factor", "2"], [".metadata"], src
+
+
+def damage_td_metadata_truncated(good, tmp):
+    src = copy(good, tmp, "td")
+    f = resolve_iteration_dir(src) / ".metadata"
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    return ["convert", str(src), str(tmp / "out"), "--to", "legacy"], [".metadata"], src
+
+
+def damage_td_manifest_iteration_string(good, tmp):
+    src = copy(good, tmp, "td")
+    manifest = resolve_iteration_dir(src) / "megastack.json"
+    data = json.loads(manifest.read_text())
+    data["iteration"] = "12"
+    manifest.write_text(json.dumps(data))
+    return ["grow", str(src), str(tmp / "out"), "--factor", "2"], ["megastack.json", "'iteration'"], src
+
+
+def damage_td_tracker_negative(good, tmp):
+    src = copy(good, tmp, "td")
+    (src / "latest_checkpointed_iteration.txt").write_text("-3\n")
+    return ["inspect", str(src)], ["latest_checkpointed_iteration.txt"], src
+
+
+def damage_hf_config_not_json(good, tmp):
+    src = copy(good, tmp, "hf")
+    (src / "config.json").write_text('{"model_type": "llama",')
+    return ["convert", str(src), str(tmp / "out"), "--to", "torch_dist"], ["config.json", "JSON"], src
+
+
+def damage_hf_config_nested_deeply(good, tmp):  # RecursionError traceback
+    src = copy(good, tmp, "hf")
+    (src / "config.json").write_text("[" * 100000 + "]" * 100000)
+    return ["inspect", str(src)], ["config.json"], src
+
+
+def damage_hf_vocab_negative(good, tmp):
+    return _hf_config_field(good, tmp, "vocab_size", "-256")
+
+
+def damage_hf_heads_as_bool(good, tmp):  # True is an int to Python: one head
+    return _hf_config_field(good, tmp, "num_attention_heads", "true")
+
+
+def damage_hf_header_length_huge(good, tmp):  # a header length of 2^60 bytes: read() of it would be an OOM
+    import struct
+
+    src = copy(good, tmp, "hf")
+    shard = sorted(src.glob("model-*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(struct.pack("<Q", 1 << 60) + data[8:])
+    return ["convert", str(src), str(tmp / "out"), "--to", "torch_dist"], [shard.name, "header"], src
+
+
+def damage_hf_data_truncated(good, tmp):
+    src = copy(good, tmp, "hf")
+    shard = sorted(src.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    return ["convert", str(src), str(tmp / "out"), "--to", "legacy"], [shard.name], src
+
+
+def damage_hf_dtype_unknown(good, tmp):
+    src = copy(good, tmp, "hf")
+
+    def edit(text):
+        header = json.loads(text)
+        name = next(k for k in header if k != "__metadata__")
+        header[name]["dtype"] = "Q4_K"
+        return json.dumps(header)
+
+    _rewrite_safetensors_header(src, edit)
+    return ["convert", str(src), str(tmp / "out"), "--to", "torch_dist"], ["dtype", "Q4_K"], src
+
+
+def damage_hf_wrong_shape(good, tmp):  # shape and offsets agree with each other, not with config.json
+    src = copy(good, tmp, "hf")
+
+    def edit(text):
+        header = json.loads(text)
+        name = next(k for k in sorted(header) if k.endswith("mlp.down_proj.weight"))
+        rows, cols = header[name]["shape"]
+        header[name]["shape"] = [cols, rows]
+        return json.dumps(header)
+
+    _rewrite_safetensors_header(src, edit)
+    return ["convert", str(src), str(tmp / "out"), "--to", "torch_dist"], ["down_proj.weight", "shape"], src
+
+
+def damage_hf_index_not_json(good, tmp):
+    src = copy(good, tmp, "hf")
+    (src / "model.safetensors.index.json").write_text("{")
+    return ["convert", str(src), str(tmp / "out"), "--to", "torch_dist"], ["model.safetensors.index.json"], src
+
+
+def damage_hf_index_missing_tensor(good, tmp):
+    src = copy(good, tmp, "hf")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    name = sorted(k for k in index["weight_map"] if "layers.1." in k)[0]
+    del index["weight_map"][name]
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    return ["convert", str(src), str(tmp / "out"), "--to", "torch_dist"], [name], src
+
+
+def damage_cli_grow_pp_negative(good, tmp):
+    src = copy(good, tmp, "td")
+    return ["grow", str(src), str(tmp / "out"), "--factor", "2", "--pp", "-1"], ["--pp", "positive integer, got -1"], src
+
+
+def damage_cli_convert_tp_zero(good, tmp):
+    src = copy(good, tmp, "td")
+    return ["convert", str(src), str(tmp / "out"), "--to", "legacy", "--tp", "0"], ["--tp"], src
+
+
+def damage_cli_noise_nan(good, tmp):
+    src = copy(good, tmp, "td")
+    return ["grow", str(src), str(tmp / "out"), "--factor", "2", "--noise", "nan"], ["--noise"], src
+
+
+def damage_cli_layer_map_empty(good, tmp):
+    src = copy(good, tmp, "td")
+    return ["grow", str(src), str(tmp / "out"), "--layer-map", " "], ["--layer-map", "empty"], src
+
+
+def damage_cli_layer_map_out_of_range(good, tmp):
+    src = copy(good, tmp, "td")
+    return ["grow", str(src), str(tmp / "out"), "--layer-map", "0-5"], ["--layer-map", "5"], src
+
+
+def damage_cli_grow_operator_unknown(good, tmp):
+    src = copy(good, tmp, "td")
+    return ["grow", str(src), str(tmp / "out"), "--operator", "glue"], ["invalid choice", "glue"], src
+
+
+def damage_cli_grow_dst_inside_src(good, tmp):  # the output would be written into the source it reads
+    src = copy(good, tmp, "td")
+    return ["grow", str(src), str(src / "grown"), "--factor", "2"], ["inside"], src
+
+
+def damage_cli_convert_dst_is_src(good, tmp):
+    src = copy(good, tmp, "legacy")
+    return ["convert", str(src), str(src), "--to", "torch_dist"], ["same directory"], src
+
+
+def damage_cli_plan_tokens_negative(good, tmp):
+    return ["plan", "--params", "1B", "--tokens", "-5"], ["--tokens"], None
+
+
+def damage_cli_inspect_missing(good, tmp):
+    return ["inspect", str(tmp / "nothing")], ["nothing", "no such checkpoint"], None
+
+
+def damage_data_binary_input(good, tmp):  # sentencepiece choked on it with a RuntimeError traceback
+    (tmp / "blob.txt").write_bytes(bytes(range(256)) * 64)
+    return ["data", str(tmp / "blob.txt"), "--out", str(tmp / "out")], ["blob.txt", "binary"], None
+
+
+def damage_data_vocab_zero(good, tmp):
+    (tmp / "in.txt").write_text("hello world\n" * 50)
+    return ["data", str(tmp / "in.txt"), "--out", str(tmp / "out"), "--vocab-size", "0"], ["--vocab-size"], None
+
+
+def damage_data_vocab_above_the_text(good, tmp):  # sentencepiece's own wording, not what to do
+    (tmp / "small.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 20)
+    return ["data", str(tmp / "small.txt"), "--out", str(tmp / "out")], ["--vocab-size 1024", "too large"], None
+
+
+def damage_data_empty_input(good, tmp):
+    (tmp / "empty.txt").write_text("")
+    return ["data", str(tmp / "empty.txt"), "--out", str(tmp / "out")], ["empty.txt"], None
+
+
 GENERATED: dict[str, Callable] = {name[len("damage_"):]: fn for name, fn in globals().items()
                                   if name.startswith("damage_")}
 
@@ -496,5 +731,5 @@ def test_generated_case(case: str, good: Path, tmp_path: Path):
         assert tree(source) == before, "the source was modified"
 
 
-def test_corpus_has_at_least_30_cases():
-    assert len(STATIC) + len(GENERATED) >= 30
+def test_corpus_has_at_least_120_cases():
+    assert len(STATIC) + len(GENERATED) >= 120

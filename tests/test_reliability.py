@@ -3,6 +3,7 @@ path traversal, and property-based fuzzing of the parsers."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -311,3 +312,16 @@ def test_layer_map_parser_never_crashes(expr, layers):
         assert "\n" not in str(exc) and "--layer-map" in str(exc)
     else:
         assert mapping and all(0 <= i < layers for i in mapping)
+
+
+def test_resume_survives_a_log_line_torn_by_a_kill(tmp_path):
+    """A job killed while appending to train.jsonl leaves half a line; the resumed job drops it (and the
+    records past its checkpoint) instead of failing on json.loads."""
+    from megastack.train.loop import LOG_FILE, Logs
+
+    lines = [json.dumps({"type": "train", "iteration": i, "loss": 5.0 - i}) for i in (1, 2, 3, 4)]
+    (tmp_path / LOG_FILE).write_text("\n".join(lines) + '\n{"type": "train", "itera')
+    logs = Logs(tmp_path, enabled=True, console=False, tensorboard=False, progress="off", total=8, start=2)
+    logs.truncate_after(2)
+    kept = [json.loads(line) for line in (tmp_path / LOG_FILE).read_text().splitlines()]
+    assert [r["iteration"] for r in kept] == [1, 2]

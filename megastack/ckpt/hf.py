@@ -14,7 +14,6 @@ so q/k rows are copied as they are (proven by logits in tests/test_convert.py).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from megastack import untrusted
 from megastack.ckpt import layout
 from megastack.ckpt.base import Produce, Unit, take_pieces
 from megastack.ckpt.layout import Piece
@@ -77,13 +77,11 @@ def split_logical(cfg: ModelConfig, name: str, tensor: torch.Tensor) -> list[tup
 # ----------------------------------------------------------------------------- config.json
 
 
+MAX_JSON_BYTES = 16 << 20  # config.json and the index are a few KB; a 1B-tensor index is about 100 MB
+
+
 def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing; a Hugging Face checkpoint needs it") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({str(exc)[:80]}); the file is corrupt") from None
+    return untrusted.read_json(path, MAX_JSON_BYTES, "a Hugging Face checkpoint needs it whole and valid")
 
 
 def _rope_theta(hc: dict[str, Any], where: Path) -> float:
@@ -112,25 +110,14 @@ MAX_SIZE = 1 << 24
 
 
 def _field(hc: dict[str, Any], key: str, kind: type, where: Path, default: Any = ...) -> Any:
-    """One config.json field, of exactly ``kind`` (an int may stand for a float, nothing else converts:
-    the string "false" is not a bool), finite, sizes positive and bounded; a one-line error otherwise."""
+    """One config.json field, of exactly ``kind`` (the string "false" is not a bool), finite, sizes
+    positive and bounded; a one-line error otherwise."""
     if key not in hc or hc[key] is None:
         if default is ...:
             raise UserError(f"{where}: field '{key}' is missing; not a complete Llama config")
         return default
-    value = hc[key]
-    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if ok and kind is float and not (math.isfinite(value) and value > 0):
-        ok = False
-    if ok and kind is int and not 0 < value <= MAX_SIZE:
-        ok = False
-    if not ok:
-        what = {int: f"a positive integer up to {MAX_SIZE}", float: "a positive finite number",
-                bool: "true or false"}[kind]
-        raise UserError(f"{where}: field '{key}' is {json.dumps(value)[:40]}; expected {what}; fix config.json")
-    return value
+    return untrusted.typed(hc[key], kind, where, f"field '{key}'", "fix config.json", positive=kind is not bool,
+                           maximum=MAX_SIZE if kind is int else None)
 
 
 def config_from_hf(hc: Any, where: Path) -> ModelConfig:
@@ -218,12 +205,7 @@ def read_header(path: Path) -> dict[str, Entry]:
             raw = f.read(n)
     except FileNotFoundError:
         raise UserError(f"{path}: missing safetensors file") from None
-    try:
-        header = json.loads(raw, object_pairs_hook=_unique_keys)
-    except _DuplicateKey as exc:
-        raise UserError(f"{path}: safetensors header names '{exc.args[0]}' twice; the file is corrupt") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise UserError(f"{path}: unreadable safetensors header; the file is corrupt") from None
+    header = untrusted.loads_json(raw, f"{path}: safetensors header", "the file is corrupt")
     if not isinstance(header, dict):
         raise UserError(f"{path}: safetensors header is not an object; the file is corrupt")
     base = 8 + n
@@ -235,7 +217,7 @@ def read_header(path: Path) -> dict[str, Entry]:
             dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{path}: header entry '{name}' is malformed; the file is corrupt") from None
-        if not isinstance(dtype_name, str) or not all(_is_count(v) for v in (*shape, begin, end)):
+        if not isinstance(dtype_name, str) or not untrusted.is_counts([*shape, begin, end]):
             raise UserError(f"{path}: header entry '{name}' has a non-integer shape or offset; the file is corrupt")
         if dtype_name not in ST_DTYPES:
             raise UserError(f"{path}: tensor '{name}' has dtype {dtype_name}; only F32, BF16, F16 and F64 "
@@ -258,23 +240,6 @@ def read_header(path: Path) -> dict[str, Entry]:
     if position != size - base:
         raise UserError(f"{path}: the tensors cover {position} of {size - base} data bytes; the file is corrupt")
     return entries
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _DuplicateKey(key)
-        seen[key] = value
-    return seen
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 # ----------------------------------------------------------------------------- reader

@@ -4,12 +4,11 @@ every file in it, so ``megastack verify`` can tell a complete checkpoint from a 
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from megastack import untrusted
 from megastack.errors import UserError
 from megastack.fsio import atomic_write_json, sha256_file
 
@@ -25,42 +24,22 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         return None
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise UserError(f"{path}: {path.stat().st_size} bytes, more than a manifest can be "
-                        f"({MAX_MANIFEST_BYTES}); the file is corrupt")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise UserError(f"{path}: not valid JSON; the manifest is corrupt") from None
+    fix = "the manifest is corrupt (restore it or re-run the command that wrote the checkpoint)"
+    data = untrusted.read_json(path, MAX_MANIFEST_BYTES, fix)
     if not isinstance(data, dict):
-        raise UserError(f"{path}: must hold a JSON object")
-    for key, (kinds, what) in _FIELDS.items():
-        if key not in data:
-            continue
-        value = data[key]
-        ok = isinstance(value, kinds) and not isinstance(value, bool)
-        if ok and isinstance(value, (int, float)):
-            ok = math.isfinite(value) and value >= 0
-        if ok and key == "files":
-            ok = all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
-        if not ok:
-            raise UserError(f"{path}: field '{key}' is {json.dumps(value)[:60]}; expected {what}; the manifest "
-                            "is corrupt (restore it or re-run the command that wrote the checkpoint)")
+        raise UserError(f"{path}: must hold a JSON object; {fix}")
+    for key, kind in _FIELDS.items():
+        if key in data:
+            untrusted.typed(data[key], kind, path, f"field '{key}'", fix, minimum=0)
+    if "files" in data and not all(isinstance(k, str) and isinstance(v, str) for k, v in data["files"].items()):
+        raise UserError(f"{path}: field 'files' must map file names to sha256 strings; {fix}")
     return data
 
 
 MAX_MANIFEST_BYTES = 64 << 20
 # Fields megastack reads from a manifest, by type: anything else is corrupt, never half-used.
-_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
-    "iteration": ((int,), "a non-negative integer"),
-    "consumed_tokens": ((int,), "a non-negative integer"),
-    "cumulative_flops": ((int, float), "a non-negative number"),
-    "model": ((dict,), "an object"),
-    "history": ((list,), "a list"),
-    "files": ((dict,), "an object of file name -> sha256"),
-    "growth": ((dict,), "an object"),
-    "format": ((str,), "a format name"),
-}
+_FIELDS: dict[str, type] = {"iteration": int, "consumed_tokens": int, "cumulative_flops": float, "model": dict,
+                            "history": list, "files": dict, "growth": dict, "format": str}
 
 
 def checked_relative(name: str, where: Path) -> str:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from megastack import untrusted
 from megastack.config import ModelConfig
 from megastack.errors import UserError
 
@@ -83,14 +83,8 @@ def get(args: Any, field: str, where: str) -> Any:
         value = _get_raw(args, name)
         if value is None:
             continue
-        ok = isinstance(value, spec.kind) and not (spec.kind is int and isinstance(value, bool))
-        if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if not ok or (spec.kind is float and not math.isfinite(value)) or (spec.kind is int and value < 0):
-            raise UserError(f"{where}: args field '{name}' is {value!r} ({type(value).__name__}); expected a "
-                            f"{'non-negative ' if spec.kind is int else ''}{spec.kind.__name__} ({spec.meaning}); "
-                            "the checkpoint's args are corrupt")
-        return value
+        return untrusted.typed(value, spec.kind, where, f"args field '{name}' ({spec.meaning})",
+                               "the checkpoint's args are corrupt", minimum=0 if spec.kind is int else None)
     return None
 
 
@@ -101,11 +95,8 @@ def _get_raw(args: Any, name: str) -> Any:
 def saved_iteration(state: dict[str, Any], where: str) -> int:
     """The top-level ``iteration`` Megatron-LM's save_checkpoint writes beside ``args`` (a legacy rank file
     or torch_dist's common.pt); 0 when absent."""
-    value = state.get("iteration", 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise UserError(f"{where}: field 'iteration' is {value!r:.40}; expected a non-negative integer; the file "
-                        "is corrupt")
-    return value
+    return untrusted.typed(state.get("iteration", 0), int, where, "field 'iteration'", "the file is corrupt",
+                           minimum=0)
 
 
 def model_config(args: Any, where: str) -> ModelConfig:

@@ -15,12 +15,14 @@ import io
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from megastack.errors import UserError
+from megastack.untrusted import is_counts
 
 
 def _numpy_globals() -> list[Any]:
@@ -138,6 +140,12 @@ def allow_deepspeed_globals() -> None:
 _REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
+# torch warns on stderr about any pickle protocol but 2 before the weights-only unpickler refuses or reads the
+# file: a second line beside the one-line error (or beside a good load: Megatron-LM writes protocol 2, other
+# tools do not). Filtered once per process: warnings.catch_warnings is not thread-safe and readers use threads.
+warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+
+
 def load_pt(path: str | os.PathLike, *, mmap: bool = False) -> Any:
     """``torch.load`` with ``weights_only=True`` plus the few objects Megatron-LM pickles (its args
     Namespace, numpy/python rng state, its enums and optimizer config as inert stand-ins).
@@ -236,11 +244,6 @@ def read_dcp_metadata(directory: str | os.PathLike):
     return metadata
 
 
-def _is_counts(values: Any, length: int | None = None) -> bool:
-    return (isinstance(values, (tuple, list)) and (length is None or len(values) == length)
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values))
-
-
 def _metadata_problem(metadata: Any) -> str | None:
     """What is wrong with an unpickled DCP Metadata's fields (the classes are right, their contents are
     the file's: any type may sit in any field), or None."""
@@ -257,18 +260,18 @@ def _metadata_problem(metadata: Any) -> str | None:
         if not isinstance(md, TensorStorageMetadata):
             return f"'{key}' has entry type {type(md).__name__}"
         dtype = getattr(getattr(md, "properties", None), "dtype", None)
-        if not isinstance(dtype, torch.dtype) or not _is_counts(getattr(md, "size", None)):
+        if not isinstance(dtype, torch.dtype) or not is_counts(getattr(md, "size", None)):
             return f"'{key}' has no valid dtype and size"
         if not isinstance(md.chunks, list):
             return f"'{key}' has no chunk list"
         for chunk in md.chunks:
-            if not (_is_counts(getattr(chunk, "offsets", None), len(md.size))
-                    and _is_counts(getattr(chunk, "sizes", None), len(md.size))):
+            if not (is_counts(getattr(chunk, "offsets", None), len(md.size))
+                    and is_counts(getattr(chunk, "sizes", None), len(md.size))):
                 return f"a chunk of '{key}' has offsets/sizes that are not {len(md.size)} non-negative integers"
     for index, info in storage.items():
         if not isinstance(index, MetadataIndex) or not isinstance(getattr(index, "fqn", None), str):
             return "a storage entry is not indexed by name"
         if not (isinstance(getattr(info, "relative_path", None), str)
-                and _is_counts([getattr(info, "offset", None), getattr(info, "length", None)])):
+                and is_counts([getattr(info, "offset", None), getattr(info, "length", None)])):
             return f"the storage of '{index.fqn}' has no valid file, offset and length"
     return None

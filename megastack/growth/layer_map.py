@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import re
 
+from megastack.config import MAX_LAYERS
 from megastack.errors import UserError
 
 _ITEM = re.compile(r"^(\d{1,9})(?:-(\d{1,9}))?(?:x(\d{1,9}))?$")
-# Far above any model's depth (Megatron's largest have a few hundred layers); a map past it is a typo or an
-# attack that would build a list of billions before anything else is checked.
-MAX_LAYERS = 4096
 
 
 def check_depth(layers: int, flag: str) -> None:

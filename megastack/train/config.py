@@ -97,6 +97,12 @@ class OptimizerConfig:
         return problems
 
 
+# Far beyond any real run (Llama 3: 1.5e13 tokens, about 1e6 iterations); a value past them is a typo that
+# would have megatron's dataset builder allocate an index for it before the first step.
+MAX_TRAIN_ITERS = 10**8
+MAX_TRAIN_TOKENS = 10**15
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
     """How long the stage runs and how often it evaluates, logs and saves."""
@@ -116,8 +122,11 @@ class ScheduleConfig:
             problems.append(("train_iters", "give exactly one of schedule.train_iters and schedule.train_tokens"))
         for name in ("train_iters", "train_tokens"):
             value = getattr(self, name)
+            limit = MAX_TRAIN_ITERS if name == "train_iters" else MAX_TRAIN_TOKENS
             if value is not None and value <= 0:
                 problems.append((name, f"must be positive, got {value}"))
+            elif value is not None and value > limit:
+                problems.append((name, f"is {value}; at most {limit:.0e} is supported"))
         for name in ("eval_interval", "eval_iters", "save_interval"):
             if getattr(self, name) < 0:
                 problems.append((name, f"must be >= 0, got {getattr(self, name)}"))

@@ -83,9 +83,12 @@ def documents(files: list[Path]) -> Iterator[str]:
     """One document per text file, one per jsonl line (its "text" field)."""
     for path in files:
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            raw = path.read_bytes()
         except OSError as exc:
             raise UserError(f"{path}: cannot read ({type(exc).__name__})") from None
+        if b"\x00" in raw[:1 << 16]:  # text has no NUL bytes; sentencepiece would train pieces of binary junk
+            raise UserError(f"{path}: binary data, not text (NUL bytes at the start); pass text or jsonl files")
+        text = raw.decode("utf-8", errors="replace")
         if path.suffix == ".jsonl":
             for number, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
@@ -111,9 +114,10 @@ def train_tokenizer(files: list[Path], model_path: Path, vocab_size: int, max_li
     import sentencepiece as spm
 
     failure: list[UserError] = []
+    count = 0
 
     def lines() -> Iterator[str]:
-        count = 0
+        nonlocal count
         try:
             for doc in documents(files):
                 for line in doc.splitlines():
@@ -141,7 +145,15 @@ def train_tokenizer(files: list[Path], model_path: Path, vocab_size: int, max_li
     except RuntimeError as exc:
         if failure:
             raise failure[0] from None
+        if count == 0:
+            names = ", ".join(p.name for p in files[:3]) + (", ..." if len(files) > 3 else "")
+            raise UserError(f"the inputs ({names}) hold no text; pass non-empty text or jsonl files") from None
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        too_high = re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", text)
+        if too_high:
+            raise UserError(f"--vocab-size {vocab_size} is too large for these inputs: sentencepiece can make at "
+                            f"most {too_high.group(2)} pieces from them; use --vocab-size {too_high.group(2)} or "
+                            "less, or give more text") from None
         needed = re.search(r"required_chars\. (\d+) vs (\d+)", text)
         if needed:
             raise UserError(f"--vocab-size {vocab_size} is too small for these inputs: they hold "

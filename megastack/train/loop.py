@@ -35,6 +35,17 @@ from megastack.train.ramp import MaskRamp
 LOG_FILE = "train.jsonl"
 
 
+def _json_or_none(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+
+
+def _at_or_before(value: Any, iteration: int) -> bool:
+    return isinstance(value, (int, float)) and value <= iteration
+
+
 @dataclass
 class StageSummary:
     """What a finished stage reports to its caller."""
@@ -89,8 +100,10 @@ class Logs:
         the interrupted job (the stage is not over)."""
         if not self.enabled or not self.path.is_file():
             return
-        records = [(line, json.loads(line)) for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [line for line, r in records if r.get("iteration", 0) <= iteration and r.get("type") != "summary"]
+        records = [(line, r) for line in self.path.read_text(errors="replace").splitlines()
+                   if isinstance(r := _json_or_none(line), dict)]  # a line torn by a kill is dropped
+        kept = [line for line, r in records if _at_or_before(r.get("iteration", 0), iteration)
+                and r.get("type") != "summary"]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def record(self, kind: str, **fields: Any) -> None:
