@@ -33,12 +33,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from megastack.ckpt import layout  # noqa: E402
+from megastack import layout  # noqa: E402
 from megastack.ckpt.execute import Comm, execute  # noqa: E402
 from megastack.ckpt.hf import HFWriter  # noqa: E402
 from megastack.ckpt.manifest import resolve_iteration_dir  # noqa: E402
 from megastack.config import load_model_config  # noqa: E402
-from megastack.growth.plan import generator_for  # noqa: E402
+from megastack.plan import generator_for  # noqa: E402
 
 RANK_SCRIPT = """
 import sys, threading, time

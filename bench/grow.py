@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from megastack.ckpt import layout
+from megastack import layout
 from megastack.ckpt.execute import Comm, execute
 from megastack.ckpt.manifest import resolve_iteration_dir
 from megastack.ckpt.torch_dist import TorchDistWriter
 from megastack.config import load_model_config, to_dict
-from megastack.growth.plan import seeded_normal
+from megastack.plan import seeded_normal
 
 RANK_SCRIPT = """
 import sys, time

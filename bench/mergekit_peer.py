@@ -44,11 +44,11 @@ def write_source(path: Path, model: str, layers: int) -> dict[str, Any]:
     """A bf16 HF checkpoint of ``model``'s shape with ``layers`` layers (like a download: no megastack.json)."""
     import torch
 
-    from megastack.ckpt import layout
+    from megastack import layout
     from megastack.ckpt.execute import Comm, execute
     from megastack.ckpt.hf import HFWriter
     from megastack.config import load_model_config
-    from megastack.growth.plan import generator_for
+    from megastack.plan import generator_for
 
     cfg = dataclasses.replace(load_model_config(model), num_layers=layers, name=f"bench-{model}-{layers}L")
 

@@ -59,7 +59,7 @@ def write_metadata_only(root: Path, cfg: ModelConfig, tp: int, pp: int) -> None:
         TensorStorageMetadata,
     )
 
-    from megastack.ckpt import layout
+    from megastack import layout
     from megastack.ckpt.torch_dist import METADATA_JSON, dcp_key
 
     layers = cfg.num_layers

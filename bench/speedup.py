@@ -141,7 +141,7 @@ def narrow_model(large: ModelConfig) -> ModelConfig:
 
 
 def growth_spec(op: str, recipe: Recipe, large: ModelConfig, seed: int):
-    from megastack.growth.operators import GrowthSpec
+    from megastack.growth.spec import GrowthSpec
 
     g = recipe.growth
     if op in WIDTH_OPERATORS:
@@ -197,37 +197,24 @@ class Runner:
 
 def grow(source: str, dst: Path, spec: Any, data: list[str], options: Options, comm: Any) -> dict[str, Any]:
     """One growth, split across the ranks (G_learn first learns its maps data-parallel on ``data``)."""
-    from megastack.ckpt.detect import open_checkpoint
-    from megastack.ckpt.execute import execute
-    from megastack.ckpt.manifest import verify
-    from megastack.growth.cli import growth_manifest, make_writer
-    from megastack.growth.operators import make_plan
-    from megastack.train.flops import flops_per_token
+    from megastack.ckpt.inspect import verify
+    from megastack.flops import flops_per_token
+    from megastack.growth.api import grow as grow_checkpoint
 
     if dst.exists():  # published by a run that stopped before its marker
         problems = verify(dst)
         if problems:
             raise UserError(f"{dst} exists but does not verify ({problems[0]}); delete it and run again")
         return {"checkpoint": str(dst), "operator": spec.operator, "dimension": spec.dimension}
-    reader = open_checkpoint(source)
-    learn_report: dict[str, Any] = {}
-    if spec.operator == "learn":
-        from megastack.growth.learn import learn_maps
-
-        spec = learn_maps(reader, spec, data, options.learn_tokens, options.learn_batch, options.learn_lr, comm)
-    plan = make_plan(reader.cfg, spec)
-    manifest = growth_manifest(reader, plan, source)
-    extra_flops = 0.0
-    if spec.operator == "learn":
-        learn_report = dict(plan.info.get("learn", {}))
-        # the maps' training: forward + backward through the grown model, 6N per token like training
-        extra_flops = flops_per_token(plan.target) * float(learn_report.get("tokens", options.learn_tokens))
-        manifest["cumulative_flops"] += extra_flops
-    writer = make_writer(reader, plan, None, None)
-    execute(writer, plan.producer(reader, reader.dtype("embedding")), dst, comm,
-            manifest | {"format": writer.format}, order_key=plan.source_key)
+    spec = replace(spec, learn_data=tuple(data), learn_tokens=options.learn_tokens, learn_batch=options.learn_batch,
+                   learn_lr=options.learn_lr)
+    job = grow_checkpoint(source, dst, spec, comm=comm)
+    learn_report = job.learn_report
+    # the maps' training (forward + backward through the grown model, 6N per token like training), which
+    # growth_manifest also adds to the checkpoint's cumulative FLOPs
+    extra_flops = flops_per_token(job.plan.target) * float(learn_report.get("tokens") or 0)
     return {"checkpoint": str(dst), "operator": spec.operator, "dimension": spec.dimension,
-            "new_layers": plan.info.get("new_layers"), "growth_flops": extra_flops,
+            "new_layers": job.plan.info.get("new_layers"), "growth_flops": extra_flops,
             "learn": {k: learn_report.get(k) for k in ("steps", "tokens", "heldout_loss_stack",
                                                        "heldout_loss_learned")} if learn_report else None}
 

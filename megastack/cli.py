@@ -26,7 +26,7 @@ HANDLERS: dict[str, tuple[str, str]] = {
     "grow": ("megastack.growth.cli:cli_grow", "growth operators, issue 3"),
     "convert": ("megastack.ckpt.convert:cli_convert", "checkpoint conversion, issue 6"),
     "inspect": ("megastack.ckpt.inspect:cli_inspect", "checkpoint inspection, issue 6"),
-    "verify": ("megastack.ckpt.manifest:cli_verify", "checkpoint verification, issue 10"),
+    "verify": ("megastack.ckpt.inspect:cli_verify", "checkpoint verification, issue 10"),
     "data": ("megastack.train.data:cli_data", "data preparation, issue 4"),
     "train": ("megastack.train.loop:cli_train", "training engine, issue 4"),
     "run": ("megastack.pipeline:cli_run", "chained stages, issue 5"),

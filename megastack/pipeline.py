@@ -76,6 +76,13 @@ class GrowthRecipe:
     seed: int = 0
     tokens: int | Literal["plan"] | None = None  # d: tokens of the small stage; "plan": from megastack plan
 
+    def spec(self):
+        """The GrowthSpec this recipe's growth stage runs."""
+        from megastack.growth.spec import GrowthSpec
+
+        return GrowthSpec(operator=self.operator, factor=self.factor, layer_map=self.layer_map, noise=self.noise,
+                          seed=self.seed)
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -112,12 +119,10 @@ class Recipe:
             problems.append(("growth.factor", f"{factor} x {small.num_layers} small layers != {large.num_layers} "
                              "large layers; fix the factor or the models"))
         if not problems:  # the whole growth step, planned now (pure: no data), not after the small stage trained
-            from megastack.growth.operators import GrowthSpec, make_plan
+            from megastack.growth.operators import make_plan
 
-            g = self.growth
             try:
-                plan = make_plan(small, GrowthSpec(operator=g.operator, factor=g.factor, layer_map=g.layer_map,
-                                                   noise=g.noise, seed=g.seed))
+                plan = make_plan(small, self.growth.spec())
             except UserError as exc:
                 problems.append(("growth", str(exc)))
             else:
@@ -217,7 +222,7 @@ def planned_growth_tokens(recipe: Recipe) -> int:
 
 def stage_flops(cfg: TrainConfig, world: int) -> tuple[float, float]:
     """(FLOPs per iteration, FLOPs of the whole stage) of a training config on ``world`` ranks."""
-    from megastack.train.flops import flops_per_iteration
+    from megastack.flops import flops_per_iteration
 
     par, model = cfg.parallel, cfg.resolved_model()
     global_batch = par.micro_batch_size * par.data_parallel_size(world) * par.gradient_accumulation_steps(world)
@@ -226,25 +231,11 @@ def stage_flops(cfg: TrainConfig, world: int) -> tuple[float, float]:
 
 
 def run_grow(recipe: Recipe, layout: Layout, small_checkpoint: str, comm) -> dict[str, Any]:
-    """The growth stage, split across every rank of the run."""
-    from megastack.ckpt.detect import open_checkpoint
-    from megastack.ckpt.execute import execute
-    from megastack.growth.cli import growth_manifest, make_writer
-    from megastack.growth.operators import GrowthSpec, make_plan
+    """The growth stage, split across every rank of the run (Recipe.check made sure of its shape)."""
+    from megastack.growth.api import grow
 
-    g = recipe.growth
-    spec = GrowthSpec(operator=g.operator, factor=g.factor, layer_map=g.layer_map, noise=g.noise, seed=g.seed)
-    reader = open_checkpoint(small_checkpoint)
-    plan = make_plan(reader.cfg, spec)
-    large = recipe.large.resolved_model()
-    if plan.target.num_layers != large.num_layers:
-        raise UserError(f"growth gives {plan.target.num_layers} layers but large.model has {large.num_layers}")
-    writer = make_writer(reader, plan, None, None)
-    dst = layout.stage_dir("grow")
-    manifest = growth_manifest(reader, plan, small_checkpoint) | {"format": writer.format}
-    execute(writer, plan.producer(reader, reader.dtype("embedding")), dst, comm, manifest,
-            order_key=plan.source_key, source=reader.path)
-    return grow_result(dst, manifest["growth"])
+    job = grow(small_checkpoint, layout.stage_dir("grow"), recipe.growth.spec(), comm=comm)
+    return grow_result(layout.stage_dir("grow"), job.manifest["growth"])
 
 
 def grow_result(grown: Path, growth: dict[str, Any]) -> dict[str, Any]:
@@ -328,7 +319,8 @@ def run_recipe(recipe: Recipe, out: Path, only: str | None = None) -> dict[str, 
 def grow_stage(recipe: Recipe, layout: Layout, small_checkpoint: str, comm) -> dict[str, Any]:
     """The growth stage; a grown directory left by a run that stopped before its marker is reused if it
     verifies."""
-    from megastack.ckpt.manifest import read_manifest, verify
+    from megastack.ckpt.inspect import verify
+    from megastack.ckpt.manifest import read_manifest
 
     grown = layout.stage_dir("grow")
     if grown.exists():

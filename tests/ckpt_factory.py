@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from megastack.ckpt import layout
-from megastack.ckpt.base import take_pieces
+from megastack import layout
 from megastack.ckpt.execute import Comm, execute
 from megastack.ckpt.legacy import LegacyWriter
 from megastack.ckpt.torch_dist import TorchDistWriter
 from megastack.config import ModelConfig, to_dict
+from megastack.layout import take_pieces
 from megastack.model.reference import ReferenceLlama
 
 

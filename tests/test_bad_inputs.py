@@ -57,7 +57,7 @@ def good(tmp_path_factory) -> Path:
     write_checkpoint(model, root / "td")
     write_checkpoint(model, root / "legacy", fmt="legacy", tp=2, pp=2)
     transformers = pytest.importorskip("transformers")
-    from megastack.ckpt import layout
+    from megastack import layout
 
     hf_cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
@@ -338,7 +338,8 @@ def damage_hf_offsets_as_strings(good, tmp):
 
 def damage_cli_grow_tp_negative(good, tmp):  # once published a checkpoint with no files
     src = copy(good, tmp, "legacy")
-    return ["grow", str(src), str(tmp / "out"), "--factor", "2", "--tp", "-2"], ["--tp", "positive integer, got -2"], src
+    argv = ["grow", str(src), str(tmp / "out"), "--factor", "2", "--tp", "-2"]
+    return argv, ["--tp", "positive integer, got -2"], src
 
 
 def damage_cli_grow_tp_zero(good, tmp):  # once silently meant the default
@@ -644,7 +645,8 @@ def damage_hf_index_missing_tensor(good, tmp):
 
 def damage_cli_grow_pp_negative(good, tmp):
     src = copy(good, tmp, "td")
-    return ["grow", str(src), str(tmp / "out"), "--factor", "2", "--pp", "-1"], ["--pp", "positive integer, got -1"], src
+    argv = ["grow", str(src), str(tmp / "out"), "--factor", "2", "--pp", "-1"]
+    return argv, ["--pp", "positive integer, got -1"], src
 
 
 def damage_cli_convert_tp_zero(good, tmp):

@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from megastack.ckpt import layout
+from megastack import layout
 from megastack.ckpt.detect import open_checkpoint
-from megastack.ckpt.manifest import read_manifest, resolve_iteration_dir, verify
+from megastack.ckpt.inspect import verify
+from megastack.ckpt.manifest import read_manifest, resolve_iteration_dir
 from megastack.errors import UserError
 from megastack.growth.layer_map import first_occurrences, parse_layer_map
-from megastack.growth.operators import GrowthSpec, make_plan
+from megastack.growth.operators import make_plan
+from megastack.growth.spec import GrowthSpec
 from megastack.model.reference import ReferenceLlama, stacked_reference
 
 from ckpt_factory import logical_of, logits, reference, sample_tokens, small_config, write_checkpoint
@@ -65,7 +67,7 @@ def grow_in_memory(model: ReferenceLlama, spec: GrowthSpec) -> tuple[ReferenceLl
 
     class DictReader:
         def read(self, name, pieces=None):
-            from megastack.ckpt.base import take_pieces
+            from megastack.layout import take_pieces
 
             return take_pieces(tensors[name], pieces).clone()
 

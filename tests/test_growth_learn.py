@@ -13,13 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megastack.ckpt import layout
+from megastack import layout
 from megastack.ckpt.detect import open_checkpoint
 from megastack.ckpt.execute import Comm
 from megastack.ckpt.manifest import read_manifest, resolve_iteration_dir
 from megastack.errors import UserError
 from megastack.growth.learn import initial_maps, learn_maps, load_tokens
-from megastack.growth.operators import GrowthSpec, make_plan
+from megastack.growth.operators import make_plan
+from megastack.growth.spec import GrowthSpec
 from megastack.model.reference import ReferenceLlama
 
 from ckpt_factory import logical_of, reference, small_config, write_checkpoint
@@ -133,8 +134,8 @@ def test_learned_width_beats_direct_width_on_held_out_data(trained_small):
 def test_learned_width_starts_at_direct_width_and_pieces_agree(dimension, extra):
     """Step 0 of learned width is G_direct width (function preserving); TP shards and row blocks of the
     learned-width recipe are slices of the whole tensor."""
-    from megastack.ckpt.base import take_pieces
     from megastack.growth.learn import initial_learned
+    from megastack.layout import take_pieces
 
     small = reference(small_config())
     tensors = logical_of(small)

@@ -9,12 +9,13 @@ import math
 import pytest
 import torch
 
-from megastack.ckpt import layout
-from megastack.ckpt.base import take_pieces
+from megastack import layout
 from megastack.ckpt.detect import open_checkpoint
 from megastack.ckpt.manifest import read_manifest, resolve_iteration_dir
 from megastack.errors import UserError
-from megastack.growth.operators import GrowthSpec, make_plan
+from megastack.growth.operators import make_plan
+from megastack.growth.spec import GrowthSpec
+from megastack.layout import take_pieces
 from megastack.model.reference import ReferenceLlama, stacked_reference
 
 from ckpt_factory import logical_of, logits, reference, sample_tokens, small_config, write_checkpoint

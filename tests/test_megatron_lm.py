@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megastack.ckpt import layout
+from megastack import layout
 from megastack.ckpt.convert import convert
 from megastack.ckpt.detect import open_checkpoint
 from megastack.ckpt.inspect import inspect_checkpoint

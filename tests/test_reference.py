@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megastack.ckpt import layout
+from megastack import layout
 from megastack.config import ModelConfig
 from megastack.model.reference import ReferenceLlama, stacked_reference
 

@@ -19,7 +19,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from megastack.ckpt.manifest import resolve_iteration_dir, verify
+from megastack.ckpt.inspect import verify
+from megastack.ckpt.manifest import resolve_iteration_dir
 from megastack.config import ConfigError, LayoutConfig, ModelConfig, from_dict
 from megastack.dist import free_port
 from megastack.errors import UserError

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from megastack.ckpt import layout
+from megastack import layout
 from megastack.ckpt.detect import open_checkpoint
 
 from conftest import assert_one_line_error, run_cli

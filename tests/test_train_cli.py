@@ -82,7 +82,7 @@ def test_loss_decreases_on_demo_corpus_and_logs(tmp_path):
     manifest = json.loads((out / "iter_0000030" / "megastack.json").read_text())
     assert manifest["cumulative_flops"] == pytest.approx(train[-1]["cumulative_flops"])
     assert manifest["history"][-1]["event"] == "train"
-    from megastack.ckpt.manifest import verify
+    from megastack.ckpt.inspect import verify
 
     assert verify(out) == []  # megastack verify accepts what training wrote
 

@@ -49,7 +49,7 @@ def losses(out: Path) -> list[float]:
 
 
 def checkpoint_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    from megastack.ckpt import layout
+    from megastack import layout
     from megastack.ckpt.detect import open_checkpoint
 
     reader = open_checkpoint(path)
@@ -69,7 +69,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def reference_run(tmp: Path) -> tuple[Path, list[float], dict[str, torch.Tensor]]:
     """The plain PyTorch loop: same init (written as the trainer's init_from), data, schedule, optimizer."""
-    from megastack.ckpt import layout
+    from megastack import layout
     from megastack.config import ModelConfig
     from megastack.model.reference import ReferenceLlama
     from megastack.train.config import OptimizerConfig

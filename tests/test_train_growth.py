@@ -51,7 +51,7 @@ def grown_model(checkpoint: Path) -> dict:
 
 def first_batch_loss(checkpoint: str | Path, total_iters: int) -> float:
     """Loss of a checkpoint's weights (plain PyTorch reference) on the large stage's first global batch."""
-    from megastack.ckpt import layout
+    from megastack import layout
     from megastack.ckpt.detect import open_checkpoint
     from megastack.model.reference import ReferenceLlama
     from megastack.train.data import build_datasets, resolve_data

@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import torch
 
-from megastack.ckpt.layout import Piece
 from megastack.config import ModelConfig
+from megastack.layout import Piece
 
 # produce(logical name, pieces or None for the whole tensor) -> tensor
 Produce = Callable[[str, "list[Piece] | None"], torch.Tensor]
@@ -61,20 +61,3 @@ class Writer(Protocol):
     def write_units(self, directory, units: list[Unit], produce: Produce, rank: int) -> Any: ...
 
     def finalize(self, directory, results: list[Any]) -> None: ...
-
-
-def pieces_shape(full_shape: tuple[int, ...], pieces: list[Piece] | tuple[Piece, ...] | None) -> tuple[int, ...]:
-    """Shape of the concatenation of ``pieces`` of a tensor of ``full_shape``."""
-    if not pieces:
-        return tuple(full_shape)
-    shape = list(full_shape)
-    shape[pieces[0].dim] = sum(p.length for p in pieces)
-    return tuple(shape)
-
-
-def take_pieces(full: torch.Tensor, pieces: list[Piece] | tuple[Piece, ...] | None) -> torch.Tensor:
-    """Cut ``pieces`` out of a full tensor (a view when there is one piece)."""
-    if not pieces:
-        return full
-    parts = [full.narrow(p.dim, p.start, p.length) for p in pieces]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=pieces[0].dim)

@@ -25,7 +25,7 @@ from megastack.ckpt.manifest import manifest_digest, read_manifest
 from megastack.config import ModelConfig, ParallelConfig, load_model_config, to_dict
 from megastack.errors import UserError
 from megastack.fsio import check_paths
-from megastack.growth.plan import identity_plan
+from megastack.plan import identity_plan
 from megastack.progress import Progress
 
 FORMATS = ("hf", "torch_dist", "legacy")

@@ -23,12 +23,11 @@ from typing import Any
 
 import torch
 
-from megastack import untrusted
-from megastack.ckpt import layout
-from megastack.ckpt.base import Produce, Unit, take_pieces
-from megastack.ckpt.layout import Piece
+from megastack import layout, untrusted
+from megastack.ckpt.base import Produce, Unit
 from megastack.config import ModelConfig
 from megastack.errors import UserError
+from megastack.layout import Piece, take_pieces
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from megastack.ckpt.detect import detect_format, model_from_manifest
-from megastack.ckpt.manifest import read_manifest, resolve_iteration_dir
+from megastack.ckpt.detect import detect_format, model_from_manifest, open_checkpoint
+from megastack.ckpt.manifest import MANIFEST, check_hashes, read_manifest, resolve_iteration_dir
 from megastack.config import ModelConfig, to_dict
 from megastack.errors import UserError
 
@@ -269,4 +269,34 @@ def cli_inspect(args: Any) -> int:
         print(json.dumps(info, indent=2, sort_keys=True) if args.json else describe(info), flush=True)
     except BrokenPipeError:  # `megastack inspect CKPT | head`: the reader left, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    return 0
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+def verify(path: str | os.PathLike) -> list[str]:
+    """Problems with a checkpoint against its manifest (empty when it is intact)."""
+    directory = resolve_iteration_dir(path)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return [f"{directory}: no {MANIFEST}; nothing to verify against"]
+    problems = check_hashes(directory, manifest)
+    if not problems and "model" in manifest:
+        try:
+            open_checkpoint(directory)  # checks every tensor's shape against the model config
+        except UserError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def cli_verify(args: Any) -> int:
+    problems = verify(args.ckpt)
+    if problems:
+        for line in problems:
+            print(line)
+        raise UserError(f"{args.ckpt}: {len(problems)} problem(s) found (listed above); restore the checkpoint "
+                        "from its source or re-run the command that wrote it")
+    manifest = read_manifest(resolve_iteration_dir(args.ckpt)) or {}
+    print(f"{args.ckpt}: OK ({len(manifest.get('files', {}))} files match {MANIFEST})")
     return 0

@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 
-from megastack.ckpt import layout, megatron_args
-from megastack.ckpt.base import Produce, Request, Unit, pieces_shape, take_pieces
-from megastack.ckpt.layout import Piece
+from megastack import layout
+from megastack.ckpt import megatron_args
+from megastack.ckpt.base import Produce, Request, Unit
 from megastack.ckpt.safe_load import load_pt, save_pt
 from megastack.config import ModelConfig
 from megastack.errors import UserError
+from megastack.layout import Piece, pieces_shape, take_pieces
 
 FILE_NAME = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")

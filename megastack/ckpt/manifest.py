@@ -135,32 +135,3 @@ def check_hashes(directory: str | os.PathLike, manifest: dict[str, Any], part: t
         problems += [f"{directory / rel}: not in the manifest (unexpected file)"
                      for rel in sorted(set(actual) - set(listed))]
     return problems
-
-
-def verify(path: str | os.PathLike) -> list[str]:
-    """Problems with a checkpoint against its manifest (empty when it is intact)."""
-    directory = resolve_iteration_dir(path)
-    manifest = read_manifest(directory)
-    if manifest is None:
-        return [f"{directory}: no {MANIFEST}; nothing to verify against"]
-    problems = check_hashes(directory, manifest)
-    if not problems and "model" in manifest:
-        from megastack.ckpt.detect import open_checkpoint
-
-        try:
-            open_checkpoint(directory)  # checks every tensor's shape against the model config
-        except UserError as exc:
-            problems.append(str(exc))
-    return problems
-
-
-def cli_verify(args: Any) -> int:
-    problems = verify(args.ckpt)
-    if problems:
-        for line in problems:
-            print(line)
-        raise UserError(f"{args.ckpt}: {len(problems)} problem(s) found (listed above); restore the checkpoint "
-                        "from its source or re-run the command that wrote it")
-    manifest = read_manifest(resolve_iteration_dir(args.ckpt)) or {}
-    print(f"{args.ckpt}: OK ({len(manifest.get('files', {}))} files match {MANIFEST})")
-    return 0

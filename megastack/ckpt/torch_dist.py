@@ -32,12 +32,13 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from megastack.ckpt import layout, megatron_args
-from megastack.ckpt.base import Produce, Request, Unit, pieces_shape
-from megastack.ckpt.layout import Piece
+from megastack import layout
+from megastack.ckpt import megatron_args
+from megastack.ckpt.base import Produce, Request, Unit
 from megastack.ckpt.safe_load import load_pt, read_dcp_metadata, save_pt
 from megastack.config import ModelConfig
 from megastack.errors import UserError
+from megastack.layout import Piece, pieces_shape
 
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                  "common_backend": "torch", "common_backend_version": 1}

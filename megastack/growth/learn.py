@@ -49,12 +49,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megastack.ckpt import layout
-from megastack.ckpt.layout import Piece
+from megastack import layout
 from megastack.config import ModelConfig
 from megastack.errors import UserError
 from megastack.growth.layer_map import first_occurrences
-from megastack.growth.plan import Copy, Plan, Read
+from megastack.growth.spec import resolve_layer_map
+from megastack.layout import Piece
+from megastack.plan import Copy, Plan, Read
 
 HELDOUT_WINDOWS = 8
 WIDTH_LR_FACTOR = 0.01  # B's learning rate relative to D's (0.1 overfit the test corpus, see README)
@@ -79,7 +80,7 @@ class LinearCombination:
             term = read(name, pieces).to(torch.float32) * w
             acc = term if acc is None else acc + term
         if acc is None:
-            from megastack.ckpt.base import pieces_shape
+            from megastack.layout import pieces_shape
 
             return torch.zeros(pieces_shape(shape, pieces), dtype=dtype)
         return acc.to(dtype)
@@ -89,8 +90,6 @@ class LinearCombination:
 
 
 def _mapping(source: ModelConfig, spec: Any) -> list[int]:
-    from megastack.growth.operators import resolve_layer_map
-
     if spec.dimension == "width":
         return list(range(source.num_layers))
     return resolve_layer_map(spec, source.num_layers)
@@ -259,7 +258,7 @@ class LearnedWidth:
                 term = expand(self.kind, read(name, None).to(torch.float32), self.width, layer, rows, cols) * w
                 acc = term if acc is None else acc + term
         if acc is None:
-            from megastack.ckpt.base import pieces_shape
+            from megastack.layout import pieces_shape
 
             return torch.zeros(pieces_shape(shape, pieces), dtype=dtype)
         return acc.to(dtype)

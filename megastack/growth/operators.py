@@ -20,48 +20,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
 
-from megastack.ckpt import layout
+from megastack import layout
 from megastack.config import ModelConfig
 from megastack.errors import NotBuiltError, UserError
-from megastack.growth.layer_map import check_depth, first_occurrences, parse_layer_map, stack_map
-from megastack.growth.plan import Copy, Noisy, Plan, RandomInit, Zeros
+from megastack.growth.layer_map import first_occurrences
+from megastack.growth.spec import GrowthSpec, resolve_layer_map
+from megastack.plan import Copy, Noisy, Plan, RandomInit, Zeros
 
 NORM_KINDS = ("attn_norm", "mlp_norm")
 OUTPUT_KINDS = ("proj", "fc2")  # the residual-branch outputs G_zero zeroes
-
-
-@dataclass(frozen=True)
-class GrowthSpec:
-    operator: str = "stack"
-    factor: int | None = None
-    layer_map: str | None = None
-    dimension: str = "depth"
-    noise: float = 0.0
-    seed: int = 0
-    hidden: int | None = None  # width targets (None: the source's)
-    ffn: int | None = None
-    heads: int | None = None
-    query_groups: int | None = None
-    learned: Any = None  # G_learn: {kind: D as nested lists [L2][L1]} from megastack.growth.learn
-
-
-def resolve_layer_map(spec: GrowthSpec, source_layers: int) -> list[int]:
-    """The layer map from --layer-map and/or --factor; they must agree when both are given."""
-    if spec.factor is not None and spec.factor < 1:
-        raise UserError(f"--factor must be a positive integer, got {spec.factor}")
-    if spec.layer_map:
-        mapping = parse_layer_map(spec.layer_map, source_layers)
-        if spec.factor is not None and len(mapping) != source_layers * spec.factor:
-            raise UserError(f"--layer-map gives {len(mapping)} layers but --factor {spec.factor} asks for "
-                            f"{source_layers * spec.factor}; drop one of them or make them agree")
-        return mapping
-    if spec.factor is None:
-        raise UserError("give --factor G (stack the whole model G times) or --layer-map")
-    check_depth(source_layers * spec.factor, f"--factor {spec.factor}")
-    return stack_map(source_layers, spec.factor)
 
 
 def _global_copies(source: ModelConfig) -> dict[str, Copy]:

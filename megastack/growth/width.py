@@ -56,13 +56,12 @@ from typing import Any
 
 import torch
 
-from megastack.ckpt import layout
-from megastack.ckpt.base import pieces_shape
-from megastack.ckpt.layout import Piece
+from megastack import layout
 from megastack.config import ModelConfig
 from megastack.errors import UserError
 from megastack.growth.layer_map import first_occurrences
-from megastack.growth.plan import Noisy, Plan, RandomInit, Read, Zeros, seeded_normal
+from megastack.layout import Piece, pieces_shape
+from megastack.plan import Noisy, Plan, RandomInit, Read, Zeros, seeded_normal
 
 WIDTH_OPERATORS = {"stack": "direct", "zero": "zero", "random": "random"}
 

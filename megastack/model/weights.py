@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from megastack.ckpt import layout
+from megastack import layout
 from megastack.config import ModelConfig
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from megastack.ckpt import layout
+from megastack import layout
 from megastack.ckpt.manifest import MANIFEST, TRACKER, iter_dir_name, read_manifest
 from megastack.config import ModelConfig
 from megastack.errors import UserError

@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 
+from megastack import flops
 from megastack.config import to_dict
 from megastack.errors import NotBuiltError, UserError
 from megastack.fsio import atomic_write_text
-from megastack.train import checkpointing, data, flops
+from megastack.train import checkpointing, data
 from megastack.train.config import TrainConfig, load_train_config
 from megastack.train.engine import Batch, Stepper, check_layout, initialize, learning_rate
 from megastack.train.ramp import MaskRamp

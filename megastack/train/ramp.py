@@ -37,7 +37,7 @@ WIDTH_POINTS = {
 
 def local_mask(cfg: ModelConfig, spec: dict[str, Any], tp_rank: int, tp_size: int) -> torch.Tensor:
     """The bool vector of positions to scale, over this TP rank's slice of the activation's last dim."""
-    from megastack.ckpt import layout
+    from megastack import layout
 
     key = (spec.get("tensor"), spec.get("dim"))
     if key not in WIDTH_POINTS:
@@ -66,7 +66,7 @@ class MaskRamp:
                  width_masks: list[dict[str, Any]], steps: int):
         from megatron.core import parallel_state as ps
 
-        from megastack.ckpt import layout
+        from megastack import layout
 
         self.steps, self.scale, self.handles = steps, 1.0, []
         here = layout.stage_layers(cfg.num_layers, ps.get_pipeline_model_parallel_rank(),

@@ -18,7 +18,7 @@ def load_legacy_strict(model, reader, cfg) -> None:
     """This rank's model_optim_rng.pt into the local-spec model, strictly (TE norm names mapped)."""
     from megatron.core import parallel_state as ps
 
-    from megastack.ckpt import layout
+    from megastack import layout
     from megastack.ckpt.legacy import rank_dir
     from megastack.ckpt.safe_load import load_pt
 

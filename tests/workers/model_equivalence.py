@@ -14,7 +14,7 @@ import torch
 def main() -> None:
     from megatron.core import parallel_state as ps
 
-    from megastack.ckpt import layout
+    from megastack import layout
     from megastack.config import ModelConfig, ParallelConfig
     from megastack.dist import init_distributed, init_model_parallel
     from megastack.model.build import build_model

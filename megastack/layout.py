@@ -269,3 +269,20 @@ def stage_holds(name: str, cfg: ModelConfig, pp_rank: int, pp_size: int) -> bool
     if kind == "embedding":  # the last stage also holds it when tied (megatron syncs the copies)
         return pp_rank == 0 or (cfg.tie_embeddings and pp_rank == pp_size - 1)
     return pp_rank == pp_size - 1
+
+
+def pieces_shape(full_shape: tuple[int, ...], pieces: list[Piece] | tuple[Piece, ...] | None) -> tuple[int, ...]:
+    """Shape of the concatenation of ``pieces`` of a tensor of ``full_shape``."""
+    if not pieces:
+        return tuple(full_shape)
+    shape = list(full_shape)
+    shape[pieces[0].dim] = sum(p.length for p in pieces)
+    return tuple(shape)
+
+
+def take_pieces(full: torch.Tensor, pieces: list[Piece] | tuple[Piece, ...] | None) -> torch.Tensor:
+    """Cut ``pieces`` out of a full tensor (a view when there is one piece)."""
+    if not pieces:
+        return full
+    parts = [full.narrow(p.dim, p.start, p.length) for p in pieces]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=pieces[0].dim)

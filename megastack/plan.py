@@ -13,16 +13,21 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from megastack.ckpt import layout
-from megastack.ckpt.base import Reader, pieces_shape
-from megastack.ckpt.layout import Piece
+from megastack import layout
 from megastack.config import ModelConfig
+from megastack.layout import Piece, pieces_shape
 
 Read = Callable[[str, "list[Piece] | None"], torch.Tensor]
+
+
+class SliceReader(Protocol):
+    """What a plan needs of a checkpoint reader (ckpt.base.Reader has more): slices of logical tensors."""
+
+    def read(self, name: str, pieces: list[Piece] | None = None) -> torch.Tensor: ...
 
 
 RANDOM_BLOCK_ROWS = 256  # random values are drawn in fixed row blocks, each with its own seed
@@ -129,7 +134,7 @@ class Plan:
     recipes: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)
 
-    def producer(self, reader: Reader, dtype: torch.dtype) -> Callable[[str, list[Piece] | None], torch.Tensor]:
+    def producer(self, reader: SliceReader, dtype: torch.dtype) -> Callable[[str, list[Piece] | None], torch.Tensor]:
         """produce(target, pieces). The last source read is kept: units ordered by ``source_key`` (as the
         executor does) read each source slice once even when several targets copy it."""
         last: dict[tuple, torch.Tensor] = {}

@@ -1,0 +1,45 @@
+"""What a growth is asked to do: one typed spec for the CLI, recipes, the library and the bench."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from megastack.errors import UserError
+from megastack.growth.layer_map import check_depth, parse_layer_map, stack_map
+
+
+@dataclass(frozen=True)
+class GrowthSpec:
+    operator: str = "stack"
+    factor: int | None = None
+    layer_map: str | None = None
+    dimension: str = "depth"
+    noise: float = 0.0
+    seed: int = 0
+    hidden: int | None = None  # width targets (None: the source's)
+    ffn: int | None = None
+    heads: int | None = None
+    query_groups: int | None = None
+    learn_data: tuple[str, ...] = ()  # G_learn: token data the maps are learned on
+    learn_tokens: int = 65536
+    learn_batch: int = 8  # sequences per step over all ranks
+    learn_lr: float = 0.01
+    carry_optimizer: bool = False  # not built yet (issue 16): the optimizer restarts after growth
+    learned: Any = None  # G_learn's result: {kind: D as nested lists [L2][L1]} (set by growth.learn)
+
+
+def resolve_layer_map(spec: GrowthSpec, source_layers: int) -> list[int]:
+    """The layer map from --layer-map and/or --factor; they must agree when both are given."""
+    if spec.factor is not None and spec.factor < 1:
+        raise UserError(f"--factor must be a positive integer, got {spec.factor}")
+    if spec.layer_map:
+        mapping = parse_layer_map(spec.layer_map, source_layers)
+        if spec.factor is not None and len(mapping) != source_layers * spec.factor:
+            raise UserError(f"--layer-map gives {len(mapping)} layers but --factor {spec.factor} asks for "
+                            f"{source_layers * spec.factor}; drop one of them or make them agree")
+        return mapping
+    if spec.factor is None:
+        raise UserError("give --factor G (stack the whole model G times) or --layer-map")
+    check_depth(source_layers * spec.factor, f"--factor {spec.factor}")
+    return stack_map(source_layers, spec.factor)
