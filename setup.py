@@ -7,6 +7,7 @@ setup(
     version="0.1.0",
     description="Grow small LLMs into large ones directly on Megatron TP/PP sharded checkpoints",
     packages=find_packages(include=["megastack", "megastack.*"]),
+    package_data={"megastack": ["configs/*/*.yaml"]},  # shipped models, recipes, stage configs (by name)
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

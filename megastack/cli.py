@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import signal
 import sys
@@ -17,32 +16,26 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from megastack import __version__
-from megastack.errors import NotBuiltError, UserError, report
+from megastack.errors import UserError, report
 
-# subcommand -> ("module:function" taking the parsed args and returning an exit code, issue that builds it).
-# A handler whose module or function does not exist yet is reported as not built (exit 2).
-HANDLERS: dict[str, tuple[str, str]] = {
-    "plan": ("megastack.planner:cli_plan", "planner, issue 7"),
-    "grow": ("megastack.growth.cli:cli_grow", "growth operators, issue 3"),
-    "convert": ("megastack.ckpt.convert:cli_convert", "checkpoint conversion, issue 6"),
-    "inspect": ("megastack.ckpt.inspect:cli_inspect", "checkpoint inspection, issue 6"),
-    "verify": ("megastack.ckpt.inspect:cli_verify", "checkpoint verification, issue 10"),
-    "data": ("megastack.train.data:cli_data", "data preparation, issue 4"),
-    "train": ("megastack.train.loop:cli_train", "training engine, issue 4"),
-    "run": ("megastack.pipeline:cli_run", "chained stages, issue 5"),
-    "validate": ("megastack.validate:cli_validate", "config validation"),
+# subcommand -> "module:function" taking the parsed args and returning an exit code; imported only when the
+# command runs, so `megastack plan` never imports torch.
+HANDLERS: dict[str, str] = {
+    "plan": "megastack.planner:cli_plan",
+    "grow": "megastack.growth.cli:cli_grow",
+    "convert": "megastack.ckpt.convert:cli_convert",
+    "inspect": "megastack.ckpt.inspect:cli_inspect",
+    "verify": "megastack.ckpt.inspect:cli_verify",
+    "data": "megastack.train.data:cli_data",
+    "train": "megastack.train.loop:cli_train",
+    "run": "megastack.pipeline:cli_run",
+    "validate": "megastack.validate:cli_validate",
 }
 
 
-def resolve_handler(command: str) -> Callable[[argparse.Namespace], int] | None:
-    """The handler function, or None when it is not built yet."""
-    module_name, function = HANDLERS[command][0].split(":")
-    try:
-        if importlib.util.find_spec(module_name) is None:
-            return None
-    except ModuleNotFoundError:  # a parent package is missing
-        return None
-    return getattr(importlib.import_module(module_name), function, None)
+def resolve_handler(command: str) -> Callable[[argparse.Namespace], int]:
+    module_name, function = HANDLERS[command].split(":")
+    return getattr(importlib.import_module(module_name), function)
 
 
 def _integer(text: str) -> int:
@@ -234,11 +227,7 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.print_help()
         return 2
     try:
-        run = resolve_handler(args.command)
-        if run is None:
-            raise NotBuiltError(f"'megastack {args.command}' is not built yet ({HANDLERS[args.command][1]}); "
-                                "nothing was done")
-        return int(run(args) or 0)
+        return int(resolve_handler(args.command)(args) or 0)
     except UserError as error:
         cause = _interruption(error)
         if cause is None:

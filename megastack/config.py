@@ -23,7 +23,7 @@ import yaml
 from megastack.errors import UserError
 
 DType = Literal["fp32", "bf16", "fp16"]
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: an installed wheel ships them
 
 T = TypeVar("T")
 
@@ -158,7 +158,7 @@ class ParallelConfig:
             return problems
         if self.pipeline > 1 and self.zero_stage > 1:
             problems.append(("zero_stage", f"{self.zero_stage} cannot be combined with pipeline "
-                             f"parallelism ({self.pipeline}); use zero_stage 0 or 1 with pipeline > 1 "
+                             f"parallelism ({self.pipeline}); use zero_stage 1 with pipeline > 1 "
                              "(as Megatron-DeepSpeed does)"))
         if self.data is not None and self.global_batch_size is not None:
             step = self.micro_batch_size * self.data

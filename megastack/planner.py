@@ -2,7 +2,7 @@
 
 Users ask before spending a cluster month how large the small model should be, how many tokens it
 trains before growing and what growth saves; recipes take d from the same numbers. Everything here is
-arithmetic on the laws in shared/notes/growth-science.md (sources in ``SOURCES``), so this module imports
+arithmetic on published fitted laws (their papers in ``SOURCES``), so this module imports
 only the config loader: no torch, no megatron, and ``megastack plan`` answers instantly.
 
 FLOPs accounting (one rule everywhere): FLOPs = 6 x parameters x tokens with TOTAL parameters (embeddings

@@ -57,8 +57,6 @@ def open_checkpoint(path: str | os.PathLike, model: ModelConfig | None = None, c
         from megastack.ckpt.legacy import LegacyReader
 
         return LegacyReader(directory, model or model_from_manifest(directory))
-    try:
-        from megastack.ckpt.hf import HFReader
-    except ImportError:
-        raise UserError(f"{directory}: Hugging Face checkpoints are not supported yet (issue 6)") from None
+    from megastack.ckpt.hf import HFReader
+
     return HFReader(directory, model)

@@ -1,7 +1,7 @@
 """The only place megastack bends megatron-core to run on CPU (gloo). Inert when CUDA is present.
 
-megatron-core assumes CUDA at a handful of call sites even for fp32 local-spec models (listed in
-shared/notes/megatron-core-on-cpu.md). ``apply()`` patches exactly those, and only when
+megatron-core assumes CUDA at a handful of call sites even for fp32 local-spec models (each patch below
+names its call site). ``apply()`` patches exactly those, and only when
 ``torch.cuda.is_available()`` is false, so the same megastack code runs unpatched on GPU clusters.
 ``device_mode()`` scopes a cuda->cpu device mapping to calls that allocate on "cuda" internally
 (pipeline schedules, model construction with tied embeddings under PP); on GPU it is a no-op.

@@ -1,6 +1,6 @@
 """The registry of growth operators (Du et al. 2024's four atomic operators, depth direction).
 
-Each operator turns (source config, GrowthSpec) into a Plan. Definitions: shared/notes/growth-science.md.
+Each operator turns (source config, GrowthSpec) into a Plan. Definitions: Du et al. 2024 (arXiv 2405.15319), sec. 3.
 - stack  (G_direct depth = G_stack): target layer i copies source layer layer_map[i]; embedding, final
          norm and output layer are copied once.
 - zero   (G_zero depth): like stack, but every block that is not the first copy of its source layer gets
@@ -24,7 +24,7 @@ from dataclasses import replace
 
 from megastack import layout
 from megastack.config import ModelConfig
-from megastack.errors import NotBuiltError, UserError
+from megastack.errors import UserError
 from megastack.growth.layer_map import first_occurrences
 from megastack.growth.spec import GrowthSpec, resolve_layer_map
 from megastack.plan import Copy, Noisy, Plan, RandomInit, Zeros
@@ -39,8 +39,6 @@ def _global_copies(source: ModelConfig) -> dict[str, Copy]:
 
 def _depth_plan(source: ModelConfig, spec: GrowthSpec, block: Callable[[int, int, str, bool], object]) -> Plan:
     """Shared skeleton of depth operators: ``block(target_layer, source_layer, kind, is_first_copy)``."""
-    if spec.dimension != "depth":
-        raise NotBuiltError("width growth (--dimension width) is not built yet (issue 8); nothing was done")
     if not 0.0 <= spec.noise < 1.0:
         raise UserError(f"--noise must be in [0, 1), got {spec.noise} (the paper uses 0.2; above it hurts)")
     mapping = resolve_layer_map(spec, source.num_layers)

@@ -25,7 +25,7 @@ class GrowthSpec:
     learn_tokens: int = 65536
     learn_batch: int = 8  # sequences per step over all ranks
     learn_lr: float = 0.01
-    carry_optimizer: bool = False  # not built yet (issue 16): the optimizer restarts after growth
+    carry_optimizer: bool = False  # not built yet: the optimizer restarts after growth
     learned: Any = None  # G_learn's result: {kind: D as nested lists [L2][L1]} (set by growth.learn)
 
 
