@@ -126,9 +126,14 @@ def convert_once(args: list[str], ranks: int) -> dict:
     if not ok:
         raise SystemExit("convert failed:\n" + "\n".join(outputs)[-4000:])
     rows = [line.split()[1:] for out in outputs for line in out.splitlines() if line.startswith("BENCH")]
-    return {"wall_s": wall, "inner_s": max(float(r[0]) for r in rows),
-            "peak_rss": max(int(r[1]) for r in rows), "rss_after_imports": max(int(r[2]) for r in rows),
-            "peak_anon": max(int(r[3]) for r in rows), "anon_after_imports": max(int(r[4]) for r in rows)}
+    return {
+        "wall_s": wall,
+        "inner_s": max(float(r[0]) for r in rows),
+        "peak_rss": max(int(r[1]) for r in rows),
+        "rss_after_imports": max(int(r[2]) for r in rows),
+        "peak_anon": max(int(r[3]) for r in rows),
+        "anon_after_imports": max(int(r[4]) for r in rows),
+    }
 
 
 def measure(label: str, src: Path, to_args: list[str], ranks: int, repeats: int, work: Path) -> dict:
@@ -141,18 +146,29 @@ def measure(label: str, src: Path, to_args: list[str], ranks: int, repeats: int,
         shutil.rmtree(dst)
         bounds.append(io_bound(resolve_iteration_dir(src), out_bytes, work / "io_bound.bin"))
     med = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "inner_s")}
-    row = {"label": label, "ranks": ranks, "input_bytes": dir_bytes(resolve_iteration_dir(src)),
-           "output_bytes": out_bytes, "runs": runs, "io_bound_s": bounds,
-           "median_wall_s": med["wall_s"], "median_inner_s": med["inner_s"],
-           "median_io_bound_s": statistics.median(bounds),
-           "peak_rss_bytes": max(r["peak_rss"] for r in runs), "peak_anon_bytes": max(r["peak_anon"] for r in runs),
-           "anon_after_imports_bytes": max(r["anon_after_imports"] for r in runs)}
+    row = {
+        "label": label,
+        "ranks": ranks,
+        "input_bytes": dir_bytes(resolve_iteration_dir(src)),
+        "output_bytes": out_bytes,
+        "runs": runs,
+        "io_bound_s": bounds,
+        "median_wall_s": med["wall_s"],
+        "median_inner_s": med["inner_s"],
+        "median_io_bound_s": statistics.median(bounds),
+        "peak_rss_bytes": max(r["peak_rss"] for r in runs),
+        "peak_anon_bytes": max(r["peak_anon"] for r in runs),
+        "anon_after_imports_bytes": max(r["anon_after_imports"] for r in runs),
+    }
     gib, mib = 1 << 30, 1 << 20
-    print(f"{label} ranks={ranks}: wall {row['median_wall_s']:.1f}s (in-process {row['median_inner_s']:.1f}s), "
-          f"I/O bound {row['median_io_bound_s']:.1f}s -> {row['median_wall_s'] / row['median_io_bound_s']:.2f}x; "
-          f"in {row['input_bytes'] / gib:.2f} GiB, out {out_bytes / gib:.2f} GiB; peak RSS "
-          f"{row['peak_rss_bytes'] / mib:.0f} MiB, peak anon {row['peak_anon_bytes'] / mib:.0f} MiB "
-          f"(after imports {row['anon_after_imports_bytes'] / mib:.0f} MiB)", flush=True)
+    print(
+        f"{label} ranks={ranks}: wall {row['median_wall_s']:.1f}s (in-process {row['median_inner_s']:.1f}s), "
+        f"I/O bound {row['median_io_bound_s']:.1f}s -> {row['median_wall_s'] / row['median_io_bound_s']:.2f}x; "
+        f"in {row['input_bytes'] / gib:.2f} GiB, out {out_bytes / gib:.2f} GiB; peak RSS "
+        f"{row['peak_rss_bytes'] / mib:.0f} MiB, peak anon {row['peak_anon_bytes'] / mib:.0f} MiB "
+        f"(after imports {row['anon_after_imports_bytes'] / mib:.0f} MiB)",
+        flush=True,
+    )
     return row
 
 
@@ -173,8 +189,11 @@ def main() -> None:
         shutil.rmtree(hf)
     start = time.monotonic()
     src_bytes, params = write_source(hf)
-    print(f"source: {params / 1e9:.3f}B parameters, {src_bytes / 2**30:.2f} GiB bf16 HF safetensors "
-          f"(written in {time.monotonic() - start:.1f}s)", flush=True)
+    print(
+        f"source: {params / 1e9:.3f}B parameters, {src_bytes / 2**30:.2f} GiB bf16 HF safetensors "
+        f"(written in {time.monotonic() - start:.1f}s)",
+        flush=True,
+    )
     results: dict = {"parameters": params, "source_bytes": src_bytes, "cpus": os.cpu_count(), "rows": []}
     ranks = [int(r) for r in args.ranks.split(",")]
     for n in ranks:
@@ -183,12 +202,16 @@ def main() -> None:
     if legacy1.exists():
         shutil.rmtree(legacy1)
     setup = convert_once([str(hf), str(legacy1), "--to", "legacy", "--tp", "1"], 1)
-    print(f"hf->legacy TP1 ranks=1 (one run, the reshard's input): wall {setup['wall_s']:.1f}s, peak RSS "
-          f"{setup['peak_rss'] / 2**20:.0f} MiB, peak anon {setup['peak_anon'] / 2**20:.0f} MiB", flush=True)
+    print(
+        f"hf->legacy TP1 ranks=1 (one run, the reshard's input): wall {setup['wall_s']:.1f}s, peak RSS "
+        f"{setup['peak_rss'] / 2**20:.0f} MiB, peak anon {setup['peak_anon'] / 2**20:.0f} MiB",
+        flush=True,
+    )
     results["hf_to_legacy_tp1"] = setup
     for n in ranks:
-        results["rows"].append(measure("legacy TP1->TP2", legacy1, ["--to", "legacy", "--tp", "2"], n,
-                                       args.repeats, work))
+        results["rows"].append(
+            measure("legacy TP1->TP2", legacy1, ["--to", "legacy", "--tp", "2"], n, args.repeats, work)
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     if not args.workdir:

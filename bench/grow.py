@@ -50,11 +50,13 @@ print("BENCH", time.monotonic() - start, peak, peak - base, rc, flush=True)
 def write_source(path: Path, layers: int) -> tuple[int, int]:
     """A bf16 torch_dist checkpoint of the 1.1B shape with ``layers`` layers; returns (bytes, largest tensor)."""
     cfg = replace(load_model_config("llama-1.1b"), num_layers=layers, name="bench-1.1b-small")
+
     def produce(name, pieces):
         return (seeded_normal(layout.logical_shape(cfg, name), 0, name, pieces) * 0.02).to(torch.bfloat16)
 
-    execute(TorchDistWriter(cfg, torch.bfloat16), produce, path, Comm(), {"format": "torch_dist",
-                                                                         "model": to_dict(cfg)})
+    execute(
+        TorchDistWriter(cfg, torch.bfloat16), produce, path, Comm(), {"format": "torch_dist", "model": to_dict(cfg)}
+    )
     largest = max(torch.Size(layout.logical_shape(cfg, n)).numel() * 2 for n in layout.logical_names(cfg))
     return dir_bytes(path), largest
 
@@ -129,14 +131,22 @@ def main() -> None:
             walls.append(wall)
             peaks.append(peak)
         results["output_bytes"] = out_bytes
-        results["runs"][ranks] = {"wall_s": walls, "median_wall_s": statistics.median(walls),
-                                  "io_bound_s": bounds, "median_io_bound_s": statistics.median(bounds),
-                                  "peak_rss_bytes": max(peaks), "peak_rss_above_imports_bytes": max(grown)}
+        results["runs"][ranks] = {
+            "wall_s": walls,
+            "median_wall_s": statistics.median(walls),
+            "io_bound_s": bounds,
+            "median_io_bound_s": statistics.median(bounds),
+            "peak_rss_bytes": max(peaks),
+            "peak_rss_above_imports_bytes": max(grown),
+        }
         r = results["runs"][ranks]
-        print(f"ranks={ranks}: grow median {r['median_wall_s']:.2f}s, I/O bound median {r['median_io_bound_s']:.2f}s "
-              f"(ratio {r['median_wall_s'] / r['median_io_bound_s']:.2f}x), peak RSS "
-              f"{r['peak_rss_bytes'] / 2**20:.0f} MiB, {r['peak_rss_above_imports_bytes'] / 2**20:.0f} MiB above "
-              f"imports (largest tensor {largest / 2**20:.0f} MiB)", flush=True)
+        print(
+            f"ranks={ranks}: grow median {r['median_wall_s']:.2f}s, I/O bound median {r['median_io_bound_s']:.2f}s "
+            f"(ratio {r['median_wall_s'] / r['median_io_bound_s']:.2f}x), peak RSS "
+            f"{r['peak_rss_bytes'] / 2**20:.0f} MiB, {r['peak_rss_above_imports_bytes'] / 2**20:.0f} MiB above "
+            f"imports (largest tensor {largest / 2**20:.0f} MiB)",
+            flush=True,
+        )
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -71,8 +71,13 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, in
     """(wall seconds, peak RSS bytes) of one command under /usr/bin/time; a failure stops the bench."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as stats:
         start = time.monotonic()
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", stats.name, *argv], capture_output=True,
-                              text=True, env=env, timeout=7200)
+        proc = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", "-o", stats.name, *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=7200,
+        )
         wall = time.monotonic() - start
         if proc.returncode != 0:
             raise UserError(f"{' '.join(argv[:3])} failed: {(proc.stderr.strip() or proc.stdout).splitlines()[-1]}")
@@ -131,14 +136,20 @@ def passthrough_config(src: Path, layers: int, factor: int) -> str:
 
 
 def summarise(runs: list[tuple[float, int]]) -> dict[str, Any]:
-    return {"wall_s": [round(w, 3) for w, _ in runs], "median_wall_s": statistics.median(w for w, _ in runs),
-            "peak_rss_bytes": max(p for _, p in runs)}
+    return {
+        "wall_s": [round(w, 3) for w, _ in runs],
+        "median_wall_s": statistics.median(w for w, _ in runs),
+        "peak_rss_bytes": max(p for _, p in runs),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"),
-                        help="the mergekit-yaml executable (default: the one on PATH)")
+    parser.add_argument(
+        "--mergekit",
+        default=shutil.which("mergekit-yaml"),
+        help="the mergekit-yaml executable (default: the one on PATH)",
+    )
     parser.add_argument("--model", default="llama-1.1b", help="shape of the model (a shipped model config)")
     parser.add_argument("--layers", type=int, default=6, help="layers of the source")
     parser.add_argument("--factor", type=int, default=4)
@@ -163,8 +174,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def mergekit_version(exe: str) -> str | None:
     python = Path(exe).with_name("python")
-    proc = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+        capture_output=True,
+        text=True,
+    )
     return proc.stdout.strip() or None
 
 
@@ -174,19 +188,27 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     src = work / "src-hf"
     shutil.rmtree(src, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    results: dict[str, Any] = {"source": write_source(src, args.model, args.layers), "model": args.model,
-                               "factor": args.factor, "target_layers": args.layers * args.factor}
+    results: dict[str, Any] = {
+        "source": write_source(src, args.model, args.layers),
+        "model": args.model,
+        "factor": args.factor,
+        "target_layers": args.layers * args.factor,
+    }
     mergekit: dict[str, Any] = {"available": bool(args.mergekit and Path(args.mergekit).exists())}
     if not mergekit["available"]:
-        mergekit["error"] = ("mergekit-yaml not found (give --mergekit; install: python -m venv "
-                             "--system-site-packages .venv-mergekit && .venv-mergekit/bin/pip install --no-deps "
-                             "mergekit immutables accelerate peft)")
+        mergekit["error"] = (
+            "mergekit-yaml not found (give --mergekit; install: python -m venv "
+            "--system-site-packages .venv-mergekit && .venv-mergekit/bin/pip install --no-deps "
+            "mergekit immutables accelerate peft)"
+        )
     else:
         mergekit["version"] = mergekit_version(args.mergekit)
     config = work / "passthrough.yaml"
     config.write_text(passthrough_config(src, args.layers, args.factor))
-    steps: dict[str, list[tuple[float, int]]] = {k: [] for k in ("mergekit", "convert_to_torch_dist", "grow",
-                                                                 "convert_to_hf", "megastack_hf_to_hf", "grow_2_ranks")}
+    steps: dict[str, list[tuple[float, int]]] = {
+        k: []
+        for k in ("mergekit", "convert_to_torch_dist", "grow", "convert_to_hf", "megastack_hf_to_hf", "grow_2_ranks")
+    }
     bounds: list[float] = []
     identical, tensors = None, 0
     for i in range(args.repeats):
@@ -194,8 +216,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         for p in (td, grown, hf_out, mk_out, work / "grown2"):
             shutil.rmtree(p, ignore_errors=True)
         if mergekit["available"]:
-            steps["mergekit"].append(timed([args.mergekit, str(config), str(mk_out), "--no-copy-tokenizer",
-                                            "--no-write-model-card"], env))
+            steps["mergekit"].append(
+                timed([args.mergekit, str(config), str(mk_out), "--no-copy-tokenizer", "--no-write-model-card"], env)
+            )
         a = timed(megastack_cmd("convert", str(src), str(td), "--to", "torch_dist"), env)
         b = timed(megastack_cmd("grow", str(td), str(grown), "--factor", str(args.factor)), env)
         c = timed(megastack_cmd("convert", str(grown), str(hf_out), "--to", "hf"), env)
@@ -233,11 +256,30 @@ def grow_two_ranks(src: Path, dst: Path, factor: int, env: dict[str, str]) -> tu
     for rank in range(2):
         stat = tempfile.NamedTemporaryFile("r", suffix=".time")
         stats.append(stat)
-        rank_env = env | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-                          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", stat.name,
-                                       *megastack_cmd("grow", str(src), str(dst), "--factor", str(factor))],
-                                      env=rank_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        rank_env = env | {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        procs.append(
+            subprocess.Popen(
+                [
+                    "/usr/bin/time",
+                    "-f",
+                    "%M",
+                    "-o",
+                    stat.name,
+                    *megastack_cmd("grow", str(src), str(dst), "--factor", str(factor)),
+                ],
+                env=rank_env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     errors = [p.communicate(timeout=7200)[1] for p in procs]
     wall = time.monotonic() - start
     if any(p.returncode for p in procs):

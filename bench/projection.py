@@ -38,13 +38,24 @@ from megastack.errors import UserError  # noqa: E402
 GIB = 1 << 30
 
 # (name, small model, growth factor, TP and PP of the saved small checkpoint's chunks)
-LLAMA_70B = ModelConfig(num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
-                        ffn_hidden_size=28672, vocab_size=32000, seq_length=4096, dtype="bf16", name="llama-70b")
+LLAMA_70B = ModelConfig(
+    num_layers=80,
+    hidden_size=8192,
+    num_attention_heads=64,
+    num_query_groups=8,
+    ffn_hidden_size=28672,
+    vocab_size=32000,
+    seq_length=4096,
+    dtype="bf16",
+    name="llama-70b",
+)
 
 
 def models() -> list[tuple[str, ModelConfig, int, int, int]]:
-    return [("7B", load_model_config("llama-7b-small"), 4, 4, 1),
-            ("70B", replace(LLAMA_70B, num_layers=20, name="llama-70b-small"), 4, 8, 4)]
+    return [
+        ("7B", load_model_config("llama-7b-small"), 4, 4, 1),
+        ("70B", replace(LLAMA_70B, num_layers=20, name="llama-70b-small"), 4, 8, 4),
+    ]
 
 
 def write_metadata_only(root: Path, cfg: ModelConfig, tp: int, pp: int) -> None:
@@ -72,8 +83,12 @@ def write_metadata_only(root: Path, cfg: ModelConfig, tp: int, pp: int) -> None:
         kind = layout.split_name(name)[1]
         shape = layout.logical_shape(cfg, name)
         stage = 0 if layer is None else layer // (layers // pp)
-        md = state.setdefault(key, TensorStorageMetadata(
-            TensorProperties(dtype=torch.bfloat16), torch.Size(shape if layer is None else (layers, *shape)), []))
+        md = state.setdefault(
+            key,
+            TensorStorageMetadata(
+                TensorProperties(dtype=torch.bfloat16), torch.Size(shape if layer is None else (layers, *shape)), []
+            ),
+        )
         for r in range(tp):
             replicated = layout.TP_RULE[kind] == "replicated"
             if replicated and r:
@@ -96,9 +111,26 @@ def write_metadata_only(root: Path, cfg: ModelConfig, tp: int, pp: int) -> None:
 def dry_run(src: Path, factor: int, ranks: int) -> tuple[dict[str, Any], float]:
     """`megastack grow --dry-run --json` as a subprocess; (its plan, its wall seconds)."""
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "megastack", "grow", str(src), str(src.parent / "dst"),
-                           "--factor", str(factor), "--dry-run", "--json", "--ranks", str(ranks)],
-                          capture_output=True, text=True, timeout=1800, cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megastack",
+            "grow",
+            str(src),
+            str(src.parent / "dst"),
+            "--factor",
+            str(factor),
+            "--dry-run",
+            "--json",
+            "--ranks",
+            str(ranks),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=REPO,
+    )
     if proc.returncode != 0:
         raise UserError(f"megastack grow --dry-run failed: {(proc.stderr.strip() or proc.stdout).splitlines()[-1]}")
     return json.loads(proc.stdout), time.monotonic() - start
@@ -106,13 +138,16 @@ def dry_run(src: Path, factor: int, ranks: int) -> tuple[dict[str, Any], float]:
 
 def project(plan: dict[str, Any], node_bytes_per_s: float, per_node: int) -> dict[str, Any]:
     rows = plan["ranks"]
-    nodes = [rows[i:i + per_node] for i in range(0, len(rows), per_node)]
+    nodes = [rows[i : i + per_node] for i in range(0, len(rows), per_node)]
     node_bytes = [sum(r["read_bytes"] + r["write_bytes"] for r in node) for node in nodes]
     total_read = sum(r["read_bytes"] for r in rows)
     total_write = sum(r["write_bytes"] for r in rows)
     return {
-        "ranks": len(rows), "nodes": len(nodes), "target_parameters": plan["target_parameters"],
-        "total_read_bytes": total_read, "total_write_bytes": total_write,
+        "ranks": len(rows),
+        "nodes": len(nodes),
+        "target_parameters": plan["target_parameters"],
+        "total_read_bytes": total_read,
+        "total_write_bytes": total_write,
         "max_rank_read_bytes": max(r["read_bytes"] for r in rows),
         "max_rank_write_bytes": max(r["write_bytes"] for r in rows),
         "min_rank_write_bytes": min(r["write_bytes"] for r in rows),
@@ -144,27 +179,40 @@ def main(argv: list[str] | None = None) -> int:
         ranks = parse_ints(args.ranks, "--ranks")
         if not args.node_gbps > 0 or args.ranks_per_node < 1:
             raise UserError("--node-gbps and --ranks-per-node must be positive")
-        results: dict[str, Any] = {"assumptions": {
-            "node_bytes_per_s": args.node_gbps * 1e9, "ranks_per_node": args.ranks_per_node,
-            "model": "time = max over nodes of (read + write bytes of its ranks) / node bandwidth; growth "
-                     "I/O bound; the filesystem scales with nodes; memory = planner's predicted peak"},
-            "models": []}
+        results: dict[str, Any] = {
+            "assumptions": {
+                "node_bytes_per_s": args.node_gbps * 1e9,
+                "ranks_per_node": args.ranks_per_node,
+                "model": "time = max over nodes of (read + write bytes of its ranks) / node bandwidth; growth "
+                "I/O bound; the filesystem scales with nodes; memory = planner's predicted peak",
+            },
+            "models": [],
+        }
         with tempfile.TemporaryDirectory(prefix="megastack-projection-") as tmp:
             for label, small, factor, tp, pp in models():
                 src = Path(tmp) / label / "src"
                 write_metadata_only(src, small, tp, pp)
-                entry: dict[str, Any] = {"label": label, "source": small.name, "source_layers": small.num_layers,
-                                         "factor": factor, "source_chunks": f"TP{tp} PP{pp}",
-                                         "source_parameters": small.total_parameters(), "plans": []}
+                entry: dict[str, Any] = {
+                    "label": label,
+                    "source": small.name,
+                    "source_layers": small.num_layers,
+                    "factor": factor,
+                    "source_chunks": f"TP{tp} PP{pp}",
+                    "source_parameters": small.total_parameters(),
+                    "plans": [],
+                }
                 for n in ranks:
                     plan, wall = dry_run(src, factor, n)
                     entry["target_layers"] = plan["target_layers"]
                     row = project(plan, args.node_gbps * 1e9, args.ranks_per_node) | {"dry_run_wall_s": wall}
                     entry["plans"].append(row)
-                    print(f"{label} {small.num_layers} -> {plan['target_layers']} layers, {n} ranks: "
-                          f"{row['max_rank_write_bytes'] / GIB:.2f} GiB max write/rank, "
-                          f"{row['max_rank_peak_bytes'] / GIB:.2f} GiB peak/rank, "
-                          f"{row['projected_seconds']:.0f} s projected (dry run {wall:.1f} s)", flush=True)
+                    print(
+                        f"{label} {small.num_layers} -> {plan['target_layers']} layers, {n} ranks: "
+                        f"{row['max_rank_write_bytes'] / GIB:.2f} GiB max write/rank, "
+                        f"{row['max_rank_peak_bytes'] / GIB:.2f} GiB peak/rank, "
+                        f"{row['projected_seconds']:.0f} s projected (dry run {wall:.1f} s)",
+                        flush=True,
+                    )
                 results["models"].append(entry)
     except UserError as exc:
         print(f"projection: error: {exc}", file=sys.stderr)

@@ -67,13 +67,33 @@ SMOKE = {
     "parallel": {"tensor": 1, "pipeline": 1, "zero_stage": 1, "micro_batch_size": 4, "global_batch_size": 8},
     "data": {"prefixes": [], "split": "98,2,0", "seed": 1234},
     "logging": {"tensorboard": False, "progress": "off"},
-    "small": {"model": "tiny-small", "optimizer": {"lr": 3.0e-3, "warmup_iters": 2},
-              "schedule": {"train_iters": 6, "eval_interval": 3, "eval_iters": 1, "save_interval": 0,
-                           "keep_last": 1, "log_interval": 3}},
+    "small": {
+        "model": "tiny-small",
+        "optimizer": {"lr": 3.0e-3, "warmup_iters": 2},
+        "schedule": {
+            "train_iters": 6,
+            "eval_interval": 3,
+            "eval_iters": 1,
+            "save_interval": 0,
+            "keep_last": 1,
+            "log_interval": 3,
+        },
+    },
     "growth": {"operator": "stack", "factor": 4},
-    "large": {"model": "tiny", "optimizer": {"lr": 2.0e-3, "warmup_iters": 2}, "mask_ramp_steps": 3,
-              "schedule": {"train_iters": 6, "eval_interval": 2, "eval_at_start": True, "eval_iters": 1,
-                           "save_interval": 0, "keep_last": 1, "log_interval": 3}},
+    "large": {
+        "model": "tiny",
+        "optimizer": {"lr": 2.0e-3, "warmup_iters": 2},
+        "mask_ramp_steps": 3,
+        "schedule": {
+            "train_iters": 6,
+            "eval_interval": 2,
+            "eval_at_start": True,
+            "eval_iters": 1,
+            "save_interval": 0,
+            "keep_last": 1,
+            "log_interval": 3,
+        },
+    },
 }
 
 
@@ -88,10 +108,19 @@ class Preset:
 
 PRESETS = {
     "smoke": Preset(SMOKE, (1,), ("stack", "zero"), learn_tokens=2048, note="seconds per stage: the test suite's"),
-    "cpu": Preset("speedup-cpu", (1, 2), ("stack", "zero", "random", "learn", "width", "width-zero", "width-random"),
-                  note="configs/recipes/speedup-cpu.yaml: ~35-40 min on an idle 2-core machine"),
-    "cluster": Preset("llama-1.1b", (1,), ("stack", "zero", "random"), learn_tokens=1 << 22,
-                      note="configs/recipes/llama-1.1b.yaml (the paper's 1.1B setting): a GPU cluster's job"),
+    "cpu": Preset(
+        "speedup-cpu",
+        (1, 2),
+        ("stack", "zero", "random", "learn", "width", "width-zero", "width-random"),
+        note="configs/recipes/speedup-cpu.yaml: ~35-40 min on an idle 2-core machine",
+    ),
+    "cluster": Preset(
+        "llama-1.1b",
+        (1,),
+        ("stack", "zero", "random"),
+        learn_tokens=1 << 22,
+        note="configs/recipes/llama-1.1b.yaml (the paper's 1.1B setting): a GPU cluster's job",
+    ),
 }
 
 
@@ -133,11 +162,18 @@ def narrow_model(large: ModelConfig) -> ModelConfig:
     heads = max(1, large.num_attention_heads // 2)
     groups = max(1, large.query_groups // 2)
     if heads % groups or large.num_attention_heads < 2:
-        raise UserError(f"{large.name}: cannot halve {large.num_attention_heads} heads / {large.query_groups} query "
-                        "groups for the width operators' small model; leave width out of --operators")
-    return replace(large, hidden_size=heads * large.head_dim, num_attention_heads=heads,
-                   num_query_groups=groups, ffn_hidden_size=large.ffn_hidden_size // 2,
-                   name=f"{large.name or 'model'}-narrow")
+        raise UserError(
+            f"{large.name}: cannot halve {large.num_attention_heads} heads / {large.query_groups} query "
+            "groups for the width operators' small model; leave width out of --operators"
+        )
+    return replace(
+        large,
+        hidden_size=heads * large.head_dim,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        ffn_hidden_size=large.ffn_hidden_size // 2,
+        name=f"{large.name or 'model'}-narrow",
+    )
 
 
 def growth_spec(op: str, recipe: Recipe, large: ModelConfig, seed: int):
@@ -145,9 +181,15 @@ def growth_spec(op: str, recipe: Recipe, large: ModelConfig, seed: int):
 
     g = recipe.growth
     if op in WIDTH_OPERATORS:
-        return GrowthSpec(operator=WIDTH_OPERATORS[op], dimension="width", seed=seed, hidden=large.hidden_size,
-                          ffn=large.ffn_hidden_size, heads=large.num_attention_heads,
-                          query_groups=large.query_groups)
+        return GrowthSpec(
+            operator=WIDTH_OPERATORS[op],
+            dimension="width",
+            seed=seed,
+            hidden=large.hidden_size,
+            ffn=large.ffn_hidden_size,
+            heads=large.num_attention_heads,
+            query_groups=large.query_groups,
+        )
     return GrowthSpec(operator=op, factor=g.factor, layer_map=g.layer_map, noise=g.noise, seed=seed)
 
 
@@ -206,21 +248,33 @@ def grow(source: str, dst: Path, spec: Any, data: list[str], options: Options, c
         if problems:
             raise UserError(f"{dst} exists but does not verify ({problems[0]}); delete it and run again")
         return {"checkpoint": str(dst), "operator": spec.operator, "dimension": spec.dimension}
-    spec = replace(spec, learn_data=tuple(data), learn_tokens=options.learn_tokens, learn_batch=options.learn_batch,
-                   learn_lr=options.learn_lr)
+    spec = replace(
+        spec,
+        learn_data=tuple(data),
+        learn_tokens=options.learn_tokens,
+        learn_batch=options.learn_batch,
+        learn_lr=options.learn_lr,
+    )
     job = grow_checkpoint(source, dst, spec, comm=comm)
     learn_report = job.learn_report
     # the maps' training (forward + backward through the grown model, 6N per token like training), which
     # growth_manifest also adds to the checkpoint's cumulative FLOPs
     extra_flops = flops_per_token(job.plan.target) * float(learn_report.get("tokens") or 0)
-    return {"checkpoint": str(dst), "operator": spec.operator, "dimension": spec.dimension,
-            "new_layers": job.plan.info.get("new_layers"), "growth_flops": extra_flops,
-            "learn": {k: learn_report.get(k) for k in ("steps", "tokens", "heldout_loss_stack",
-                                                       "heldout_loss_learned")} if learn_report else None}
+    return {
+        "checkpoint": str(dst),
+        "operator": spec.operator,
+        "dimension": spec.dimension,
+        "new_layers": job.plan.info.get("new_layers"),
+        "growth_flops": extra_flops,
+        "learn": {k: learn_report.get(k) for k in ("steps", "tokens", "heldout_loss_stack", "heldout_loss_learned")}
+        if learn_report
+        else None,
+    }
 
 
-def run_seed(recipe: Recipe, seed: int, out: Path, options: Options, comm: Any, rank: int,
-             world: int) -> dict[str, Any]:
+def run_seed(
+    recipe: Recipe, seed: int, out: Path, options: Options, comm: Any, rank: int, world: int
+) -> dict[str, Any]:
     """Small once, every operator from it, the FLOP-matched scratch run; the stage results by name."""
     from megastack.train.data import resolve_data
 
@@ -242,20 +296,32 @@ def run_seed(recipe: Recipe, seed: int, out: Path, options: Options, comm: Any, 
         spec = growth_spec(op, recipe, large_model, seed)
         target = grown_config(source_cfg[1].resolved_model(), spec)
         if target.num_layers != large_model.num_layers or target.hidden_size != large_model.hidden_size:
-            raise UserError(f"--operators {op}: growth gives {target.num_layers} layers x {target.hidden_size} "
-                            f"hidden, the large model is {large_model.num_layers} x {large_model.hidden_size}")
-        grow_hash = config_hash({"spec": asdict(spec), "learn": [options.learn_tokens, options.learn_batch,
-                                                                options.learn_lr] if op == "learn" else None,
-                                 "after": config_hash(asdict(source_cfg[1]))})
+            raise UserError(
+                f"--operators {op}: growth gives {target.num_layers} layers x {target.hidden_size} "
+                f"hidden, the large model is {large_model.num_layers} x {large_model.hidden_size}"
+            )
+        grow_hash = config_hash(
+            {
+                "spec": asdict(spec),
+                "learn": [options.learn_tokens, options.learn_batch, options.learn_lr] if op == "learn" else None,
+                "after": config_hash(asdict(source_cfg[1])),
+            }
+        )
         grown_dir = layout.stage_dir(f"grown-{op}")
         results[f"grow-{op}"] = runner.stage(
-            f"grow-{op}", grow_hash,
-            lambda spec=spec, src=source_cfg[0]["checkpoint"], dst=grown_dir: grow(
-                src, dst, spec, data, options, comm))
-        large = replace(large_template, model=replace(large_model, norm_epsilon=target.norm_epsilon),
-                        out_dir=str(layout.stage_dir(f"large-{op}")), init_from=str(grown_dir))
-        results[f"large-{op}"] = runner.train(f"large-{op}", large,
-                                              config_hash({"train": asdict(large), "after": grow_hash}))
+            f"grow-{op}",
+            grow_hash,
+            lambda spec=spec, src=source_cfg[0]["checkpoint"], dst=grown_dir: grow(src, dst, spec, data, options, comm),
+        )
+        large = replace(
+            large_template,
+            model=replace(large_model, norm_epsilon=target.norm_epsilon),
+            out_dir=str(layout.stage_dir(f"large-{op}")),
+            init_from=str(grown_dir),
+        )
+        results[f"large-{op}"] = runner.train(
+            f"large-{op}", large, config_hash({"train": asdict(large), "after": grow_hash})
+        )
     results["scratch"] = runner.train("scratch", scratch[0], scratch[1])
     return results
 
@@ -266,8 +332,13 @@ def run_seed(recipe: Recipe, seed: int, out: Path, options: Options, comm: Any, 
 def _spread(values: list[float]) -> dict[str, Any]:
     if not values:
         return {"mean": None, "sd": None, "min": None, "max": None, "n": 0}
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
-            "min": min(values), "max": max(values), "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else None,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def analyse_seed(out: Path, seed: int, operators: tuple[str, ...]) -> dict[str, Any]:
@@ -275,9 +346,14 @@ def analyse_seed(out: Path, seed: int, operators: tuple[str, ...]) -> dict[str, 
     layout = Layout(out / f"seed-{seed}")
     scratch = eval_curve(layout.stage_dir("scratch"))
     marker = read_marker(layout, "scratch") or {}
-    row: dict[str, Any] = {"scratch": {"curve": scratch, "final_valid_loss": scratch[-1][1] if scratch else None,
-                                       "flops": scratch[-1][0] if scratch else None,
-                                       "wall_seconds": marker.get("wall_seconds")}}
+    row: dict[str, Any] = {
+        "scratch": {
+            "curve": scratch,
+            "final_valid_loss": scratch[-1][1] if scratch else None,
+            "flops": scratch[-1][0] if scratch else None,
+            "wall_seconds": marker.get("wall_seconds"),
+        }
+    }
     target, f_scratch = row["scratch"]["final_valid_loss"], row["scratch"]["flops"]
     for op in operators:
         small_stage = "small-width" if op in WIDTH_OPERATORS else "small"
@@ -286,10 +362,13 @@ def analyse_seed(out: Path, seed: int, operators: tuple[str, ...]) -> dict[str, 
         walls = [(read_marker(layout, s) or {}).get("wall_seconds") for s in (small_stage, f"grow-{op}", f"large-{op}")]
         grow_marker = read_marker(layout, f"grow-{op}") or {}
         row[op] = {
-            "curve": small + large, "small_final_valid_loss": small[-1][1] if small else None,
+            "curve": small + large,
+            "small_final_valid_loss": small[-1][1] if small else None,
             "loss_after_growth": large[0][1] if large else None,
-            "final_valid_loss": large[-1][1] if large else None, "flops": large[-1][0] if large else None,
-            "small_flops": small[-1][0] if small else None, "growth_flops": grow_marker.get("growth_flops", 0.0),
+            "final_valid_loss": large[-1][1] if large else None,
+            "flops": large[-1][0] if large else None,
+            "small_flops": small[-1][0] if small else None,
+            "growth_flops": grow_marker.get("growth_flops", 0.0),
             "flops_to_scratch_loss": reached,
             "speedup": f_scratch / reached - 1 if reached and f_scratch else None,
             "learn": grow_marker.get("learn"),
@@ -302,17 +381,23 @@ def aggregate(runs: dict[int, dict[str, Any]], operators: tuple[str, ...]) -> di
     table: dict[str, Any] = {}
     for name in ("scratch", *operators):
         rows = [r[name] for r in runs.values() if name in r]
-        entry = {"final_valid_loss": _spread([r["final_valid_loss"] for r in rows
-                                              if r["final_valid_loss"] is not None]),
-                 "flops": _spread([r["flops"] for r in rows if r["flops"] is not None])}
+        entry = {
+            "final_valid_loss": _spread([r["final_valid_loss"] for r in rows if r["final_valid_loss"] is not None]),
+            "flops": _spread([r["flops"] for r in rows if r["flops"] is not None]),
+        }
         if name != "scratch":
             speedups = [r["speedup"] for r in rows if r["speedup"] is not None]
-            entry |= {"loss_after_growth": _spread([r["loss_after_growth"] for r in rows
-                                                    if r["loss_after_growth"] is not None]),
-                      "flops_to_scratch_loss": _spread([r["flops_to_scratch_loss"] for r in rows
-                                                        if r["flops_to_scratch_loss"] is not None]),
-                      "speedup": _spread(speedups), "speedup_per_seed": [r["speedup"] for r in rows],
-                      "reached": f"{len(speedups)}/{len(rows)}"}
+            entry |= {
+                "loss_after_growth": _spread(
+                    [r["loss_after_growth"] for r in rows if r["loss_after_growth"] is not None]
+                ),
+                "flops_to_scratch_loss": _spread(
+                    [r["flops_to_scratch_loss"] for r in rows if r["flops_to_scratch_loss"] is not None]
+                ),
+                "speedup": _spread(speedups),
+                "speedup_per_seed": [r["speedup"] for r in rows],
+                "reached": f"{len(speedups)}/{len(rows)}",
+            }
         table[name] = entry
     return table
 
@@ -333,57 +418,81 @@ def _pct(value: float | None) -> str:
 def report_markdown(report: dict[str, Any]) -> str:
     setup, table = report["setup"], report["table"]
     n = len(report["seeds"])
-    lines = [f"# Speedup: {report['recipe']} ({report['preset'] or 'custom'} preset)", "",
-             f"`{report['command']}`, {report['world']} rank(s), seeds {report['seeds']}; stages finished "
-             f"{report.get('measured') or report['date']}: {report['stage_wall_seconds'] / 60:.1f} min summed over "
-             f"the stages' own wall times (report written {report['date']}, this invocation "
-             f"{report['wall_seconds'] / 60:.1f} min).", "",
-             f"Small `{setup['small_model']}` {setup['small_iters']} iterations ({setup['small_tokens']:,} tokens), "
-             f"grown x{setup['factor']} into `{setup['large_model']}`, {setup['large_iters']} iterations "
-             f"({setup['large_tokens']:,} tokens) per operator; scratch `{setup['large_model']}` "
-             f"{setup['scratch_iters']} iterations (the FLOPs of small + large); global batch "
-             f"{setup['global_batch']} x {setup['seq_length']} tokens, AdamW, fresh after growth, warmup + "
-             "cosine in every stage; validation loss on the same held-out batches everywhere.", "",
-             "| operator | final valid loss | loss right after growth | total FLOPs | FLOPs to reach scratch's "
-             "final loss | speedup (FLOPs_scratch / FLOPs_op - 1) | per seed |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Speedup: {report['recipe']} ({report['preset'] or 'custom'} preset)",
+        "",
+        f"`{report['command']}`, {report['world']} rank(s), seeds {report['seeds']}; stages finished "
+        f"{report.get('measured') or report['date']}: {report['stage_wall_seconds'] / 60:.1f} min summed over "
+        f"the stages' own wall times (report written {report['date']}, this invocation "
+        f"{report['wall_seconds'] / 60:.1f} min).",
+        "",
+        f"Small `{setup['small_model']}` {setup['small_iters']} iterations ({setup['small_tokens']:,} tokens), "
+        f"grown x{setup['factor']} into `{setup['large_model']}`, {setup['large_iters']} iterations "
+        f"({setup['large_tokens']:,} tokens) per operator; scratch `{setup['large_model']}` "
+        f"{setup['scratch_iters']} iterations (the FLOPs of small + large); global batch "
+        f"{setup['global_batch']} x {setup['seq_length']} tokens, AdamW, fresh after growth, warmup + "
+        "cosine in every stage; validation loss on the same held-out batches everywhere.",
+        "",
+        "| operator | final valid loss | loss right after growth | total FLOPs | FLOPs to reach scratch's "
+        "final loss | speedup (FLOPs_scratch / FLOPs_op - 1) | per seed |",
+        "|---|---|---|---|---|---|---|",
+    ]
     s = table["scratch"]
-    lines.append(f"| scratch | {_pm(s['final_valid_loss'], '.4f')} | - | {_pm(s['flops'], '.3e')} | "
-                 f"{_pm(s['flops'], '.3e')} | 0 (baseline) | - |")
+    lines.append(
+        f"| scratch | {_pm(s['final_valid_loss'], '.4f')} | - | {_pm(s['flops'], '.3e')} | "
+        f"{_pm(s['flops'], '.3e')} | 0 (baseline) | - |"
+    )
     for op in report["operators"]:
         t = table[op]
         sp = t["speedup"]
         speed = "not reached" if sp["mean"] is None else _pm(sp, ".1f", 100, "%")
         if sp["mean"] is not None and t["reached"] != f"{n}/{n}":
             speed += f" ({t['reached']} seeds reached)"
-        lines.append(f"| {op} | {_pm(t['final_valid_loss'], '.4f')} | {_pm(t['loss_after_growth'], '.4f')} | "
-                     f"{_pm(t['flops'], '.3e')} | {_pm(t['flops_to_scratch_loss'], '.3e')} | {speed} | "
-                     f"{', '.join(_pct(v) for v in t['speedup_per_seed'])} |")
-    lines += ["", "Mean ± sample standard deviation over seeds (no ± with one seed). FLOPs count the small "
-              "stage (and G_learn's map training); 'not reached': the run's curve never got down to the "
-              "scratch run's final loss, so its speedup is negative or unmeasured at this budget."]
+        lines.append(
+            f"| {op} | {_pm(t['final_valid_loss'], '.4f')} | {_pm(t['loss_after_growth'], '.4f')} | "
+            f"{_pm(t['flops'], '.3e')} | {_pm(t['flops_to_scratch_loss'], '.3e')} | {speed} | "
+            f"{', '.join(_pct(v) for v in t['speedup_per_seed'])} |"
+        )
+    lines += [
+        "",
+        "Mean ± sample standard deviation over seeds (no ± with one seed). FLOPs count the small "
+        "stage (and G_learn's map training); 'not reached': the run's curve never got down to the "
+        "scratch run's final loss, so its speedup is negative or unmeasured at this budget.",
+    ]
     for op, why in report["not_measured"].items():
         lines.append(f"- `{op}`: not measured: {why}")
     if any(op in WIDTH_OPERATORS for op in report["operators"]):
-        lines.append(f"- width operators start from `{setup.get('narrow_model')}` (the large depth at half the "
-                     "width), trained with the small stage's schedule; their FLOPs count that model instead.")
+        lines.append(
+            f"- width operators start from `{setup.get('narrow_model')}` (the large depth at half the "
+            "width), trained with the small stage's schedule; their FLOPs count that model instead."
+        )
     if "learn" in report["operators"]:
-        lines.append(f"- learn: LiGO maps trained on {report['options']['learn_tokens']:,} tokens of the training "
-                     "data before the large stage, counted as 6N FLOPs per token of the grown model.")
-    lines += ["", "Per seed (valid loss right after growth -> final; wall seconds of small / grow / large):", "",
-              "| seed | run | small final | after growth | final | FLOPs to scratch loss | speedup | wall s |",
-              "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"- learn: LiGO maps trained on {report['options']['learn_tokens']:,} tokens of the training "
+            "data before the large stage, counted as 6N FLOPs per token of the grown model."
+        )
+    lines += [
+        "",
+        "Per seed (valid loss right after growth -> final; wall seconds of small / grow / large):",
+        "",
+        "| seed | run | small final | after growth | final | FLOPs to scratch loss | speedup | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for seed, run in report["runs"].items():
         sc = run["scratch"]
-        lines.append(f"| {seed} | scratch | - | - | {_num(sc['final_valid_loss'], '.4f')} | {_num(sc['flops'], '.3e')} "
-                     f"| - | {_num(sc['wall_seconds'], '.0f')} |")
+        lines.append(
+            f"| {seed} | scratch | - | - | {_num(sc['final_valid_loss'], '.4f')} | {_num(sc['flops'], '.3e')} "
+            f"| - | {_num(sc['wall_seconds'], '.0f')} |"
+        )
         for op in report["operators"]:
             r = run[op]
             w = r["wall_seconds"]
-            lines.append(f"| {seed} | {op} | {_num(r['small_final_valid_loss'], '.4f')} | "
-                         f"{_num(r['loss_after_growth'], '.4f')} | {_num(r['final_valid_loss'], '.4f')} | "
-                         f"{_num(r['flops_to_scratch_loss'], '.3e')} | {_pct(r['speedup'])} | "
-                         f"{_num(w['small'], '.0f')} / {_num(w['grow'], '.0f')} / {_num(w['large'], '.0f')} |")
+            lines.append(
+                f"| {seed} | {op} | {_num(r['small_final_valid_loss'], '.4f')} | "
+                f"{_num(r['loss_after_growth'], '.4f')} | {_num(r['final_valid_loss'], '.4f')} | "
+                f"{_num(r['flops_to_scratch_loss'], '.3e')} | {_pct(r['speedup'])} | "
+                f"{_num(w['small'], '.0f')} / {_num(w['grow'], '.0f')} / {_num(w['large'], '.0f')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -407,8 +516,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
             lows.append(min(p[1] for p in points))
             if name != "scratch" and run[name]["loss_after_growth"] is not None:
                 starts.append(run[name]["loss_after_growth"])
-            style = {"fmt": "s--" if name == "scratch" else "o-", "color": "black" if name == "scratch" else
-                     COLORS[j % len(COLORS)], **faint}
+            style = {
+                "fmt": "s--" if name == "scratch" else "o-",
+                "color": "black" if name == "scratch" else COLORS[j % len(COLORS)],
+                **faint,
+            }
             curves.append((name if i == 0 else None, points, style))
     top = max(starts) + 0.4 if starts else None
     ylim = (min(lows) - 0.05, top) if lows and top else None
@@ -420,8 +532,9 @@ def _marker_texts(markers: Path) -> list[str]:
     return [p.read_text() for p in sorted(markers.glob("*.json"))] if markers.is_dir() else []
 
 
-def write_report(out: Path, recipe: Recipe, options: Options, world: int, wall: float, preset: str | None,
-                 command: str) -> dict[str, Any]:
+def write_report(
+    out: Path, recipe: Recipe, options: Options, world: int, wall: float, preset: str | None, command: str
+) -> dict[str, Any]:
     from megastack.pipeline import stage_flops
 
     runs = {seed: analyse_seed(out, seed, options.operators) for seed in options.seeds}
@@ -433,13 +546,21 @@ def write_report(out: Path, recipe: Recipe, options: Options, world: int, wall: 
     seq = large.resolved_model().seq_length
     small_iters = small.schedule.iterations(global_batch * seq)
     large_iters = large.schedule.iterations(global_batch * seq)
-    setup = {"small_model": small.resolved_model().name, "large_model": large.resolved_model().name,
-             "factor": recipe.growth.factor, "small_iters": small_iters, "large_iters": large_iters,
-             "scratch_iters": scratch.schedule.iterations(global_batch * seq),
-             "small_tokens": small_iters * global_batch * seq, "large_tokens": large_iters * global_batch * seq,
-             "global_batch": global_batch, "seq_length": seq,
-             "small_flops": stage_flops(small, world)[1], "large_flops": stage_flops(large, world)[1],
-             "scratch_flops": stage_flops(scratch, world)[1]}
+    setup = {
+        "small_model": small.resolved_model().name,
+        "large_model": large.resolved_model().name,
+        "factor": recipe.growth.factor,
+        "small_iters": small_iters,
+        "large_iters": large_iters,
+        "scratch_iters": scratch.schedule.iterations(global_batch * seq),
+        "small_tokens": small_iters * global_batch * seq,
+        "large_tokens": large_iters * global_batch * seq,
+        "global_batch": global_batch,
+        "seq_length": seq,
+        "small_flops": stage_flops(small, world)[1],
+        "large_flops": stage_flops(large, world)[1],
+        "scratch_flops": stage_flops(scratch, world)[1],
+    }
     if any(op in WIDTH_OPERATORS for op in options.operators):
         setup["narrow_model"] = narrow_model(large.resolved_model()).name
     not_measured = {op: "not requested (--operators)" for op in OPERATORS if op not in options.operators}
@@ -447,16 +568,30 @@ def write_report(out: Path, recipe: Recipe, options: Options, world: int, wall: 
     stage_wall = sum(float(m.get("wall_seconds") or 0.0) for m in markers)
     finished = sorted(m["finished"] for m in markers if m.get("finished"))
     measured = f"{finished[0][:16].replace('T', ' ')} to {finished[-1][:16].replace('T', ' ')}" if finished else None
-    report = {"preset": preset, "recipe": recipe.name, "command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
-              "world": world, "seeds": list(options.seeds), "operators": list(options.operators),
-              "options": {"learn_tokens": options.learn_tokens, "learn_batch": options.learn_batch,
-                          "learn_lr": options.learn_lr},
-              "setup": setup, "table": aggregate(runs, options.operators), "not_measured": not_measured,
-              "runs": {str(k): v for k, v in runs.items()}, "wall_seconds": wall, "stage_wall_seconds": stage_wall,
-              "measured": measured,
-              "definition": "speedup = FLOPs_scratch / FLOPs_op - 1; FLOPs_op = cumulative FLOPs (small stage "
-                            "included) at which the grown run's validation loss first reaches the scratch run's "
-                            "final validation loss (linear interpolation between evaluations)"}
+    report = {
+        "preset": preset,
+        "recipe": recipe.name,
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "world": world,
+        "seeds": list(options.seeds),
+        "operators": list(options.operators),
+        "options": {
+            "learn_tokens": options.learn_tokens,
+            "learn_batch": options.learn_batch,
+            "learn_lr": options.learn_lr,
+        },
+        "setup": setup,
+        "table": aggregate(runs, options.operators),
+        "not_measured": not_measured,
+        "runs": {str(k): v for k, v in runs.items()},
+        "wall_seconds": wall,
+        "stage_wall_seconds": stage_wall,
+        "measured": measured,
+        "definition": "speedup = FLOPs_scratch / FLOPs_op - 1; FLOPs_op = cumulative FLOPs (small stage "
+        "included) at which the grown run's validation loss first reaches the scratch run's "
+        "final validation loss (linear interpolation between evaluations)",
+    }
     from megastack.fsio import atomic_write_json, atomic_write_text
 
     atomic_write_json(out / "speedup.json", report)
@@ -470,8 +605,12 @@ def write_report(out: Path, recipe: Recipe, options: Options, world: int, wall: 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="smoke (seconds), cpu (the 45-minute CPU run), cluster (the paper's 1.1B recipe)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="smoke (seconds), cpu (the 45-minute CPU run), cluster (the paper's 1.1B recipe)",
+    )
     parser.add_argument("--recipe", help="any megastack run recipe instead of a preset's")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
     parser.add_argument("--operators", help=f"comma-separated, from {', '.join(OPERATORS)} (default: the preset's)")
@@ -491,8 +630,7 @@ def resolve(args: argparse.Namespace) -> tuple[Recipe, Options, Path]:
         raise UserError(f"--seeds takes comma-separated integers like 1,2,3, got {args.seeds!r}") from None
     if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
         raise UserError(f"--seeds needs distinct non-negative integers, got {args.seeds!r}")
-    operators = tuple(o.strip() for o in args.operators.split(",") if o.strip()) if args.operators \
-        else preset.operators
+    operators = tuple(o.strip() for o in args.operators.split(",") if o.strip()) if args.operators else preset.operators
     for op in operators:
         if op not in OPERATORS:
             raise UserError(f"--operators {op!r} is unknown; choose from {', '.join(OPERATORS)}")

@@ -25,13 +25,25 @@ def megastack_run(model: str, steps: int, micro: int, window: int, out: Path) ->
     from megastack.train.config import TrainConfig
     from megastack.train.loop import train
 
-    config = from_dict(TrainConfig, {
-        "model": model, "out_dir": str(out), "resume": False,
-        "parallel": {"micro_batch_size": micro, "global_batch_size": micro},
-        "optimizer": {"lr": 1e-3, "warmup_iters": 10},
-        "schedule": {"train_iters": steps, "eval_interval": 0, "eval_iters": 0, "save_interval": 0,
-                     "log_interval": window},
-        "data": {"cache_dir": str(out.parent / "cache")}, "logging": {"tensorboard": False, "progress": "off"}})
+    config = from_dict(
+        TrainConfig,
+        {
+            "model": model,
+            "out_dir": str(out),
+            "resume": False,
+            "parallel": {"micro_batch_size": micro, "global_batch_size": micro},
+            "optimizer": {"lr": 1e-3, "warmup_iters": 10},
+            "schedule": {
+                "train_iters": steps,
+                "eval_interval": 0,
+                "eval_iters": 0,
+                "save_interval": 0,
+                "log_interval": window,
+            },
+            "data": {"cache_dir": str(out.parent / "cache")},
+            "logging": {"tensorboard": False, "progress": "off"},
+        },
+    )
     train(config, verbose=False)
     records = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in records if r["type"] == "train"][1:]
@@ -52,8 +64,9 @@ def plain_run(model: str, steps: int, micro: int, window: int, cache: Path) -> f
     data = build_datasets(prefixes, None, "98,2,0", tokenizer, cfg.seq_length, 1234, steps * micro, 1, cache)
     decay = [p for p in net.parameters() if p.dim() > 1]
     rest = [p for p in net.parameters() if p.dim() <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=1e-3, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95)
+    )
     rates, start = [], time.monotonic()
     for step in range(steps):
         items = [data.train[i] for i in range(step * micro, (step + 1) * micro)]
@@ -90,11 +103,18 @@ def main() -> None:
         for i in range(args.repeats):  # interleaved, so machine load hits both alike
             ours.append(megastack_run(args.model, args.steps, args.micro, args.window, Path(tmp) / f"run{i}"))
             plain.append(plain_run(args.model, args.steps, args.micro, args.window, Path(tmp) / "plain_cache"))
-    result = {"model": args.model, "micro_batch": args.micro, "steps": args.steps, "repeats": args.repeats,
-              "torch_threads": torch.get_num_threads(),
-              "megastack_tokens_per_s": [round(x) for x in ours], "plain_tokens_per_s": [round(x) for x in plain],
-              "megastack_median": round(statistics.median(ours)), "plain_median": round(statistics.median(plain)),
-              "overhead": round(statistics.median(plain) / statistics.median(ours), 3)}
+    result = {
+        "model": args.model,
+        "micro_batch": args.micro,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(),
+        "megastack_tokens_per_s": [round(x) for x in ours],
+        "plain_tokens_per_s": [round(x) for x in plain],
+        "megastack_median": round(statistics.median(ours)),
+        "plain_median": round(statistics.median(plain)),
+        "overhead": round(statistics.median(plain) / statistics.median(ours), 3),
+    }
     print(json.dumps(result, indent=2))
     torch.distributed.destroy_process_group()
 

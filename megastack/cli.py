@@ -70,8 +70,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
-        prog="megastack",
-        description="Grow small LLMs into large ones on Megatron sharded checkpoints, and train them.")
+        prog="megastack", description="Grow small LLMs into large ones on Megatron sharded checkpoints, and train them."
+    )
     parser.add_argument("--version", action="version", version=f"megastack {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -88,25 +88,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--operator", default="stack", choices=["stack", "zero", "random", "learn"])
     p.add_argument("--factor", type=positive, default=None, help="growth factor g (depth: layers x g)")
     p.add_argument("--layer-map", help="explicit source-layer list or range expression, e.g. '0-5,0-5' or '0,1,1,2'")
-    p.add_argument("--dimension", default="depth", choices=["depth", "width", "both"],
-                   help="depth (--factor/--layer-map), width (--hidden/--ffn/--heads/--query-groups) or both")
+    p.add_argument(
+        "--dimension",
+        default="depth",
+        choices=["depth", "width", "both"],
+        help="depth (--factor/--layer-map), width (--hidden/--ffn/--heads/--query-groups) or both",
+    )
     p.add_argument("--hidden", type=positive, help="width: target hidden size (a multiple of the head dim)")
     p.add_argument("--ffn", type=positive, help="width: target FFN hidden size")
     p.add_argument("--heads", type=positive, help="width: target attention heads (default hidden / head dim)")
     p.add_argument("--query-groups", type=positive, help="width: target query groups (default: keep heads per group)")
-    p.add_argument("--data", action="append", help="learn: token data (indexed-dataset prefix, 'megastack data' "
-                   "dir, .npy tokens, or text files/dirs read as bytes); repeatable")
-    p.add_argument("--learn-tokens", type=positive, default=65536,
-                   help="learn: tokens to train the maps on (default 65536)")
-    p.add_argument("--learn-batch", type=positive, default=8,
-                   help="learn: sequences per step over all ranks (default 8)")
+    p.add_argument(
+        "--data",
+        action="append",
+        help="learn: token data (indexed-dataset prefix, 'megastack data' "
+        "dir, .npy tokens, or text files/dirs read as bytes); repeatable",
+    )
+    p.add_argument(
+        "--learn-tokens", type=positive, default=65536, help="learn: tokens to train the maps on (default 65536)"
+    )
+    p.add_argument(
+        "--learn-batch", type=positive, default=8, help="learn: sequences per step over all ranks (default 8)"
+    )
     p.add_argument("--learn-lr", type=float, default=0.01, help="learn: Adam learning rate of the maps (default 0.01)")
     p.add_argument("--noise", type=float, default=0.0, help="W <- (1-A) W + A eps (the paper uses 0.2)")
     p.add_argument("--seed", type=count, default=0)
     p.add_argument("--tp", type=positive, help="output tensor-parallel size (legacy output; default: the input's)")
     p.add_argument("--pp", type=positive, help="output pipeline-parallel size (legacy output; default: the input's)")
-    p.add_argument("--norm-names", choices=["te", "local"], help="legacy output: norm keys for Megatron-LM's "
-                   "--transformer-impl transformer_engine or local (default: as the source)")
+    p.add_argument(
+        "--norm-names",
+        choices=["te", "local"],
+        help="legacy output: norm keys for Megatron-LM's "
+        "--transformer-impl transformer_engine or local (default: as the source)",
+    )
     p.add_argument("--carry-optimizer", action="store_true", help="EXPERIMENTAL: stack Adam moments like weights")
     p.add_argument("--dry-run", action="store_true", help="print the per-rank plan (reads, writes, peak memory) only")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
@@ -120,8 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=positive, help="output pipeline-parallel size (legacy; default: the input's, else 1)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="output dtype (default: the input's)")
     p.add_argument("--model", help="model config (YAML or shipped name) for a source without its architecture")
-    p.add_argument("--norm-names", choices=["te", "local"], help="legacy output: norm keys for Megatron-LM's "
-                   "--transformer-impl transformer_engine or local (default: as the source)")
+    p.add_argument(
+        "--norm-names",
+        choices=["te", "local"],
+        help="legacy output: norm keys for Megatron-LM's "
+        "--transformer-impl transformer_engine or local (default: as the source)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the per-rank plan (reads, writes, peak memory) only")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
 
@@ -154,9 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _interrupted(stop: BaseException) -> int:
     """One line and the shell's exit code for the signal; the command's own cleanup has already run."""
     terminated = isinstance(stop, Terminated)
-    print(f"megastack: {'terminated (SIGTERM)' if terminated else 'interrupted'}; unfinished output was "
-          "removed (published checkpoints are kept)",
-          file=sys.stderr)
+    print(
+        f"megastack: {'terminated (SIGTERM)' if terminated else 'interrupted'}; unfinished output was "
+        "removed (published checkpoints are kept)",
+        file=sys.stderr,
+    )
     return 143 if terminated else 130
 
 
@@ -211,8 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = {}
     if on_main_thread:
         _signalled.clear()
-        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated),
-                    signal.SIGINT: signal.signal(signal.SIGINT, _raise_interrupted)}
+        previous = {
+            signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated),
+            signal.SIGINT: signal.signal(signal.SIGINT, _raise_interrupted),
+        }
     try:
         return _main(argv)
     finally:

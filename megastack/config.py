@@ -102,16 +102,21 @@ class ModelConfig:
     def check(self) -> list[tuple[str, str]]:
         """Cross-field rules; returns (field, problem) pairs."""
         problems = []
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                     "vocab_size", "seq_length"):
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "seq_length"):
             if getattr(self, name) <= 0:
                 problems.append((name, f"must be a positive integer, got {getattr(self, name)}"))
         if problems:
             return problems
         if self.num_layers > MAX_LAYERS:
             problems.append(("num_layers", f"is {self.num_layers}; at most {MAX_LAYERS} layers are supported"))
-        for name in ("hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "seq_length",
-                     "num_query_groups"):
+        for name in (
+            "hidden_size",
+            "num_attention_heads",
+            "ffn_hidden_size",
+            "vocab_size",
+            "seq_length",
+            "num_query_groups",
+        ):
             if (getattr(self, name) or 0) > MAX_DIMENSION:
                 problems.append((name, f"is {getattr(self, name)}; at most {MAX_DIMENSION} is supported"))
         if problems:
@@ -119,14 +124,18 @@ class ModelConfig:
         if self.num_query_groups is not None and self.num_query_groups <= 0:
             problems.append(("num_query_groups", f"must be positive, got {self.num_query_groups}"))
         elif self.num_attention_heads % self.query_groups:
-            problems.append(("num_query_groups", f"({self.query_groups}) must divide "
-                             f"num_attention_heads ({self.num_attention_heads})"))
+            problems.append(
+                (
+                    "num_query_groups",
+                    f"({self.query_groups}) must divide num_attention_heads ({self.num_attention_heads})",
+                )
+            )
         if self.hidden_size % self.num_attention_heads:
-            problems.append(("num_attention_heads", f"({self.num_attention_heads}) must divide "
-                             f"hidden_size ({self.hidden_size})"))
+            problems.append(
+                ("num_attention_heads", f"({self.num_attention_heads}) must divide hidden_size ({self.hidden_size})")
+            )
         elif self.head_dim % 2:
-            problems.append(("num_attention_heads", f"gives an odd head dim ({self.head_dim}); "
-                             "RoPE needs an even one"))
+            problems.append(("num_attention_heads", f"gives an odd head dim ({self.head_dim}); RoPE needs an even one"))
         for name in ("rotary_base", "norm_epsilon", "init_std"):
             if getattr(self, name) <= 0:
                 problems.append((name, f"must be positive, got {getattr(self, name)}"))
@@ -157,14 +166,24 @@ class ParallelConfig:
         if problems:
             return problems
         if self.pipeline > 1 and self.zero_stage > 1:
-            problems.append(("zero_stage", f"{self.zero_stage} cannot be combined with pipeline "
-                             f"parallelism ({self.pipeline}); use zero_stage 1 with pipeline > 1 "
-                             "(as Megatron-DeepSpeed does)"))
+            problems.append(
+                (
+                    "zero_stage",
+                    f"{self.zero_stage} cannot be combined with pipeline "
+                    f"parallelism ({self.pipeline}); use zero_stage 1 with pipeline > 1 "
+                    "(as Megatron-DeepSpeed does)",
+                )
+            )
         if self.data is not None and self.global_batch_size is not None:
             step = self.micro_batch_size * self.data
             if self.global_batch_size % step:
-                problems.append(("global_batch_size", f"({self.global_batch_size}) must be a multiple "
-                                 f"of micro_batch_size x data ({self.micro_batch_size} x {self.data})"))
+                problems.append(
+                    (
+                        "global_batch_size",
+                        f"({self.global_batch_size}) must be a multiple "
+                        f"of micro_batch_size x data ({self.micro_batch_size} x {self.data})",
+                    )
+                )
         return problems
 
     def check_model(self, model: ModelConfig) -> list[tuple[str, str]]:
@@ -187,14 +206,18 @@ class ParallelConfig:
         """DP size for this world; a UserError when the world cannot be split this way."""
         model_parallel = self.tensor * self.pipeline
         if world_size % model_parallel:
-            raise UserError(f"world size {world_size} is not a multiple of tensor x pipeline "
-                            f"({self.tensor} x {self.pipeline}); launch a multiple of "
-                            f"{model_parallel} processes")
+            raise UserError(
+                f"world size {world_size} is not a multiple of tensor x pipeline "
+                f"({self.tensor} x {self.pipeline}); launch a multiple of "
+                f"{model_parallel} processes"
+            )
         dp = world_size // model_parallel
         if self.data is not None and self.data != dp:
-            raise UserError(f"parallel.data is {self.data} but {world_size} processes with tensor x "
-                            f"pipeline {model_parallel} give data parallel size {dp}; fix parallel.data "
-                            "or the number of processes")
+            raise UserError(
+                f"parallel.data is {self.data} but {world_size} processes with tensor x "
+                f"pipeline {model_parallel} give data parallel size {dp}; fix parallel.data "
+                "or the number of processes"
+            )
         return dp
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
@@ -202,8 +225,10 @@ class ParallelConfig:
         step = self.micro_batch_size * dp
         global_batch = self.global_batch_size or step
         if global_batch % step:
-            raise UserError(f"parallel.global_batch_size ({global_batch}) is not a multiple of "
-                            f"micro_batch_size x data parallel size ({self.micro_batch_size} x {dp})")
+            raise UserError(
+                f"parallel.global_batch_size ({global_batch}) is not a multiple of "
+                f"micro_batch_size x data parallel size ({self.micro_batch_size} x {dp})"
+            )
         return global_batch // step
 
 
@@ -261,8 +286,7 @@ def _coerce(value: Any, tp: Any, where: str, path: str) -> Any:
         if not isinstance(value, dict):
             raise _fail(where, path, f"must be a mapping, got {brief(value)}")
         key_t, val_t = typing.get_args(tp)
-        return {_coerce(k, key_t, where, path): _coerce(v, val_t, where, f"{path}.{k}")
-                for k, v in value.items()}
+        return {_coerce(k, key_t, where, path): _coerce(v, val_t, where, f"{path}.{k}") for k, v in value.items()}
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
@@ -351,8 +375,9 @@ class _StrictLoader(yaml.SafeLoader):
                 if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
                     key = (key_node.tag, key_node.value)
                     if key in seen:
-                        raise _YamlRefusal(f"gives key {brief(key_node.value)} twice "
-                                           f"(line {key_node.start_mark.line + 1})")
+                        raise _YamlRefusal(
+                            f"gives key {brief(key_node.value)} twice (line {key_node.start_mark.line + 1})"
+                        )
                     seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -362,8 +387,10 @@ def read_yaml(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise UserError(f"{path}: {path.stat().st_size} bytes; a config is at most {MAX_CONFIG_BYTES} "
-                            "bytes; pass the YAML config, not another file")
+            raise UserError(
+                f"{path}: {path.stat().st_size} bytes; a config is at most {MAX_CONFIG_BYTES} "
+                "bytes; pass the YAML config, not another file"
+            )
         text = path.read_text()
     except FileNotFoundError:
         raise UserError(f"{path}: config file not found; check the path") from None
@@ -403,7 +430,6 @@ def load_model_config(name_or_path: str | os.PathLike) -> ModelConfig:
     return load_config(resolve_config_path(name_or_path, "models"), ModelConfig)
 
 
-
 @dataclass(frozen=True)
 class LayoutConfig:
     """A model and the parallel layout it runs under (the core of every stage config)."""
@@ -415,5 +441,4 @@ class LayoutConfig:
         return self.model if isinstance(self.model, ModelConfig) else load_model_config(self.model)
 
     def check(self) -> list[tuple[str, str]]:
-        return [(f"parallel.{name}", problem)
-                for name, problem in self.parallel.check_model(self.resolved_model())]
+        return [(f"parallel.{name}", problem) for name, problem in self.parallel.check_model(self.resolved_model())]

@@ -43,8 +43,9 @@ def free_port() -> int:
 def slurm_master_addr(nodelist: str) -> str:
     """First host of a SLURM nodelist, via ``scontrol show hostnames`` (handles node[1-4] ranges)."""
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                             text=True, check=True, timeout=30).stdout.split()
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.split()
         if out:
             return out[0]
     except (OSError, subprocess.SubprocessError):
@@ -69,8 +70,9 @@ def _mpi_rendezvous() -> tuple[str, int]:
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    payload = (socket.gethostname() if comm.Get_size() > 1 else "127.0.0.1", free_port()) \
-        if comm.Get_rank() == 0 else None
+    payload = (
+        (socket.gethostname() if comm.Get_size() > 1 else "127.0.0.1", free_port()) if comm.Get_rank() == 0 else None
+    )
     return comm.bcast(payload, root=0)
 
 
@@ -111,15 +113,20 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     denv = discover()
     if torch.distributed.is_initialized():
         return denv
-    os.environ.update(RANK=str(denv.rank), WORLD_SIZE=str(denv.world_size), LOCAL_RANK=str(denv.local_rank),
-                      MASTER_ADDR=denv.master_addr)
+    os.environ.update(
+        RANK=str(denv.rank),
+        WORLD_SIZE=str(denv.world_size),
+        LOCAL_RANK=str(denv.local_rank),
+        MASTER_ADDR=denv.master_addr,
+    )
     port = denv.master_port or free_port()  # single process: any free port
     os.environ["MASTER_PORT"] = str(port)
     if torch.cuda.is_available():
         torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    torch.distributed.init_process_group(backend=backend, rank=denv.rank, world_size=denv.world_size,
-                                         timeout=datetime.timedelta(seconds=timeout_s))
+    torch.distributed.init_process_group(
+        backend=backend, rank=denv.rank, world_size=denv.world_size, timeout=datetime.timedelta(seconds=timeout_s)
+    )
     return denv
 
 
@@ -152,8 +159,10 @@ class LocalResult:
         return not self.timed_out and all(rc == 0 for rc in self.returncodes)
 
     def describe(self) -> str:
-        parts = [f"rank {r}: rc={rc}\n{out[-4000:]}" for r, (rc, out) in
-                 enumerate(zip(self.returncodes, self.outputs, strict=False))]
+        parts = [
+            f"rank {r}: rc={rc}\n{out[-4000:]}"
+            for r, (rc, out) in enumerate(zip(self.returncodes, self.outputs, strict=False))
+        ]
         return ("TIMED OUT\n" if self.timed_out else "") + "\n".join(parts)
 
 
@@ -175,9 +184,15 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def launch_local(argv: Sequence[str], nprocs: int, *, timeout: float = 300.0,
-                 env: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None,
-                 stream_rank0: bool = False) -> LocalResult:
+def launch_local(
+    argv: Sequence[str],
+    nprocs: int,
+    *,
+    timeout: float = 300.0,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+    stream_rank0: bool = False,
+) -> LocalResult:
     """Run ``argv`` as ``nprocs`` ranks on this machine (torchrun-style env, gloo) with a hard timeout.
 
     Each rank gets its own session; on timeout, on failure of any rank, on Ctrl-C, or on return, every
@@ -187,8 +202,13 @@ def launch_local(argv: Sequence[str], nprocs: int, *, timeout: float = 300.0,
     """
     port = free_port()
     base = {**os.environ, **(env or {})}
-    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nprocs),
-                LOCAL_WORLD_SIZE=str(nprocs), PYTHONUNBUFFERED="1")
+    base.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(nprocs),
+        LOCAL_WORLD_SIZE=str(nprocs),
+        PYTHONUNBUFFERED="1",
+    )
     procs: list[subprocess.Popen] = []
     logs = []
     deadline = time.monotonic() + timeout
@@ -198,9 +218,16 @@ def launch_local(argv: Sequence[str], nprocs: int, *, timeout: float = 300.0,
             log = tempfile.TemporaryFile(mode="w+")
             logs.append(log)
             output = {} if stream_rank0 and rank == 0 else {"stdout": log, "stderr": subprocess.STDOUT}
-            procs.append(subprocess.Popen(
-                list(argv), env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}, cwd=cwd,
-                start_new_session=True, preexec_fn=_die_with_parent, **output))
+            procs.append(
+                subprocess.Popen(
+                    list(argv),
+                    env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                    cwd=cwd,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                    **output,
+                )
+            )
         while True:
             codes = [p.poll() for p in procs]
             if all(code is not None for code in codes):

@@ -110,8 +110,9 @@ class DestinationLock:
                 os.unlink(self.path)
             return
         where = f"pid {pid} on {host}" if pid > 0 else "an unknown process"
-        raise UserError(f"{self.path}: {where} is writing this destination; wait for it, or remove the lock if "
-                        "that process is gone")
+        raise UserError(
+            f"{self.path}: {where} is writing this destination; wait for it, or remove the lock if that process is gone"
+        )
 
     def release(self) -> None:
         if self.held:

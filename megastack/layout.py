@@ -31,9 +31,15 @@ GLOBAL_KINDS = ("embedding", "output", "final_norm")
 # How each kind is cut across TP ranks: "rows"/"cols" split one dim evenly, "glu" splits gate and up
 # halves separately (each rank holds [gate_r; up_r]), "replicated" is copied to every rank.
 TP_RULE = {
-    "embedding": "rows", "output": "rows", "final_norm": "replicated",
-    "attn_norm": "replicated", "qkv": "rows", "proj": "cols",
-    "mlp_norm": "replicated", "fc1": "glu", "fc2": "cols",
+    "embedding": "rows",
+    "output": "rows",
+    "final_norm": "replicated",
+    "attn_norm": "replicated",
+    "qkv": "rows",
+    "proj": "cols",
+    "mlp_norm": "replicated",
+    "fc1": "glu",
+    "fc2": "cols",
 }
 
 _LAYER_NAME = re.compile(r"^layers\.(\d+)\.(\w+)$")
@@ -75,10 +81,15 @@ def logical_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
     _, kind = split_name(name)
     h = cfg.hidden_size
     return {
-        "embedding": (cfg.vocab_size, h), "output": (cfg.vocab_size, h), "final_norm": (h,),
-        "attn_norm": (h,), "mlp_norm": (h,), "qkv": (cfg.qkv_rows, h),
+        "embedding": (cfg.vocab_size, h),
+        "output": (cfg.vocab_size, h),
+        "final_norm": (h,),
+        "attn_norm": (h,),
+        "mlp_norm": (h,),
+        "qkv": (cfg.qkv_rows, h),
         "proj": (h, cfg.num_attention_heads * cfg.head_dim),
-        "fc1": (2 * cfg.ffn_hidden_size, h), "fc2": (h, cfg.ffn_hidden_size),
+        "fc1": (2 * cfg.ffn_hidden_size, h),
+        "fc2": (h, cfg.ffn_hidden_size),
     }[kind]
 
 
@@ -184,9 +195,12 @@ def logical_from_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         p = f"model.layers.{i}."
         for kind, suffix in HF_LAYER.items():
             out[layer_name(i, kind)] = state[p + suffix]
-        out[layer_name(i, "qkv")] = fuse_qkv(state[p + "self_attn.q_proj.weight"],
-                                             state[p + "self_attn.k_proj.weight"],
-                                             state[p + "self_attn.v_proj.weight"], cfg)
+        out[layer_name(i, "qkv")] = fuse_qkv(
+            state[p + "self_attn.q_proj.weight"],
+            state[p + "self_attn.k_proj.weight"],
+            state[p + "self_attn.v_proj.weight"],
+            cfg,
+        )
         out[layer_name(i, "fc1")] = fuse_glu(state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"])
     return out
 
@@ -225,11 +239,14 @@ MCORE_LAYER_TE = {
     "fc1": "mlp.linear_fc1.weight",
     "fc2": "mlp.linear_fc2.weight",
 }
-MCORE_LAYER_LOCAL = {**MCORE_LAYER_TE, "attn_norm": "input_layernorm.weight",
-                     "mlp_norm": "pre_mlp_layernorm.weight"}
+MCORE_LAYER_LOCAL = {**MCORE_LAYER_TE, "attn_norm": "input_layernorm.weight", "mlp_norm": "pre_mlp_layernorm.weight"}
 # Modules whose per-layer _extra_state megatron-core expects next to the weights.
-MCORE_EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj",
-                             "mlp.linear_fc1", "mlp.linear_fc2")
+MCORE_EXTRA_STATE_MODULES = (
+    "self_attention.linear_qkv",
+    "self_attention.linear_proj",
+    "mlp.linear_fc1",
+    "mlp.linear_fc2",
+)
 
 _MCORE_BY_SUFFIX = {v: k for k, v in MCORE_LAYER_LOCAL.items()} | {v: k for k, v in MCORE_LAYER_TE.items()}
 _MCORE_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")

@@ -80,8 +80,9 @@ class GrowthRecipe:
         """The GrowthSpec this recipe's growth stage runs."""
         from megastack.growth.spec import GrowthSpec
 
-        return GrowthSpec(operator=self.operator, factor=self.factor, layer_map=self.layer_map, noise=self.noise,
-                          seed=self.seed)
+        return GrowthSpec(
+            operator=self.operator, factor=self.factor, layer_map=self.layer_map, noise=self.noise, seed=self.seed
+        )
 
 
 @dataclass(frozen=True)
@@ -109,15 +110,32 @@ class Recipe:
         elif tokens == "plan" and self.large.schedule.train_tokens is None:
             problems.append(("growth.tokens", "'plan' needs large.schedule.train_tokens (D) to plan d from"))
         small, large = self.small.resolved_model(), self.large.resolved_model()
-        for attr in ("hidden_size", "num_attention_heads", "query_groups", "ffn_hidden_size", "vocab_size",
-                     "seq_length", "tie_embeddings"):
+        for attr in (
+            "hidden_size",
+            "num_attention_heads",
+            "query_groups",
+            "ffn_hidden_size",
+            "vocab_size",
+            "seq_length",
+            "tie_embeddings",
+        ):
             if getattr(small, attr) != getattr(large, attr):
-                problems.append(("large.model", f"differs from small.model in {attr} ({getattr(small, attr)} vs "
-                                 f"{getattr(large, attr)}); depth growth keeps everything but num_layers"))
+                problems.append(
+                    (
+                        "large.model",
+                        f"differs from small.model in {attr} ({getattr(small, attr)} vs "
+                        f"{getattr(large, attr)}); depth growth keeps everything but num_layers",
+                    )
+                )
         factor = self.growth.factor
         if self.growth.layer_map is None and factor is not None and small.num_layers * factor != large.num_layers:
-            problems.append(("growth.factor", f"{factor} x {small.num_layers} small layers != {large.num_layers} "
-                             "large layers; fix the factor or the models"))
+            problems.append(
+                (
+                    "growth.factor",
+                    f"{factor} x {small.num_layers} small layers != {large.num_layers} "
+                    "large layers; fix the factor or the models",
+                )
+            )
         if not problems:  # the whole growth step, planned now (pure: no data), not after the small stage trained
             from megastack.growth.operators import make_plan
 
@@ -127,8 +145,13 @@ class Recipe:
                 problems.append(("growth", str(exc)))
             else:
                 if plan.target.num_layers != large.num_layers:
-                    problems.append(("growth.layer_map", f"gives {plan.target.num_layers} layers but large.model "
-                                     f"has {large.num_layers}; make them agree"))
+                    problems.append(
+                        (
+                            "growth.layer_map",
+                            f"gives {plan.target.num_layers} layers but large.model "
+                            f"has {large.num_layers}; make them agree",
+                        )
+                    )
         for name, stage in (("small", self.small), ("large", self.large), ("scratch", self.scratch)):
             if stage is not None:
                 par = stage.parallel or self.parallel
@@ -180,9 +203,11 @@ def check_marker(layout: Layout, stage: str, digest: str) -> dict[str, Any] | No
     if marker is None:
         return None
     if marker.get("config_hash") != digest:
-        raise UserError(f"stage '{stage}' in {layout.out} finished with a different config (hash "
-                        f"{marker.get('config_hash')}, now {digest}); keep the recipe as it was, or use a new --out "
-                        f"(or delete {layout.stage_dir(stage)} and {layout.marker(stage)} to redo it)")
+        raise UserError(
+            f"stage '{stage}' in {layout.out} finished with a different config (hash "
+            f"{marker.get('config_hash')}, now {digest}); keep the recipe as it was, or use a new --out "
+            f"(or delete {layout.stage_dir(stage)} and {layout.marker(stage)} to redo it)"
+        )
     return marker
 
 
@@ -192,20 +217,41 @@ def write_marker(layout: Layout, stage: str, digest: str, result: dict[str, Any]
     checkpoint = result.get("checkpoint")
     output_sha = manifest_digest(resolve_iteration_dir(checkpoint)) if checkpoint else None
     layout.markers.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(layout.marker(stage), {"stage": stage, "config_hash": digest, "output_sha256": output_sha,
-                                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **result})
+    atomic_write_json(
+        layout.marker(stage),
+        {
+            "stage": stage,
+            "config_hash": digest,
+            "output_sha256": output_sha,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **result,
+        },
+    )
 
 
 # ----------------------------------------------------------------------------- stages
 
 
-def stage_train_config(recipe: Recipe, stage: str, stage_recipe: StageRecipe, layout: Layout,
-                       init_from: str | None, schedule: ScheduleConfig | None = None) -> TrainConfig:
+def stage_train_config(
+    recipe: Recipe,
+    stage: str,
+    stage_recipe: StageRecipe,
+    layout: Layout,
+    init_from: str | None,
+    schedule: ScheduleConfig | None = None,
+) -> TrainConfig:
     return TrainConfig(
-        model=stage_recipe.resolved_model(), out_dir=str(layout.stage_dir(stage)),
-        parallel=stage_recipe.parallel or recipe.parallel, data=recipe.data, optimizer=stage_recipe.optimizer,
-        schedule=schedule or stage_recipe.schedule, init_from=init_from,
-        mask_ramp_steps=stage_recipe.mask_ramp_steps, seed=stage_recipe.seed, logging=recipe.logging)
+        model=stage_recipe.resolved_model(),
+        out_dir=str(layout.stage_dir(stage)),
+        parallel=stage_recipe.parallel or recipe.parallel,
+        data=recipe.data,
+        optimizer=stage_recipe.optimizer,
+        schedule=schedule or stage_recipe.schedule,
+        init_from=init_from,
+        mask_ramp_steps=stage_recipe.mask_ramp_steps,
+        seed=stage_recipe.seed,
+        logging=recipe.logging,
+    )
 
 
 def planned_growth_tokens(recipe: Recipe) -> int:
@@ -216,8 +262,11 @@ def planned_growth_tokens(recipe: Recipe) -> int:
     tokens = recipe.large.schedule.train_tokens
     if tokens is None:
         raise UserError("growth.tokens: plan needs large.schedule.train_tokens (D) to plan d from")
-    return int(plan_growth(large.total_parameters(), float(tokens), factor=recipe.growth.factor or 4,
-                           model=large).growth_tokens)
+    return int(
+        plan_growth(
+            large.total_parameters(), float(tokens), factor=recipe.growth.factor or 4, model=large
+        ).growth_tokens
+    )
 
 
 def stage_flops(cfg: TrainConfig, world: int) -> tuple[float, float]:
@@ -295,8 +344,10 @@ def run_recipe(recipe: Recipe, out: Path, only: str | None = None) -> dict[str, 
             continue
         if only is not None and only != stage:
             if stage in NEEDS.get(only, ()):
-                raise UserError(f"--stage {only} needs stage '{stage}' finished first ({layout.marker(stage)} "
-                                "is missing); run the earlier stages first")
+                raise UserError(
+                    f"--stage {only} needs stage '{stage}' finished first ({layout.marker(stage)} "
+                    "is missing); run the earlier stages first"
+                )
             continue
         say(f"stage {stage}: starting")
         start = time.monotonic()
@@ -373,23 +424,38 @@ def write_summary(recipe: Recipe, layout: Layout, results: dict[str, dict[str, A
         r = results.get(stage)
         if r is None:
             continue
-        rows.append({"stage": stage, "tokens": r.get("tokens"), "flops": r.get("flops"),
-                     "cumulative_flops": r.get("cumulative_flops"), "final_train_loss": r.get("final_train_loss"),
-                     "final_valid_loss": r.get("final_valid_loss"), "wall_seconds": r.get("wall_seconds"),
-                     "checkpoint": r.get("checkpoint")})
+        rows.append(
+            {
+                "stage": stage,
+                "tokens": r.get("tokens"),
+                "flops": r.get("flops"),
+                "cumulative_flops": r.get("cumulative_flops"),
+                "final_train_loss": r.get("final_train_loss"),
+                "final_valid_loss": r.get("final_valid_loss"),
+                "wall_seconds": r.get("wall_seconds"),
+                "checkpoint": r.get("checkpoint"),
+            }
+        )
     grown = eval_curve(layout.stage_dir("small")) + eval_curve(layout.stage_dir("large"))
     scratch = eval_curve(layout.stage_dir("scratch"))
     comparison: dict[str, Any] = {}
     if scratch and grown:
         target = scratch[-1][1]
         reached = flops_to_reach(eval_curve(layout.stage_dir("large")), target)
-        comparison = {"scratch_final_valid_loss": target, "scratch_flops": scratch[-1][0],
-                      "grown_flops_to_scratch_loss": reached}
+        comparison = {
+            "scratch_final_valid_loss": target,
+            "scratch_flops": scratch[-1][0],
+            "grown_flops_to_scratch_loss": reached,
+        }
         if reached:
             comparison["flops_saving"] = 1 - reached / scratch[-1][0]
             comparison["speedup"] = scratch[-1][0] / reached - 1
-    summary = {"recipe": recipe.name, "stages": rows, "comparison": comparison,
-               "curves": {"grown": grown, "scratch": scratch}}
+    summary = {
+        "recipe": recipe.name,
+        "stages": rows,
+        "comparison": comparison,
+        "curves": {"grown": grown, "scratch": scratch},
+    }
     atomic_write_json(layout.out / "summary.json", summary)
     atomic_write_text(layout.out / "summary.md", summary_table(summary))
     plot_curves(summary, layout.out / "loss_vs_flops.png")
@@ -401,21 +467,31 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def summary_table(summary: dict[str, Any]) -> str:
-    lines = [f"# megastack run: {summary['recipe']}", "",
-             "| stage | tokens | FLOPs | cumulative FLOPs | final train loss | final valid loss | wall s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# megastack run: {summary['recipe']}",
+        "",
+        "| stage | tokens | FLOPs | cumulative FLOPs | final train loss | final valid loss | wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in summary["stages"]:
-        lines.append(f"| {r['stage']} | {_fmt(r['tokens'], ',')} | {_fmt(r['flops'], '.3e')} | "
-                     f"{_fmt(r['cumulative_flops'], '.3e')} | {_fmt(r['final_train_loss'], '.4f')} | "
-                     f"{_fmt(r['final_valid_loss'], '.4f')} | {_fmt(r['wall_seconds'], '.1f')} |")
+        lines.append(
+            f"| {r['stage']} | {_fmt(r['tokens'], ',')} | {_fmt(r['flops'], '.3e')} | "
+            f"{_fmt(r['cumulative_flops'], '.3e')} | {_fmt(r['final_train_loss'], '.4f')} | "
+            f"{_fmt(r['final_valid_loss'], '.4f')} | {_fmt(r['wall_seconds'], '.1f')} |"
+        )
     c = summary["comparison"]
     if c:
-        lines += ["", f"Scratch baseline: final valid loss {c['scratch_final_valid_loss']:.4f} at "
-                      f"{c['scratch_flops']:.3e} FLOPs."]
+        lines += [
+            "",
+            f"Scratch baseline: final valid loss {c['scratch_final_valid_loss']:.4f} at "
+            f"{c['scratch_flops']:.3e} FLOPs.",
+        ]
         if c.get("grown_flops_to_scratch_loss"):
-            lines.append(f"Grown run reached it at {c['grown_flops_to_scratch_loss']:.3e} cumulative FLOPs "
-                         f"(small stage included): {c['flops_saving']:.1%} fewer FLOPs, speedup "
-                         f"{c['speedup']:.1%} (FLOPs_scratch / FLOPs_grown - 1).")
+            lines.append(
+                f"Grown run reached it at {c['grown_flops_to_scratch_loss']:.3e} cumulative FLOPs "
+                f"(small stage included): {c['flops_saving']:.1%} fewer FLOPs, speedup "
+                f"{c['speedup']:.1%} (FLOPs_scratch / FLOPs_grown - 1)."
+            )
         else:
             lines.append("Grown run did not reach the scratch baseline's final loss within its budget.")
     return "\n".join(lines) + "\n"
@@ -426,14 +502,25 @@ def plot_curves(summary: dict[str, Any], path: Path) -> None:
     note = None
     if c.get("grown_flops_to_scratch_loss"):
         note = (c["grown_flops_to_scratch_loss"], c["scratch_final_valid_loss"], f"{c['flops_saving']:.0%} fewer FLOPs")
-    plot_loss_curves([("grown (small + large)", summary["curves"]["grown"], {"fmt": "o-"}),
-                      ("scratch", summary["curves"]["scratch"], {"fmt": "s--"})],
-                     path, f"megastack run: {summary['recipe']}", note=note)
+    plot_loss_curves(
+        [
+            ("grown (small + large)", summary["curves"]["grown"], {"fmt": "o-"}),
+            ("scratch", summary["curves"]["scratch"], {"fmt": "s--"}),
+        ],
+        path,
+        f"megastack run: {summary['recipe']}",
+        note=note,
+    )
 
 
-def plot_loss_curves(curves: list[tuple[str | None, list[tuple[float, float]], dict[str, Any]]], path: Path,
-                     title: str, *, note: tuple[float, float, str] | None = None,
-                     ylim: tuple[float, float] | None = None) -> None:
+def plot_loss_curves(
+    curves: list[tuple[str | None, list[tuple[float, float]], dict[str, Any]]],
+    path: Path,
+    title: str,
+    *,
+    note: tuple[float, float, str] | None = None,
+    ylim: tuple[float, float] | None = None,
+) -> None:
     """Validation loss against cumulative FLOPs, one line per (label, points, matplotlib style) curve;
     ``note`` = (FLOPs, loss, text) marks where a run reached the baseline's final loss. Shared by
     ``megastack run`` and bench/speedup.py so both draw the same figure."""
@@ -494,8 +581,12 @@ def launch_self(args: Any, out: Path) -> int:
     """Start ``--nproc`` local ranks of this same command; rank 0 prints to this terminal."""
     from megastack.dist import launch_local
 
-    argv = [sys.executable, "-m", "megastack", "run"] + ([args.recipe] if args.recipe else []) + \
-        ["--out", str(out)] + (["--stage", args.stage] if getattr(args, "stage", None) else [])
+    argv = (
+        [sys.executable, "-m", "megastack", "run"]
+        + ([args.recipe] if args.recipe else [])
+        + ["--out", str(out)]
+        + (["--stage", args.stage] if getattr(args, "stage", None) else [])
+    )
     result = launch_local(argv, args.nproc, timeout=7 * 24 * 3600, stream_rank0=True)
     if not result.ok:
         for rank, (rc, output) in enumerate(zip(result.returncodes, result.outputs)):

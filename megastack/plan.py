@@ -44,13 +44,14 @@ def seeded_normal(shape: tuple[int, ...], seed: int, name: str, pieces) -> torch
     Rows come from canonical blocks of RANDOM_BLOCK_ROWS rows, each drawn from its own generator, so
     any slice costs only the blocks it touches and is identical whatever the slicing or rank count.
     """
+
     def rows(start: int, stop: int) -> torch.Tensor:
         blocks = []
         first, last = start // RANDOM_BLOCK_ROWS, (stop - 1) // RANDOM_BLOCK_ROWS
         for k in range(first, last + 1):
             lo, hi = k * RANDOM_BLOCK_ROWS, min((k + 1) * RANDOM_BLOCK_ROWS, shape[0])
             block = torch.randn((hi - lo, *shape[1:]), generator=generator_for(seed, f"{name}#{k}"))
-            blocks.append(block[max(start, lo) - lo: min(stop, hi) - lo])
+            blocks.append(block[max(start, lo) - lo : min(stop, hi) - lo])
         return torch.cat(blocks) if len(blocks) > 1 else blocks[0]
 
     if not pieces:
@@ -60,8 +61,10 @@ def seeded_normal(shape: tuple[int, ...], seed: int, name: str, pieces) -> torch
         if p.dim == 0:
             parts.append(rows(p.start, p.start + p.length))
         else:  # a column piece needs every row block, narrowed as it is drawn
-            blocks = [rows(lo, min(lo + RANDOM_BLOCK_ROWS, shape[0])).narrow(p.dim, p.start, p.length).clone()
-                      for lo in range(0, shape[0], RANDOM_BLOCK_ROWS)]
+            blocks = [
+                rows(lo, min(lo + RANDOM_BLOCK_ROWS, shape[0])).narrow(p.dim, p.start, p.length).clone()
+                for lo in range(0, shape[0], RANDOM_BLOCK_ROWS)
+            ]
             parts.append(torch.cat(blocks))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=pieces[0].dim)
 

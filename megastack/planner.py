@@ -110,8 +110,10 @@ def parse_count(text: str | float, flag: str = "--params", what: str = "a count"
     if value < 1:
         raise UserError(f"{flag}: '{text}' must be {what} of at least 1, {example}")
     if value > MAX_COUNT:
-        raise UserError(f"{flag}: '{text}' is above {MAX_COUNT:.0e}, beyond any model or corpus the fitted laws "
-                        f"speak for (and FLOP counts would overflow); pass {what}, {example}")
+        raise UserError(
+            f"{flag}: '{text}' is above {MAX_COUNT:.0e}, beyond any model or corpus the fitted laws "
+            f"speak for (and FLOP counts would overflow); pass {what}, {example}"
+        )
     return value
 
 
@@ -131,8 +133,7 @@ def parse_factor(text: str | float) -> float:
     if not math.isfinite(value):
         raise UserError(f"--factor: '{text}' is not a finite number; pass a growth factor such as 4")
     if value < 1:
-        raise UserError(f"--factor: '{text}' must be a growth factor of at least 1 (the paper found 2-4 best), "
-                        "e.g. 4")
+        raise UserError(f"--factor: '{text}' must be a growth factor of at least 1 (the paper found 2-4 best), e.g. 4")
     return value
 
 
@@ -155,7 +156,7 @@ def kaplan_loss(non_embedding_params: float, tokens: float) -> float:
 
 def min_tokens_without_overfitting(non_embedding_params: float) -> float:
     """Kaplan's D >= 5e3 N^0.74: fewer tokens than this and the model starts to overfit."""
-    return OVERFIT_COEF * non_embedding_params ** OVERFIT_EXP
+    return OVERFIT_COEF * non_embedding_params**OVERFIT_EXP
 
 
 def stack_factor(num_layers: int, factor: float) -> int:
@@ -165,8 +166,10 @@ def stack_factor(num_layers: int, factor: float) -> int:
     The whole stack is repeated, so the small depth L/g must be a whole number.
     """
     if factor != int(factor):
-        raise UserError(f"--factor {factor:g} is not a whole number; depth stacking (G_stack) repeats the small "
-                        "model's layer stack a whole number of times, pass e.g. --factor 4")
+        raise UserError(
+            f"--factor {factor:g} is not a whole number; depth stacking (G_stack) repeats the small "
+            "model's layer stack a whole number of times, pass e.g. --factor 4"
+        )
     g = int(factor)
     if num_layers % g == 0:
         return g
@@ -265,13 +268,26 @@ class GrowthPlan:
                 "parameters": _plain(self.target_parameters),
                 "non_embedding_parameters": _plain(self.target_non_embedding_parameters),
             },
-            "flops": {"small": self.flops_small, "large": self.flops_large, "growth": self.flops_growth,
-                      "scratch": self.flops_scratch, "small_overhead": self.flops_small / self.flops_scratch},
-            "paper_speedup": None if speedup is None else {
-                "model": speedup.model, "speedup": speedup.speedup, "setting": speedup.setting,
-                "note": "measured by Du et al. 2024 with G_stack, g = 4; not a prediction for this plan"},
-            "loss": {"scratch": self.loss_scratch, "small_at_growth": self.loss_small_at_growth,
-                     "law": "Kaplan et al. 2020 L(N, D), nats"},
+            "flops": {
+                "small": self.flops_small,
+                "large": self.flops_large,
+                "growth": self.flops_growth,
+                "scratch": self.flops_scratch,
+                "small_overhead": self.flops_small / self.flops_scratch,
+            },
+            "paper_speedup": None
+            if speedup is None
+            else {
+                "model": speedup.model,
+                "speedup": speedup.speedup,
+                "setting": speedup.setting,
+                "note": "measured by Du et al. 2024 with G_stack, g = 4; not a prediction for this plan",
+            },
+            "loss": {
+                "scratch": self.loss_scratch,
+                "small_at_growth": self.loss_small_at_growth,
+                "law": "Kaplan et al. 2020 L(N, D), nats",
+            },
             "overfitting": {"min_tokens": self.min_tokens, "ok": self.tokens >= self.min_tokens},
             "notes": list(self.notes),
             "sources": list(SOURCES),
@@ -281,8 +297,9 @@ class GrowthPlan:
         try:
             return json.dumps(self.to_dict(), indent=2, allow_nan=False)  # valid JSON or an error, never NaN
         except ValueError:
-            raise UserError("the plan's numbers overflow (a non-finite value); pass smaller --params/--tokens") \
-                from None
+            raise UserError(
+                "the plan's numbers overflow (a non-finite value); pass smaller --params/--tokens"
+            ) from None
 
 
 def _plain(x: float) -> int | float:
@@ -309,55 +326,81 @@ def plan_growth(params: float, tokens: float, factor: float = 4, model: ModelCon
         target_total = target_ne = params
         small_total = small_ne = params / g
         small_cfg = None
-        notes.append(f"no --model: the small model is estimated as N/g = {_human(small_total)} parameters and N "
-                     "stands in for non-embedding parameters in the loss and overfitting laws; g is a ratio of "
-                     "non-embedding parameters and the embedding does not shrink, so the real small model is "
-                     "somewhat larger; pass --model for exact counts")
+        notes.append(
+            f"no --model: the small model is estimated as N/g = {_human(small_total)} parameters and N "
+            "stands in for non-embedding parameters in the loss and overfitting laws; g is a ratio of "
+            "non-embedding parameters and the embedding does not shrink, so the real small model is "
+            "somewhat larger; pass --model for exact counts"
+        )
         if g != int(g):
-            notes.append(f"g = {g:g} is not a whole number: depth stacking (G_stack) needs one; width growth "
-                         "did not speed training up in the paper")
+            notes.append(
+                f"g = {g:g} is not a whole number: depth stacking (G_stack) needs one; width growth "
+                "did not speed training up in the paper"
+            )
     else:
         g = stack_factor(model.num_layers, requested)
         label = model.name or "the target"
         if g != requested:
-            notes.append(f"factor {requested:g} does not divide {label}'s {model.num_layers} layers; using the "
-                         f"nearest valid factor {g} ({model.num_layers // g} -> {model.num_layers} layers)")
+            notes.append(
+                f"factor {requested:g} does not divide {label}'s {model.num_layers} layers; using the "
+                f"nearest valid factor {g} ({model.num_layers // g} -> {model.num_layers} layers)"
+            )
         small_layers = model.num_layers // g
         small_name = f"{model.name}-{small_layers}L" if model.name else ""  # not '-small': shipped names differ
         small_cfg = dataclasses.replace(model, num_layers=small_layers, name=small_name)
         target_total, target_ne = model.total_parameters(), model.non_embedding_parameters()
         small_total, small_ne = small_cfg.total_parameters(), small_cfg.non_embedding_parameters()
         if abs(params - target_total) > _PARAMS_MISMATCH * target_total:
-            notes.append(f"--params {_human(params)} differs from {label}'s {_human(target_total)} total "
-                         "parameters; d and the validity range use --params, FLOPs and losses the config's counts")
+            notes.append(
+                f"--params {_human(params)} differs from {label}'s {_human(target_total)} total "
+                "parameters; d and the validity range use --params, FLOPs and losses the config's counts"
+            )
         aspect = model.hidden_size / model.num_layers
         if aspect > DEEPNARROW_MAX_ASPECT:
-            notes.append(f"{label} is wide and shallow (hidden/layers = {aspect:.0f} > {DEEPNARROW_MAX_ASPECT:.0f}); "
-                         "DeepNarrow (Tay et al. 2021): at equal parameters, depth helps downstream quality more "
-                         "than width, consider more layers")
+            notes.append(
+                f"{label} is wide and shallow (hidden/layers = {aspect:.0f} > {DEEPNARROW_MAX_ASPECT:.0f}); "
+                "DeepNarrow (Tay et al. 2021): at equal parameters, depth helps downstream quality more "
+                "than width, consider more layers"
+            )
 
     if g == 1:
         notes.append("g = 1 is no growth: the small model is the target")
     elif not BEST_FACTORS[0] <= g <= BEST_FACTORS[1]:
         notes.append(f"g = {g:g} is outside 2-4, the range the paper found best (it fixed g = 4)")
     if not FIT_MIN_PARAMS <= params <= FIT_MAX_PARAMS:
-        notes.append(f"N = {_human(params)} is outside the 410M-7B range the growth-timing fit was made on: "
-                     "d is an extrapolation")
+        notes.append(
+            f"N = {_human(params)} is outside the 410M-7B range the growth-timing fit was made on: "
+            "d is an extrapolation"
+        )
 
     d = growth_timing(params, tokens)
     if d >= tokens:
-        notes.append(f"d = {_human(d)} tokens is not below D = {_human(tokens)}: the small stage would outlast "
-                     "the large one; the fit is outside its regime here, consider more tokens")
+        notes.append(
+            f"d = {_human(d)} tokens is not below D = {_human(tokens)}: the small stage would outlast "
+            "the large one; the fit is outside its regime here, consider more tokens"
+        )
     min_tokens = min_tokens_without_overfitting(target_ne)
     if tokens < min_tokens:
-        notes.append(f"D = {_human(tokens)} is below Kaplan's {_human(min_tokens)} tokens (5e3 N^0.74): the "
-                     "target may overfit if data repeats")
+        notes.append(
+            f"D = {_human(tokens)} is below Kaplan's {_human(min_tokens)} tokens (5e3 N^0.74): the "
+            "target may overfit if data repeats"
+        )
 
-    return GrowthPlan(params=params, tokens=tokens, requested_factor=requested, factor=g,
-                      growth_tokens=max(1, round(d)), target_parameters=float(target_total),
-                      target_non_embedding_parameters=float(target_ne), small_parameters=float(small_total),
-                      small_non_embedding_parameters=float(small_ne), small_estimated=model is None,
-                      target=model, small=small_cfg, notes=tuple(notes))
+    return GrowthPlan(
+        params=params,
+        tokens=tokens,
+        requested_factor=requested,
+        factor=g,
+        growth_tokens=max(1, round(d)),
+        target_parameters=float(target_total),
+        target_non_embedding_parameters=float(target_ne),
+        small_parameters=float(small_total),
+        small_non_embedding_parameters=float(small_ne),
+        small_estimated=model is None,
+        target=model,
+        small=small_cfg,
+        notes=tuple(notes),
+    )
 
 
 # ----------------------------------------------------------------------------- the command
@@ -386,41 +429,74 @@ def _share(part: float, whole: float) -> str:
 def format_plan(plan: GrowthPlan) -> str:
     """The readable table ``megastack plan`` prints."""
     rows: list[tuple[str, str]] = []
-    rows.append(("target", f"N = {_human(plan.params)} parameters, D = {_human(plan.tokens)} tokens, "
-                           f"C = 6ND = {_sci(plan.compute)} FLOPs"))
+    rows.append(
+        (
+            "target",
+            f"N = {_human(plan.params)} parameters, D = {_human(plan.tokens)} tokens, "
+            f"C = 6ND = {_sci(plan.compute)} FLOPs",
+        )
+    )
     if plan.target is not None:
-        rows.append(("target model", f"{plan.target.name or 'config'}: {plan.target.num_layers} layers x hidden "
-                                     f"{plan.target.hidden_size}, {_human(plan.target_parameters)} parameters "
-                                     f"({_human(plan.target_non_embedding_parameters)} non-embedding)"))
-    rows.append(("growth timing d", f"{_human(plan.growth_tokens)} tokens ({_sci(plan.growth_tokens)}, "
-                                    f"{_share(plan.growth_tokens, plan.tokens)} D)"))
+        rows.append(
+            (
+                "target model",
+                f"{plan.target.name or 'config'}: {plan.target.num_layers} layers x hidden "
+                f"{plan.target.hidden_size}, {_human(plan.target_parameters)} parameters "
+                f"({_human(plan.target_non_embedding_parameters)} non-embedding)",
+            )
+        )
+    rows.append(
+        (
+            "growth timing d",
+            f"{_human(plan.growth_tokens)} tokens ({_sci(plan.growth_tokens)}, "
+            f"{_share(plan.growth_tokens, plan.tokens)} D)",
+        )
+    )
     factor = f"{plan.factor:g}"
     if plan.factor != plan.requested_factor:
         factor += f" (asked {plan.requested_factor:g})"
     rows.append(("growth factor g", factor))
     if plan.small is not None:
-        small = (f"{plan.small.num_layers} layers x hidden {plan.small.hidden_size} "
-                 f"({plan.small.name or 'target'} = target at depth {plan.target.num_layers}/{plan.factor:g}), "
-                 f"{_human(plan.small_parameters)} parameters "
-                 f"({_human(plan.small_non_embedding_parameters)} non-embedding)")
+        small = (
+            f"{plan.small.num_layers} layers x hidden {plan.small.hidden_size} "
+            f"({plan.small.name or 'target'} = target at depth {plan.target.num_layers}/{plan.factor:g}), "
+            f"{_human(plan.small_parameters)} parameters "
+            f"({_human(plan.small_non_embedding_parameters)} non-embedding)"
+        )
     else:
         small = f"~{_human(plan.small_parameters)} parameters (N/g estimate; pass --model for an architecture)"
     rows.append(("small model", small))
     rows.append(("FLOPs small stage", f"{_sci(plan.flops_small)} (6 x small params x d)"))
-    rows.append(("FLOPs large stage",
-                 f"{_sci(plan.flops_large)} (6 x target params x D: the grown model trains D tokens)"))
-    rows.append(("FLOPs growth total", f"{_sci(plan.flops_growth)} (the small stage adds "
-                                       f"{_share(plan.flops_small, plan.flops_scratch)} scratch)"))
+    rows.append(
+        ("FLOPs large stage", f"{_sci(plan.flops_large)} (6 x target params x D: the grown model trains D tokens)")
+    )
+    rows.append(
+        (
+            "FLOPs growth total",
+            f"{_sci(plan.flops_growth)} (the small stage adds {_share(plan.flops_small, plan.flops_scratch)} scratch)",
+        )
+    )
     rows.append(("FLOPs scratch", f"{_sci(plan.flops_scratch)} (6 x target params x D)"))
     speedup = plan.paper_speedup
     if speedup is not None:
-        rows.append(("paper's speedup", f"{100 * speedup.speedup:.1f}% measured for {speedup.model} "
-                                        f"({speedup.setting}); a measurement, not a prediction for this plan"))
+        rows.append(
+            (
+                "paper's speedup",
+                f"{100 * speedup.speedup:.1f}% measured for {speedup.model} "
+                f"({speedup.setting}); a measurement, not a prediction for this plan",
+            )
+        )
     else:
-        rows.append(("paper's speedup", "not measured for this size and factor (the paper measured 1.1B, 3B, "
-                                        "7B at g = 4)"))
-    rows.append(("Kaplan loss", f"scratch L(N, D) = {plan.loss_scratch:.3f} nats; small model at growth "
-                                f"L(N_small, d) = {plan.loss_small_at_growth:.3f}"))
+        rows.append(
+            ("paper's speedup", "not measured for this size and factor (the paper measured 1.1B, 3B, 7B at g = 4)")
+        )
+    rows.append(
+        (
+            "Kaplan loss",
+            f"scratch L(N, D) = {plan.loss_scratch:.3f} nats; small model at growth "
+            f"L(N_small, d) = {plan.loss_small_at_growth:.3f}",
+        )
+    )
     ok = "ok" if plan.tokens >= plan.min_tokens else "BELOW"
     rows.append(("overfitting check", f"D >= 5e3 N^0.74 = {_human(plan.min_tokens)} tokens: {ok}"))
     width = max(len(name) for name, _ in rows)
@@ -435,9 +511,11 @@ def format_plan(plan: GrowthPlan) -> str:
 
 def cli_plan(args: Any) -> int:
     """``megastack plan --params N --tokens D [--factor G] [--model CONFIG] [--json]``."""
-    plan = plan_growth(parse_count(args.params, "--params", "a number of parameters"),
-                       parse_count(args.tokens, "--tokens", "a number of tokens"),
-                       parse_factor(args.factor),
-                       load_model_config(args.model) if args.model else None)
+    plan = plan_growth(
+        parse_count(args.params, "--params", "a number of parameters"),
+        parse_count(args.tokens, "--tokens", "a number of tokens"),
+        parse_factor(args.factor),
+        load_model_config(args.model) if args.model else None,
+    )
     print(plan.to_json() if args.json else format_plan(plan))
     return 0

@@ -69,20 +69,38 @@ def is_count(value: Any) -> bool:
 
 
 def is_counts(values: Any, length: int | None = None) -> bool:
-    return (isinstance(values, (tuple, list)) and (length is None or len(values) == length)
-            and all(is_count(v) for v in values))
+    return (
+        isinstance(values, (tuple, list))
+        and (length is None or len(values) == length)
+        and all(is_count(v) for v in values)
+    )
 
 
-_KIND_NAMES = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
-               dict: "an object", list: "a list"}
+_KIND_NAMES = {
+    int: "an integer",
+    float: "a finite number",
+    bool: "true or false",
+    str: "a string",
+    dict: "an object",
+    list: "a list",
+}
 
 
 def _number(value: float) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def typed(value: Any, kind: type, where: str | os.PathLike, name: str, fix: str, *,
-          minimum: float | None = None, maximum: float | None = None, positive: bool = False) -> Any:
+def typed(
+    value: Any,
+    kind: type,
+    where: str | os.PathLike,
+    name: str,
+    fix: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    positive: bool = False,
+) -> Any:
     """``value`` if it is exactly ``kind`` and in range, else a one-line UserError.
 
     Nothing converts (the string "false" is not a bool, true is not an int, "12" is not 12) except an int
@@ -91,8 +109,12 @@ def typed(value: Any, kind: type, where: str | os.PathLike, name: str, fix: str,
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
     if ok and kind in (int, float):
-        ok = ((kind is int or math.isfinite(value)) and (not positive or value > 0)
-              and (minimum is None or value >= minimum) and (maximum is None or value <= maximum))
+        ok = (
+            (kind is int or math.isfinite(value))
+            and (not positive or value > 0)
+            and (minimum is None or value >= minimum)
+            and (maximum is None or value <= maximum)
+        )
     if ok:
         return value
     expected = _KIND_NAMES.get(kind, kind.__name__)

@@ -30,8 +30,10 @@ def load_any_config(path: str | os.PathLike) -> Any:
 
 
 def describe(model: ModelConfig) -> str:
-    return (f"{model.num_layers} layers, hidden {model.hidden_size}, {model.total_parameters():,} parameters, "
-            f"{model.non_embedding_parameters():,} non-embedding")
+    return (
+        f"{model.num_layers} layers, hidden {model.hidden_size}, {model.total_parameters():,} parameters, "
+        f"{model.non_embedding_parameters():,} non-embedding"
+    )
 
 
 def cli_validate(args: Any) -> int:

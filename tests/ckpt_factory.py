@@ -16,8 +16,15 @@ from megastack.model.reference import ReferenceLlama
 
 
 def small_config(**overrides) -> ModelConfig:
-    base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
-                vocab_size=256, seq_length=16)
+    base = dict(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=96,
+        vocab_size=256,
+        seq_length=16,
+    )
     return ModelConfig(**{**base, **overrides})
 
 
@@ -29,8 +36,14 @@ def logical_of(model: ReferenceLlama) -> dict[str, torch.Tensor]:
     return layout.logical_from_hf(model.state_dict(), model.cfg)
 
 
-def write_checkpoint(model: ReferenceLlama, dst: str | Path, fmt: str = "torch_dist", tp: int = 1, pp: int = 1,
-                     dtype: torch.dtype = torch.float32) -> Path:
+def write_checkpoint(
+    model: ReferenceLlama,
+    dst: str | Path,
+    fmt: str = "torch_dist",
+    tp: int = 1,
+    pp: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """A torch_dist or legacy checkpoint root (tracker + iter_0000000) holding ``model``'s weights."""
     cfg = model.cfg
     tensors = logical_of(model)

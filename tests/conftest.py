@@ -16,11 +16,18 @@ REPO = Path(__file__).resolve().parent.parent
 WORKERS = Path(__file__).resolve().parent / "workers"
 
 
-def run_cli(*args: str, cwd: str | os.PathLike | None = None, timeout: float = 300,
-            env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: str | os.PathLike | None = None, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """``python -m megastack ARGS`` in a subprocess, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "megastack", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "megastack", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def in_process(*argv: str) -> subprocess.CompletedProcess:
@@ -51,5 +58,9 @@ def run_workers(script: str, nprocs: int, *args: str, timeout: float = 600) -> l
     result = launch_local(python_argv(str(WORKERS / script), *args), nprocs, timeout=timeout, cwd=REPO)
     if not result.ok:
         pytest.fail(f"{script} failed:\n{result.describe()}")
-    return [json.loads(line[len("RESULT "):]) for out in result.outputs for line in out.splitlines()
-            if line.startswith("RESULT ")]
+    return [
+        json.loads(line[len("RESULT ") :])
+        for out in result.outputs
+        for line in out.splitlines()
+        if line.startswith("RESULT ")
+    ]

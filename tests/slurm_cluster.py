@@ -73,8 +73,10 @@ def start() -> None:
         (ROOT / sub).mkdir(parents=True, exist_ok=True)
     conf_dir = Path("/etc/slurm")
     conf_dir.mkdir(exist_ok=True)
-    nodes = ("NodeName=node[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[17001-17002] CPUs=2 "
-             "RealMemory=10000 State=UNKNOWN")
+    nodes = (
+        "NodeName=node[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[17001-17002] CPUs=2 "
+        "RealMemory=10000 State=UNKNOWN"
+    )
     (conf_dir / "slurm.conf").write_text(CONF.format(root=ROOT, ctld_port=6817, nodes=nodes))
     hosts = Path("/etc/hosts").read_text()
     if "node1" not in hosts.split():
@@ -103,8 +105,12 @@ def stop() -> None:
     """Shut the daemons down (nothing happens if none run)."""
     if shutil.which("scontrol"):
         subprocess.run(["scontrol", "shutdown"], capture_output=True, timeout=60)
-    for pidfile in [ROOT / "slurmctld.pid", ROOT / "slurmd-node1.pid", ROOT / "slurmd-node2.pid",
-                    Path("/run/munge/munged.pid")]:
+    for pidfile in [
+        ROOT / "slurmctld.pid",
+        ROOT / "slurmd-node1.pid",
+        ROOT / "slurmd-node2.pid",
+        Path("/run/munge/munged.pid"),
+    ]:
         try:
             pid = int(pidfile.read_text().strip())
         except (OSError, ValueError):

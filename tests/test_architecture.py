@@ -123,8 +123,14 @@ def test_no_import_circles():
     assert not circles, circles
 
 
-SOURCES = sorted([*(REPO / "megastack").rglob("*.py"), *(REPO / "bench").rglob("*.py"),
-                  *(REPO / "tests").glob("*.py"), *(REPO / "tests" / "workers").glob("*.py")])
+SOURCES = sorted(
+    [
+        *(REPO / "megastack").rglob("*.py"),
+        *(REPO / "bench").rglob("*.py"),
+        *(REPO / "tests").glob("*.py"),
+        *(REPO / "tests" / "workers").glob("*.py"),
+    ]
+)
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(REPO)))
@@ -137,6 +143,9 @@ def test_every_megastack_import_resolves(path: Path):
         except ModuleNotFoundError as exc:
             problems.append(f"line {line}: {module}: {exc}")
             continue
-        problems += [f"line {line}: {module} has no {name}" for name in names
-                     if not hasattr(loaded, name) and f"{module}.{name}" not in MODULES]
+        problems += [
+            f"line {line}: {module} has no {name}"
+            for name in names
+            if not hasattr(loaded, name) and f"{module}.{name}" not in MODULES
+        ]
     assert not problems, "\n".join(problems)

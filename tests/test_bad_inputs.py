@@ -39,8 +39,11 @@ def test_static_case(path: Path, tmp_path: Path):
     command, expect = header(path)
     case = tmp_path / path.name
     shutil.copy(path, case)
-    args = {"validate": ["validate", case.name], "train": ["train", case.name],
-            "run": ["run", case.name, "--out", "o", "--nproc", "1"]}[command]
+    args = {
+        "validate": ["validate", case.name],
+        "train": ["train", case.name],
+        "run": ["run", case.name, "--out", "o", "--nproc", "1"],
+    }[command]
     proc = run_cli(*args, cwd=tmp_path, env={"MEGASTACK_CACHE": str(tmp_path / "cache")})
     assert_one_line_error(proc, expect)
     assert sorted(p.name for p in tmp_path.iterdir()) == [case.name], "something was written"
@@ -59,9 +62,16 @@ def good(tmp_path_factory) -> Path:
     transformers = pytest.importorskip("transformers")
     from megastack import layout
 
-    hf_cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-                                      tie_word_embeddings=False)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        tie_word_embeddings=False,
+    )
     hf = transformers.LlamaForCausalLM(hf_cfg)
     hf.load_state_dict(layout.hf_from_logical(layout.logical_from_hf(model.state_dict(), model.cfg), model.cfg))
     hf.save_pretrained(root / "hf", max_shard_size="100KB")
@@ -77,12 +87,22 @@ def train_yaml(root: Path, data: Path, vocab_size: int = 320) -> Path:
     tokenizer)."""
     import yaml
 
-    model = {"num_layers": 1, "hidden_size": 64, "num_attention_heads": 4, "ffn_hidden_size": 96,
-             "vocab_size": vocab_size, "seq_length": 32}
-    cfg = {"model": model, "out_dir": str(root / "out"), "parallel": {"micro_batch_size": 2},
-           "data": {"prefixes": [str(data / "corpus")]},
-           "schedule": {"train_iters": 2, "eval_interval": 0, "save_interval": 0},
-           "logging": {"tensorboard": False}}
+    model = {
+        "num_layers": 1,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "ffn_hidden_size": 96,
+        "vocab_size": vocab_size,
+        "seq_length": 32,
+    }
+    cfg = {
+        "model": model,
+        "out_dir": str(root / "out"),
+        "parallel": {"micro_batch_size": 2},
+        "data": {"prefixes": [str(data / "corpus")]},
+        "schedule": {"train_iters": 2, "eval_interval": 0, "save_interval": 0},
+        "logging": {"tensorboard": False},
+    }
     path = root / "train.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -290,10 +310,10 @@ def _rewrite_safetensors_header(src: Path, edit) -> Path:
     shard = max(sorted(src.glob("model-*.safetensors")), key=lambda f: len(read_header(f)))
     data = shard.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    text = edit(data[8:8 + n].decode())
+    text = edit(data[8 : 8 + n].decode())
     raw = text.encode()
     raw += b" " * (-len(raw) % 8)
-    shard.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    shard.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
     return shard
 
 
@@ -475,7 +495,6 @@ def damage_legacy_flipped_byte_under_manifest(good, tmp):
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
     return ["convert", str(src), str(tmp / "out"), "--to", "hf"], ["model_optim_rng.pt", "checksum"], src
-
 
 
 def _edit_legacy(src: Path, rank: str, edit) -> Path:
@@ -712,8 +731,9 @@ def damage_data_empty_input(good, tmp):
     return ["data", str(tmp / "empty.txt"), "--out", str(tmp / "out")], ["empty.txt"], None
 
 
-GENERATED: dict[str, Callable] = {name[len("damage_"):]: fn for name, fn in globals().items()
-                                  if name.startswith("damage_")}
+GENERATED: dict[str, Callable] = {
+    name[len("damage_") :]: fn for name, fn in globals().items() if name.startswith("damage_")
+}
 
 
 @pytest.mark.parametrize("case", sorted(GENERATED))

@@ -18,8 +18,15 @@ from megastack.validate import load_any_config
 
 from conftest import REPO, assert_one_line_error, run_cli
 
-GOOD_MODEL = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                  ffn_hidden_size=96, vocab_size=256, seq_length=32)
+GOOD_MODEL = dict(
+    num_layers=4,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=96,
+    vocab_size=256,
+    seq_length=32,
+)
 
 
 def test_shipped_model_configs_load():
@@ -31,13 +38,22 @@ def test_shipped_model_configs_load():
 
 
 def test_paper_table_and_small_counterparts():
-    for name, layers, hidden, heads, groups, ffn in [("llama-410m", 24, 1024, 16, 1, 4096),
-                                                     ("llama-1.1b", 24, 2048, 16, 4, 5632),
-                                                     ("llama-3b", 32, 2560, 20, 4, 7040),
-                                                     ("llama-7b", 32, 4096, 32, 8, 11008)]:
+    for name, layers, hidden, heads, groups, ffn in [
+        ("llama-410m", 24, 1024, 16, 1, 4096),
+        ("llama-1.1b", 24, 2048, 16, 4, 5632),
+        ("llama-3b", 32, 2560, 20, 4, 7040),
+        ("llama-7b", 32, 4096, 32, 8, 11008),
+    ]:
         big, small = load_model_config(name), load_model_config(name + "-small")
-        shape = (big.num_layers, big.hidden_size, big.num_attention_heads, big.query_groups,
-                 big.ffn_hidden_size, big.vocab_size, big.seq_length)
+        shape = (
+            big.num_layers,
+            big.hidden_size,
+            big.num_attention_heads,
+            big.query_groups,
+            big.ffn_hidden_size,
+            big.vocab_size,
+            big.seq_length,
+        )
         assert shape == (layers, hidden, heads, groups, ffn, 32000, 2048)
         assert small.num_layers * 4 == big.num_layers and small.hidden_size == big.hidden_size
 
@@ -80,15 +96,23 @@ BAD = [
     ("unknown top key", yaml_text(extra="optimizer: adam\n"), "optimizer", "not a known field"),
     ("bad dtype", yaml_text({"dtype": "fp8"}), "model.dtype", "'fp32'"),
     ("tp does not divide heads", yaml_text(parallel={"tensor": 3}), "parallel.tensor", "num_attention_heads"),
-    ("tp does not divide groups", yaml_text({"num_query_groups": 1}, {"tensor": 2}), "parallel.tensor",
-     "num_query_groups"),
+    (
+        "tp does not divide groups",
+        yaml_text({"num_query_groups": 1}, {"tensor": 2}),
+        "parallel.tensor",
+        "num_query_groups",
+    ),
     ("tp does not divide vocab", yaml_text({"vocab_size": 255}, {"tensor": 2}), "parallel.tensor", "vocab_size"),
     ("pp does not divide layers", yaml_text(parallel={"pipeline": 3}), "parallel.pipeline", "num_layers"),
     ("zero-3 with pp", yaml_text(parallel={"pipeline": 2, "zero_stage": 3}), "parallel.zero_stage", "pipeline"),
     ("bad zero stage", yaml_text(parallel={"zero_stage": 4}), "parallel.zero_stage", "one of"),
     ("negative micro batch", yaml_text(parallel={"micro_batch_size": -1}), "parallel.micro_batch_size", "positive"),
-    ("batch not divisible", yaml_text(parallel={"data": 2, "micro_batch_size": 2, "global_batch_size": 6}),
-     "parallel.global_batch_size", "multiple"),
+    (
+        "batch not divisible",
+        yaml_text(parallel={"data": 2, "micro_batch_size": 2, "global_batch_size": 6}),
+        "parallel.global_batch_size",
+        "multiple",
+    ),
     ("not a mapping", "- 1\n- 2\n", "(top level)", "mapping"),
     ("nan epsilon", yaml_text({"norm_epsilon": float("nan")}), "model.norm_epsilon", "finite"),
 ]
@@ -133,7 +157,8 @@ def test_layout_config_accepts_model_by_name():
 
 def test_model_yaml_with_scientific_notation(tmp_path: Path):
     path = tmp_path / "m.yaml"
-    path.write_text(textwrap.dedent("""\
+    path.write_text(
+        textwrap.dedent("""\
         num_layers: 2
         hidden_size: 64
         num_attention_heads: 4
@@ -141,5 +166,6 @@ def test_model_yaml_with_scientific_notation(tmp_path: Path):
         vocab_size: 256
         seq_length: 32
         norm_epsilon: 1e-6
-        """))
+        """)
+    )
     assert load_any_config(path).norm_epsilon == 1e-6

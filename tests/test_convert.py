@@ -35,9 +35,17 @@ TOKENS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(
 def make_hf(directory: Path, tie: bool, shard: str | None) -> torch.Tensor:
     """A random-init transformers Llama (4 layers, hidden 64, 4 heads, 2 kv groups), saved; its logits."""
     hc = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=16, rope_theta=500.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=tie)
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        rope_theta=500.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+    )
     torch.manual_seed(5 + tie)
     model = transformers.LlamaForCausalLM(hc).eval()
     with torch.no_grad():  # norms are ones at init; make them matter
@@ -57,8 +65,11 @@ def safetensors_of(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def tree_digest(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -75,9 +86,25 @@ def chain(tmp_path_factory):
         d = root / label
         logits = make_hf(d / "hf", tie, shard)
         check(run_cli("convert", str(d / "hf"), str(d / "td"), "--to", "torch_dist"))
-        check(subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), str(d / "td"),
-                              str(d / "lg"), "--to", "legacy", "--tp", "2", "--pp", "2"],
-                             capture_output=True, text=True, timeout=300))
+        check(
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(REPO / "tools" / "convert_checkpoint.py"),
+                    str(d / "td"),
+                    str(d / "lg"),
+                    "--to",
+                    "legacy",
+                    "--tp",
+                    "2",
+                    "--pp",
+                    "2",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+        )
         check(run_cli("convert", str(d / "lg"), str(d / "hf2"), "--to", "hf"))
         cases[label] = {"dir": d, "logits": logits, "tie": tie}
     return cases
@@ -113,9 +140,13 @@ def test_transformers_loads_the_converted_hf(chain, label):
 
 @pytest.mark.timeout(600)
 def test_megatron_tp2pp2_logits_equal_transformers(chain, tmp_path):
-    spec = {"tokens": TOKENS.tolist(),
-            "cases": [{"label": label, "torch_dist": str(c["dir"] / "td"), "legacy": str(c["dir"] / "lg")}
-                      for label, c in chain.items()]}
+    spec = {
+        "tokens": TOKENS.tolist(),
+        "cases": [
+            {"label": label, "torch_dist": str(c["dir"] / "td"), "legacy": str(c["dir"] / "lg")}
+            for label, c in chain.items()
+        ],
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     results = run_workers("convert_logits.py", 4, str(tmp_path / "spec.json"), timeout=500)
     seen = {(r["label"], r["source"]) for r in results}
@@ -176,8 +207,25 @@ def test_multi_rank_conversion_matches_single_rank(chain, tmp_path):
     from megastack.dist import launch_local
 
     d = chain["untied"]["dir"]
-    result = launch_local([sys.executable, "-m", "megastack", "convert", str(d / "hf"), str(tmp_path / "lg"),
-                           "--to", "legacy", "--tp", "2", "--pp", "2"], 2, timeout=240, cwd=REPO)
+    result = launch_local(
+        [
+            sys.executable,
+            "-m",
+            "megastack",
+            "convert",
+            str(d / "hf"),
+            str(tmp_path / "lg"),
+            "--to",
+            "legacy",
+            "--tp",
+            "2",
+            "--pp",
+            "2",
+        ],
+        2,
+        timeout=240,
+        cwd=REPO,
+    )
     assert result.ok, result.describe()
     multi, single = open_checkpoint(tmp_path / "lg"), open_checkpoint(d / "lg")
     for name in layout.logical_names(single.cfg):
@@ -186,8 +234,19 @@ def test_multi_rank_conversion_matches_single_rank(chain, tmp_path):
 
 
 def test_dry_run_writes_nothing(chain, tmp_path):
-    out = check(in_process("convert", str(chain["tied"]["dir"] / "hf"), str(tmp_path / "x"), "--to", "legacy",
-                           "--tp", "2", "--dry-run", "--json")).stdout
+    out = check(
+        in_process(
+            "convert",
+            str(chain["tied"]["dir"] / "hf"),
+            str(tmp_path / "x"),
+            "--to",
+            "legacy",
+            "--tp",
+            "2",
+            "--dry-run",
+            "--json",
+        )
+    ).stdout
     plan = json.loads(out)
     assert plan["tp"] == 2 and plan["ranks"][0]["units"] == 2 and not (tmp_path / "x").exists()
 
@@ -205,8 +264,15 @@ def test_inspect_each_format(chain):
     for info, fmt in ((hf, "hf"), (td, "torch_dist"), (lg, "legacy"), (hf2, "hf")):
         assert tuple(sorted(info)) == tuple(sorted(KEYS)) and info["format"] == fmt
         m = info["model"]
-        assert (m["num_layers"], m["hidden_size"], m["num_attention_heads"], m["num_query_groups"],
-                m["ffn_hidden_size"], m["vocab_size"], m["tie_embeddings"]) == (4, 64, 4, 2, 96, 256, False)
+        assert (
+            m["num_layers"],
+            m["hidden_size"],
+            m["num_attention_heads"],
+            m["num_query_groups"],
+            m["ffn_hidden_size"],
+            m["vocab_size"],
+            m["tie_embeddings"],
+        ) == (4, 64, 4, 2, 96, 256, False)
         assert info["total_bytes"] == sum(t["bytes"] for t in info["tensors"])
         for t in info["tensors"]:
             assert sorted(t) == ["bytes", "dtype", "file", "name", "shape"] and t["dtype"] == "float32"
@@ -218,18 +284,27 @@ def test_inspect_each_format(chain):
     qkv = next(t for t in td["tensors"] if t["name"] == "decoder.layers.self_attention.linear_qkv.weight")
     assert qkv["shape"] == [4, 128, 64] and qkv["file"] is None  # global shape, layer axis first
     assert lg["layout"] == {"tp": 2, "pp": 2}
-    assert {t["file"] for t in lg["tensors"]} == {"mp_rank_00_000", "mp_rank_01_000", "mp_rank_00_001",
-                                                  "mp_rank_01_001"}
+    assert {t["file"] for t in lg["tensors"]} == {
+        "mp_rank_00_000",
+        "mp_rank_01_000",
+        "mp_rank_00_001",
+        "mp_rank_01_001",
+    }
     assert [e["event"] for e in hf2["history"]] == ["convert"] * 3
-    assert [(e["from"], e["to"]) for e in hf2["history"]] == [("hf", "torch_dist"), ("torch_dist", "legacy"),
-                                                              ("legacy", "hf")]
+    assert [(e["from"], e["to"]) for e in hf2["history"]] == [
+        ("hf", "torch_dist"),
+        ("torch_dist", "legacy"),
+        ("legacy", "hf"),
+    ]
     assert hf2["manifest"]["format"] == "hf" and hf2["manifest"]["files_listed"] == 2
 
 
 def test_inspect_json_is_stable(chain):
     path = chain["tied"]["dir"] / "lg"
-    assert check(in_process("inspect", str(path), "--json")).stdout == \
+    assert (
         check(in_process("inspect", str(path), "--json")).stdout
+        == check(in_process("inspect", str(path), "--json")).stdout
+    )
 
 
 def test_inspect_human_table_on_the_command_line(chain):
@@ -260,18 +335,21 @@ def edit_json(path: Path, change) -> None:
     path.write_text(json.dumps(data))
 
 
-@pytest.mark.parametrize("case,needles", [
-    ("mistral", ("model_type 'mistral'", "only Llama")),
-    ("rope_scaling", ("rope_parameters", "RoPE scaling 'llama3'")),
-    ("rope_scaling_v4", ("rope_scaling", "RoPE scaling 'linear'")),
-    ("bias", ("attention_bias",)),
-    ("missing_shard", ("model-00002-of-", "shard missing")),
-    ("index_wrong_shard", ("model.safetensors.index.json", "does not match the shard files")),
-    ("index_unlisted", ("does not list", "does not match the shard files")),
-    ("tp_heads", ("--tp 3", "num_attention_heads (4)")),
-    ("tp_groups", ("--tp 4", "num_query_groups (2)")),
-    ("tp_torch_dist", ("--tp/--pp apply to legacy output only",)),
-])
+@pytest.mark.parametrize(
+    "case,needles",
+    [
+        ("mistral", ("model_type 'mistral'", "only Llama")),
+        ("rope_scaling", ("rope_parameters", "RoPE scaling 'llama3'")),
+        ("rope_scaling_v4", ("rope_scaling", "RoPE scaling 'linear'")),
+        ("bias", ("attention_bias",)),
+        ("missing_shard", ("model-00002-of-", "shard missing")),
+        ("index_wrong_shard", ("model.safetensors.index.json", "does not match the shard files")),
+        ("index_unlisted", ("does not list", "does not match the shard files")),
+        ("tp_heads", ("--tp 3", "num_attention_heads (4)")),
+        ("tp_groups", ("--tp 4", "num_query_groups (2)")),
+        ("tp_torch_dist", ("--tp/--pp apply to legacy output only",)),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(chain, tmp_path, case, needles):
     src = copy_hf(chain, tmp_path)
     index = src / "model.safetensors.index.json"
@@ -279,21 +357,36 @@ def test_bad_input_is_one_line_and_writes_nothing(chain, tmp_path, case, needles
     if case == "mistral":
         edit_json(src / "config.json", lambda c: c.update(model_type="mistral", architectures=["MistralForCausalLM"]))
     elif case == "rope_scaling":
-        edit_json(src / "config.json", lambda c: c.update(rope_parameters={
-            "rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8}))
+        edit_json(
+            src / "config.json",
+            lambda c: c.update(
+                rope_parameters={
+                    "rope_type": "llama3",
+                    "rope_theta": 500.0,
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8,
+                }
+            ),
+        )
     elif case == "rope_scaling_v4":  # transformers 4 style: top-level rope_theta + rope_scaling
-        edit_json(src / "config.json", lambda c: c.update(rope_parameters=None, rope_theta=500.0,
-                                                          rope_scaling={"type": "linear", "factor": 2.0}))
+        edit_json(
+            src / "config.json",
+            lambda c: c.update(rope_parameters=None, rope_theta=500.0, rope_scaling={"type": "linear", "factor": 2.0}),
+        )
     elif case == "bias":
         edit_json(src / "config.json", lambda c: c.update(attention_bias=True))
     elif case == "missing_shard":
         next(src.glob("model-00002-of-*.safetensors")).unlink()
     elif case == "index_wrong_shard":
+
         def move(ix):
             name = "model.layers.0.self_attn.q_proj.weight"
-            ix["weight_map"][name] = next(f for f in sorted(set(ix["weight_map"].values()))
-                                          if f != ix["weight_map"][name])
+            ix["weight_map"][name] = next(
+                f for f in sorted(set(ix["weight_map"].values())) if f != ix["weight_map"][name]
+            )
+
         edit_json(index, move)
     elif case == "index_unlisted":
         edit_json(index, lambda ix: ix["weight_map"].pop("model.layers.1.mlp.up_proj.weight"))
@@ -313,8 +406,14 @@ def test_missing_shard_on_the_command_line(chain, tmp_path):
     src = copy_hf(chain, tmp_path)
     next(src.glob("model-00003-of-*.safetensors")).unlink()
     before, dst = tree_digest(src), tmp_path / "out"
-    assert_refused(run_cli("convert", str(src), str(dst), "--to", "torch_dist"), dst, src, before,
-                   "model-00003-of-", "shard missing")
+    assert_refused(
+        run_cli("convert", str(src), str(dst), "--to", "torch_dist"),
+        dst,
+        src,
+        before,
+        "model-00003-of-",
+        "shard missing",
+    )
 
 
 def test_existing_destination_is_left_alone(chain, tmp_path):

@@ -17,8 +17,9 @@ from conftest import assert_one_line_error, run_cli
 
 
 def test_cpu_gets_local_spec_and_no_fusions():
-    assert select_kernels(Machine(cuda=False, transformer_engine=True, apex=True)) == \
-        Kernels("local", False, False, False, False)
+    assert select_kernels(Machine(cuda=False, transformer_engine=True, apex=True)) == Kernels(
+        "local", False, False, False, False
+    )
 
 
 def test_gpu_with_te_gets_te_spec_and_fusions():
@@ -48,8 +49,9 @@ def test_cpu_spec_config_matches_selection():
     from megastack.config import ModelConfig, ParallelConfig
     from megastack.model.build import transformer_config
 
-    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96,
-                      vocab_size=256, seq_length=16)
+    cfg = ModelConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96, vocab_size=256, seq_length=16
+    )
     machine = Machine(False, False, False)
     tc = transformer_config(cfg, ParallelConfig(precision="bf16"), select_kernels(machine), machine)
     assert tc.use_cpu_initialization and tc.bf16 and not tc.apply_rope_fusion and tc.normalization == "RMSNorm"
@@ -96,22 +98,41 @@ def test_discover_torchrun():
 
 
 def test_discover_slurm_uses_nodelist_and_job_port():
-    env = {"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "77",
-           "SLURM_JOB_NODELIST": "node1"}
+    env = {
+        "SLURM_PROCID": "2",
+        "SLURM_NTASKS": "4",
+        "SLURM_LOCALID": "0",
+        "SLURM_JOB_ID": "77",
+        "SLURM_JOB_NODELIST": "node1",
+    }
     d = discover(env)
     assert (d.rank, d.world_size, d.local_rank, d.launcher) == (2, 4, 0, "slurm")
     assert d.master_addr == "node1" and d.master_port == slurm_master_port("77") == 20077
 
 
 def test_discover_torchrun_wins_inside_slurm():
-    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
-           "MASTER_ADDR": "a", "MASTER_PORT": "9"}
+    env = {
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "1",
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "a",
+        "MASTER_PORT": "9",
+    }
     assert discover(env).launcher == "torchrun" and discover(env).rank == 5
 
 
 def test_discover_openmpi_and_mpich_without_mpi():
-    ompi = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-            "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "5000", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    ompi = {
+        "OMPI_COMM_WORLD_RANK": "1",
+        "OMPI_COMM_WORLD_SIZE": "2",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "5000",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "1",
+    }
     assert discover(ompi) == DistEnv(1, 2, 1, "10.0.0.1", 5000, "openmpi")
     mpich = {"PMI_RANK": "0", "PMI_SIZE": "3", "MPI_LOCALRANKID": "0"}
     d = discover(mpich, allow_mpi=False)
@@ -128,11 +149,18 @@ def test_mpirun_rendezvous_over_mpi4py(tmp_path):
     if not os.path.exists(mpiexec):
         pytest.skip("no mpiexec beside this Python (pip install mpich)")
     # each rank writes a file: MPICH's mpiexec forwards rank output unreliably (a rank's line went missing in CI)
-    code = ("import pathlib, sys; from megastack.dist import discover; d = discover(); "
-            "pathlib.Path(sys.argv[1], f'rank{d.rank}').write_text(f'{d.rank} {d.world_size} {d.master_port}')")
+    code = (
+        "import pathlib, sys; from megastack.dist import discover; d = discover(); "
+        "pathlib.Path(sys.argv[1], f'rank{d.rank}').write_text(f'{d.rank} {d.world_size} {d.master_port}')"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    out = subprocess.run([mpiexec, "-n", "2", sys.executable, "-c", code, str(tmp_path)], capture_output=True,
-                         text=True, timeout=120, env=env)
+    out = subprocess.run(
+        [mpiexec, "-n", "2", sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     lines = [(tmp_path / f"rank{rank}").read_text().split() for rank in (0, 1)]
     assert [line[:2] for line in lines] == [["0", "2"], ["1", "2"]]
@@ -160,8 +188,10 @@ def test_launch_local_passes_rank_env():
 
 def test_launch_local_timeout_leaves_no_process(tmp_path):
     pidfile = tmp_path / "pids"
-    code = (f"import os, subprocess, time; child = subprocess.Popen(['sleep', '300']);"
-            f"open('{pidfile}', 'a').write(f'{{os.getpid()}} {{child.pid}}\\n'); time.sleep(300)")
+    code = (
+        f"import os, subprocess, time; child = subprocess.Popen(['sleep', '300']);"
+        f"open('{pidfile}', 'a').write(f'{{os.getpid()}} {{child.pid}}\\n'); time.sleep(300)"
+    )
     start = time.monotonic()
     result = launch_local([sys.executable, "-c", code], 2, timeout=5)
     assert result.timed_out and not result.ok
@@ -242,15 +272,38 @@ def test_an_installed_wheel_finds_the_shipped_configs(tmp_path):
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / "megastack", src / "megastack", ignore=shutil.ignore_patterns("__pycache__"))
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                           str(tmp_path / "wheel"), str(src)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "wheel"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     site = tmp_path / "site"
     zipfile.ZipFile(next((tmp_path / "wheel").glob("*.whl"))).extractall(site)
-    code = ("import megastack.config as c, megastack.pipeline as p; "
-            "print(c.__file__); print(c.load_model_config('llama-7b').num_layers); print(p.load_recipe(None)[1])")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": str(site)})
+    code = (
+        "import megastack.config as c, megastack.pipeline as p; "
+        "print(c.__file__); print(c.load_model_config('llama-7b').num_layers); print(p.load_recipe(None)[1])"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(site)},
+    )
     assert run.returncode == 0, run.stderr
     where, layers, recipe = run.stdout.split()
     assert where.startswith(str(site)) and layers == "32" and recipe.startswith(str(site))

@@ -24,8 +24,12 @@ from megastack.cli import main
 from ckpt_factory import reference, small_config, write_checkpoint
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "megatron_lm"
-SETTINGS = settings(max_examples=int(os.environ.get("MEGASTACK_FUZZ_EXAMPLES", "150")), deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=int(os.environ.get("MEGASTACK_FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +73,9 @@ def pick_file(src: Path, index: int) -> Path:
     return files[index % len(files)]
 
 
-mutations = st.tuples(st.sampled_from(["truncate", "flip", "zero"]), st.integers(0, 1 << 30),
-                      st.integers(0, 1 << 30), st.integers(1, 255))
+mutations = st.tuples(
+    st.sampled_from(["truncate", "flip", "zero"]), st.integers(0, 1 << 30), st.integers(0, 1 << 30), st.integers(1, 255)
+)
 
 
 def mutate(path: Path, how: str, where: int, length: int, value: int) -> None:
@@ -84,7 +89,7 @@ def mutate(path: Path, how: str, where: int, length: int, value: int) -> None:
         data[at] ^= value
     else:
         span = 1 + length % 64
-        data[at:at + span] = bytes(len(data[at:at + span]))
+        data[at : at + span] = bytes(len(data[at : at + span]))
     path.write_bytes(bytes(data))
 
 
@@ -100,16 +105,38 @@ def test_mutated_files_keep_the_contract(sources, tmp_path, name, file_index, mu
     convert_contract(src, tmp_path / "case", must_fail=guarded and target.read_bytes() != before)
 
 
-json_values = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70), st.floats(allow_nan=True),
-                        st.text(max_size=6), st.lists(st.integers(-3, 3), max_size=3),
-                        st.recursive(st.none(), lambda inner: st.lists(inner, max_size=2), max_leaves=50))
+json_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(1 << 70), 1 << 70),
+    st.floats(allow_nan=True),
+    st.text(max_size=6),
+    st.lists(st.integers(-3, 3), max_size=3),
+    st.recursive(st.none(), lambda inner: st.lists(inner, max_size=2), max_leaves=50),
+)
 
 
 @SETTINGS
-@given(key=st.sampled_from(["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                            "intermediate_size", "vocab_size", "rms_norm_eps", "tie_word_embeddings",
-                            "rope_theta", "max_position_embeddings", "head_dim", "model_type", "rope_parameters"]),
-       value=json_values)
+@given(
+    key=st.sampled_from(
+        [
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "vocab_size",
+            "rms_norm_eps",
+            "tie_word_embeddings",
+            "rope_theta",
+            "max_position_embeddings",
+            "head_dim",
+            "model_type",
+            "rope_parameters",
+        ]
+    ),
+    value=json_values,
+)
 def test_lying_config_json_keeps_the_contract(sources, tmp_path, key, value):
     src = damaged_copy(sources, "hf", tmp_path / "case")
     config = json.loads((src / "config.json").read_text())
@@ -125,17 +152,21 @@ def test_lying_safetensors_header_keeps_the_contract(sources, tmp_path, field, v
     shard = src / "model.safetensors"
     data = shard.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     names = sorted(k for k in header if k != "__metadata__")
     header[names[tensor % len(names)]][field] = value
     raw = json.dumps(header).encode()
-    shard.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    shard.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
     convert_contract(src, tmp_path / "case")
 
 
 @SETTINGS
-@given(field=st.sampled_from(["iteration", "consumed_tokens", "cumulative_flops", "model", "history", "files",
-                              "growth", "format"]), value=json_values)
+@given(
+    field=st.sampled_from(
+        ["iteration", "consumed_tokens", "cumulative_flops", "model", "history", "files", "growth", "format"]
+    ),
+    value=json_values,
+)
 def test_lying_manifest_keeps_the_contract(sources, tmp_path, field, value):
     src = damaged_copy(sources, "td", tmp_path / "case")
     manifest = resolve_iteration_dir(src) / "megastack.json"

@@ -26,20 +26,31 @@ from conftest import assert_one_line_error, run_cli, run_workers
 # ----------------------------------------------------------------------------- layer maps
 
 
-@pytest.mark.parametrize("expr,expected", [
-    ("0-3x2", [0, 1, 2, 3, 0, 1, 2, 3]),
-    ("0-3,0-3", [0, 1, 2, 3, 0, 1, 2, 3]),
-    ("0x2,1x2", [0, 0, 1, 1]),
-    ("0-2,1-3", [0, 1, 2, 1, 2, 3]),  # SOLAR-style: drop the last of one copy and the first of the other
-    ("3-0", [3, 2, 1, 0]),
-    (" 1 , 2 ", [1, 2]),
-])
+@pytest.mark.parametrize(
+    "expr,expected",
+    [
+        ("0-3x2", [0, 1, 2, 3, 0, 1, 2, 3]),
+        ("0-3,0-3", [0, 1, 2, 3, 0, 1, 2, 3]),
+        ("0x2,1x2", [0, 0, 1, 1]),
+        ("0-2,1-3", [0, 1, 2, 1, 2, 3]),  # SOLAR-style: drop the last of one copy and the first of the other
+        ("3-0", [3, 2, 1, 0]),
+        (" 1 , 2 ", [1, 2]),
+    ],
+)
 def test_parse_layer_map(expr, expected):
     assert parse_layer_map(expr, 4) == expected
 
 
-@pytest.mark.parametrize("expr,needle", [("", "empty"), ("0-4", "does not exist"), ("a-b", "cannot parse"),
-                                         ("1x0", "at least 1"), ("0--1", "cannot parse")])
+@pytest.mark.parametrize(
+    "expr,needle",
+    [
+        ("", "empty"),
+        ("0-4", "does not exist"),
+        ("a-b", "cannot parse"),
+        ("1x0", "at least 1"),
+        ("0--1", "cannot parse"),
+    ],
+)
 def test_parse_layer_map_errors(expr, needle):
     with pytest.raises(UserError, match=needle):
         parse_layer_map(expr, 4)
@@ -123,8 +134,10 @@ def test_noise_is_the_papers_formula_and_deterministic():
     assert torch.equal(w_big, again.state_dict()["model.layers.2.mlp.gate_proj.weight"])
     eps = (w_big - 0.8 * w_small) / (0.2 * 0.02)  # W' = 0.8 W + 0.2 * std * eps
     assert abs(eps.mean().item()) < 0.1 and abs(eps.std().item() - 1.0) < 0.1
-    assert torch.equal(big.state_dict()["model.layers.2.input_layernorm.weight"],
-                       small.state_dict()["model.layers.0.input_layernorm.weight"])  # norms untouched
+    assert torch.equal(
+        big.state_dict()["model.layers.2.input_layernorm.weight"],
+        small.state_dict()["model.layers.0.input_layernorm.weight"],
+    )  # norms untouched
     with pytest.raises(UserError, match="--noise"):
         make_plan(small.cfg, GrowthSpec(factor=2, noise=1.5))
 
@@ -149,10 +162,11 @@ def grown_checkpoints(tmp_path_factory):
         "zero_td": (["src_td", "--operator", "zero", "--factor", "2"], untied),
         "random_td": (["src_td", "--operator", "random", "--factor", "2"], None),
         "noise_td": (["src_td", "--factor", "2", "--noise", "0.2"], None),
-        "stack_legacy_tp1pp4": (["src_legacy", "--factor", "2", "--tp", "1", "--pp", "4"],
-                                stacked_reference(untied, [0, 1, 0, 1])),
-        "zero_legacy_tp2pp1": (["src_legacy", "--operator", "zero", "--factor", "2", "--tp", "2", "--pp", "1"],
-                               untied),
+        "stack_legacy_tp1pp4": (
+            ["src_legacy", "--factor", "2", "--tp", "1", "--pp", "4"],
+            stacked_reference(untied, [0, 1, 0, 1]),
+        ),
+        "zero_legacy_tp2pp1": (["src_legacy", "--operator", "zero", "--factor", "2", "--tp", "2", "--pp", "1"], untied),
     }
     expected = {}
     for name, (args, ref) in jobs.items():
@@ -162,23 +176,29 @@ def grown_checkpoints(tmp_path_factory):
         if ref is None:  # random values: the reference is the plain model with the grown tensors
             reader = open_checkpoint(tmp / name)
             ref = ReferenceLlama(reader.cfg).eval()
-            ref.load_state_dict(layout.hf_from_logical(
-                {n: reader.read(n) for n in layout.logical_names(reader.cfg)}, reader.cfg))
+            ref.load_state_dict(
+                layout.hf_from_logical({n: reader.read(n) for n in layout.logical_names(reader.cfg)}, reader.cfg)
+            )
         expected[name] = logits(ref, tokens)
     torch.save(tokens, tmp / "tokens.pt")
     checkpoints = []
     for name in jobs:
         if name.endswith("_td"):
-            checkpoints.append({"name": name, "path": str(tmp / name), "how": "dist",
-                                "layouts": [[1, 1], [2, 2], [1, 4]]})
-    checkpoints.append({"name": "stack_legacy_tp1pp4", "path": str(tmp / "stack_legacy_tp1pp4"), "how": "legacy",
-                        "layouts": [[1, 4]]})
-    checkpoints.append({"name": "zero_legacy_tp2pp1", "path": str(tmp / "zero_legacy_tp2pp1"), "how": "legacy",
-                        "layouts": [[2, 1]]})
-    checkpoints.append({"name": "stack_legacy_tp1pp4", "path": str(tmp / "stack_legacy_tp1pp4"), "how": "reader",
-                        "layouts": [[2, 2]]})
-    (tmp / "job.json").write_text(json.dumps({"tokens": str(tmp / "tokens.pt"), "out": str(tmp),
-                                              "checkpoints": checkpoints}))
+            checkpoints.append(
+                {"name": name, "path": str(tmp / name), "how": "dist", "layouts": [[1, 1], [2, 2], [1, 4]]}
+            )
+    checkpoints.append(
+        {"name": "stack_legacy_tp1pp4", "path": str(tmp / "stack_legacy_tp1pp4"), "how": "legacy", "layouts": [[1, 4]]}
+    )
+    checkpoints.append(
+        {"name": "zero_legacy_tp2pp1", "path": str(tmp / "zero_legacy_tp2pp1"), "how": "legacy", "layouts": [[2, 1]]}
+    )
+    checkpoints.append(
+        {"name": "stack_legacy_tp1pp4", "path": str(tmp / "stack_legacy_tp1pp4"), "how": "reader", "layouts": [[2, 2]]}
+    )
+    (tmp / "job.json").write_text(
+        json.dumps({"tokens": str(tmp / "tokens.pt"), "out": str(tmp), "checkpoints": checkpoints})
+    )
     return tmp, checkpoints, expected, untied
 
 
@@ -201,8 +221,12 @@ def test_grown_manifest_records_growth_and_verifies(grown_checkpoints):
     event = manifest["history"][-1]
     assert event["event"] == "grow" and event["operator"] == "random" and event["layer_map"] == [0, 1, 0, 1]
     assert len(event["source_sha256"]) == 64
-    assert manifest["growth"] == {"operator": "random", "new_layers": [2, 3], "layer_map": [0, 1, 0, 1],
-                                  "mask_ramp": True}
+    assert manifest["growth"] == {
+        "operator": "random",
+        "new_layers": [2, 3],
+        "layer_map": [0, 1, 0, 1],
+        "mask_ramp": True,
+    }
     assert manifest["history"][0] == {"event": "test"}  # the source's history is carried
     assert verify(tmp / "random_td") == []
     assert verify(tmp / "stack_legacy_tp1pp4") == []
@@ -214,7 +238,11 @@ def test_legacy_output_layout(grown_checkpoints):
     tmp, _, _, _ = grown_checkpoints
     iter_dir = resolve_iteration_dir(tmp / "stack_legacy_tp1pp4")
     assert sorted(p.name for p in iter_dir.iterdir() if p.is_dir()) == [
-        "mp_rank_00_000", "mp_rank_00_001", "mp_rank_00_002", "mp_rank_00_003"]
+        "mp_rank_00_000",
+        "mp_rank_00_001",
+        "mp_rank_00_002",
+        "mp_rank_00_003",
+    ]
     assert (tmp / "stack_legacy_tp1pp4" / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
     from megastack.ckpt.safe_load import load_pt
 
@@ -297,9 +325,19 @@ def damage(kind: str, root: Path) -> tuple[Path, list[str], list[str]]:
     raise AssertionError(kind)
 
 
-BAD = ["missing shard", "truncated file", "missing legacy shard", "mixed tp sizes", "truncated legacy file",
-       "config shape mismatch", "pp cannot divide", "tp cannot divide", "layer map out of range",
-       "tp on torch_dist", "unknown format"]
+BAD = [
+    "missing shard",
+    "truncated file",
+    "missing legacy shard",
+    "mixed tp sizes",
+    "truncated legacy file",
+    "config shape mismatch",
+    "pp cannot divide",
+    "tp cannot divide",
+    "layer map out of range",
+    "tp on torch_dist",
+    "unknown format",
+]
 
 
 @pytest.mark.parametrize("kind", BAD)
@@ -337,12 +375,28 @@ def test_multi_rank_grow_equals_single_rank(sources):
 
     single = sources / "single"
     assert run_cli("grow", str(sources / "td"), str(single), "--factor", "2", "--noise", "0.1").returncode == 0
-    result = launch_local([sys.executable, "-m", "megastack", "grow", str(sources / "td"), str(sources / "multi"),
-                           "--factor", "2", "--noise", "0.1"], 2, timeout=300)
+    result = launch_local(
+        [
+            sys.executable,
+            "-m",
+            "megastack",
+            "grow",
+            str(sources / "td"),
+            str(sources / "multi"),
+            "--factor",
+            "2",
+            "--noise",
+            "0.1",
+        ],
+        2,
+        timeout=300,
+    )
     assert result.ok, result.describe()
     a, b = open_checkpoint(single), open_checkpoint(sources / "multi")
-    assert sorted(p.name for p in resolve_iteration_dir(sources / "multi").glob("__*.distcp")) == \
-        ["__0_0.distcp", "__1_0.distcp"]
+    assert sorted(p.name for p in resolve_iteration_dir(sources / "multi").glob("__*.distcp")) == [
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
     for name in layout.logical_names(a.cfg):
         assert torch.equal(a.read(name), b.read(name)), name
 
@@ -363,15 +417,28 @@ print("PEAK_BYTES", peak_rss_bytes() - baseline, rc)
 
 @pytest.mark.timeout(600)
 def test_peak_memory_is_bounded_by_the_largest_tensor(tmp_path):
-    cfg = small_config(num_layers=4, hidden_size=512, num_attention_heads=8, num_query_groups=4,
-                       ffn_hidden_size=2048, vocab_size=512)
+    cfg = small_config(
+        num_layers=4, hidden_size=512, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=2048, vocab_size=512
+    )
     write_checkpoint(reference(cfg), tmp_path / "src")
     largest = max(torch.Size(layout.logical_shape(cfg, n)).numel() * 4 for n in layout.logical_names(cfg))
     peaks = {}
     for factor in (2, 8):
-        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, "grow", str(tmp_path / "src"),
-                              str(tmp_path / f"g{factor}"), "--factor", str(factor)],
-                             capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                PEAK_SCRIPT,
+                "grow",
+                str(tmp_path / "src"),
+                str(tmp_path / f"g{factor}"),
+                "--factor",
+                str(factor),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr
         peaks[factor] = int(out.stdout.split("PEAK_BYTES")[1].split()[0])
     model_bytes = 8 * cfg.total_parameters() * 4  # the x8 model, what a full gather would hold
@@ -394,8 +461,17 @@ def write_metadata_only_70b(root: Path, layers: int = 80, tp: int = 8, pp: int =
     from megastack.ckpt.torch_dist import METADATA_JSON, dcp_key
     from megastack.config import ModelConfig, to_dict
 
-    cfg = ModelConfig(num_layers=layers, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
-                      ffn_hidden_size=28672, vocab_size=32000, seq_length=4096, dtype="bf16", name="llama-70b")
+    cfg = ModelConfig(
+        num_layers=layers,
+        hidden_size=8192,
+        num_attention_heads=64,
+        num_query_groups=8,
+        ffn_hidden_size=28672,
+        vocab_size=32000,
+        seq_length=4096,
+        dtype="bf16",
+        name="llama-70b",
+    )
     it = root / "iter_0000001"
     it.mkdir(parents=True)
     state, storage = {}, {}
@@ -404,11 +480,18 @@ def write_metadata_only_70b(root: Path, layers: int = 80, tp: int = 8, pp: int =
         _, kind = layout.split_name(name)
         shape = layout.logical_shape(cfg, name)
         stage = 0 if layer is None else layer // (layers // pp)
-        md = state.setdefault(key, TensorStorageMetadata(
-            TensorProperties(dtype=torch.bfloat16), torch.Size(shape if layer is None else (layers, *shape)), []))
+        md = state.setdefault(
+            key,
+            TensorStorageMetadata(
+                TensorProperties(dtype=torch.bfloat16), torch.Size(shape if layer is None else (layers, *shape)), []
+            ),
+        )
         for r in range(tp):
-            pieces = layout.tp_pieces(kind, shape, r, tp) if layout.TP_RULE[kind] != "replicated" else \
-                [layout.Piece(0, 0, shape[0])]
+            pieces = (
+                layout.tp_pieces(kind, shape, r, tp)
+                if layout.TP_RULE[kind] != "replicated"
+                else [layout.Piece(0, 0, shape[0])]
+            )
             if layout.TP_RULE[kind] == "replicated" and r:
                 continue
             for p in pieces:
@@ -434,8 +517,9 @@ def test_dry_run_of_a_70b_checkpoint_from_metadata_alone(tmp_path):
 
     write_metadata_only_70b(tmp_path / "src70b", layers=80)
     start = time.monotonic()
-    proc = run_cli("grow", str(tmp_path / "src70b"), str(tmp_path / "dst"), "--factor", "2", "--dry-run",
-                   "--json", "--ranks", "64")
+    proc = run_cli(
+        "grow", str(tmp_path / "src70b"), str(tmp_path / "dst"), "--factor", "2", "--dry-run", "--json", "--ranks", "64"
+    )
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
@@ -443,8 +527,15 @@ def test_dry_run_of_a_70b_checkpoint_from_metadata_alone(tmp_path):
     total_write = sum(r["write_bytes"] for r in plan["ranks"])
     from megastack.config import ModelConfig
 
-    cfg = ModelConfig(num_layers=160, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
-                      ffn_hidden_size=28672, vocab_size=32000, seq_length=4096)
+    cfg = ModelConfig(
+        num_layers=160,
+        hidden_size=8192,
+        num_attention_heads=64,
+        num_query_groups=8,
+        ffn_hidden_size=28672,
+        vocab_size=32000,
+        seq_length=4096,
+    )
     assert total_write == cfg.total_parameters() * 2  # bf16, every target byte written exactly once
     fc1_bytes = 2 * 28672 * 8192 * 2
     assert max(r["predicted_peak_bytes"] for r in plan["ranks"]) <= 3 * fc1_bytes + 2 * 32000 * 8192 * 2

@@ -42,7 +42,7 @@ def byte_tokens(path: Path) -> torch.Tensor:
 
 def lm_loss(model: ReferenceLlama, stream: torch.Tensor, windows: int = 24) -> float:
     starts = torch.linspace(0, len(stream) - SEQ - 2, windows).long().tolist()
-    batch = torch.stack([stream[s: s + SEQ + 1] for s in starts])
+    batch = torch.stack([stream[s : s + SEQ + 1] for s in starts])
     with torch.no_grad():
         out = model(batch[:, :-1])
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), batch[:, 1:].reshape(-1)).item()
@@ -51,8 +51,9 @@ def lm_loss(model: ReferenceLlama, stream: torch.Tensor, windows: int = 24) -> f
 def load_model(path: Path) -> ReferenceLlama:
     reader = open_checkpoint(path)
     model = ReferenceLlama(reader.cfg).eval()
-    model.load_state_dict(layout.hf_from_logical({n: reader.read(n) for n in layout.logical_names(reader.cfg)},
-                                                 reader.cfg))
+    model.load_state_dict(
+        layout.hf_from_logical({n: reader.read(n) for n in layout.logical_names(reader.cfg)}, reader.cfg)
+    )
     return model
 
 
@@ -72,7 +73,7 @@ def trained_small(tmp_path_factory):
         generator = torch.Generator().manual_seed(0)
         for _ in range(150):
             starts = torch.randint(0, len(data) - SEQ - 1, (16,), generator=generator).tolist()
-            batch = torch.stack([data[s: s + SEQ + 1] for s in starts])
+            batch = torch.stack([data[s : s + SEQ + 1] for s in starts])
             loss = F.cross_entropy(model(batch[:, :-1]).reshape(-1, 256), batch[:, 1:].reshape(-1))
             optimizer.zero_grad()
             loss.backward()
@@ -80,10 +81,16 @@ def trained_small(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     write_checkpoint(model.eval(), tmp / "small")
-    for name, flags in (("stack", ["--factor", "2"]), ("learned", LEARN), ("learned_again", LEARN),
-                        ("stack_both", BOTH), ("learned_both", LEARN_BOTH)):
-        proc = run_cli("grow", str(tmp / "small"), str(tmp / name), *flags, "--data", str(tmp / "train.txt"),
-                       env=ONE_THREAD)
+    for name, flags in (
+        ("stack", ["--factor", "2"]),
+        ("learned", LEARN),
+        ("learned_again", LEARN),
+        ("stack_both", BOTH),
+        ("learned_both", LEARN_BOTH),
+    ):
+        proc = run_cli(
+            "grow", str(tmp / "small"), str(tmp / name), *flags, "--data", str(tmp / "train.txt"), env=ONE_THREAD
+        )
         assert proc.returncode == 0, proc.stderr
     return tmp
 
@@ -177,8 +184,22 @@ def test_two_ranks_learn_the_same_maps(trained_small):
     from megastack.dist import launch_local
 
     tmp = trained_small
-    result = launch_local([sys.executable, "-m", "megastack", "grow", str(tmp / "small"), str(tmp / "two_ranks"),
-                           *LEARN, "--data", str(tmp / "train.txt")], 2, timeout=500, env=ONE_THREAD)
+    result = launch_local(
+        [
+            sys.executable,
+            "-m",
+            "megastack",
+            "grow",
+            str(tmp / "small"),
+            str(tmp / "two_ranks"),
+            *LEARN,
+            "--data",
+            str(tmp / "train.txt"),
+        ],
+        2,
+        timeout=500,
+        env=ONE_THREAD,
+    )
     assert result.ok, result.describe()
     one = read_manifest(resolve_iteration_dir(tmp / "learned"))["history"][-1]
     two = read_manifest(resolve_iteration_dir(tmp / "two_ranks"))["history"][-1]
@@ -216,12 +237,13 @@ def test_bad_learn_input(tmp_path):
     (tmp_path / "tiny.txt").write_text("x" * 20)
     spec = GrowthSpec(operator="learn", factor=2)
     for data, kwargs, needle in (
-            (None, {}, "give --data"),
-            ([str(tmp_path / "nope")], {}, "not found"),
-            ([str(tmp_path / "big_ids.npy")], {}, "vocab is 256"),
-            ([str(tmp_path / "tiny.txt")], {}, "give more data"),
-            ([str(tmp_path / "tiny.txt")], {"batch": 0}, "--learn-batch 0"),
-            ([str(tmp_path / "tiny.txt")], {"tokens": 0}, "--learn-tokens")):
+        (None, {}, "give --data"),
+        ([str(tmp_path / "nope")], {}, "not found"),
+        ([str(tmp_path / "big_ids.npy")], {}, "vocab is 256"),
+        ([str(tmp_path / "tiny.txt")], {}, "give more data"),
+        ([str(tmp_path / "tiny.txt")], {"batch": 0}, "--learn-batch 0"),
+        ([str(tmp_path / "tiny.txt")], {"tokens": 0}, "--learn-tokens"),
+    ):
         args = {"tokens": 1000, "batch": 2, "lr": 0.01, **kwargs}
         with pytest.raises(UserError, match=needle):
             learn_maps(reader, spec, data, args["tokens"], args["batch"], args["lr"], Comm())
@@ -229,10 +251,23 @@ def test_bad_learn_input(tmp_path):
         learn_maps(reader, GrowthSpec(operator="learn", factor=2, noise=0.2), ["x"], 1000, 2, 0.01, Comm())
     with pytest.raises(UserError, match="give --data"):
         make_plan(reader.cfg, spec)
-    proc = run_cli("grow", str(tmp_path / "src"), str(tmp_path / "out"), "--operator", "learn", "--factor", "2",
-                   env=ONE_THREAD)
+    proc = run_cli(
+        "grow", str(tmp_path / "src"), str(tmp_path / "out"), "--operator", "learn", "--factor", "2", env=ONE_THREAD
+    )
     assert_one_line_error(proc, "give --data")
-    proc = run_cli("grow", str(tmp_path / "src"), str(tmp_path / "out"), "--operator", "learn", "--dimension",
-                   "width", "--hidden", "32", "--data", str(tmp_path / "tiny.txt"), env=ONE_THREAD)
+    proc = run_cli(
+        "grow",
+        str(tmp_path / "src"),
+        str(tmp_path / "out"),
+        "--operator",
+        "learn",
+        "--dimension",
+        "width",
+        "--hidden",
+        "32",
+        "--data",
+        str(tmp_path / "tiny.txt"),
+        env=ONE_THREAD,
+    )
     assert_one_line_error(proc, "--hidden 32", "smaller")
     assert not (tmp_path / "out").exists()

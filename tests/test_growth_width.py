@@ -25,11 +25,11 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the CI machine is small and shared: thr
 
 # (name, source config overrides, width flags). Source default: h 64, 4 heads in 2 groups (d 16), ffn 96.
 WIDTHS = [
-    ("x2", {}, dict(hidden=128, ffn=192)),                       # integer ratios: plain duplication
-    ("x1.5", {}, dict(hidden=96, ffn=160, query_groups=2)),       # uneven copy counts: the norm-exact scale
+    ("x2", {}, dict(hidden=128, ffn=192)),  # integer ratios: plain duplication
+    ("x1.5", {}, dict(hidden=96, ffn=160, query_groups=2)),  # uneven copy counts: the norm-exact scale
     ("ffn", {}, dict(ffn=130)),
-    ("groups", {}, dict(heads=8, query_groups=2)),               # 4 heads per group (source 2): heads join groups
-    ("mha", {"num_query_groups": None}, dict(hidden=96)),       # plain multi-head attention stays MHA
+    ("groups", {}, dict(heads=8, query_groups=2)),  # 4 heads per group (source 2): heads join groups
+    ("mha", {"num_query_groups": None}, dict(hidden=96)),  # plain multi-head attention stays MHA
     ("tied", {"tie_embeddings": True}, dict(hidden=96, ffn=144, query_groups=2)),
 ]
 
@@ -94,8 +94,9 @@ def test_zero_width_structure_and_epsilon():
     gate_new = b["model.layers.0.mlp.gate_proj.weight"][96:]
     assert abs(gate_new.std().item() - 0.02) < 0.003
     assert b["model.layers.0.self_attn.q_proj.weight"][:, 64:].abs().min() > 0  # fan-out of new channels
-    assert torch.allclose(b["model.layers.0.input_layernorm.weight"][:64],
-                          s["model.layers.0.input_layernorm.weight"] * math.sqrt(0.5))
+    assert torch.allclose(
+        b["model.layers.0.input_layernorm.weight"][:64], s["model.layers.0.input_layernorm.weight"] * math.sqrt(0.5)
+    )
     assert plan.target.norm_epsilon == pytest.approx(small.cfg.norm_epsilon / 2)
     # without the epsilon compensation the construction is only approximate (measured 7e-3 here)
     tokens = sample_tokens(small.cfg)
@@ -119,8 +120,9 @@ def apply_masks(tensors: dict[str, torch.Tensor], masks: list[dict], c: float) -
     return out
 
 
-@pytest.mark.parametrize("flags", [dict(hidden=128, ffn=160), dict(hidden=96, ffn=96, query_groups=2),
-                                   dict(heads=8, query_groups=2)])
+@pytest.mark.parametrize(
+    "flags", [dict(hidden=128, ffn=160), dict(hidden=96, ffn=96, query_groups=2), dict(heads=8, query_groups=2)]
+)
 def test_random_width_masks_give_the_small_model_at_zero(flags):
     small = reference(small_config())
     tokens = sample_tokens(small.cfg)
@@ -144,8 +146,9 @@ def test_depth_and_width_in_one_step():
     assert plan.target.num_layers == 4 and plan.info["layer_map"] == [0, 1, 0, 1]
     assert plan.info["dimension"] == "both" and plan.info["new_layers"] == [2, 3]
     assert torch.equal(logits(both, tokens), logits(stacked_reference(wide, [0, 1, 0, 1]), tokens))
-    zero, _, _ = grow_in_memory(small, GrowthSpec(operator="zero", dimension="both", factor=3, hidden=96,
-                                                  query_groups=2))
+    zero, _, _ = grow_in_memory(
+        small, GrowthSpec(operator="zero", dimension="both", factor=3, hidden=96, query_groups=2)
+    )
     assert max_diff(logits(zero, tokens), logits(small, tokens)) <= 2e-6
 
 
@@ -157,8 +160,12 @@ def test_pieces_equal_slices_of_the_full_tensor(operator):
     """Any TP shard (TP 2 and 4) or row block equals that slice of the whole target: identical under any
     output layout, chunking and rank count (random values included)."""
     small = reference(small_config(num_query_groups=4))
-    _, plan, produce = grow_in_memory(small, GrowthSpec(operator=operator, dimension="both", factor=2, hidden=128,
-                                                        ffn=160, query_groups=4, noise=0.1, seed=2))
+    _, plan, produce = grow_in_memory(
+        small,
+        GrowthSpec(
+            operator=operator, dimension="both", factor=2, hidden=128, ffn=160, query_groups=4, noise=0.1, seed=2
+        ),
+    )
     for name in layout.logical_names(plan.target):
         full = produce(name, None)
         kind = layout.split_name(name)[1]
@@ -182,14 +189,16 @@ def test_each_tp_shard_reads_only_what_it_needs():
     # fc2 is cut by columns: TP rank 1 of ffn 192 reads source columns 0-95 only, as column pieces
     fc2_shape = layout.logical_shape(plan.target, "layers.1.fc2")
     assert plan.sources_of("layers.1.fc2", layout.tp_pieces("fc2", fc2_shape, 1, 2)) == [
-        ("layers.1.fc2", [layout.Piece(1, 0, 96)])]
+        ("layers.1.fc2", [layout.Piece(1, 0, 96)])
+    ]
     # a row block of the embedding reads the same vocab rows
     assert plan.sources_of("embedding", [layout.Piece(0, 16, 8)]) == [("embedding", [layout.Piece(0, 16, 8)])]
 
 
 def test_width_info_is_recorded():
-    plan = make_plan(small_config(), GrowthSpec(operator="random", dimension="width", hidden=96, ffn=128,
-                                                query_groups=2))
+    plan = make_plan(
+        small_config(), GrowthSpec(operator="random", dimension="width", hidden=96, ffn=128, query_groups=2)
+    )
     w = plan.info["width"]
     assert w["source"]["hidden_size"] == 64 and w["target"]["hidden_size"] == 96
     assert w["target"]["num_attention_heads"] == 6 and w["target"]["num_query_groups"] == 2
@@ -203,18 +212,21 @@ def test_width_info_is_recorded():
 # ----------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("flags,needle", [
-    (dict(hidden=32), "--hidden 32 is smaller"),
-    (dict(ffn=64), "--ffn 64 is smaller"),
-    (dict(hidden=72), "multiple of the source's head dim 16"),
-    (dict(hidden=128, heads=6), "keeps the head dim"),
-    (dict(hidden=128, query_groups=3), "--query-groups 3 does not divide"),
-    (dict(hidden=128, query_groups=1), "fewer than the source's 2 query groups"),
-    (dict(hidden=128, query_groups=8), "4 groups"),  # 1 head per group, the source has 2
-    (dict(heads=5), "give --query-groups"),
-    (dict(hidden=64), "the source's own width"),
-    (dict(hidden=0), "positive"),
-])
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (dict(hidden=32), "--hidden 32 is smaller"),
+        (dict(ffn=64), "--ffn 64 is smaller"),
+        (dict(hidden=72), "multiple of the source's head dim 16"),
+        (dict(hidden=128, heads=6), "keeps the head dim"),
+        (dict(hidden=128, query_groups=3), "--query-groups 3 does not divide"),
+        (dict(hidden=128, query_groups=1), "fewer than the source's 2 query groups"),
+        (dict(hidden=128, query_groups=8), "4 groups"),  # 1 head per group, the source has 2
+        (dict(heads=5), "give --query-groups"),
+        (dict(hidden=64), "the source's own width"),
+        (dict(hidden=0), "positive"),
+    ],
+)
 def test_bad_width_targets(flags, needle):
     with pytest.raises(UserError, match=needle.replace("(", r"\(")):
         make_plan(small_config(), GrowthSpec(dimension="width", **flags))
@@ -231,11 +243,14 @@ def test_bad_width_flag_combinations():
 
 def test_bad_width_input_on_the_command_line(tmp_path):
     write_checkpoint(reference(small_config()), tmp_path / "src")
-    for flags, needles in ((["--hidden", "32"], ["--hidden 32", "smaller"]),
-                           (["--hidden", "128", "--query-groups", "3"], ["--query-groups 3", "divide"]),
-                           (["--hidden", "100"], ["--hidden 100", "head dim"])):
-        proc = run_cli("grow", str(tmp_path / "src"), str(tmp_path / "out"), "--dimension", "width", *flags,
-                       env=ONE_THREAD)
+    for flags, needles in (
+        (["--hidden", "32"], ["--hidden 32", "smaller"]),
+        (["--hidden", "128", "--query-groups", "3"], ["--query-groups 3", "divide"]),
+        (["--hidden", "100"], ["--hidden 100", "head dim"]),
+    ):
+        proc = run_cli(
+            "grow", str(tmp_path / "src"), str(tmp_path / "out"), "--dimension", "width", *flags, env=ONE_THREAD
+        )
         assert_one_line_error(proc, *needles)
         assert not (tmp_path / "out").exists()
 
@@ -258,14 +273,38 @@ def grown_wide(tmp_path_factory):
     jobs = {  # name: (source, flags, model, spec, layouts, how, function preserving)
         "direct_x2": ("src", x2, untied, dict(hidden=128, ffn=192), "dist", True),
         "direct_x15_tied": ("src_tied", x15, tied, dict(hidden=96, ffn=160, query_groups=2), "dist", True),
-        "zero_x15": ("src", ["--operator", "zero", *x15], untied,
-                     dict(operator="zero", hidden=96, ffn=160, query_groups=2), "dist", True),
-        "random_x2": ("src", ["--operator", "random", "--seed", "7", *x2], untied,
-                      dict(operator="random", seed=7, hidden=128, ffn=192), "dist", False),
-        "stack_both": ("src", ["--dimension", "both", "--factor", "2", *x2], untied,
-                       dict(dimension="both", factor=2, hidden=128, ffn=192), "dist", False),  # stacking
-        "zero_legacy_tp2": ("src_legacy", ["--operator", "zero", "--tp", "2", *x2], untied,
-                            dict(operator="zero", hidden=128, ffn=192), "legacy", True),
+        "zero_x15": (
+            "src",
+            ["--operator", "zero", *x15],
+            untied,
+            dict(operator="zero", hidden=96, ffn=160, query_groups=2),
+            "dist",
+            True,
+        ),
+        "random_x2": (
+            "src",
+            ["--operator", "random", "--seed", "7", *x2],
+            untied,
+            dict(operator="random", seed=7, hidden=128, ffn=192),
+            "dist",
+            False,
+        ),
+        "stack_both": (
+            "src",
+            ["--dimension", "both", "--factor", "2", *x2],
+            untied,
+            dict(dimension="both", factor=2, hidden=128, ffn=192),
+            "dist",
+            False,
+        ),  # stacking
+        "zero_legacy_tp2": (
+            "src_legacy",
+            ["--operator", "zero", "--tp", "2", *x2],
+            untied,
+            dict(operator="zero", hidden=128, ffn=192),
+            "legacy",
+            True,
+        ),
     }
     expected, checkpoints = {}, []
     # G_learn width: learned values, so the reference is the plain model holding the written tensors
@@ -273,16 +312,33 @@ def grown_wide(tmp_path_factory):
     from pathlib import Path
 
     (tmp / "text.txt").write_bytes((Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_bytes())
-    proc = run_cli("grow", str(tmp / "src"), str(tmp / "learn_both"), "--operator", "learn", "--dimension", "both",
-                   "--factor", "2", *x2, "--data", str(tmp / "text.txt"), "--learn-tokens", "2000", env=ONE_THREAD)
+    proc = run_cli(
+        "grow",
+        str(tmp / "src"),
+        str(tmp / "learn_both"),
+        "--operator",
+        "learn",
+        "--dimension",
+        "both",
+        "--factor",
+        "2",
+        *x2,
+        "--data",
+        str(tmp / "text.txt"),
+        "--learn-tokens",
+        "2000",
+        env=ONE_THREAD,
+    )
     assert proc.returncode == 0, proc.stderr
     reader = open_checkpoint(tmp / "learn_both")
     ref = ReferenceLlama(reader.cfg).eval()
-    ref.load_state_dict(layout.hf_from_logical({n: reader.read(n) for n in layout.logical_names(reader.cfg)},
-                                               reader.cfg))
+    ref.load_state_dict(
+        layout.hf_from_logical({n: reader.read(n) for n in layout.logical_names(reader.cfg)}, reader.cfg)
+    )
     expected["learn_both"] = logits(ref, tokens)
-    checkpoints.append({"name": "learn_both", "path": str(tmp / "learn_both"), "how": "dist",
-                        "layouts": [[1, 1], [2, 1]]})
+    checkpoints.append(
+        {"name": "learn_both", "path": str(tmp / "learn_both"), "how": "dist", "layouts": [[1, 1], [2, 1]]}
+    )
     for name, (src, flags, model, spec, how, preserving) in jobs.items():
         if "--dimension" not in flags:
             flags = ["--dimension", "width", *flags]
@@ -299,8 +355,9 @@ def grown_wide(tmp_path_factory):
         layouts = [[2, 1]] if how == "legacy" else [[1, 1], [2, 1]] + ([[1, 2]] if name == "stack_both" else [])
         checkpoints.append({"name": name, "path": str(tmp / name), "how": how, "layouts": layouts})
     torch.save(tokens, tmp / "tokens.pt")
-    (tmp / "job.json").write_text(json.dumps({"tokens": str(tmp / "tokens.pt"), "out": str(tmp),
-                                              "checkpoints": checkpoints}))
+    (tmp / "job.json").write_text(
+        json.dumps({"tokens": str(tmp / "tokens.pt"), "out": str(tmp), "checkpoints": checkpoints})
+    )
     return tmp, checkpoints, expected
 
 

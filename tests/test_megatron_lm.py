@@ -47,8 +47,15 @@ def changed_fields(before, after) -> set[str]:
 def test_inspect_reads_what_megatron_lm_wrote(name):
     info = inspect_checkpoint(FIXTURES / name)
     m = info["model"]
-    assert (m["num_layers"], m["hidden_size"], m["num_attention_heads"], m["num_query_groups"],
-            m["ffn_hidden_size"], m["vocab_size"], m["tie_embeddings"]) == (4, 32, 4, 2, 64, 128, False)
+    assert (
+        m["num_layers"],
+        m["hidden_size"],
+        m["num_attention_heads"],
+        m["num_query_groups"],
+        m["ffn_hidden_size"],
+        m["vocab_size"],
+        m["tie_embeddings"],
+    ) == (4, 32, 4, 2, 64, 128, False)
     # Megatron-LM 0.16 names the epsilon layernorm_epsilon; the training saves hold the model's 1e-6. Its
     # own HF converter stores it under the pre-0.16 name that 0.16 no longer reads, so that file says 1e-5.
     assert m["norm_epsilon"] == (1e-5 if name == "legacy_tp2pp2" else 1e-6)
@@ -58,8 +65,12 @@ def test_inspect_reads_what_megatron_lm_wrote(name):
     if name in TRAINING_SAVES:
         assert info["iteration"] == 2 and mlm["rng_state"] and "optimizer" in mlm["not_carried"]
         assert mlm["tokenizer_type"] == "HuggingFaceTokenizer"
-        kind = {"legacy": "Megatron optimizer", "legacy_distopt": "distrib_optim.pt", "torch_dist": "sharded",
-                "torch_dist_distopt": "dp_reshardable"}[name]
+        kind = {
+            "legacy": "Megatron optimizer",
+            "legacy_distopt": "distrib_optim.pt",
+            "torch_dist": "sharded",
+            "torch_dist_distopt": "dp_reshardable",
+        }[name]
         assert kind in mlm["optimizer"]
     else:
         assert info["layout"] == {"tp": 2, "pp": 2} and mlm["optimizer"] is None and not mlm["rng_state"]
@@ -113,13 +124,29 @@ def test_grow_keeps_megatron_args_and_stacks(name, tmp_path):
         assert torch.equal(want, got), tensor_name
     before, after = saved_args(FIXTURES / name), saved_args(dst)
     # Only what growth changes: the depth, a new stage's counters, the epsilon under both names.
-    allowed = {"num_layers", "iteration", "consumed_train_samples", "consumed_valid_samples",
-               "skipped_train_samples", "norm_epsilon", "layernorm_epsilon"}
+    allowed = {
+        "num_layers",
+        "iteration",
+        "consumed_train_samples",
+        "consumed_valid_samples",
+        "skipped_train_samples",
+        "norm_epsilon",
+        "layernorm_epsilon",
+    }
     assert changed_fields(before, after) <= allowed, changed_fields(before, after) - allowed
     assert after.num_layers == 8 and after.iteration == 0 and after.consumed_train_samples == 0
     assert after.layernorm_epsilon == after.norm_epsilon == before.layernorm_epsilon
-    for kept in ("tokenizer_type", "tokenizer_model", "make_vocab_size_divisible_by", "transformer_impl",
-                 "hidden_dropout", "attention_dropout", "model_type", "attention_backend", "exit_signal"):
+    for kept in (
+        "tokenizer_type",
+        "tokenizer_model",
+        "make_vocab_size_divisible_by",
+        "transformer_impl",
+        "hidden_dropout",
+        "attention_dropout",
+        "model_type",
+        "attention_backend",
+        "exit_signal",
+    ):
         assert getattr(after, kept) == getattr(before, kept), kept
     directory = resolve_iteration_dir(dst)
     if name.startswith("torch_dist"):  # what Megatron-LM's load_checkpoint needs to resume without --finetune
@@ -131,8 +158,9 @@ def test_grow_keeps_megatron_args_and_stacks(name, tmp_path):
             blob = load_pt(f)
             assert set(blob) == {"model", "args", "checkpoint_version", "iteration"}
             norms = [k for k in blob["model"] if "layernorm" in k or "layer_norm" in k]
-            assert norms and all("input_layernorm" in k or "pre_mlp_layernorm" in k or "final_layernorm" in k
-                                 for k in norms), norms
+            assert norms and all(
+                "input_layernorm" in k or "pre_mlp_layernorm" in k or "final_layernorm" in k for k in norms
+            ), norms
 
 
 def pickled_globals(path: Path) -> set[str]:
@@ -158,26 +186,39 @@ def test_grown_args_pickle_as_megatron_classes(tmp_path):
     safe-globals list admits), never as megastack's classes."""
     in_process("grow", str(FIXTURES / "torch_dist"), str(tmp_path / "g"), "--factor", "2")
     names = pickled_globals(resolve_iteration_dir(tmp_path / "g") / "common.pt")
-    assert {"megatron.core.enums.ModelType", "megatron.core.transformer.enums.AttnBackend", "signal.Signals",
-            "argparse.Namespace"} <= names
+    assert {
+        "megatron.core.enums.ModelType",
+        "megatron.core.transformer.enums.AttnBackend",
+        "signal.Signals",
+        "argparse.Namespace",
+    } <= names
     assert not any(n.startswith("megastack") for n in names), names
 
 
 def test_convert_reshards_with_args_and_norm_names(tmp_path):
     dst = tmp_path / "tp2"
-    assert in_process("convert", str(FIXTURES / "legacy"), str(dst), "--to", "legacy", "--tp", "2",
-                      "--norm-names", "te").returncode == 0
+    assert (
+        in_process(
+            "convert", str(FIXTURES / "legacy"), str(dst), "--to", "legacy", "--tp", "2", "--norm-names", "te"
+        ).returncode
+        == 0
+    )
     args = saved_args(dst)
     assert changed_fields(saved_args(FIXTURES / "legacy"), args) <= {
-        "tensor_model_parallel_size", "transformer_impl", "norm_epsilon"}
+        "tensor_model_parallel_size",
+        "transformer_impl",
+        "norm_epsilon",
+    }
     assert args.tensor_model_parallel_size == 2 and args.transformer_impl == "transformer_engine"
     assert args.iteration == 2  # a conversion is the same run: its counters are kept
     model = load_pt(resolve_iteration_dir(dst) / "mp_rank_01" / "model_optim_rng.pt")["model"]
     assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in model
     # and back to the local names, read by megastack either way
     back = tmp_path / "tp1"
-    assert in_process("convert", str(dst), str(back), "--to", "legacy", "--tp", "1", "--norm-names",
-                      "local").returncode == 0
+    assert (
+        in_process("convert", str(dst), str(back), "--to", "legacy", "--tp", "1", "--norm-names", "local").returncode
+        == 0
+    )
     for name in layout.logical_names(open_checkpoint(back).cfg):
         assert torch.equal(open_checkpoint(back).read(name), open_checkpoint(FIXTURES / "legacy").read(name))
 
@@ -189,7 +230,11 @@ def test_hf_to_megatron_writes_args_pretrain_gpt_accepts(tmp_path):
     args = common["args"]
     assert common["iteration"] == 0 and args.layernorm_epsilon == args.norm_epsilon == 1e-6
     assert (args.normalization, args.swiglu, args.position_embedding_type, args.add_bias_linear) == (
-        "RMSNorm", True, "rope", False)
+        "RMSNorm",
+        True,
+        "rope",
+        False,
+    )
     assert args.num_query_groups == 2 and args.group_query_attention and args.untie_embeddings_and_output_weights
     assert args.tokenizer_type == "HuggingFaceTokenizer" and Path(args.tokenizer_model) == (FIXTURES / "hf_tiny")
 
@@ -220,11 +265,20 @@ def plant(path: Path, where: str, marker: Path) -> None:
     save_pt(blob, path)  # Megatron's objects under their own names, the planted one as os.system
 
 
-@pytest.mark.parametrize("name,where", [
-    ("legacy", "args"), ("legacy", "rng_state"), ("legacy", "optimizer"), ("legacy", "opt_param_scheduler"),
-    ("legacy", "rerun_state_machine"), ("torch_dist", "args"), ("torch_dist", "optimizer"),
-    ("torch_dist", "opt_param_scheduler"), ("torch_dist", "content_metadata"),
-])
+@pytest.mark.parametrize(
+    "name,where",
+    [
+        ("legacy", "args"),
+        ("legacy", "rng_state"),
+        ("legacy", "optimizer"),
+        ("legacy", "opt_param_scheduler"),
+        ("legacy", "rerun_state_machine"),
+        ("torch_dist", "args"),
+        ("torch_dist", "optimizer"),
+        ("torch_dist", "opt_param_scheduler"),
+        ("torch_dist", "content_metadata"),
+    ],
+)
 def test_planted_pickle_is_refused_by_name(name, where, tmp_path):
     src = tmp_path / name
     shutil.copytree(FIXTURES / name, src)
@@ -233,8 +287,11 @@ def test_planted_pickle_is_refused_by_name(name, where, tmp_path):
     marker = tmp_path / "ran"
     plant(target, where, marker)
     before = target.read_bytes()
-    for argv in (["inspect", str(src)], ["grow", str(src), str(tmp_path / "out"), "--factor", "2"],
-                 ["convert", str(src), str(tmp_path / "hf"), "--to", "hf"]):
+    for argv in (
+        ["inspect", str(src)],
+        ["grow", str(src), str(tmp_path / "out"), "--factor", "2"],
+        ["convert", str(src), str(tmp_path / "hf"), "--to", "hf"],
+    ):
         proc = in_process(*argv)
         assert_one_line_error(proc, "refused to load", f"global '{os.system.__module__}.system'", target.name)
         assert not marker.exists() and not (tmp_path / "out").exists() and not (tmp_path / "hf").exists()

@@ -41,11 +41,14 @@ def llama_params(layers: int, hidden: int, heads: int, groups: int, ffn: int, vo
 # ----------------------------------------------------------------------------- worked examples
 
 
-@pytest.mark.parametrize("n, tokens, by_hand", [
-    (7e9, 2e12, 1.1113e10),     # the notes' example: "N = 7e9, D = 2e12 gives d ~ 1.1e10"
-    (1.1e9, 97.5e9, 1.1554e10),  # the paper's 1.1B run (it used d = 10B)
-    (410e6, 1e11, 7.0184e9),
-])
+@pytest.mark.parametrize(
+    "n, tokens, by_hand",
+    [
+        (7e9, 2e12, 1.1113e10),  # the notes' example: "N = 7e9, D = 2e12 gives d ~ 1.1e10"
+        (1.1e9, 97.5e9, 1.1554e10),  # the paper's 1.1B run (it used d = 10B)
+        (410e6, 1e11, 7.0184e9),
+    ],
+)
 def test_growth_timing_worked_examples(n, tokens, by_hand):
     plan = plan_growth(n, tokens)
     assert plan.growth_tokens == pytest.approx(hand_d(n, tokens), rel=1e-9, abs=1)
@@ -66,7 +69,7 @@ def test_7b_example_without_model():
     assert plan.flops_scratch == pytest.approx(6 * n * tokens)
     assert plan.flops_growth == pytest.approx(6 * (n / 4) * d + 6 * n * tokens, rel=1e-9)
     assert plan.loss_scratch == pytest.approx(hand_kaplan(n, tokens), rel=1e-9)
-    assert plan.min_tokens == pytest.approx(5e3 * n ** 0.74, rel=1e-9)
+    assert plan.min_tokens == pytest.approx(5e3 * n**0.74, rel=1e-9)
     assert plan.paper_speedup is not None and plan.paper_speedup.speedup == pytest.approx(0.546)
     assert any("estimated as N/g" in note for note in plan.notes)
     assert not any("extrapolation" in note for note in plan.notes)
@@ -114,17 +117,37 @@ def test_nearest_valid_factor_and_notes():
 # ----------------------------------------------------------------------------- parsing
 
 
-@pytest.mark.parametrize("text, value", [
-    ("7e9", 7e9), ("7B", 7e9), ("7b", 7e9), ("2T", 2e12), ("2t", 2e12), ("410M", 410e6), ("32k", 32e3),
-    ("1.5B", 1.5e9), ("97.5B", 97.5e9), ("7_000_000_000", 7e9), ("7,000,000,000", 7e9), (" 7B ", 7e9),
-    ("7 B", 7e9), ("1000", 1000), ("2.5e+11", 2.5e11), ("+3B", 3e9), (7e9, 7e9), (1, 1),
-])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("7e9", 7e9),
+        ("7B", 7e9),
+        ("7b", 7e9),
+        ("2T", 2e12),
+        ("2t", 2e12),
+        ("410M", 410e6),
+        ("32k", 32e3),
+        ("1.5B", 1.5e9),
+        ("97.5B", 97.5e9),
+        ("7_000_000_000", 7e9),
+        ("7,000,000,000", 7e9),
+        (" 7B ", 7e9),
+        ("7 B", 7e9),
+        ("1000", 1000),
+        ("2.5e+11", 2.5e11),
+        ("+3B", 3e9),
+        (7e9, 7e9),
+        (1, 1),
+    ],
+)
 def test_parse_count_formats(text, value):
     assert parse_count(text) == pytest.approx(value)
 
 
-@pytest.mark.parametrize("text", ["-7B", "-1", "0", "0B", "0.5", "nan", "inf", "-inf", "abc", "", "B", "7BB",
-                                  "1,5B", "1e999", "7e", "1..5", "0x10"])
+@pytest.mark.parametrize(
+    "text",
+    ["-7B", "-1", "0", "0B", "0.5", "nan", "inf", "-inf", "abc", "", "B", "7BB", "1,5B", "1e999", "7e", "1..5", "0x10"],
+)
 def test_parse_count_rejects(text):
     with pytest.raises(UserError) as info:
         parse_count(text, "--tokens", "a number of tokens")
@@ -153,8 +176,9 @@ def test_cli_json_keys():
 
 
 def test_cli_table_with_model_and_note():
-    proc = run_cli("plan", "--params", "1.1B", "--tokens", "97.5B", "--model", "llama-1.1b", "--factor", "5",
-                   timeout=60)
+    proc = run_cli(
+        "plan", "--params", "1.1B", "--tokens", "97.5B", "--model", "llama-1.1b", "--factor", "5", timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert "growth timing d" in proc.stdout and "6 layers x hidden 2048" in proc.stdout
     assert "does not divide" in proc.stdout and "410M-7B" in proc.stdout
@@ -165,7 +189,8 @@ def test_cli_table_with_model_and_note():
 
 def test_deepnarrow_note(tmp_path):
     cfg = tmp_path / "wide.yaml"
-    cfg.write_text(textwrap.dedent("""\
+    cfg.write_text(
+        textwrap.dedent("""\
         name: wide
         num_layers: 4
         hidden_size: 2048
@@ -173,40 +198,51 @@ def test_deepnarrow_note(tmp_path):
         ffn_hidden_size: 5632
         vocab_size: 32000
         seq_length: 2048
-    """))
+    """)
+    )
     plan = plan_growth(3e8, 1e11, model=str(cfg))
     assert plan.small.num_layers == 1
     assert any("DeepNarrow" in note for note in plan.notes)
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["--params=-7B", "--tokens", "2T"], ["--params", "-7B"]),
-    (["--params", "-7", "--tokens", "2T"], ["--params", "negative"]),
-    (["--params", "0", "--tokens", "2T"], ["--params"]),
-    (["--params", "7B", "--tokens", "0"], ["--tokens"]),
-    (["--params", "seven", "--tokens", "2T"], ["--params", "not a number"]),
-    (["--params", "7B", "--tokens", "nan"], ["--tokens"]),
-    (["--params", "7B", "--tokens", "2T", "--factor", "0.5"], ["--factor", "at least 1"]),
-    (["--params", "7B", "--tokens", "2T", "--factor", "four"], ["--factor"]),
-    (["--params", "7B", "--tokens", "2T", "--model", "llama-7b", "--factor", "2.5"], ["--factor", "whole"]),
-    (["--params", "7B", "--tokens", "2T", "--model", "no-such-model"], ["no-such-model"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--params=-7B", "--tokens", "2T"], ["--params", "-7B"]),
+        (["--params", "-7", "--tokens", "2T"], ["--params", "negative"]),
+        (["--params", "0", "--tokens", "2T"], ["--params"]),
+        (["--params", "7B", "--tokens", "0"], ["--tokens"]),
+        (["--params", "seven", "--tokens", "2T"], ["--params", "not a number"]),
+        (["--params", "7B", "--tokens", "nan"], ["--tokens"]),
+        (["--params", "7B", "--tokens", "2T", "--factor", "0.5"], ["--factor", "at least 1"]),
+        (["--params", "7B", "--tokens", "2T", "--factor", "four"], ["--factor"]),
+        (["--params", "7B", "--tokens", "2T", "--model", "llama-7b", "--factor", "2.5"], ["--factor", "whole"]),
+        (["--params", "7B", "--tokens", "2T", "--model", "no-such-model"], ["no-such-model"]),
+    ],
+)
 def test_cli_bad_input_is_one_line(args, needles):
     assert_one_line_error(run_cli("plan", *args, timeout=60), *needles)
 
 
 def test_cli_one_layer_model_cannot_grow(tmp_path):
     cfg = tmp_path / "one.yaml"
-    cfg.write_text("num_layers: 1\nhidden_size: 64\nnum_attention_heads: 4\nffn_hidden_size: 128\n"
-                   "vocab_size: 256\nseq_length: 32\n")
-    assert_one_line_error(run_cli("plan", "--params", "1M", "--tokens", "1B", "--model", str(cfg), timeout=60),
-                          "1-layer", "at least 2 layers")
+    cfg.write_text(
+        "num_layers: 1\nhidden_size: 64\nnum_attention_heads: 4\nffn_hidden_size: 128\n"
+        "vocab_size: 256\nseq_length: 32\n"
+    )
+    assert_one_line_error(
+        run_cli("plan", "--params", "1M", "--tokens", "1B", "--model", str(cfg), timeout=60),
+        "1-layer",
+        "at least 2 layers",
+    )
 
 
 def test_plan_imports_no_torch_or_megatron():
-    code = ("import sys; from megastack.cli import main; "
-            "assert main(['plan', '--params', '7B', '--tokens', '2T', '--model', 'llama-7b']) == 0; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron', 'deepspeed')]; "
-            "assert not bad, bad")
+    code = (
+        "import sys; from megastack.cli import main; "
+        "assert main(['plan', '--params', '7B', '--tokens', '2T', '--model', 'llama-7b']) == 0; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron', 'deepspeed')]; "
+        "assert not bad, bad"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -12,19 +12,36 @@ transformers = pytest.importorskip("transformers")
 
 def hf_model(cfg: ModelConfig):
     hc = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.query_groups, max_position_embeddings=cfg.seq_length,
-        rms_norm_eps=cfg.norm_epsilon, rope_theta=cfg.rotary_base, tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=False, mlp_bias=False)
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.query_groups,
+        max_position_embeddings=cfg.seq_length,
+        rms_norm_eps=cfg.norm_epsilon,
+        rope_theta=cfg.rotary_base,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+    )
     return transformers.LlamaForCausalLM(hc).eval()
 
 
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_reference_equals_transformers(tie, groups):
-    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=groups,
-                      ffn_hidden_size=96, vocab_size=256, seq_length=16, tie_embeddings=tie, rotary_base=500.0)
+    cfg = ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=groups,
+        ffn_hidden_size=96,
+        vocab_size=256,
+        seq_length=16,
+        tie_embeddings=tie,
+        rotary_base=500.0,
+    )
     ref = ReferenceLlama(cfg).init_weights(seed=1)
     hf = hf_model(cfg)
     hf.load_state_dict(ref.state_dict(), strict=True)
@@ -35,8 +52,15 @@ def test_reference_equals_transformers(tie, groups):
 
 def test_qkv_fusion_groups_by_hand():
     # 4 heads, 2 groups, head dim 1, hidden 1: rows are labelled so the grouped order is visible.
-    cfg = ModelConfig(num_layers=1, hidden_size=4, num_attention_heads=4, num_query_groups=2,
-                      ffn_hidden_size=4, vocab_size=8, seq_length=4)
+    cfg = ModelConfig(
+        num_layers=1,
+        hidden_size=4,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=4,
+        vocab_size=8,
+        seq_length=4,
+    )
     assert cfg.head_dim == 1
     q = torch.tensor([[10.0], [11.0], [12.0], [13.0]]).expand(4, 4)  # heads 0,1 -> group 0; 2,3 -> group 1
     k = torch.tensor([[20.0], [21.0]]).expand(2, 4)
@@ -47,8 +71,17 @@ def test_qkv_fusion_groups_by_hand():
     assert torch.equal(q2, q) and torch.equal(k2, k) and torch.equal(v2, v)
 
 
-@pytest.mark.parametrize("kind,shape", [("qkv", (16, 8)), ("proj", (8, 8)), ("fc1", (12, 8)),
-                                        ("fc2", (8, 6)), ("embedding", (32, 8)), ("attn_norm", (8,))])
+@pytest.mark.parametrize(
+    "kind,shape",
+    [
+        ("qkv", (16, 8)),
+        ("proj", (8, 8)),
+        ("fc1", (12, 8)),
+        ("fc2", (8, 6)),
+        ("embedding", (32, 8)),
+        ("attn_norm", (8,)),
+    ],
+)
 @pytest.mark.parametrize("tp", [1, 2])
 def test_tp_shard_merge_round_trip(kind, shape, tp):
     full = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)
@@ -64,8 +97,15 @@ def test_glu_shard_holds_gate_and_up_halves():
 
 
 def test_hf_logical_round_trip_is_exact():
-    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                      ffn_hidden_size=48, vocab_size=64, seq_length=8)
+    cfg = ModelConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=48,
+        vocab_size=64,
+        seq_length=8,
+    )
     state = ReferenceLlama(cfg).init_weights(seed=2).state_dict()
     logical = layout.logical_from_hf(state, cfg)
     assert set(logical) == set(layout.logical_names(cfg))
@@ -78,8 +118,10 @@ def test_hf_logical_round_trip_is_exact():
 def test_mcore_names_round_trip():
     assert layout.logical_from_mcore_name("decoder.layers.1.mlp.linear_fc1.weight", 4) == "layers.5.fc1"
     assert layout.logical_from_mcore_name("decoder.layers.0.input_layernorm.weight") == "layers.0.attn_norm"
-    assert layout.logical_from_mcore_name(
-        "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight") == "layers.0.attn_norm"
+    assert (
+        layout.logical_from_mcore_name("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight")
+        == "layers.0.attn_norm"
+    )
     assert layout.mcore_name("layers.5.fc1", 4) == "decoder.layers.1.mlp.linear_fc1.weight"
     assert layout.mcore_name("output") == "output_layer.weight"
     assert layout.logical_from_mcore_name("decoder.layers.0.self_attention.linear_qkv._extra_state") is None
@@ -90,8 +132,9 @@ def test_stage_layers_split_evenly():
 
 
 def test_stacked_reference_repeats_blocks():
-    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
-                      vocab_size=64, seq_length=8)
+    cfg = ModelConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48, vocab_size=64, seq_length=8
+    )
     small = ReferenceLlama(cfg).init_weights(seed=3)
     big = stacked_reference(small, [0, 1, 0, 1])
     assert big.cfg.num_layers == 4

@@ -39,10 +39,17 @@ def launch(argv: list[str], nprocs: int) -> list[subprocess.Popen]:
     port = free_port()
     procs = []
     for rank in range(nprocs):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(nprocs), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      start_new_session=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(nprocs),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        procs.append(
+            subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        )
     return procs
 
 
@@ -71,11 +78,13 @@ def run_to_end(argv: list[str], nprocs: int, timeout: float = 300) -> None:
         kill_all(procs)
 
 
-def wait_for(path: Path, procs: list[subprocess.Popen], timeout: float = 120) -> float:
-    """Block until ``path`` exists (the run has started writing); returns when that happened."""
+def wait_for(path: Path, procs: list[subprocess.Popen], timeout: float = 120, until_exit_ok: bool = False) -> float:
+    """Block until ``path`` exists; returns when that happened. ``until_exit_ok``: the ranks may already
+    have exited successfully (the path was made just before)."""
     deadline = time.monotonic() + timeout
     while not path.exists():
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "run never started writing"
+        running = all(p.poll() is None or (until_exit_ok and p.returncode == 0) for p in procs)
+        assert time.monotonic() < deadline and running, f"{path.name} never appeared"
         time.sleep(0.01)
     return time.monotonic()
 
@@ -87,9 +96,12 @@ def kill_trials(argv: list[str], src: Path, dst: Path, trials: int, seed: int) -
     partial = dst.parent / f".{dst.name}.partial"
     procs = launch(argv, 2)
     started = wait_for(partial, procs)
+    # the time scale of the kill points: staging to publication (not to process exit, whose teardown time
+    # under a loaded machine once put every kill after the publish)
+    published = wait_for(dst, procs, until_exit_ok=True)
+    writing = published - started
     while any(p.poll() is None for p in procs):
         time.sleep(0.01)
-    writing = time.monotonic() - started  # the time scale of the kill points
     assert all(p.returncode == 0 for p in procs) and verify(dst) == []
     shutil.rmtree(dst)
     rng = random.Random(seed)
@@ -125,16 +137,25 @@ KILL_TRIALS = int(os.environ.get("MEGASTACK_KILL_TRIALS", "10"))
 def mid_source(tmp_path_factory):
     """A checkpoint whose 2-rank growth spends about a second writing many chunks."""
     root = tmp_path_factory.mktemp("reliability")
-    cfg = small_config(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4,
-                       ffn_hidden_size=1024, vocab_size=1024)
+    cfg = small_config(
+        num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=1024, vocab_size=1024
+    )
     write_checkpoint(reference(cfg), root / "src")
     return root
 
 
 @pytest.mark.timeout(900)
 def test_sigkill_during_multi_rank_grow(mid_source):
-    argv = [sys.executable, "-m", "megastack", "grow", str(mid_source / "src"), str(mid_source / "dst"),
-            "--factor", "4"]
+    argv = [
+        sys.executable,
+        "-m",
+        "megastack",
+        "grow",
+        str(mid_source / "src"),
+        str(mid_source / "dst"),
+        "--factor",
+        "4",
+    ]
     outcomes = kill_trials(argv, mid_source / "src", mid_source / "dst", trials=KILL_TRIALS, seed=0)
     assert len(outcomes) == KILL_TRIALS
     assert "absent" in outcomes  # the seeded points do land inside the run
@@ -143,8 +164,20 @@ def test_sigkill_during_multi_rank_grow(mid_source):
 @pytest.mark.timeout(900)
 def test_sigkill_during_multi_rank_convert(mid_source):
     """The same seeded kills while two ranks reshard torch_dist into legacy TP2 PP2."""
-    argv = [sys.executable, "-m", "megastack", "convert", str(mid_source / "src"), str(mid_source / "conv"),
-            "--to", "legacy", "--tp", "2", "--pp", "2"]
+    argv = [
+        sys.executable,
+        "-m",
+        "megastack",
+        "convert",
+        str(mid_source / "src"),
+        str(mid_source / "conv"),
+        "--to",
+        "legacy",
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+    ]
     outcomes = kill_trials(argv, mid_source / "src", mid_source / "conv", trials=KILL_TRIALS, seed=1)
     assert len(outcomes) == KILL_TRIALS
     assert "absent" in outcomes
@@ -154,8 +187,12 @@ def test_sigkill_during_multi_rank_convert(mid_source):
 @pytest.mark.parametrize("signum,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "SIGTERM")])
 def test_signal_mid_grow_is_one_line_and_leaves_nothing(mid_source, tmp_path, signum, code, word):
     dst = tmp_path / "dst"
-    proc = subprocess.Popen([sys.executable, "-m", "megastack", "grow", str(mid_source / "src"), str(dst),
-                             "--factor", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megastack", "grow", str(mid_source / "src"), str(dst), "--factor", "4"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(tmp_path / ".dst.partial", [proc])
         proc.send_signal(signum)
@@ -188,11 +225,14 @@ def test_two_grows_into_one_destination(mid_source, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
 
 
-@pytest.mark.parametrize("command,needle", [
-    (["grow", "--factor", "4"], "No space left on device"),
-    (["convert", "--to", "legacy"], "disk full"),  # torch's zip writer: "unexpected pos"
-    (["convert", "--to", "hf"], "No space left on device"),  # safetensors' Rust error, "os error 28"
-])
+@pytest.mark.parametrize(
+    "command,needle",
+    [
+        (["grow", "--factor", "4"], "No space left on device"),
+        (["convert", "--to", "legacy"], "disk full"),  # torch's zip writer: "unexpected pos"
+        (["convert", "--to", "hf"], "No space left on device"),  # safetensors' Rust error, "os error 28"
+    ],
+)
 def test_disk_full_leaves_nothing(mid_source, tmp_path, command, needle):
     mount = tmp_path / "small"
     mount.mkdir()
@@ -261,8 +301,9 @@ def test_path_traversal_in_shard_names_and_manifest_is_refused(tmp_path):
     for info in metadata.storage_data.values():
         info.relative_path = "../../etc/passwd"
     (it / ".metadata").write_bytes(pickle.dumps(metadata))
-    assert_one_line_error(run_cli("grow", str(tmp_path / "td"), str(tmp_path / "o"), "--factor", "2"),
-                          "outside the checkpoint")
+    assert_one_line_error(
+        run_cli("grow", str(tmp_path / "td"), str(tmp_path / "o"), "--factor", "2"), "outside the checkpoint"
+    )
     write_checkpoint(reference(small_config()), tmp_path / "td2")
     it2 = resolve_iteration_dir(tmp_path / "td2")
     import json
@@ -276,10 +317,23 @@ def test_path_traversal_in_shard_names_and_manifest_is_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- fuzzing
 
-yaml_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                         st.text(max_size=8))
-MODEL_KEYS = ["num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-              "vocab_size", "seq_length", "rotary_base", "norm_epsilon", "tie_embeddings", "dtype", "bogus"]
+yaml_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**6), 10**6), st.floats(allow_nan=True), st.text(max_size=8)
+)
+MODEL_KEYS = [
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+    "vocab_size",
+    "seq_length",
+    "rotary_base",
+    "norm_epsilon",
+    "tie_embeddings",
+    "dtype",
+    "bogus",
+]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -294,9 +348,13 @@ def test_model_config_loader_never_crashes(data):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.recursive(yaml_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                          st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-                    max_leaves=8))
+@given(
+    st.recursive(
+        yaml_scalars,
+        lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+        max_leaves=8,
+    )
+)
 def test_layout_config_loader_never_crashes(data):
     try:
         from_dict(LayoutConfig, data if not isinstance(data, dict) else {"model": "tiny", **data}, where="f.yaml")

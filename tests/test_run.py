@@ -27,13 +27,31 @@ MICRO = {
     "parallel": {"tensor": 1, "pipeline": 1, "zero_stage": 1, "micro_batch_size": 4, "global_batch_size": 8},
     "data": {"prefixes": [], "split": "98,2,0", "seed": 1234},
     "logging": {"tensorboard": False, "progress": "lines"},
-    "small": {"model": "tiny-small", "optimizer": {"lr": 3.0e-3, "warmup_iters": 2},
-              "schedule": {"train_iters": 6, "eval_interval": 3, "eval_iters": 1, "save_interval": 3,
-                           "keep_last": 1, "log_interval": 3}},
+    "small": {
+        "model": "tiny-small",
+        "optimizer": {"lr": 3.0e-3, "warmup_iters": 2},
+        "schedule": {
+            "train_iters": 6,
+            "eval_interval": 3,
+            "eval_iters": 1,
+            "save_interval": 3,
+            "keep_last": 1,
+            "log_interval": 3,
+        },
+    },
     "growth": {"operator": "stack", "factor": 4},
-    "large": {"model": "tiny", "optimizer": {"lr": 2.0e-3, "warmup_iters": 2},
-              "schedule": {"train_iters": 8, "eval_interval": 4, "eval_iters": 1, "save_interval": 2,
-                           "keep_last": 2, "log_interval": 2}},
+    "large": {
+        "model": "tiny",
+        "optimizer": {"lr": 2.0e-3, "warmup_iters": 2},
+        "schedule": {
+            "train_iters": 8,
+            "eval_interval": 4,
+            "eval_iters": 1,
+            "save_interval": 2,
+            "keep_last": 2,
+            "log_interval": 2,
+        },
+    },
 }
 
 
@@ -44,9 +62,14 @@ def evals(path: Path) -> list[dict]:
 @pytest.mark.timeout(1500)
 def test_default_recipe_end_to_end(tmp_path):
     """`megastack run` with no argument: 2 CPU processes, all stages, summary and plot in runs/tiny."""
-    proc = subprocess.run([sys.executable, "-m", "megastack", "run"], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=1400,
-                          env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
+    proc = subprocess.run(
+        [sys.executable, "-m", "megastack", "run"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=1400,
+        env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "runs" / "tiny"
     last = proc.stdout.strip().splitlines()[-2:]
@@ -66,9 +89,14 @@ def test_default_recipe_end_to_end(tmp_path):
 
 def run_micro(recipe: Path, out: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    return subprocess.Popen([sys.executable, "-m", "megastack", "run", str(recipe), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "megastack", "run", str(recipe), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
 
 
 class WatchedRun:
@@ -157,8 +185,9 @@ def test_sigkill_of_one_rank_then_rerun_gives_the_uninterrupted_result(tmp_path)
         position = (trial + rng.random()) / TRAIN_KILL_TRIALS * (len(anchor_times) - 1)
         anchor, between = int(position), position - int(position)
         pause = between * max(0.0, anchor_times[anchor + 1] - anchor_times[anchor])
-        where = f"trial {trial}: kill {pause:.1f}s after " + \
-            ("both ranks started" if anchor == 0 else f"output line {anchor}")
+        where = f"trial {trial}: kill {pause:.1f}s after " + (
+            "both ranks started" if anchor == 0 else f"output line {anchor}"
+        )
         victim = WatchedRun(recipe, out)
         victim.wait_for_ranks()
         if anchor > 0:
@@ -204,12 +233,15 @@ def test_stage_needs_its_predecessors(tmp_path):
     assert_one_line_error(proc, "--stage")
 
 
-@pytest.mark.parametrize("change,needle", [
-    ({"growth": {"operator": "stack", "factor": 3}}, "growth.factor"),
-    ({"large": {**MICRO["large"], "model": "llama-7b"}}, "large.model"),
-    ({"small": {**MICRO["small"], "schedule": {"train_iters": -1}}}, "small.schedule.train_iters"),
-    ({"bogus": 1}, "bogus"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"growth": {"operator": "stack", "factor": 3}}, "growth.factor"),
+        ({"large": {**MICRO["large"], "model": "llama-7b"}}, "large.model"),
+        ({"small": {**MICRO["small"], "schedule": {"train_iters": -1}}}, "small.schedule.train_iters"),
+        ({"bogus": 1}, "bogus"),
+    ],
+)
 def test_bad_recipe_is_one_line(tmp_path, change, needle):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(yaml.safe_dump({**MICRO, **change}))

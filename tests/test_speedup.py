@@ -22,8 +22,9 @@ SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "speedup.py"
 
 def speedup(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def evals(stage: Path) -> list[tuple[int, float, float]]:
@@ -95,13 +96,16 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert json.loads((out / "speedup.json").read_text())["table"] == report["table"]
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--operators", "stack,bogus"], "--operators 'bogus' is unknown"),
-    (["--operators", "stack,stack"], "--operators needs distinct"),
-    (["--seeds", "1,x"], "--seeds"),
-    (["--learn-tokens", "0"], "--learn-tokens"),
-    (["--recipe", "no-such-recipe"], "no-such-recipe"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--operators", "stack,bogus"], "--operators 'bogus' is unknown"),
+        (["--operators", "stack,stack"], "--operators needs distinct"),
+        (["--seeds", "1,x"], "--seeds"),
+        (["--learn-tokens", "0"], "--learn-tokens"),
+        (["--recipe", "no-such-recipe"], "no-such-recipe"),
+    ],
+)
 def test_bad_input_is_one_line(tmp_path, args, needle):
     proc = speedup("--preset", "smoke", "--out", str(tmp_path / "x"), *args, timeout=120)
     assert_one_line_error(proc, needle)

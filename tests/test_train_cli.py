@@ -13,11 +13,13 @@ import yaml
 from ckpt_factory import reference, small_config, write_checkpoint
 from conftest import assert_one_line_error, run_cli
 
-TINY_STAGE = {"model": "tiny-small", "parallel": {"micro_batch_size": 8, "global_batch_size": 8},
-              "optimizer": {"lr": 3e-3, "warmup_iters": 5},
-              "schedule": {"train_iters": 30, "eval_interval": 10, "eval_iters": 2, "save_interval": 15,
-                           "log_interval": 5},
-              "logging": {"progress": "lines"}}
+TINY_STAGE = {
+    "model": "tiny-small",
+    "parallel": {"micro_batch_size": 8, "global_batch_size": 8},
+    "optimizer": {"lr": 3e-3, "warmup_iters": 5},
+    "schedule": {"train_iters": 30, "eval_interval": 10, "eval_iters": 2, "save_interval": 15, "log_interval": 5},
+    "logging": {"progress": "lines"},
+}
 
 
 def write_config(tmp: Path, name: str, config: dict) -> Path:
@@ -37,8 +39,9 @@ def small_corpus(tmp_path_factory) -> Path:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for name in ("os.py", "json/decoder.py", "textwrap.py"):
         (raw / name.replace("/", "_")).write_text((stdlib / name).read_text())
-    (raw / "docs.jsonl").write_text("".join(json.dumps({"text": f"document {i}: " + "hello world " * i}) + "\n"
-                                            for i in range(1, 40)))
+    (raw / "docs.jsonl").write_text(
+        "".join(json.dumps({"text": f"document {i}: " + "hello world " * i}) + "\n" for i in range(1, 40))
+    )
     out = tmp / "data"
     proc = run_cli("data", str(raw), "--out", str(out), "--vocab-size", "400", timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -125,8 +128,13 @@ def test_out_dir_over_init_from_is_refused_and_the_source_kept(tmp_path):
     source = write_checkpoint(reference(small_config()), tmp_path / "grown")
     before = sorted(p.relative_to(source).as_posix() for p in source.rglob("*"))
     for out_dir in (source, source / "sub", tmp_path):
-        config = {**TINY_STAGE, "out_dir": str(out_dir), "init_from": str(source), "resume": False,
-                  "schedule": {**TINY_STAGE["schedule"], "keep_last": 1}}
+        config = {
+            **TINY_STAGE,
+            "out_dir": str(out_dir),
+            "init_from": str(source),
+            "resume": False,
+            "schedule": {**TINY_STAGE["schedule"], "keep_last": 1},
+        }
         proc = run_cli("train", str(write_config(tmp_path, "over", config)))
         assert_one_line_error(proc, "out_dir", "must not be, contain or lie inside init_from")
     assert sorted(p.relative_to(source).as_posix() for p in source.rglob("*")) == before
@@ -138,8 +146,12 @@ def test_resume_refuses_a_planted_pickle_in_deepspeeds_files(tmp_path):
     import torch
 
     out = tmp_path / "run"
-    stage = {**TINY_STAGE, "out_dir": str(out), "parallel": {"micro_batch_size": 4, "global_batch_size": 4},
-             "schedule": {"train_iters": 2, "eval_interval": 2, "eval_iters": 1, "save_interval": 2}}
+    stage = {
+        **TINY_STAGE,
+        "out_dir": str(out),
+        "parallel": {"micro_batch_size": 4, "global_batch_size": 4},
+        "schedule": {"train_iters": 2, "eval_interval": 2, "eval_iters": 1, "save_interval": 2},
+    }
     proc = run_cli("train", str(write_config(tmp_path, "two", stage)), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     optim = next((out / "iter_0000002" / "engine").glob("*optim_states.pt"))
@@ -186,6 +198,10 @@ def test_blended_split_datasets_are_deterministic_by_seed(small_corpus, tmp_path
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", BLEND_SCRIPT, str(small_corpus), str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", BLEND_SCRIPT, str(small_corpus), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "BLEND OK" in proc.stdout, proc.stderr[-3000:]

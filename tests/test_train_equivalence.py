@@ -21,20 +21,32 @@ import torch.nn.functional as F
 from ckpt_factory import write_checkpoint
 from conftest import WORKERS, run_workers
 
-MODEL = {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
-         "ffn_hidden_size": 96, "vocab_size": 1024, "seq_length": 32, "name": "eqv"}
+MODEL = {
+    "num_layers": 4,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_query_groups": 2,
+    "ffn_hidden_size": 96,
+    "vocab_size": 1024,
+    "seq_length": 32,
+    "name": "eqv",
+}
 ITERS, GLOBAL_BATCH, MICRO = 10, 8, 2
 OPTIMIZER = {"lr": 2e-3, "warmup_iters": 3, "clip_grad": 0.5, "weight_decay": 0.1}
 RTOL = 1e-5
 
 
 def stage_config(out: Path, init: Path, **parallel) -> dict:
-    return {"model": MODEL, "out_dir": str(out), "init_from": str(init), "optimizer": OPTIMIZER,
-            "parallel": {"micro_batch_size": MICRO, "global_batch_size": GLOBAL_BATCH, **parallel},
-            "schedule": {"train_iters": ITERS, "eval_interval": 0, "eval_iters": 0, "save_interval": 0,
-                         "log_interval": 1},
-            "data": {"cache_dir": str(out.parent / "cache")},
-            "logging": {"tensorboard": False, "progress": "off"}}
+    return {
+        "model": MODEL,
+        "out_dir": str(out),
+        "init_from": str(init),
+        "optimizer": OPTIMIZER,
+        "parallel": {"micro_batch_size": MICRO, "global_batch_size": GLOBAL_BATCH, **parallel},
+        "schedule": {"train_iters": ITERS, "eval_interval": 0, "eval_iters": 0, "save_interval": 0, "log_interval": 1},
+        "data": {"cache_dir": str(out.parent / "cache")},
+        "logging": {"tensorboard": False, "progress": "off"},
+    }
 
 
 def launch(tmp: Path, name: str, nprocs: int, runs: list[dict]) -> dict[str, dict]:
@@ -81,14 +93,19 @@ def reference_run(tmp: Path) -> tuple[Path, list[float], dict[str, torch.Tensor]
     model = ReferenceLlama(cfg).init_weights(seed=5)
     init = write_checkpoint(model, tmp / "init")
     prefixes, tokenizer = resolve_data([], None, cfg.vocab_size)
-    data = build_datasets(prefixes, None, "98,2,0", tokenizer, cfg.seq_length, 1234, ITERS * GLOBAL_BATCH, 0,
-                          tmp / "ref_cache")
+    data = build_datasets(
+        prefixes, None, "98,2,0", tokenizer, cfg.seq_length, 1234, ITERS * GLOBAL_BATCH, 0, tmp / "ref_cache"
+    )
     opt_cfg = OptimizerConfig(**OPTIMIZER)
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": opt_cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=opt_cfg.lr, betas=tuple(opt_cfg.betas),
-                            eps=opt_cfg.eps, foreach=False)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": opt_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=opt_cfg.lr,
+        betas=tuple(opt_cfg.betas),
+        eps=opt_cfg.eps,
+        foreach=False,
+    )
     history = []
     for step in range(ITERS):
         for group in opt.param_groups:
@@ -116,15 +133,23 @@ def equivalence(tmp_path_factory):
     init, ref_losses, ref_weights = reference_run(tmp)
     single = stage_config(tmp / "single", init)
     stopped = stage_config(tmp / "resumed", init)
-    results = launch(tmp, "one_rank", 1, [{"name": "single", "config": single},
-                                          {"name": "stopped", "config": stopped, "stop_at": 5}])
-    layouts = {"dp2_zero1": {"zero_stage": 1}, "dp2_zero2": {"zero_stage": 2}, "dp2_zero3": {"zero_stage": 3},
-               "tp2": {"tensor": 2}, "pp2": {"pipeline": 2}}
+    results = launch(
+        tmp, "one_rank", 1, [{"name": "single", "config": single}, {"name": "stopped", "config": stopped, "stop_at": 5}]
+    )
+    layouts = {
+        "dp2_zero1": {"zero_stage": 1},
+        "dp2_zero2": {"zero_stage": 2},
+        "dp2_zero3": {"zero_stage": 3},
+        "tp2": {"tensor": 2},
+        "pp2": {"pipeline": 2},
+    }
     layouts |= {"bf16_zero2": {"zero_stage": 2, "precision": "bf16"}, "bf16_pp2": {"pipeline": 2, "precision": "bf16"}}
-    results |= launch(tmp, "two_ranks", 2, [{"name": n, "config": stage_config(tmp / n, init, **p)}
-                                            for n, p in layouts.items()])
-    results |= launch(tmp, "four_ranks", 4, [{"name": "tp2pp2",
-                                              "config": stage_config(tmp / "tp2pp2", init, tensor=2, pipeline=2)}])
+    results |= launch(
+        tmp, "two_ranks", 2, [{"name": n, "config": stage_config(tmp / n, init, **p)} for n, p in layouts.items()]
+    )
+    results |= launch(
+        tmp, "four_ranks", 4, [{"name": "tp2pp2", "config": stage_config(tmp / "tp2pp2", init, tensor=2, pipeline=2)}]
+    )
     return {"tmp": tmp, "init": init, "ref_losses": ref_losses, "ref_weights": ref_weights, "results": results}
 
 
@@ -181,8 +206,12 @@ def test_kill_during_save_resumes_from_last_complete_checkpoint(equivalence, tmp
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"runs": [{"name": "killed", "config": config}]}))
     # rank 1 SIGKILLs itself in the middle of the iteration-6 save (weights written, engine state not yet)
-    crashed = launch_local(python_argv(str(WORKERS / "train_stage.py"), str(job)), 2, timeout=300,
-                           env={"MEGASTACK_FAULT_KILL_IN_SAVE": "6:1"})
+    crashed = launch_local(
+        python_argv(str(WORKERS / "train_stage.py"), str(job)),
+        2,
+        timeout=300,
+        env={"MEGASTACK_FAULT_KILL_IN_SAVE": "6:1"},
+    )
     assert not crashed.ok and crashed.returncodes[1] == -9, crashed.describe()
     root = tmp_path / "killed"
     assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "3"

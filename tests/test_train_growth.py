@@ -16,19 +16,31 @@ import torch.nn.functional as F
 
 from conftest import run_cli, run_workers
 
-SMALL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
-         "ffn_hidden_size": 96, "vocab_size": 1024, "seq_length": 32, "name": "grow-small"}
+SMALL = {
+    "num_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_query_groups": 2,
+    "ffn_hidden_size": 96,
+    "vocab_size": 1024,
+    "seq_length": 32,
+    "name": "grow-small",
+}
 LARGE = {**SMALL, "num_layers": 4, "name": "grow-large"}
 GLOBAL_BATCH, MICRO, LARGE_ITERS = 8, 2, 3
 
 
 def stage(model: dict, out: Path, iters: int, **extra) -> dict:
-    return {"model": model, "out_dir": str(out), "optimizer": {"lr": 2e-3, "warmup_iters": 2},
-            "parallel": {"micro_batch_size": MICRO, "global_batch_size": GLOBAL_BATCH, **extra.pop("parallel", {})},
-            "schedule": {"train_iters": iters, "eval_interval": 2, "eval_iters": 1, "save_interval": 0,
-                         "log_interval": 1},
-            "data": {"cache_dir": str(out.parent / "cache")}, "logging": {"tensorboard": False, "progress": "off"},
-            **extra}
+    return {
+        "model": model,
+        "out_dir": str(out),
+        "optimizer": {"lr": 2e-3, "warmup_iters": 2},
+        "parallel": {"micro_batch_size": MICRO, "global_batch_size": GLOBAL_BATCH, **extra.pop("parallel", {})},
+        "schedule": {"train_iters": iters, "eval_interval": 2, "eval_iters": 1, "save_interval": 0, "log_interval": 1},
+        "data": {"cache_dir": str(out.parent / "cache")},
+        "logging": {"tensorboard": False, "progress": "off"},
+        **extra,
+    }
 
 
 def launch(tmp: Path, name: str, runs: list[dict]) -> dict[str, dict]:
@@ -62,8 +74,17 @@ def first_batch_loss(checkpoint: str | Path, total_iters: int) -> float:
     tensors = {name: reader.read(name) for name in layout.logical_names(cfg)}
     model.load_state_dict(layout.hf_from_logical(tensors, cfg))
     prefixes, tokenizer = resolve_data([], None, cfg.vocab_size)
-    data = build_datasets(prefixes, None, "98,2,0", tokenizer, cfg.seq_length, 1234, total_iters * GLOBAL_BATCH,
-                          GLOBAL_BATCH, Path(checkpoint).parent / "ref_cache")
+    data = build_datasets(
+        prefixes,
+        None,
+        "98,2,0",
+        tokenizer,
+        cfg.seq_length,
+        1234,
+        total_iters * GLOBAL_BATCH,
+        GLOBAL_BATCH,
+        Path(checkpoint).parent / "ref_cache",
+    )
     losses = []
     with torch.no_grad():
         for start in range(0, GLOBAL_BATCH, MICRO):
@@ -80,8 +101,16 @@ def test_small_grow_large_chain(tmp_path):
     small = launch(tmp_path, "small", [{"name": "small", "config": stage(SMALL, small_out, 4)}])["small"]
     assert small["iterations"] == 4 and small["cumulative_flops"] == pytest.approx(small["flops"])
     for operator in ("stack", "random"):
-        proc = run_cli("grow", str(small_out), str(tmp_path / f"grown_{operator}"), "--operator", operator,
-                       "--factor", "2", timeout=300)
+        proc = run_cli(
+            "grow",
+            str(small_out),
+            str(tmp_path / f"grown_{operator}"),
+            "--operator",
+            operator,
+            "--factor",
+            "2",
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr
     # G_random in width (TP2) and in depth and width at once (PP2): new heads, FFN neurons, hidden channels
     wide = ["--operator", "random", "--hidden", "128", "--ffn", "192"]
@@ -91,15 +120,45 @@ def test_small_grow_large_chain(tmp_path):
     grown_stack, grown_random = tmp_path / "grown_stack", tmp_path / "grown_random"
     grown_width, grown_both = tmp_path / "grown_width", tmp_path / "grown_both"
     runs = [
-        {"name": "stack", "config": stage(LARGE, tmp_path / "large_stack", LARGE_ITERS, init_from=str(grown_stack),
-                                           parallel={"tensor": 2})},
-        {"name": "random", "config": stage(LARGE, tmp_path / "large_random", LARGE_ITERS,
-                                            init_from=str(grown_random), mask_ramp_steps=4,
-                                            parallel={"pipeline": 2})},
-        {"name": "width", "config": stage(grown_model(grown_width), tmp_path / "large_width", LARGE_ITERS,
-                                           init_from=str(grown_width), mask_ramp_steps=4, parallel={"tensor": 2})},
-        {"name": "both", "config": stage(grown_model(grown_both), tmp_path / "large_both", LARGE_ITERS,
-                                          init_from=str(grown_both), mask_ramp_steps=4, parallel={"pipeline": 2})},
+        {
+            "name": "stack",
+            "config": stage(
+                LARGE, tmp_path / "large_stack", LARGE_ITERS, init_from=str(grown_stack), parallel={"tensor": 2}
+            ),
+        },
+        {
+            "name": "random",
+            "config": stage(
+                LARGE,
+                tmp_path / "large_random",
+                LARGE_ITERS,
+                init_from=str(grown_random),
+                mask_ramp_steps=4,
+                parallel={"pipeline": 2},
+            ),
+        },
+        {
+            "name": "width",
+            "config": stage(
+                grown_model(grown_width),
+                tmp_path / "large_width",
+                LARGE_ITERS,
+                init_from=str(grown_width),
+                mask_ramp_steps=4,
+                parallel={"tensor": 2},
+            ),
+        },
+        {
+            "name": "both",
+            "config": stage(
+                grown_model(grown_both),
+                tmp_path / "large_both",
+                LARGE_ITERS,
+                init_from=str(grown_both),
+                mask_ramp_steps=4,
+                parallel={"pipeline": 2},
+            ),
+        },
     ]
     large = launch(tmp_path, "large", runs)
 

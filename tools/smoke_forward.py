@@ -28,9 +28,12 @@ def worker() -> None:
     logits = forward_logits(model, tokens)
     if ps.get_tensor_model_parallel_rank() == 0:
         diff = (logits - ref(tokens)).abs().max().item()
-        print(f"tiny model ({cfg.total_parameters():,} params), megatron-core TP={denv.world_size} on "
-              f"{'GPU' if torch.cuda.is_available() else 'CPU'}: logits {tuple(logits.shape)}, "
-              f"max |megatron - reference| = {diff:.2e}", flush=True)
+        print(
+            f"tiny model ({cfg.total_parameters():,} params), megatron-core TP={denv.world_size} on "
+            f"{'GPU' if torch.cuda.is_available() else 'CPU'}: logits {tuple(logits.shape)}, "
+            f"max |megatron - reference| = {diff:.2e}",
+            flush=True,
+        )
         if diff > 1e-4:
             sys.exit(1)
     torch.distributed.destroy_process_group()

@@ -37,8 +37,10 @@ def check_layout(cfg: ModelConfig, to: str, tp: int | None, pp: int | None) -> t
     """The output TP/PP, refused in one line when it cannot cut this model."""
     if to != "legacy":
         if (tp or 1) != 1 or (pp or 1) != 1:
-            raise UserError(f"--tp/--pp apply to legacy output only; a {to} checkpoint is not cut by rank "
-                            "(torch_dist loads under any TP/PP)")
+            raise UserError(
+                f"--tp/--pp apply to legacy output only; a {to} checkpoint is not cut by rank "
+                "(torch_dist loads under any TP/PP)"
+            )
         return 1, 1
     tp, pp = tp or 1, pp or 1
     if tp < 1 or pp < 1:
@@ -61,18 +63,33 @@ def source_identity(reader: Any) -> dict[str, Any]:
             path = Path(root) / name
             sizes[path.relative_to(reader.path).as_posix()] = path.stat().st_size
     listing = json.dumps(dict(sorted(sizes.items())), sort_keys=True)
-    return {"source_files_sha256": hashlib.sha256(listing.encode()).hexdigest(),
-            "source_bytes": sum(sizes.values())}
+    return {"source_files_sha256": hashlib.sha256(listing.encode()).hexdigest(), "source_bytes": sum(sizes.values())}
 
 
-def make_writer(cfg: ModelConfig, to: str, tp: int, pp: int, dtype: torch.dtype, iteration: int,
-                hf_shard_bytes: int | None = None, reader: Any = None, norm_names: str | None = None):
+def make_writer(
+    cfg: ModelConfig,
+    to: str,
+    tp: int,
+    pp: int,
+    dtype: torch.dtype,
+    iteration: int,
+    hf_shard_bytes: int | None = None,
+    reader: Any = None,
+    norm_names: str | None = None,
+):
     """The target format's writer; Megatron outputs carry ``reader``'s Megatron-LM args (new layout and
     dtype, same iteration and counters), or fresh args for a source without them."""
     if to in ("torch_dist", "legacy"):
-        args, te_names = megatron_args.for_output(reader, cfg, tp if to == "legacy" else None,
-                                                  pp if to == "legacy" else None, dtype, iteration=iteration,
-                                                  new_stage=False, norm_names=norm_names)
+        args, te_names = megatron_args.for_output(
+            reader,
+            cfg,
+            tp if to == "legacy" else None,
+            pp if to == "legacy" else None,
+            dtype,
+            iteration=iteration,
+            new_stage=False,
+            norm_names=norm_names,
+        )
     if to == "torch_dist":
         from megastack.ckpt.torch_dist import TorchDistWriter
 
@@ -100,9 +117,16 @@ class Conversion:
     pp: int
 
 
-def prepare(src: str | os.PathLike, to: str, tp: int | None = None, pp: int | None = None,
-            dtype: str | None = None, model: ModelConfig | None = None,
-            hf_shard_bytes: int | None = None, norm_names: str | None = None) -> Conversion:
+def prepare(
+    src: str | os.PathLike,
+    to: str,
+    tp: int | None = None,
+    pp: int | None = None,
+    dtype: str | None = None,
+    model: ModelConfig | None = None,
+    hf_shard_bytes: int | None = None,
+    norm_names: str | None = None,
+) -> Conversion:
     """Open the source, check the target layout and build writer + manifest; reads metadata only."""
     if to not in FORMATS:
         raise UserError(f"--to {to}: unknown format; choose one of {', '.join(FORMATS)}")
@@ -121,12 +145,20 @@ def prepare(src: str | os.PathLike, to: str, tp: int | None = None, pp: int | No
     if norm_names is not None and to != "legacy":
         raise UserError(f"--norm-names applies to legacy output; {to} has one naming")
     writer = make_writer(target, to, tp, pp, out_dtype, iteration, hf_shard_bytes, reader, norm_names)
-    event = {"event": "convert", "from": reader.format, "to": to, "source": str(Path(src).resolve()),
-             **source_identity(reader), "dtype": DTYPE_KEYS[out_dtype]}
+    event = {
+        "event": "convert",
+        "from": reader.format,
+        "to": to,
+        "source": str(Path(src).resolve()),
+        **source_identity(reader),
+        "dtype": DTYPE_KEYS[out_dtype],
+    }
     if to == "legacy":
         event |= {"tp": tp, "pp": pp}
     manifest = {
-        "format": to, "model": to_dict(target), "iteration": iteration,
+        "format": to,
+        "model": to_dict(target),
+        "iteration": iteration,
         "consumed_tokens": int(source_manifest.get("consumed_tokens", 0) or 0),
         "cumulative_flops": float(source_manifest.get("cumulative_flops", 0.0) or 0.0),
         "history": list(source_manifest.get("history", [])) + [event],
@@ -136,10 +168,19 @@ def prepare(src: str | os.PathLike, to: str, tp: int | None = None, pp: int | No
     return Conversion(reader, plan, writer, out_dtype, iteration, manifest, tp, pp)
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, tp: int | None = None,
-            pp: int | None = None, dtype: str | None = None, comm: Comm | None = None,
-            model: ModelConfig | None = None, hf_shard_bytes: int | None = None,
-            progress: bool = False, norm_names: str | None = None) -> Path:
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    to: str,
+    tp: int | None = None,
+    pp: int | None = None,
+    dtype: str | None = None,
+    comm: Comm | None = None,
+    model: ModelConfig | None = None,
+    hf_shard_bytes: int | None = None,
+    progress: bool = False,
+    norm_names: str | None = None,
+) -> Path:
     """Convert SRC to format ``to`` at DST (all ranks of ``comm`` call it; one process by default)."""
     check_paths(src, dst)
     return run(prepare(src, to, tp, pp, dtype, model, hf_shard_bytes, norm_names), dst, comm or Comm(), progress)
@@ -150,27 +191,56 @@ def run(job: Conversion, dst: str | os.PathLike, comm: Comm, progress: bool = Fa
     to = job.writer.format
     bar = Progress(sum(len(u.requests) for u in job.writer.units()), "convert", enabled=progress and comm.rank == 0)
     # HF files go straight into DST; Megatron formats get iter_NNNNNNN/ and the tracker, like Megatron-LM.
-    execute(job.writer, job.plan.producer(job.reader, job.dtype), dst, comm, job.manifest,
-            iteration=None if to == "hf" else job.iteration, progress=bar.update, source=job.reader.path)
+    execute(
+        job.writer,
+        job.plan.producer(job.reader, job.dtype),
+        dst,
+        comm,
+        job.manifest,
+        iteration=None if to == "hf" else job.iteration,
+        progress=bar.update,
+        source=job.reader.path,
+    )
     bar.close()
     return Path(dst)
 
 
 def describe_dry_run(job: Conversion, plans: list, as_json: bool) -> str:
-    rows = [{"rank": p.rank, "units": len(p.units), "write_bytes": p.write_bytes, "read_bytes": p.read_bytes,
-             "read_files": len(p.reads), "predicted_peak_bytes": p.peak_bytes, "reads": p.reads} for p in plans]
-    summary = {"from": job.reader.format, "to": job.writer.format, "tp": job.tp, "pp": job.pp,
-               "dtype": DTYPE_KEYS[job.dtype], "parameters": job.plan.target.total_parameters(), "ranks": rows}
+    rows = [
+        {
+            "rank": p.rank,
+            "units": len(p.units),
+            "write_bytes": p.write_bytes,
+            "read_bytes": p.read_bytes,
+            "read_files": len(p.reads),
+            "predicted_peak_bytes": p.peak_bytes,
+            "reads": p.reads,
+        }
+        for p in plans
+    ]
+    summary = {
+        "from": job.reader.format,
+        "to": job.writer.format,
+        "tp": job.tp,
+        "pp": job.pp,
+        "dtype": DTYPE_KEYS[job.dtype],
+        "parameters": job.plan.target.total_parameters(),
+        "ranks": rows,
+    }
     if as_json:
         return json.dumps(summary, indent=2, sort_keys=True)
     gib = 1 << 30
     layout_text = f" TP={job.tp} x PP={job.pp}" if job.writer.format == "legacy" else ""
-    lines = [f"convert: {job.reader.format} -> {job.writer.format}{layout_text}, {DTYPE_KEYS[job.dtype]}, "
-             f"{job.plan.target.total_parameters():,} parameters, {len(plans)} rank(s)",
-             f"{'rank':>4} {'units':>6} {'read GiB':>9} {'files':>6} {'write GiB':>10} {'peak GiB':>9}"]
+    lines = [
+        f"convert: {job.reader.format} -> {job.writer.format}{layout_text}, {DTYPE_KEYS[job.dtype]}, "
+        f"{job.plan.target.total_parameters():,} parameters, {len(plans)} rank(s)",
+        f"{'rank':>4} {'units':>6} {'read GiB':>9} {'files':>6} {'write GiB':>10} {'peak GiB':>9}",
+    ]
     for r in rows:
-        lines.append(f"{r['rank']:>4} {r['units']:>6} {r['read_bytes'] / gib:>9.3f} {r['read_files']:>6} "
-                     f"{r['write_bytes'] / gib:>10.3f} {r['predicted_peak_bytes'] / gib:>9.3f}")
+        lines.append(
+            f"{r['rank']:>4} {r['units']:>6} {r['read_bytes'] / gib:>9.3f} {r['read_files']:>6} "
+            f"{r['write_bytes'] / gib:>10.3f} {r['predicted_peak_bytes'] / gib:>9.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -179,8 +249,11 @@ def cli_convert(args: Any) -> int:
     if getattr(args, "dry_run", False):
         job = prepare(args.src, args.to, args.tp, args.pp, args.dtype, model, norm_names=args.norm_names)
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1)
-        print(describe_dry_run(job, dry_run(job.writer, job.reader, job.plan.sources_of, world),
-                               getattr(args, "json", False)))
+        print(
+            describe_dry_run(
+                job, dry_run(job.writer, job.reader, job.plan.sources_of, world), getattr(args, "json", False)
+            )
+        )
         return 0
     check_paths(args.src, args.dst)
     job = prepare(args.src, args.to, args.tp, args.pp, args.dtype, model, norm_names=args.norm_names)
@@ -188,6 +261,8 @@ def cli_convert(args: Any) -> int:
     run(job, args.dst, comm, progress=True)
     if comm.rank == 0:
         layout_text = f" TP={job.tp} x PP={job.pp}" if args.to == "legacy" else ""
-        print(f"converted {args.src} ({job.reader.format}) -> {args.dst} ({args.to}{layout_text}, "
-              f"{DTYPE_KEYS[job.dtype]})")
+        print(
+            f"converted {args.src} ({job.reader.format}) -> {args.dst} ({args.to}{layout_text}, "
+            f"{DTYPE_KEYS[job.dtype]})"
+        )
     return 0

@@ -17,12 +17,15 @@ def detect_format(directory: Path) -> str:
     if torch_dist.is_torch_dist(directory):
         return "torch_dist"
     if (directory / "config.json").is_file() and (
-            any(directory.glob("*.safetensors")) or (directory / "model.safetensors.index.json").is_file()):
+        any(directory.glob("*.safetensors")) or (directory / "model.safetensors.index.json").is_file()
+    ):
         return "hf"
     if legacy.is_legacy(directory):
         return "legacy"
-    raise UserError(f"{directory}: not a recognised checkpoint (expected torch_dist metadata.json + .metadata, "
-                    "Megatron legacy mp_rank_* directories, or Hugging Face config.json + *.safetensors)")
+    raise UserError(
+        f"{directory}: not a recognised checkpoint (expected torch_dist metadata.json + .metadata, "
+        "Megatron legacy mp_rank_* directories, or Hugging Face config.json + *.safetensors)"
+    )
 
 
 def model_from_manifest(directory: Path) -> ModelConfig | None:

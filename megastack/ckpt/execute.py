@@ -99,8 +99,9 @@ class RankPlan:
     peak_bytes: int = 0
 
 
-def dry_run(writer: Writer, reader: Reader, sources_of: Callable[[str, Any], list[tuple[str, Any]]],
-            world: int) -> list[RankPlan]:
+def dry_run(
+    writer: Writer, reader: Reader, sources_of: Callable[[str, Any], list[tuple[str, Any]]], world: int
+) -> list[RankPlan]:
     """What each rank would read and write, and its predicted peak tensor memory, from metadata alone.
 
     ``sources_of(target, pieces)`` lists the (source name, pieces) a target piece is made from.
@@ -121,8 +122,16 @@ def dry_run(writer: Writer, reader: Reader, sources_of: Callable[[str, Any], lis
                         reads[path] = reads.get(path, 0) + nbytes
                     largest_read = max(largest_read, sum(touched.values()))
             peak = max(peak, 2 * unit.nbytes + largest_read + 2 * cached_chunk)
-        plans.append(RankPlan(rank, [u.key for u in units], sum(u.nbytes for u in units),
-                              sum(reads.values()), dict(sorted(reads.items())), peak))
+        plans.append(
+            RankPlan(
+                rank,
+                [u.key for u in units],
+                sum(u.nbytes for u in units),
+                sum(reads.values()),
+                dict(sorted(reads.items())),
+                peak,
+            )
+        )
     return plans
 
 
@@ -148,8 +157,11 @@ def _user_message(exc: BaseException, dst: Path) -> str | None:
         else:
             return None
     where = f" ({exc.filename})" if exc.filename else ""
-    hint = {28: "free some space or write elsewhere", 30: "the destination is read-only; write elsewhere",
-            13: "check the destination's permissions"}.get(exc.errno or 0, "check the destination")
+    hint = {
+        28: "free some space or write elsewhere",
+        30: "the destination is read-only; write elsewhere",
+        13: "check the destination's permissions",
+    }.get(exc.errno or 0, "check the destination")
     return f"cannot write {dst}: {exc.strerror or exc}{where}; {hint}; nothing was published"
 
 
@@ -177,9 +189,17 @@ def _all_ranks(comm: Comm, dst: Path, cleanup: Callable[[], None], step: Callabl
     return result
 
 
-def execute(writer: Writer, produce: Produce, dst: str | Path, comm: Comm, manifest: dict[str, Any],
-            iteration: int | None = 0, progress: Callable[[str], None] | None = None,
-            order_key: Callable[[Unit], Any] | None = None, source: Path | None = None) -> Path:
+def execute(
+    writer: Writer,
+    produce: Produce,
+    dst: str | Path,
+    comm: Comm,
+    manifest: dict[str, Any],
+    iteration: int | None = 0,
+    progress: Callable[[str], None] | None = None,
+    order_key: Callable[[Unit], Any] | None = None,
+    source: Path | None = None,
+) -> Path:
     """Write ``dst`` with every rank's share of ``writer``'s units; rank 0 publishes it.
 
     ``iteration`` None writes the files directly in ``dst`` (Hugging Face); otherwise ``dst`` is a
@@ -254,8 +274,9 @@ class SourceCheck:
 
         def run() -> None:
             try:
-                self.problems = check_hashes(self.source, self.manifest, (self.comm.rank, self.comm.world),
-                                             extra_files=False)
+                self.problems = check_hashes(
+                    self.source, self.manifest, (self.comm.rank, self.comm.world), extra_files=False
+                )
             except UserError as exc:
                 self.problems = [str(exc)]
 
@@ -266,12 +287,24 @@ class SourceCheck:
         if self.thread is not None:
             self.thread.join()
         if self.problems:
-            raise UserError(f"{self.problems[0]}; the source does not match its {MANIFEST}: restore it or "
-                            "re-run the command that wrote it (nothing was published)")
+            raise UserError(
+                f"{self.problems[0]}; the source does not match its {MANIFEST}: restore it or "
+                "re-run the command that wrote it (nothing was published)"
+            )
 
 
-def _publish(comm: Comm, dst: Path, staging: Path, target: Path, writer: Writer, results: list[Any],
-             manifest: dict[str, Any], iteration: int | None, start: float, cleanup: Callable[[], None]) -> None:
+def _publish(
+    comm: Comm,
+    dst: Path,
+    staging: Path,
+    target: Path,
+    writer: Writer,
+    results: list[Any],
+    manifest: dict[str, Any],
+    iteration: int | None,
+    start: float,
+    cleanup: Callable[[], None],
+) -> None:
     """Rank 0 finalises the files, writes the manifest and the tracker, and renames staging into place."""
 
     def publish() -> None:

@@ -53,12 +53,16 @@ def hf_parts(cfg: ModelConfig, name: str) -> list[tuple[str, tuple[int, ...]]]:
         return [(layout.HF_GLOBAL[kind], layout.logical_shape(cfg, name))]
     p = f"model.layers.{layer}."
     if kind == "qkv":
-        return [(p + "self_attn.q_proj.weight", (cfg.num_attention_heads * d, h)),
-                (p + "self_attn.k_proj.weight", (cfg.query_groups * d, h)),
-                (p + "self_attn.v_proj.weight", (cfg.query_groups * d, h))]
+        return [
+            (p + "self_attn.q_proj.weight", (cfg.num_attention_heads * d, h)),
+            (p + "self_attn.k_proj.weight", (cfg.query_groups * d, h)),
+            (p + "self_attn.v_proj.weight", (cfg.query_groups * d, h)),
+        ]
     if kind == "fc1":
-        return [(p + "mlp.gate_proj.weight", (cfg.ffn_hidden_size, h)),
-                (p + "mlp.up_proj.weight", (cfg.ffn_hidden_size, h))]
+        return [
+            (p + "mlp.gate_proj.weight", (cfg.ffn_hidden_size, h)),
+            (p + "mlp.up_proj.weight", (cfg.ffn_hidden_size, h)),
+        ]
     return [(p + layout.HF_LAYER[kind], layout.logical_shape(cfg, name))]
 
 
@@ -95,8 +99,10 @@ def _rope_theta(hc: dict[str, Any], where: Path) -> float:
             raise UserError(f"{where}: field '{field_name}' must be an object, got {value!r}")
         kind = value.get("rope_type", value.get("type", "default"))
         if kind != "default":
-            raise UserError(f"{where}: field '{field_name}' asks for RoPE scaling '{kind}'; only plain RoPE "
-                            "(rope_type default) converts exactly to megatron; use a model without rope scaling")
+            raise UserError(
+                f"{where}: field '{field_name}' asks for RoPE scaling '{kind}'; only plain RoPE "
+                "(rope_type default) converts exactly to megatron; use a model without rope scaling"
+            )
     theta = (params or {}).get("rope_theta", hc.get("rope_theta", 10000.0))
     if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not 0 < theta < math.inf:
         raise UserError(f"{where}: field 'rope_theta' must be a positive number, got {theta!r}")
@@ -115,8 +121,15 @@ def _field(hc: dict[str, Any], key: str, kind: type, where: Path, default: Any =
         if default is ...:
             raise UserError(f"{where}: field '{key}' is missing; not a complete Llama config")
         return default
-    return untrusted.typed(hc[key], kind, where, f"field '{key}'", "fix config.json", positive=kind is not bool,
-                           maximum=MAX_SIZE if kind is int else None)
+    return untrusted.typed(
+        hc[key],
+        kind,
+        where,
+        f"field '{key}'",
+        "fix config.json",
+        positive=kind is not bool,
+        maximum=MAX_SIZE if kind is int else None,
+    )
 
 
 def config_from_hf(hc: Any, where: Path) -> ModelConfig:
@@ -128,12 +141,16 @@ def config_from_hf(hc: Any, where: Path) -> ModelConfig:
     model_type = hc.get("model_type")
     if model_type != "llama" or (archs and archs != ["LlamaForCausalLM"]):
         shown = ", ".join(map(str, archs)) or "none"
-        raise UserError(f"{where}: model_type '{model_type}' (architectures: {shown}) is not supported; only "
-                        "Llama checkpoints (model_type 'llama', LlamaForCausalLM) convert")
+        raise UserError(
+            f"{where}: model_type '{model_type}' (architectures: {shown}) is not supported; only "
+            "Llama checkpoints (model_type 'llama', LlamaForCausalLM) convert"
+        )
     for field_name in ("attention_bias", "mlp_bias"):
         if hc.get(field_name):
-            raise UserError(f"{where}: field '{field_name}' is true; megastack's Llama has no biases, so the "
-                            "model cannot convert exactly")
+            raise UserError(
+                f"{where}: field '{field_name}' is true; megastack's Llama has no biases, so the "
+                "model cannot convert exactly"
+            )
     act = hc.get("hidden_act", "silu")
     if act != "silu":
         raise UserError(f"{where}: field 'hidden_act' is '{act}'; only SwiGLU with silu is supported")
@@ -141,20 +158,27 @@ def config_from_hf(hc: Any, where: Path) -> ModelConfig:
     groups = _field(hc, "num_key_value_heads", int, where, heads)
     dtype_name = hc.get("dtype") or hc.get("torch_dtype") or "float32"
     cfg = ModelConfig(
-        num_layers=_field(hc, "num_hidden_layers", int, where), hidden_size=_field(hc, "hidden_size", int, where),
-        num_attention_heads=heads, num_query_groups=None if groups == heads else groups,
-        ffn_hidden_size=_field(hc, "intermediate_size", int, where), vocab_size=_field(hc, "vocab_size", int, where),
+        num_layers=_field(hc, "num_hidden_layers", int, where),
+        hidden_size=_field(hc, "hidden_size", int, where),
+        num_attention_heads=heads,
+        num_query_groups=None if groups == heads else groups,
+        ffn_hidden_size=_field(hc, "intermediate_size", int, where),
+        vocab_size=_field(hc, "vocab_size", int, where),
         seq_length=_field(hc, "max_position_embeddings", int, where, 2048),
-        rotary_base=_rope_theta(hc, where), norm_epsilon=_field(hc, "rms_norm_eps", float, where, 1e-6),
+        rotary_base=_rope_theta(hc, where),
+        norm_epsilon=_field(hc, "rms_norm_eps", float, where, 1e-6),
         tie_embeddings=_field(hc, "tie_word_embeddings", bool, where, False),
         dtype=CFG_DTYPES.get(str(dtype_name).replace("torch.", ""), "fp32"),
-        init_std=_field(hc, "initializer_range", float, where, 0.02))
+        init_std=_field(hc, "initializer_range", float, where, 0.02),
+    )
     for field_name, problem in cfg.check():
         raise UserError(f"{where}: {field_name} {problem}")
     head_dim = _field(hc, "head_dim", int, where, None)
     if head_dim is not None and head_dim != cfg.head_dim:
-        raise UserError(f"{where}: field 'head_dim' is {head_dim} but hidden_size/num_attention_heads is "
-                        f"{cfg.head_dim}; decoupled head dims are not supported")
+        raise UserError(
+            f"{where}: field 'head_dim' is {head_dim} but hidden_size/num_attention_heads is "
+            f"{cfg.head_dim}; decoupled head dims are not supported"
+        )
     return cfg
 
 
@@ -162,16 +186,28 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     """config.json for LlamaForCausalLM, readable by transformers 4 (rope_theta, torch_dtype) and 5
     (rope_parameters, dtype)."""
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_hidden_size,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.query_groups, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": cfg.seq_length, "rms_norm_eps": cfg.norm_epsilon,
-        "rope_theta": cfg.rotary_base, "rope_scaling": None,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.query_groups,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.seq_length,
+        "rms_norm_eps": cfg.norm_epsilon,
+        "rope_theta": cfg.rotary_base,
+        "rope_scaling": None,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
-        "tie_word_embeddings": cfg.tie_embeddings, "vocab_size": cfg.vocab_size,
-        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-        "initializer_range": cfg.init_std, "torch_dtype": HF_DTYPE_NAMES[dtype], "dtype": HF_DTYPE_NAMES[dtype],
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "vocab_size": cfg.vocab_size,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": cfg.init_std,
+        "torch_dtype": HF_DTYPE_NAMES[dtype],
+        "dtype": HF_DTYPE_NAMES[dtype],
         "use_cache": True,
     }
 
@@ -219,22 +255,28 @@ def read_header(path: Path) -> dict[str, Entry]:
         if not isinstance(dtype_name, str) or not untrusted.is_counts([*shape, begin, end]):
             raise UserError(f"{path}: header entry '{name}' has a non-integer shape or offset; the file is corrupt")
         if dtype_name not in ST_DTYPES:
-            raise UserError(f"{path}: tensor '{name}' has dtype {dtype_name}; only F32, BF16, F16 and F64 "
-                            "weights convert (quantized checkpoints are not supported)")
+            raise UserError(
+                f"{path}: tensor '{name}' has dtype {dtype_name}; only F32, BF16, F16 and F64 "
+                "weights convert (quantized checkpoints are not supported)"
+            )
         dtype = ST_DTYPES[dtype_name]
         numel = 1
         for s in shape:
             numel *= s
         if end - begin != numel * dtype.itemsize or begin < 0 or base + end > size:
-            raise UserError(f"{path}: tensor '{name}' has a byte range that does not fit its shape or the "
-                            "file; the file is truncated or corrupt")
+            raise UserError(
+                f"{path}: tensor '{name}' has a byte range that does not fit its shape or the "
+                "file; the file is truncated or corrupt"
+            )
         entries[name] = Entry(path.name, dtype, shape, base + begin, end - begin)
     # The safetensors library's rule: the tensors tile the data buffer exactly, no overlap, no gap.
     position = 0
     for entry in sorted(entries.values(), key=lambda e: (e.start, e.nbytes)):
         if entry.start - base != position:
-            raise UserError(f"{path}: tensors' data_offsets overlap or leave a gap at byte {position}; the file is "
-                            "corrupt (the safetensors library refuses it too)")
+            raise UserError(
+                f"{path}: tensors' data_offsets overlap or leave a gap at byte {position}; the file is "
+                "corrupt (the safetensors library refuses it too)"
+            )
         position += entry.nbytes
     if position != size - base:
         raise UserError(f"{path}: the tensors cover {position} of {size - base} data bytes; the file is corrupt")
@@ -272,22 +314,28 @@ class HFReader:
             self.weight_map: dict[str, str] | None = {}
             for name, file in weight_map.items():
                 if not isinstance(file, str) or "/" in file or "\\" in file or file in ("", ".", ".."):
-                    raise UserError(f"{index_path}: tensor '{name}' names shard file {file!r}, which is not a "
-                                    "plain file name in this directory; the index is corrupt or malicious")
+                    raise UserError(
+                        f"{index_path}: tensor '{name}' names shard file {file!r}, which is not a "
+                        "plain file name in this directory; the index is corrupt or malicious"
+                    )
                 self.weight_map[name] = file
             files = sorted(set(self.weight_map.values()))
             for file in files:
                 if not (self.path / file).is_file():
                     count = sum(1 for f in self.weight_map.values() if f == file)
-                    raise UserError(f"{self.path / file}: shard missing ({INDEX} names it for {count} tensors); "
-                                    "the download or copy is incomplete, fetch that file again")
+                    raise UserError(
+                        f"{self.path / file}: shard missing ({INDEX} names it for {count} tensors); "
+                        "the download or copy is incomplete, fetch that file again"
+                    )
             return files
         self.weight_map = None
         if (self.path / SINGLE).is_file():
             return [SINGLE]
         found = sorted(p.name for p in self.path.glob("*.safetensors"))
-        raise UserError(f"{self.path}: has {', '.join(found) or 'no safetensors files'} but neither {SINGLE} nor "
-                        f"{INDEX}; a sharded checkpoint needs its index file")
+        raise UserError(
+            f"{self.path}: has {', '.join(found) or 'no safetensors files'} but neither {SINGLE} nor "
+            f"{INDEX}; a sharded checkpoint needs its index file"
+        )
 
     def _index_entries(self) -> dict[str, Entry]:
         entries: dict[str, Entry] = {}
@@ -295,20 +343,26 @@ class HFReader:
         for file in self.files:
             for name, entry in read_header(self.path / file).items():
                 if name in holder:
-                    raise UserError(f"{self.path}: tensor '{name}' is stored in both {holder[name]} and {file}; "
-                                    "the shards are from different exports")
+                    raise UserError(
+                        f"{self.path}: tensor '{name}' is stored in both {holder[name]} and {file}; "
+                        "the shards are from different exports"
+                    )
                 holder[name] = file
                 entries[name] = entry
         if self.weight_map is not None:
             for name, file in sorted(self.weight_map.items()):
                 if holder.get(name) != file:
                     actual = f"it is in {holder[name]}" if name in holder else "no shard holds it"
-                    raise UserError(f"{self.path / INDEX}: maps '{name}' to {file} but {actual}; the index does "
-                                    "not match the shard files (re-download them together)")
+                    raise UserError(
+                        f"{self.path / INDEX}: maps '{name}' to {file} but {actual}; the index does "
+                        "not match the shard files (re-download them together)"
+                    )
             for name, file in sorted(holder.items()):
                 if name not in self.weight_map:
-                    raise UserError(f"{self.path / file}: holds '{name}', which {INDEX} does not list; the index "
-                                    "does not match the shard files (re-download them together)")
+                    raise UserError(
+                        f"{self.path / file}: holds '{name}', which {INDEX} does not list; the index "
+                        "does not match the shard files (re-download them together)"
+                    )
         return entries
 
     def _check_tensors(self) -> None:
@@ -319,17 +373,23 @@ class HFReader:
         where = f"{self.path} ({INDEX if self.weight_map is not None else SINGLE})"
         for name, shape in expected.items():
             if name not in self.entries:
-                raise UserError(f"{where}: tensor '{name}' is missing; the checkpoint does not match config.json "
-                                f"({cfg.num_layers} layers, tie_word_embeddings={cfg.tie_embeddings})")
+                raise UserError(
+                    f"{where}: tensor '{name}' is missing; the checkpoint does not match config.json "
+                    f"({cfg.num_layers} layers, tie_word_embeddings={cfg.tie_embeddings})"
+                )
             if self.entries[name].shape != shape:
-                raise UserError(f"{self.path / self.entries[name].file}: tensor '{name}' has shape "
-                                f"{list(self.entries[name].shape)} but config.json gives {list(shape)}")
+                raise UserError(
+                    f"{self.path / self.entries[name].file}: tensor '{name}' has shape "
+                    f"{list(self.entries[name].shape)} but config.json gives {list(shape)}"
+                )
         allowed_extra = {"lm_head.weight"} if cfg.tie_embeddings else set()
         for name in sorted(set(self.entries) - set(expected)):
             if name in allowed_extra or name.endswith(IGNORED_SUFFIXES):
                 continue
-            raise UserError(f"{self.path / self.entries[name].file}: tensor '{name}' is not part of a bias-free "
-                            "Llama; converting would drop it, so the checkpoint is refused")
+            raise UserError(
+                f"{self.path / self.entries[name].file}: tensor '{name}' is not part of a bias-free "
+                "Llama; converting would drop it, so the checkpoint is refused"
+            )
 
     # -- reading
 
@@ -479,8 +539,14 @@ class HFWriter:
         for i, names in enumerate(groups):
             key = SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             hf_names = [hf for name in names for hf, _ in hf_parts(self.cfg, name)]
-            units.append(Unit(key=key, nbytes=sum(self._nbytes(name) for name in names),
-                              requests=[Request(name, None) for name in names], meta={"hf_names": hf_names}))
+            units.append(
+                Unit(
+                    key=key,
+                    nbytes=sum(self._nbytes(name) for name in names),
+                    requests=[Request(name, None) for name in names],
+                    meta={"hf_names": hf_names},
+                )
+            )
         return units
 
     def write_units(self, directory: str | os.PathLike, units: list[Unit], produce: Produce, rank: int) -> list:
@@ -492,8 +558,11 @@ class HFWriter:
                 full = produce(request.name, None).to(self.dtype)
                 for hf_name, part in split_logical(self.cfg, request.name, full):
                     # safetensors refuses tensors that share storage (q/k/v are views of one QKV)
-                    tensors[hf_name] = part.contiguous() if len(hf_parts(self.cfg, request.name)) == 1 \
+                    tensors[hf_name] = (
+                        part.contiguous()
+                        if len(hf_parts(self.cfg, request.name)) == 1
                         else part.clone(memory_format=torch.contiguous_format)
+                    )
                 del full
             save_file(tensors, Path(directory) / unit.key, metadata={"format": "pt"})
             del tensors
@@ -507,6 +576,7 @@ class HFWriter:
         if len(units) > 1:
             weight_map = {hf: unit.key for unit in units for hf in unit.meta["hf_names"]}
             total = sum(unit.nbytes for unit in units)
-            atomic_write_json(directory / INDEX, {"metadata": {"total_size": total},
-                                                  "weight_map": dict(sorted(weight_map.items()))})
+            atomic_write_json(
+                directory / INDEX, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            )
         atomic_write_json(directory / CONFIG, hf_config(self.cfg, self.dtype))

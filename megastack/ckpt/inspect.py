@@ -19,13 +19,33 @@ from megastack.ckpt.manifest import MANIFEST, check_hashes, read_manifest, resol
 from megastack.config import ModelConfig, to_dict
 from megastack.errors import UserError
 
-KEYS = ("format", "path", "model", "parameters", "layout", "iteration", "tensors", "total_bytes", "files",
-        "manifest", "history", "megatron")
+KEYS = (
+    "format",
+    "path",
+    "model",
+    "parameters",
+    "layout",
+    "iteration",
+    "tensors",
+    "total_bytes",
+    "files",
+    "manifest",
+    "history",
+    "megatron",
+)
 # What grow and convert read past and do not write (Megatron-LM resumes with --no-load-optim --no-load-rng).
 NOT_CARRIED = ("optimizer", "opt_param_scheduler", "rng_state", "rerun_state_machine")
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
-               torch.float64: "float64", torch.int64: "int64", torch.int32: "int32", torch.uint8: "uint8",
-               torch.int8: "int8", torch.bool: "bool"}
+DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float64: "float64",
+    torch.int64: "int64",
+    torch.int32: "int32",
+    torch.uint8: "uint8",
+    torch.int8: "int8",
+    torch.bool: "bool",
+}
 _ITER = re.compile(r"^iter_(\d+)$")
 
 
@@ -38,8 +58,13 @@ def _tensor(name: str, shape, dtype: torch.dtype, file: str | None) -> dict[str,
     numel = 1
     for s in shape:
         numel *= int(s)
-    return {"name": name, "shape": [int(s) for s in shape], "dtype": DTYPE_NAMES.get(dtype, str(dtype)),
-            "bytes": numel * dtype.itemsize, "file": file}
+    return {
+        "name": name,
+        "shape": [int(s) for s in shape],
+        "dtype": DTYPE_NAMES.get(dtype, str(dtype)),
+        "bytes": numel * dtype.itemsize,
+        "file": file,
+    }
 
 
 def _files(directory: Path) -> dict[str, int]:
@@ -55,8 +80,10 @@ def _hf(directory: Path) -> tuple[ModelConfig, list[dict], dict | None]:
     from megastack.ckpt.hf import HFReader
 
     reader = HFReader(directory, model_from_manifest(directory))
-    tensors = [_tensor(name, e.shape, e.dtype, e.file)
-               for name, e in sorted(reader.entries.items(), key=lambda kv: _natural(kv[0]))]
+    tensors = [
+        _tensor(name, e.shape, e.dtype, e.file)
+        for name, e in sorted(reader.entries.items(), key=lambda kv: _natural(kv[0]))
+    ]
     reader.close()
     return reader.cfg, tensors, None
 
@@ -74,9 +101,11 @@ def _torch_dist(directory: Path) -> tuple[ModelConfig | None, list[dict], dict |
     if cfg is not None:
         TorchDistReader(directory, cfg)  # checks every tensor's global shape against the config
     metadata = read_dcp_metadata(directory)
-    tensors = [_tensor(key, md.size, md.properties.dtype, None)
-               for key, md in sorted(metadata.state_dict_metadata.items(), key=lambda kv: _natural(kv[0]))
-               if isinstance(md, TensorStorageMetadata)]
+    tensors = [
+        _tensor(key, md.size, md.properties.dtype, None)
+        for key, md in sorted(metadata.state_dict_metadata.items(), key=lambda kv: _natural(kv[0]))
+        if isinstance(md, TensorStorageMetadata)
+    ]
     return cfg, tensors, None
 
 
@@ -123,8 +152,11 @@ def _megatron_state(directory: Path, fmt: str) -> dict[str, Any] | None:
         optim_keys = [k for k in sharded if k.startswith("optimizer.")]
         optimizer = None
         if optim_keys:
-            kind = (blob.get("content_metadata") or {}).get("distrib_optim_sharding_type") \
-                if isinstance(blob.get("content_metadata"), dict) else None
+            kind = (
+                (blob.get("content_metadata") or {}).get("distrib_optim_sharding_type")
+                if isinstance(blob.get("content_metadata"), dict)
+                else None
+            )
             optimizer = f"sharded optimizer state ({len(optim_keys)} entries" + (f", {kind})" if kind else ")")
     else:
         return None
@@ -132,15 +164,15 @@ def _megatron_state(directory: Path, fmt: str) -> dict[str, Any] | None:
     if args is None and optimizer is None and not blob:
         return None
     where = str(directory)
-    eps_name = next((n for n in megatron_args.FIELDS["norm_epsilon"].names if getattr(args, n, None) is not None),
-                    None)
+    eps_name = next((n for n in megatron_args.FIELDS["norm_epsilon"].names if getattr(args, n, None) is not None), None)
     present = [k for k in NOT_CARRIED if k in blob or any(s == k or s.startswith(k + "/") for s in sharded)]
     if optimizer is not None and "optimizer" not in present:
         present.insert(0, "optimizer")
     return {
         "args": args is not None,
-        "checkpoint_version": blob.get("checkpoint_version") if isinstance(blob.get("checkpoint_version"),
-                                                                          (int, float)) else None,
+        "checkpoint_version": blob.get("checkpoint_version")
+        if isinstance(blob.get("checkpoint_version"), (int, float))
+        else None,
         "epsilon_field": eps_name,
         "transformer_impl": megatron_args.get(args, "transformer_impl", where) if args is not None else None,
         "tokenizer_type": megatron_args.get(args, "tokenizer_type", where) if args is not None else None,
@@ -198,63 +230,83 @@ def _event(e: dict[str, Any]) -> str:
         where = f" TP={e['tp']} x PP={e['pp']}" if "tp" in e else ""
         return f"convert {e.get('from')} -> {e.get('to')}{where} ({e.get('dtype')}) from {e.get('source')}"
     if kind == "grow":
-        return (f"grow {e.get('operator')} {e.get('source_layers')} -> {e.get('target_layers')} layers "
-                f"from {e.get('source')}")
+        return (
+            f"grow {e.get('operator')} {e.get('source_layers')} -> {e.get('target_layers')} layers "
+            f"from {e.get('source')}"
+        )
     rest = ", ".join(f"{k}={v}" for k, v in sorted(e.items()) if k != "event" and not isinstance(v, (list, dict)))
     return f"{kind} {rest}".strip()
 
 
 def describe(info: dict[str, Any]) -> str:
     """The human table."""
-    lines = [f"{info['path']}: {info['format']} checkpoint"
-             + (f", iteration {info['iteration']}" if info["iteration"] is not None else "")]
+    lines = [
+        f"{info['path']}: {info['format']} checkpoint"
+        + (f", iteration {info['iteration']}" if info["iteration"] is not None else "")
+    ]
     m = info["model"]
     if m is None:
         lines.append("model:     unknown (no megastack.json and no Megatron args; convert it with --model CONFIG)")
     else:
         groups = m["num_query_groups"] or m["num_attention_heads"]
-        lines.append(f"model:     Llama, {m['num_layers']} layers, hidden {m['hidden_size']}, "
-                     f"{m['num_attention_heads']} heads / {groups} query groups "
-                     f"(head dim {m['hidden_size'] // m['num_attention_heads']}), ffn {m['ffn_hidden_size']}, "
-                     f"vocab {m['vocab_size']}, seq {m['seq_length']}, rope base {m['rotary_base']:g}, "
-                     f"{'tied' if m['tie_embeddings'] else 'untied'} embeddings, {m['dtype']}; "
-                     f"{info['parameters']:,} parameters")
+        lines.append(
+            f"model:     Llama, {m['num_layers']} layers, hidden {m['hidden_size']}, "
+            f"{m['num_attention_heads']} heads / {groups} query groups "
+            f"(head dim {m['hidden_size'] // m['num_attention_heads']}), ffn {m['ffn_hidden_size']}, "
+            f"vocab {m['vocab_size']}, seq {m['seq_length']}, rope base {m['rotary_base']:g}, "
+            f"{'tied' if m['tie_embeddings'] else 'untied'} embeddings, {m['dtype']}; "
+            f"{info['parameters']:,} parameters"
+        )
     if info["layout"] is not None:
-        lines.append(f"layout:    TP={info['layout']['tp']} x PP={info['layout']['pp']} "
-                     f"({info['layout']['tp'] * info['layout']['pp']} rank files)")
+        lines.append(
+            f"layout:    TP={info['layout']['tp']} x PP={info['layout']['pp']} "
+            f"({info['layout']['tp'] * info['layout']['pp']} rank files)"
+        )
     elif info["format"] == "torch_dist":
         lines.append("layout:    none fixed (megatron-core loads torch_dist under any TP/PP)")
     else:
         shards = sorted({t["file"] for t in info["tensors"]})
         lines.append(f"layout:    {len(shards)} safetensors file(s)")
-    lines.append(f"tensors:   {len(info['tensors'])}, {_size(info['total_bytes'])} "
-                 f"({info['files']['count']} files, {_size(info['files']['bytes'])} on disk)")
+    lines.append(
+        f"tensors:   {len(info['tensors'])}, {_size(info['total_bytes'])} "
+        f"({info['files']['count']} files, {_size(info['files']['bytes'])} on disk)"
+    )
     width = max([len(t["name"]) for t in info["tensors"]] + [4])
     with_file = info["format"] != "torch_dist"
     lines.append(f"  {'name':<{width}}  {'shape':<20} {'dtype':<9} {'bytes':>12}" + ("  file" if with_file else ""))
     for t in info["tensors"]:
         shape = "x".join(map(str, t["shape"])) or "scalar"
-        lines.append(f"  {t['name']:<{width}}  {shape:<20} {t['dtype']:<9} {t['bytes']:>12,}"
-                     + (f"  {t['file']}" if with_file else ""))
+        lines.append(
+            f"  {t['name']:<{width}}  {shape:<20} {t['dtype']:<9} {t['bytes']:>12,}"
+            + (f"  {t['file']}" if with_file else "")
+        )
     man = info["manifest"]
     if man is None:
         lines.append("manifest:  none")
     else:
-        lines.append(f"manifest:  megastack.json ({man['files_listed']} files listed, consumed_tokens "
-                     f"{man.get('consumed_tokens', 0)}, cumulative_flops {man.get('cumulative_flops', 0.0):.3g})")
+        lines.append(
+            f"manifest:  megastack.json ({man['files_listed']} files listed, consumed_tokens "
+            f"{man.get('consumed_tokens', 0)}, cumulative_flops {man.get('cumulative_flops', 0.0):.3g})"
+        )
     mlm = info.get("megatron")
     if mlm is not None:
-        parts = [f"args ({mlm['epsilon_field'] or 'no epsilon'} field"
-                 + (f", checkpoint_version {mlm['checkpoint_version']:g}" if mlm["checkpoint_version"] else "")
-                 + (f", transformer_impl {mlm['transformer_impl']}" if mlm["transformer_impl"] else "")
-                 + (f", tokenizer {mlm['tokenizer_type']}" if mlm["tokenizer_type"] else "") + ")"
-                 if mlm["args"] else "no args"]
+        parts = [
+            f"args ({mlm['epsilon_field'] or 'no epsilon'} field"
+            + (f", checkpoint_version {mlm['checkpoint_version']:g}" if mlm["checkpoint_version"] else "")
+            + (f", transformer_impl {mlm['transformer_impl']}" if mlm["transformer_impl"] else "")
+            + (f", tokenizer {mlm['tokenizer_type']}" if mlm["tokenizer_type"] else "")
+            + ")"
+            if mlm["args"]
+            else "no args"
+        ]
         parts.append(f"optimizer: {mlm['optimizer'] or 'none'}")
         parts.append(f"rng state: {'yes' if mlm['rng_state'] else 'no'}")
         lines.append("megatron:  " + "; ".join(parts))
         if mlm["not_carried"]:
-            lines.append(f"           not carried by grow/convert: {', '.join(mlm['not_carried'])} (resume the "
-                         "output in Megatron-LM with --no-load-optim --no-load-rng)")
+            lines.append(
+                f"           not carried by grow/convert: {', '.join(mlm['not_carried'])} (resume the "
+                "output in Megatron-LM with --no-load-optim --no-load-rng)"
+            )
     if info["history"]:
         lines.append("history:")
         lines += [f"  {i + 1}. {_event(e)}" for i, e in enumerate(info["history"])]
@@ -295,8 +347,10 @@ def cli_verify(args: Any) -> int:
     if problems:
         for line in problems:
             print(line)
-        raise UserError(f"{args.ckpt}: {len(problems)} problem(s) found (listed above); restore the checkpoint "
-                        "from its source or re-run the command that wrote it")
+        raise UserError(
+            f"{args.ckpt}: {len(problems)} problem(s) found (listed above); restore the checkpoint "
+            "from its source or re-run the command that wrote it"
+        )
     manifest = read_manifest(resolve_iteration_dir(args.ckpt)) or {}
     print(f"{args.ckpt}: OK ({len(manifest.get('files', {}))} files match {MANIFEST})")
     return 0

@@ -54,15 +54,19 @@ def scan_layout(directory: Path) -> tuple[int, int]:
             with_pp = True
         ranks.add((int(m.group(1)), int(m.group(2) or 0)))
     if with_pp and without_pp:
-        raise UserError(f"{directory}: mixes mp_rank_TT and mp_rank_TT_PPP directories; the checkpoint is "
-                        "from two different layouts; keep one")
+        raise UserError(
+            f"{directory}: mixes mp_rank_TT and mp_rank_TT_PPP directories; the checkpoint is "
+            "from two different layouts; keep one"
+        )
     tp = 1 + max(t for t, _ in ranks)
     pp = 1 + max(p for _, p in ranks)
     missing = sorted({(t, p) for t in range(tp) for p in range(pp)} - ranks)
     if missing:
         t, p = missing[0]
-        raise UserError(f"{directory}: shard {rank_dir(t, p, pp)} is missing (expected TP={tp} x PP={pp} "
-                        "shards); the checkpoint is incomplete")
+        raise UserError(
+            f"{directory}: shard {rank_dir(t, p, pp)} is missing (expected TP={tp} x PP={pp} "
+            "shards); the checkpoint is incomplete"
+        )
     return tp, pp
 
 
@@ -93,12 +97,15 @@ class LegacyReader:
             return self._cache[key]
         data = load_pt(self._file_path(tp_rank, pp_rank), mmap=True)
         if isinstance(data, dict) and "model" not in data and isinstance(data.get("model0"), dict):
-            raise UserError(f"{self._file_path(tp_rank, pp_rank)}: saved with virtual pipeline parallelism "
-                            "(model0, model1, ...); reshard it to a plain pipeline with Megatron-LM's "
-                            "tools/checkpoint/convert.py first")
+            raise UserError(
+                f"{self._file_path(tp_rank, pp_rank)}: saved with virtual pipeline parallelism "
+                "(model0, model1, ...); reshard it to a plain pipeline with Megatron-LM's "
+                "tools/checkpoint/convert.py first"
+            )
         if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-            raise UserError(f"{self._file_path(tp_rank, pp_rank)}: no 'model' state dict; not a Megatron-LM "
-                            "checkpoint file")
+            raise UserError(
+                f"{self._file_path(tp_rank, pp_rank)}: no 'model' state dict; not a Megatron-LM checkpoint file"
+            )
         self._cache[key] = data
         while len(self._cache) > self._open_files:
             self._cache.popitem(last=False)
@@ -118,8 +125,10 @@ class LegacyReader:
             key = layout.mcore_name(name, offset, te_names)
             if key in model:
                 return model[key]
-        raise UserError(f"{self._file_path(tp_rank, pp_rank)}: tensor for '{name}' "
-                        f"({layout.mcore_name(name, offset)}) is missing; the shard does not match the model")
+        raise UserError(
+            f"{self._file_path(tp_rank, pp_rank)}: tensor for '{name}' "
+            f"({layout.mcore_name(name, offset)}) is missing; the shard does not match the model"
+        )
 
     @property
     def te_names(self) -> bool:
@@ -131,8 +140,10 @@ class LegacyReader:
     def _check_shapes(self) -> None:
         """Every tensor of every layer in every rank's file has its TP shard shape: a wrong one anywhere is
         an error now, before anything is written, not a crash inside torch halfway through."""
-        expected = {name: layout.tp_shard_shape(layout.split_name(name)[1], layout.logical_shape(self.cfg, name),
-                                                self.tp) for name in layout.logical_names(self.cfg)}
+        expected = {
+            name: layout.tp_shard_shape(layout.split_name(name)[1], layout.logical_shape(self.cfg, name), self.tp)
+            for name in layout.logical_names(self.cfg)
+        }
         for pp_rank in range(self.pp):
             names = [n for n in expected if layout.stage_holds(n, self.cfg, pp_rank, self.pp)]
             for tp_rank in range(self.tp):
@@ -140,9 +151,11 @@ class LegacyReader:
                     tensor = self._local_tensor(name, tp_rank)
                     if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != expected[name]:
                         got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                        raise UserError(f"{self._file_path(tp_rank, pp_rank)}: '{name}' has shard shape {got} but "
-                                        f"the model config with TP={self.tp} gives {expected[name]}; the checkpoint "
-                                        "does not match its args (or pass the matching model config)")
+                        raise UserError(
+                            f"{self._file_path(tp_rank, pp_rank)}: '{name}' has shard shape {got} but "
+                            f"the model config with TP={self.tp} gives {expected[name]}; the checkpoint "
+                            "does not match its args (or pass the matching model config)"
+                        )
 
     def dtype(self, name: str) -> torch.dtype:
         return self._local_tensor(name, 0).dtype
@@ -209,13 +222,26 @@ class LegacyWriter:
 
     format = "legacy"
 
-    def __init__(self, cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype, iteration: int = 0,
-                 te_names: bool = True, args: argparse.Namespace | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tp: int,
+        pp: int,
+        dtype: torch.dtype,
+        iteration: int = 0,
+        te_names: bool = True,
+        args: argparse.Namespace | None = None,
+    ):
         """``args``: Megatron-LM's args to store (``megatron_args.output_args``); fresh ones when None."""
         self.cfg, self.tp, self.pp, self.dtype, self.iteration = cfg, tp, pp, dtype, iteration
         self.te_names = te_names
-        self.args = args if args is not None else megatron_args.output_args(
-            None, cfg, tp, pp, dtype, iteration=iteration, new_stage=False, te_names=te_names)
+        self.args = (
+            args
+            if args is not None
+            else megatron_args.output_args(
+                None, cfg, tp, pp, dtype, iteration=iteration, new_stage=False, te_names=te_names
+            )
+        )
 
     def units(self) -> list[Unit]:
         units = []
@@ -233,8 +259,14 @@ class LegacyWriter:
                     for s in layout.tp_shard_shape(kind, shape, self.tp):
                         numel *= s
                     nbytes += numel * DTYPE_BYTES[self.dtype]
-                units.append(Unit(key=f"{rank_dir(tp_rank, pp_rank, self.pp)}/{FILE_NAME}", nbytes=nbytes,
-                                  requests=requests, meta={"tp": tp_rank, "pp": pp_rank}))
+                units.append(
+                    Unit(
+                        key=f"{rank_dir(tp_rank, pp_rank, self.pp)}/{FILE_NAME}",
+                        nbytes=nbytes,
+                        requests=requests,
+                        meta={"tp": tp_rank, "pp": pp_rank},
+                    )
+                )
         return units
 
     def write_units(self, directory: str | os.PathLike, units: list[Unit], produce: Produce, rank: int) -> list:
@@ -246,15 +278,18 @@ class LegacyWriter:
                 tensor = produce(request.name, list(request.pieces)).to(self.dtype).contiguous()
                 if tensor.untyped_storage().nbytes() != tensor.nbytes:
                     tensor = tensor.clone()
-                if request.name == "embedding" and pp_rank == self.pp - 1 and self.cfg.tie_embeddings \
-                        and self.pp > 1:
+                if request.name == "embedding" and pp_rank == self.pp - 1 and self.cfg.tie_embeddings and self.pp > 1:
                     model[layout.mcore_name("output")] = tensor  # megatron's last-stage copy of the tied weight
                     if pp_rank != 0:
                         continue
                 model[layout.mcore_name(request.name, offset, self.te_names)] = tensor
             model.update(self._extra_state(pp_rank))
-            blob = {"model": model, "args": self.args, "checkpoint_version": megatron_args.CHECKPOINT_VERSION,
-                    "iteration": self.iteration}
+            blob = {
+                "model": model,
+                "args": self.args,
+                "checkpoint_version": megatron_args.CHECKPOINT_VERSION,
+                "iteration": self.iteration,
+            }
             path = Path(directory) / unit.key
             path.parent.mkdir(parents=True, exist_ok=True)
             save_pt(blob, path)
@@ -263,8 +298,11 @@ class LegacyWriter:
 
     def _extra_state(self, pp_rank: int) -> dict[str, None]:
         """The ``_extra_state`` entries megatron's linear layers put in a state dict (None: no FP8 meta)."""
-        keys = [f"decoder.layers.{j}.{module}._extra_state"
-                for j in range(self.cfg.num_layers // self.pp) for module in layout.MCORE_EXTRA_STATE_MODULES]
+        keys = [
+            f"decoder.layers.{j}.{module}._extra_state"
+            for j in range(self.cfg.num_layers // self.pp)
+            for module in layout.MCORE_EXTRA_STATE_MODULES
+        ]
         if pp_rank == self.pp - 1:
             keys.append("output_layer._extra_state")
         return dict.fromkeys(keys)

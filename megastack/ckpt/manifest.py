@@ -38,16 +38,25 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
 
 MAX_MANIFEST_BYTES = 64 << 20
 # Fields megastack reads from a manifest, by type: anything else is corrupt, never half-used.
-_FIELDS: dict[str, type] = {"iteration": int, "consumed_tokens": int, "cumulative_flops": float, "model": dict,
-                            "history": list, "files": dict, "growth": dict, "format": str}
+_FIELDS: dict[str, type] = {
+    "iteration": int,
+    "consumed_tokens": int,
+    "cumulative_flops": float,
+    "model": dict,
+    "history": list,
+    "files": dict,
+    "growth": dict,
+    "format": str,
+}
 
 
 def checked_relative(name: str, where: Path) -> str:
     """A manifest or shard file name that stays inside its checkpoint directory."""
     pure = PurePosixPath(name)
     if pure.is_absolute() or ".." in pure.parts or not pure.parts or "\\" in name:
-        raise UserError(f"{where}: refuses file name '{name}' (absolute or outside the checkpoint); the "
-                        "manifest may be malicious")
+        raise UserError(
+            f"{where}: refuses file name '{name}' (absolute or outside the checkpoint); the manifest may be malicious"
+        )
     return str(pure)
 
 
@@ -66,8 +75,9 @@ def file_hashes(directory: str | os.PathLike, known: dict[str, str] | None = Non
     return dict(sorted(out.items()))
 
 
-def write_manifest(directory: str | os.PathLike, data: dict[str, Any],
-                   known_hashes: dict[str, str] | None = None) -> dict[str, Any]:
+def write_manifest(
+    directory: str | os.PathLike, data: dict[str, Any], known_hashes: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Write megastack.json with the hashes of everything else in ``directory`` (call it last)."""
     data = {**data, "files": file_hashes(directory, known_hashes)}
     atomic_write_json(Path(directory) / MANIFEST, data)
@@ -87,29 +97,33 @@ def resolve_iteration_dir(path: str | os.PathLike) -> Path:
     except FileNotFoundError:
         raise UserError(f"{path}: no such checkpoint directory") from None
     except (OSError, RuntimeError) as exc:  # a symlink loop, a permission problem on the way
-        raise UserError(f"{path}: cannot be opened ({type(exc).__name__}: {str(exc)[:80]}); pass a checkpoint "
-                        "directory") from None
+        raise UserError(
+            f"{path}: cannot be opened ({type(exc).__name__}: {str(exc)[:80]}); pass a checkpoint directory"
+        ) from None
     tracker = path / TRACKER
     if tracker.is_file():
         try:
             text = tracker.read_bytes()[:64].decode("ascii").strip()
         except UnicodeDecodeError:
-            raise UserError(f"{tracker}: not a text iteration number (binary content); the tracker is corrupt"
-                            ) from None
+            raise UserError(
+                f"{tracker}: not a text iteration number (binary content); the tracker is corrupt"
+            ) from None
         if text == "release":
             return path / "release"
         if not text.isdigit():
             raise UserError(f"{tracker}: expected an iteration number, got {text[:40]!r}")
         target = path / iter_dir_name(int(text))
         if not target.is_dir():
-            raise UserError(f"{tracker}: names iteration {text} but {target.name} is missing; the checkpoint "
-                            "is incomplete")
+            raise UserError(
+                f"{tracker}: names iteration {text} but {target.name} is missing; the checkpoint is incomplete"
+            )
         return target
     return path
 
 
-def check_hashes(directory: str | os.PathLike, manifest: dict[str, Any], part: tuple[int, int] = (0, 1),
-                 extra_files: bool = True) -> list[str]:
+def check_hashes(
+    directory: str | os.PathLike, manifest: dict[str, Any], part: tuple[int, int] = (0, 1), extra_files: bool = True
+) -> list[str]:
     """Problems of the files in ``directory`` against ``manifest['files']``: missing, changed, (with
     ``extra_files``) unlisted. ``part`` (i, n) checks every n-th listed file from the i-th, so n ranks
     share the hashing."""
@@ -132,6 +146,7 @@ def check_hashes(directory: str | os.PathLike, manifest: dict[str, Any], part: t
         elif sha256_file(actual[rel]) != digest:
             problems.append(f"{directory / rel}: checksum differs from the manifest (corrupt or modified)")
     if extra_files and index == 0:
-        problems += [f"{directory / rel}: not in the manifest (unexpected file)"
-                     for rel in sorted(set(actual) - set(listed))]
+        problems += [
+            f"{directory / rel}: not in the manifest (unexpected file)" for rel in sorted(set(actual) - set(listed))
+        ]
     return problems

@@ -44,17 +44,22 @@ FIELDS: dict[str, ArgField] = {
     "padded_vocab_size": ArgField(("padded_vocab_size",), int, "rows of the embedding (vocab after padding)"),
     "vocab_size": ArgField(("vocab_size",), int, "unpadded vocab (only when padded_vocab_size is absent)"),
     "rotary_base": ArgField(("rotary_base",), float, "RoPE base"),
-    "norm_epsilon": ArgField(("layernorm_epsilon", "norm_epsilon"), float,
-                             "RMSNorm epsilon (core 0.16 names it layernorm_epsilon, earlier norm_epsilon)"),
-    "untie_embeddings_and_output_weights": ArgField(("untie_embeddings_and_output_weights",), bool,
-                                                    "separate output layer"),
+    "norm_epsilon": ArgField(
+        ("layernorm_epsilon", "norm_epsilon"),
+        float,
+        "RMSNorm epsilon (core 0.16 names it layernorm_epsilon, earlier norm_epsilon)",
+    ),
+    "untie_embeddings_and_output_weights": ArgField(
+        ("untie_embeddings_and_output_weights",), bool, "separate output layer"
+    ),
     "bf16": ArgField(("bf16",), bool, "bf16 training"),
     "fp16": ArgField(("fp16",), bool, "fp16 training"),
     "params_dtype": ArgField(("params_dtype",), torch.dtype, "weights dtype (written with bf16/fp16)"),
     "tensor_model_parallel_size": ArgField(("tensor_model_parallel_size",), int, "TP of the files (legacy)"),
     "pipeline_model_parallel_size": ArgField(("pipeline_model_parallel_size",), int, "PP of the files (legacy)"),
-    "virtual_pipeline_model_parallel_size": ArgField(("virtual_pipeline_model_parallel_size",), int,
-                                                     "interleaved PP chunks (megastack reads none)"),
+    "virtual_pipeline_model_parallel_size": ArgField(
+        ("virtual_pipeline_model_parallel_size",), int, "interleaved PP chunks (megastack reads none)"
+    ),
     "transformer_impl": ArgField(("transformer_impl",), str, "local or transformer_engine: the norm key names"),
     "tokenizer_type": ArgField(("tokenizer_type",), str, "kept from the source; HuggingFaceTokenizer from HF"),
     "tokenizer_model": ArgField(("tokenizer_model",), str, "kept; from HF: the source dir if it has a tokenizer"),
@@ -66,14 +71,20 @@ FIELDS: dict[str, ArgField] = {
 
 # What megastack's Llama is: a source with another value here is another architecture, refused.
 LLAMA: dict[str, Any] = {
-    "normalization": "RMSNorm", "swiglu": True, "add_bias_linear": False, "add_qkv_bias": False,
-    "position_embedding_type": "rope", "rotary_percent": 1.0, "rotary_interleaved": False,
-    "apply_layernorm_1p": False, "qk_layernorm": False, "num_experts": None,
+    "normalization": "RMSNorm",
+    "swiglu": True,
+    "add_bias_linear": False,
+    "add_qkv_bias": False,
+    "position_embedding_type": "rope",
+    "rotary_percent": 1.0,
+    "rotary_interleaved": False,
+    "apply_layernorm_1p": False,
+    "qk_layernorm": False,
+    "num_experts": None,
 }
 
 # Fields grow sets for the new stage (Megatron-LM reads them on resume unless --finetune).
-NEW_STAGE = {"iteration": 0, "consumed_train_samples": 0, "consumed_valid_samples": 0,
-             "skipped_train_samples": 0}
+NEW_STAGE = {"iteration": 0, "consumed_train_samples": 0, "consumed_valid_samples": 0, "skipped_train_samples": 0}
 
 
 def get(args: Any, field: str, where: str) -> Any:
@@ -83,8 +94,14 @@ def get(args: Any, field: str, where: str) -> Any:
         value = _get_raw(args, name)
         if value is None:
             continue
-        return untrusted.typed(value, spec.kind, where, f"args field '{name}' ({spec.meaning})",
-                               "the checkpoint's args are corrupt", minimum=0 if spec.kind is int else None)
+        return untrusted.typed(
+            value,
+            spec.kind,
+            where,
+            f"args field '{name}' ({spec.meaning})",
+            "the checkpoint's args are corrupt",
+            minimum=0 if spec.kind is int else None,
+        )
     return None
 
 
@@ -95,30 +112,36 @@ def _get_raw(args: Any, name: str) -> Any:
 def saved_iteration(state: dict[str, Any], where: str) -> int:
     """The top-level ``iteration`` Megatron-LM's save_checkpoint writes beside ``args`` (a legacy rank file
     or torch_dist's common.pt); 0 when absent."""
-    return untrusted.typed(state.get("iteration", 0), int, where, "field 'iteration'", "the file is corrupt",
-                           minimum=0)
+    return untrusted.typed(state.get("iteration", 0), int, where, "field 'iteration'", "the file is corrupt", minimum=0)
 
 
 def model_config(args: Any, where: str) -> ModelConfig:
     """The ModelConfig Megatron-LM's loader would build from these args, or a UserError naming the field."""
     if args is None:
-        raise UserError(f"{where}: no Megatron 'args' and no megastack.json, so the architecture is unknown; "
-                        "convert it with --model CONFIG naming the architecture")
+        raise UserError(
+            f"{where}: no Megatron 'args' and no megastack.json, so the architecture is unknown; "
+            "convert it with --model CONFIG naming the architecture"
+        )
     for name, want in LLAMA.items():
         have = _get_raw(args, name)
         if have is not None and have != want and not (name == "num_experts" and have in (0, 1)):
-            raise UserError(f"{where}: args field '{name}' is {have!r}; megastack reads Llama-style models "
-                            f"({name}={want!r}), so this checkpoint is another architecture")
+            raise UserError(
+                f"{where}: args field '{name}' is {have!r}; megastack reads Llama-style models "
+                f"({name}={want!r}), so this checkpoint is another architecture"
+            )
     vpp = get(args, "virtual_pipeline_model_parallel_size", where)
     if vpp not in (None, 1):
-        raise UserError(f"{where}: saved with virtual pipeline parallelism ({vpp} chunks per stage); reshard it "
-                        "to a plain pipeline with Megatron-LM's tools/checkpoint/convert.py first")
+        raise UserError(
+            f"{where}: saved with virtual pipeline parallelism ({vpp} chunks per stage); reshard it "
+            "to a plain pipeline with Megatron-LM's tools/checkpoint/convert.py first"
+        )
     required = {}
     for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "seq_length"):
         required[field] = get(args, field, where)
         if not required[field]:
-            raise UserError(f"{where}: args lack '{field}', so the architecture is unknown; the checkpoint's args "
-                            "are incomplete")
+            raise UserError(
+                f"{where}: args lack '{field}', so the architecture is unknown; the checkpoint's args are incomplete"
+            )
     heads = required["num_attention_heads"]
     groups = get(args, "num_query_groups", where) if get(args, "group_query_attention", where) else heads
     vocab = get(args, "padded_vocab_size", where) or get(args, "vocab_size", where)
@@ -126,17 +149,25 @@ def model_config(args: Any, where: str) -> ModelConfig:
         raise UserError(f"{where}: args lack 'padded_vocab_size', so the vocab is unknown; the args are incomplete")
     kv = get(args, "kv_channels", where)
     if kv is not None and kv * heads != required["hidden_size"]:
-        raise UserError(f"{where}: args give kv_channels={kv} with {heads} heads and hidden_size "
-                        f"{required['hidden_size']}; megastack needs head dim = hidden_size / heads")
+        raise UserError(
+            f"{where}: args give kv_channels={kv} with {heads} heads and hidden_size "
+            f"{required['hidden_size']}; megastack needs head dim = hidden_size / heads"
+        )
     epsilon = get(args, "norm_epsilon", where)
     base = get(args, "rotary_base", where)
     return ModelConfig(
-        num_layers=required["num_layers"], hidden_size=required["hidden_size"], num_attention_heads=heads,
-        num_query_groups=groups or heads, ffn_hidden_size=required["ffn_hidden_size"], vocab_size=vocab,
-        seq_length=required["seq_length"], rotary_base=base if base is not None else 10000.0,
+        num_layers=required["num_layers"],
+        hidden_size=required["hidden_size"],
+        num_attention_heads=heads,
+        num_query_groups=groups or heads,
+        ffn_hidden_size=required["ffn_hidden_size"],
+        vocab_size=vocab,
+        seq_length=required["seq_length"],
+        rotary_base=base if base is not None else 10000.0,
         norm_epsilon=epsilon if epsilon is not None else 1e-5,
         tie_embeddings=not get(args, "untie_embeddings_and_output_weights", where),
-        dtype="bf16" if get(args, "bf16", where) else ("fp16" if get(args, "fp16", where) else "fp32"))
+        dtype="bf16" if get(args, "bf16", where) else ("fp16" if get(args, "fp16", where) else "fp32"),
+    )
 
 
 def fresh_args(cfg: ModelConfig) -> argparse.Namespace:
@@ -144,17 +175,35 @@ def fresh_args(cfg: ModelConfig) -> argparse.Namespace:
     ``pretrain_gpt.py`` need to rebuild this Llama (a missing key silently falls back to Megatron's
     default, i.e. a different model)."""
     return argparse.Namespace(
-        **LLAMA, make_vocab_size_divisible_by=128, tokenizer_type="SentencePieceTokenizer",
+        **LLAMA,
+        make_vocab_size_divisible_by=128,
+        tokenizer_type="SentencePieceTokenizer",
         # as Megatron-LM's own saves of a RoPE Llama hold them (its loader compares add_position_embedding
         # with its default True; rope is chosen by position_embedding_type)
-        add_position_embedding=True, use_rotary_position_embeddings=False,
-        apply_query_key_layer_scaling=False, sequence_parallel=False, attention_dropout=0.0, hidden_dropout=0.0,
-        use_legacy_models=False, transformer_impl="transformer_engine",
-        **NEW_STAGE)
+        add_position_embedding=True,
+        use_rotary_position_embeddings=False,
+        apply_query_key_layer_scaling=False,
+        sequence_parallel=False,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        use_legacy_models=False,
+        transformer_impl="transformer_engine",
+        **NEW_STAGE,
+    )
 
 
-def output_args(source: Any, cfg: ModelConfig, tp: int | None, pp: int | None, dtype: torch.dtype, *, iteration: int,
-                new_stage: bool, te_names: bool, where: str = "source") -> argparse.Namespace:
+def output_args(
+    source: Any,
+    cfg: ModelConfig,
+    tp: int | None,
+    pp: int | None,
+    dtype: torch.dtype,
+    *,
+    iteration: int,
+    new_stage: bool,
+    te_names: bool,
+    where: str = "source",
+) -> argparse.Namespace:
     """The args to write: the source's (a copy; fresh when it has none) with only what changed changed.
     ``tp``/``pp`` None (torch_dist output, which loads under any layout) keeps the source's."""
     if source is None:
@@ -166,16 +215,23 @@ def output_args(source: Any, cfg: ModelConfig, tp: int | None, pp: int | None, d
     else:
         raise UserError(f"{where}: 'args' is a {type(source).__name__}, not Megatron-LM's Namespace")
     changed = {
-        "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "ffn_hidden_size": cfg.ffn_hidden_size,
-        "num_attention_heads": cfg.num_attention_heads, "num_query_groups": cfg.query_groups,
-        "group_query_attention": cfg.query_groups != cfg.num_attention_heads, "kv_channels": cfg.head_dim,
-        "seq_length": cfg.seq_length, "padded_vocab_size": cfg.vocab_size,
+        "num_layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "ffn_hidden_size": cfg.ffn_hidden_size,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_query_groups": cfg.query_groups,
+        "group_query_attention": cfg.query_groups != cfg.num_attention_heads,
+        "kv_channels": cfg.head_dim,
+        "seq_length": cfg.seq_length,
+        "padded_vocab_size": cfg.vocab_size,
         "untie_embeddings_and_output_weights": not cfg.tie_embeddings,
         "rotary_base": int(cfg.rotary_base) if float(cfg.rotary_base).is_integer() else cfg.rotary_base,
         "tensor_model_parallel_size": tp or getattr(args, "tensor_model_parallel_size", None) or 1,
         "pipeline_model_parallel_size": pp or getattr(args, "pipeline_model_parallel_size", None) or 1,
-        "fp16": dtype == torch.float16, "bf16": dtype == torch.bfloat16,
-        "params_dtype": dtype, "iteration": iteration,
+        "fp16": dtype == torch.float16,
+        "bf16": dtype == torch.bfloat16,
+        "params_dtype": dtype,
+        "iteration": iteration,
         "transformer_impl": "transformer_engine" if te_names else "local",
     }
     if source is None or (getattr(args, "max_position_embeddings", None) or 0) < cfg.seq_length:
@@ -207,13 +263,23 @@ def output_te_names(reader: Any, requested: str | None) -> bool:
     return impl != "local"
 
 
-def for_output(reader: Any, cfg: ModelConfig, tp: int | None, pp: int | None, dtype: torch.dtype, *, iteration: int,
-               new_stage: bool, norm_names: str | None = None) -> tuple[argparse.Namespace, bool]:
+def for_output(
+    reader: Any,
+    cfg: ModelConfig,
+    tp: int | None,
+    pp: int | None,
+    dtype: torch.dtype,
+    *,
+    iteration: int,
+    new_stage: bool,
+    norm_names: str | None = None,
+) -> tuple[argparse.Namespace, bool]:
     """(args, te_names) for a Megatron output made from ``reader``'s checkpoint."""
     te_names = output_te_names(reader, norm_names)
     source = getattr(reader, "saved_args", None)
-    args = output_args(source, cfg, tp, pp, dtype, iteration=iteration, new_stage=new_stage, te_names=te_names,
-                       where=str(reader.path))
+    args = output_args(
+        source, cfg, tp, pp, dtype, iteration=iteration, new_stage=new_stage, te_names=te_names, where=str(reader.path)
+    )
     if source is None and getattr(reader, "format", None) == "hf":
         tokenizer_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
         if any((reader.path / name).is_file() for name in tokenizer_files):

@@ -108,8 +108,7 @@ def _standard_globals() -> list[Any]:
     import signal
     import types
 
-    return [argparse.Namespace, types.SimpleNamespace, pathlib.PosixPath, signal.Signals, io.BytesIO,
-            torch.Generator]
+    return [argparse.Namespace, types.SimpleNamespace, pathlib.PosixPath, signal.Signals, io.BytesIO, torch.Generator]
 
 
 _registered = False
@@ -121,8 +120,9 @@ def _allow_megatron_globals() -> None:
     same Namespace and numpy classes at import), breaking its later loads."""
     global _registered
     if not _registered:
-        torch.serialization.add_safe_globals(_standard_globals() + _numpy_globals()
-                                             + [(cls, name) for name, cls in STAND_INS.items()])
+        torch.serialization.add_safe_globals(
+            _standard_globals() + _numpy_globals() + [(cls, name) for name, cls in STAND_INS.items()]
+        )
         _registered = True
 
 
@@ -160,11 +160,16 @@ def load_pt(path: str | os.PathLike, *, mmap: bool = False) -> Any:
         raise UserError(f"{path}: file not found; the checkpoint is incomplete") from None
     except pickle.UnpicklingError as exc:
         found = _REFUSED_GLOBAL.search(str(exc))
-        what = f"global '{found.group(1)}'" if found else \
-            f"content ({(str(exc).strip().splitlines() or ['unsafe'])[0][:120]})"
-        raise UserError(f"{path}: refused to load: its pickle asks for {what}, which is not a tensor nor one "
-                        "of the Megatron-LM args/rng/optimizer objects megastack admits; the file may be "
-                        "malicious, or written by a tool megastack does not know (nothing was executed)") from None
+        what = (
+            f"global '{found.group(1)}'"
+            if found
+            else f"content ({(str(exc).strip().splitlines() or ['unsafe'])[0][:120]})"
+        )
+        raise UserError(
+            f"{path}: refused to load: its pickle asks for {what}, which is not a tensor nor one "
+            "of the Megatron-LM args/rng/optimizer objects megastack admits; the file may be "
+            "malicious, or written by a tool megastack does not know (nothing was executed)"
+        ) from None
     except Exception as exc:  # a corrupt pickle or zip raises many types (IndexError, KeyError, EINVAL, ...)
         # OSError: torch's mmap of a truncated zip fails with EINVAL ("cannot write DST: Invalid argument" once)
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
@@ -200,13 +205,33 @@ def save_pt(obj: Any, path_or_file: Any) -> None:
 
 # DCP metadata is built from the dataclasses and enums of these modules (megatron also pickles its
 # cached SavePlan there); any class defined in them may be rebuilt, no function, no other module.
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
-                "torch.distributed.checkpoint.filesystem")
+_DCP_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.planner",
+    "torch.distributed.checkpoint.filesystem",
+)
 _DCP_ALLOWED = {
-    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-    ("builtins", "set"), ("builtins", "frozenset"),
-} | {("torch", name) for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32",
-                                 "int8", "uint8", "bool", "float8_e4m3fn", "float8_e5m2")}
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+} | {
+    ("torch", name)
+    for name in (
+        "float32",
+        "float16",
+        "bfloat16",
+        "float64",
+        "int64",
+        "int32",
+        "int8",
+        "uint8",
+        "bool",
+        "float8_e4m3fn",
+        "float8_e5m2",
+    )
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -232,8 +257,9 @@ def read_dcp_metadata(directory: str | os.PathLike):
     except pickle.UnpicklingError as exc:
         raise UserError(f"{path}: refused: {exc}; the metadata may be corrupt or malicious") from None
     except Exception as exc:  # truncated or garbage pickles raise many types
-        raise UserError(f"{path}: unreadable checkpoint metadata ({type(exc).__name__}); the file is "
-                        "truncated or corrupt") from None
+        raise UserError(
+            f"{path}: unreadable checkpoint metadata ({type(exc).__name__}); the file is truncated or corrupt"
+        ) from None
     from torch.distributed.checkpoint.metadata import Metadata
 
     if not isinstance(metadata, Metadata):
@@ -265,13 +291,17 @@ def _metadata_problem(metadata: Any) -> str | None:
         if not isinstance(md.chunks, list):
             return f"'{key}' has no chunk list"
         for chunk in md.chunks:
-            if not (is_counts(getattr(chunk, "offsets", None), len(md.size))
-                    and is_counts(getattr(chunk, "sizes", None), len(md.size))):
+            if not (
+                is_counts(getattr(chunk, "offsets", None), len(md.size))
+                and is_counts(getattr(chunk, "sizes", None), len(md.size))
+            ):
                 return f"a chunk of '{key}' has offsets/sizes that are not {len(md.size)} non-negative integers"
     for index, info in storage.items():
         if not isinstance(index, MetadataIndex) or not isinstance(getattr(index, "fqn", None), str):
             return "a storage entry is not indexed by name"
-        if not (isinstance(getattr(info, "relative_path", None), str)
-                and is_counts([getattr(info, "offset", None), getattr(info, "length", None)])):
+        if not (
+            isinstance(getattr(info, "relative_path", None), str)
+            and is_counts([getattr(info, "offset", None), getattr(info, "length", None)])
+        ):
             return f"the storage of '{index.fqn}' has no valid file, offset and length"
     return None

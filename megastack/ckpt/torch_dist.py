@@ -40,8 +40,12 @@ from megastack.config import ModelConfig
 from megastack.errors import UserError
 from megastack.layout import Piece, pieces_shape
 
-METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
-                 "common_backend": "torch", "common_backend_version": 1}
+METADATA_JSON = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float64: 8}
 
 
@@ -55,8 +59,11 @@ def dcp_key(name: str) -> tuple[str, int | None]:
 
 def extra_state_keys(num_layers: int) -> list[str]:
     """The per-layer ``_extra_state`` objects megatron-core expects even in a non-strict load."""
-    return [f"decoder.layers.{module}._extra_state/shard_{i}_{num_layers}"
-            for module in layout.MCORE_EXTRA_STATE_MODULES for i in range(num_layers)]
+    return [
+        f"decoder.layers.{module}._extra_state/shard_{i}_{num_layers}"
+        for module in layout.MCORE_EXTRA_STATE_MODULES
+        for i in range(num_layers)
+    ]
 
 
 def is_torch_dist(directory: Path) -> bool:
@@ -70,8 +77,9 @@ def read_common(directory: Path) -> dict[str, Any]:
         return {}
     common = load_pt(path)
     if not isinstance(common, dict):
-        raise UserError(f"{path}: holds a {type(common).__name__}, not the dict megatron-core writes; the file is "
-                        "corrupt")
+        raise UserError(
+            f"{path}: holds a {type(common).__name__}, not the dict megatron-core writes; the file is corrupt"
+        )
     return common
 
 
@@ -114,11 +122,15 @@ class TorchDistReader:
         for rel, end in sorted(needed.items()):
             path = self.path / rel
             if not path.is_file():
-                raise UserError(f"{path}: missing shard file named in {self.path / '.metadata'}; the checkpoint "
-                                "is incomplete (copy it again)")
+                raise UserError(
+                    f"{path}: missing shard file named in {self.path / '.metadata'}; the checkpoint "
+                    "is incomplete (copy it again)"
+                )
             if path.stat().st_size < end:
-                raise UserError(f"{path}: truncated ({path.stat().st_size} bytes, the metadata needs {end}); the "
-                                "checkpoint is incomplete or corrupt")
+                raise UserError(
+                    f"{path}: truncated ({path.stat().st_size} bytes, the metadata needs {end}); the "
+                    "checkpoint is incomplete or corrupt"
+                )
 
     def _check_shapes(self) -> None:
         sd = self.metadata.state_dict_metadata
@@ -126,21 +138,27 @@ class TorchDistReader:
         for name in layout.logical_names(self.cfg):
             key, layer = dcp_key(name)
             if key not in sd or not isinstance(sd[key], TensorStorageMetadata):
-                raise UserError(f"{self.path}: tensor '{key}' is missing; the checkpoint does not match the "
-                                f"model config ({self.cfg.num_layers} layers, tied={self.cfg.tie_embeddings})")
+                raise UserError(
+                    f"{self.path}: tensor '{key}' is missing; the checkpoint does not match the "
+                    f"model config ({self.cfg.num_layers} layers, tied={self.cfg.tie_embeddings})"
+                )
             expected = layout.logical_shape(self.cfg, name)
             if layer is not None:
                 expected = (self.cfg.num_layers, *expected)
             if tuple(sd[key].size) != expected:
-                raise UserError(f"{self.path}: tensor '{key}' has shape {tuple(sd[key].size)} but the model "
-                                f"config gives {expected}; pass the matching model config")
+                raise UserError(
+                    f"{self.path}: tensor '{key}' has shape {tuple(sd[key].size)} but the model "
+                    f"config gives {expected}; pass the matching model config"
+                )
             if key not in checked:
                 self._check_tiling(key, sd[key])
                 checked.add(key)
         for index, info in self.metadata.storage_data.items():
             if getattr(info, "transform_descriptors", None):
-                raise UserError(f"{self.path}: chunk {index.fqn} uses storage transforms "
-                                f"{list(info.transform_descriptors)}; only plain torch_dist files are supported")
+                raise UserError(
+                    f"{self.path}: chunk {index.fqn} uses storage transforms "
+                    f"{list(info.transform_descriptors)}; only plain torch_dist files are supported"
+                )
 
     def _check_tiling(self, key: str, md: TensorStorageMetadata) -> None:
         """The chunks of ``key`` tile its global shape exactly: inside it, no two overlapping, and their
@@ -150,13 +168,18 @@ class TorchDistReader:
         chunks = sorted(md.chunks, key=lambda c: tuple(c.offsets))
         total = 0
         for c in chunks:
-            if len(c.offsets) != len(size) or any(o < 0 or n < 1 or o + n > s
-                                                   for o, n, s in zip(c.offsets, c.sizes, size)):
-                raise UserError(f"{self.path / '.metadata'}: a chunk of '{key}' (offsets {list(c.offsets)}, sizes "
-                                f"{list(c.sizes)}) lies outside its shape {list(size)}; the metadata is corrupt")
+            if len(c.offsets) != len(size) or any(
+                o < 0 or n < 1 or o + n > s for o, n, s in zip(c.offsets, c.sizes, size)
+            ):
+                raise UserError(
+                    f"{self.path / '.metadata'}: a chunk of '{key}' (offsets {list(c.offsets)}, sizes "
+                    f"{list(c.sizes)}) lies outside its shape {list(size)}; the metadata is corrupt"
+                )
             if MetadataIndex(key, c.offsets) not in self.metadata.storage_data:
-                raise UserError(f"{self.path / '.metadata'}: a chunk of '{key}' at {list(c.offsets)} has no stored "
-                                "bytes; the metadata is corrupt")
+                raise UserError(
+                    f"{self.path / '.metadata'}: a chunk of '{key}' at {list(c.offsets)} has no stored "
+                    "bytes; the metadata is corrupt"
+                )
             volume = 1
             for n in c.sizes:
                 volume *= n
@@ -166,13 +189,17 @@ class TorchDistReader:
             whole *= n
         starts = [c.offsets[0] for c in chunks]
         for i, a in enumerate(chunks):  # only chunks starting before a's end on dim 0 can overlap it
-            for b in chunks[i + 1:bisect.bisect_left(starts, a.offsets[0] + a.sizes[0])]:
+            for b in chunks[i + 1 : bisect.bisect_left(starts, a.offsets[0] + a.sizes[0])]:
                 if all(max(x, y) < min(x + n, y + m) for x, n, y, m in zip(a.offsets, a.sizes, b.offsets, b.sizes)):
-                    raise UserError(f"{self.path / '.metadata'}: chunks of '{key}' at {list(a.offsets)} and "
-                                    f"{list(b.offsets)} overlap; the metadata is corrupt")
+                    raise UserError(
+                        f"{self.path / '.metadata'}: chunks of '{key}' at {list(a.offsets)} and "
+                        f"{list(b.offsets)} overlap; the metadata is corrupt"
+                    )
         if total != whole:
-            raise UserError(f"{self.path / '.metadata'}: the chunks of '{key}' cover {total} of its {whole} elements "
-                            "(a hole); the metadata is corrupt or the checkpoint incomplete")
+            raise UserError(
+                f"{self.path / '.metadata'}: the chunks of '{key}' cover {total} of its {whole} elements "
+                "(a hole); the metadata is corrupt or the checkpoint incomplete"
+            )
 
     def dtype(self, name: str) -> torch.dtype:
         return self.metadata.state_dict_metadata[dcp_key(name)[0]].properties.dtype
@@ -245,25 +272,30 @@ class TorchDistReader:
         try:
             f = open(path, "rb")
         except FileNotFoundError:
-            raise UserError(f"{path}: missing shard file named in {self.path / '.metadata'}; the checkpoint "
-                            "is incomplete (copy it again)") from None
+            raise UserError(
+                f"{path}: missing shard file named in {self.path / '.metadata'}; the checkpoint "
+                "is incomplete (copy it again)"
+            ) from None
         with f:
             if os.fstat(f.fileno()).st_size < info.offset + info.length:
-                raise UserError(f"{path}: truncated (chunk of '{key}' ends past the end of the file); the "
-                                "checkpoint is incomplete or corrupt")
+                raise UserError(
+                    f"{path}: truncated (chunk of '{key}' ends past the end of the file); the "
+                    "checkpoint is incomplete or corrupt"
+                )
             try:
                 # torch.load reads the storages straight from the file: no second copy of the bytes.
-                tensor = torch.load(FileWindow(f, info.offset, info.length), map_location="cpu",
-                                    weights_only=True)
+                tensor = torch.load(FileWindow(f, info.offset, info.length), map_location="cpu", weights_only=True)
             except Exception as exc:
-                raise UserError(f"{path}: chunk of '{key}' is unreadable ({type(exc).__name__}); the file is "
-                                "corrupt") from None
+                raise UserError(
+                    f"{path}: chunk of '{key}' is unreadable ({type(exc).__name__}); the file is corrupt"
+                ) from None
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(chunk.sizes):
             raise UserError(f"{path}: chunk of '{key}' does not match its metadata; the file is corrupt")
         return tensor
 
-    def _assemble(self, key: str, offsets: list[int], sizes: list[int], overlaps: list, dtype: torch.dtype
-                  ) -> torch.Tensor:
+    def _assemble(
+        self, key: str, offsets: list[int], sizes: list[int], overlaps: list, dtype: torch.dtype
+    ) -> torch.Tensor:
         """A region copied out of the chunks it overlaps (each loaded through the one-chunk cache)."""
         out = torch.empty(sizes, dtype=dtype)
         covered = 0
@@ -275,8 +307,10 @@ class TorchDistReader:
             dst.copy_(src)
             covered += src.numel()
         if covered != out.numel():
-            raise UserError(f"{self.path}: the chunks of '{key}' do not cover the requested region; the "
-                            "checkpoint metadata is inconsistent")
+            raise UserError(
+                f"{self.path}: the chunks of '{key}' do not cover the requested region; the "
+                "checkpoint metadata is inconsistent"
+            )
         return out
 
     def read(self, name: str, pieces: list[Piece] | None = None) -> torch.Tensor:
@@ -379,15 +413,21 @@ class TorchDistWriter:
 
     format = "torch_dist"
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, chunk_bytes: int = 32 << 20,
-                 args: Any = None, iteration: int = 0):
+    def __init__(
+        self, cfg: ModelConfig, dtype: torch.dtype, chunk_bytes: int = 32 << 20, args: Any = None, iteration: int = 0
+    ):
         """``args``: Megatron-LM's args for ``common.pt`` (``megatron_args.output_args``; fresh when None)."""
         self.cfg = cfg
         self.dtype = dtype
         self.chunk_bytes = chunk_bytes
         self.iteration = iteration
-        self.args = args if args is not None else megatron_args.output_args(
-            None, cfg, None, None, dtype, iteration=iteration, new_stage=False, te_names=True)
+        self.args = (
+            args
+            if args is not None
+            else megatron_args.output_args(
+                None, cfg, None, None, dtype, iteration=iteration, new_stage=False, te_names=True
+            )
+        )
 
     def units(self) -> list[Unit]:
         units = []
@@ -405,14 +445,20 @@ class TorchDistWriter:
             for start in range(0, shape[dim], block):
                 length = min(block, shape[dim] - start)
                 whole = length == shape[dim]
-                units.append(Unit(key=name if whole else f"{name}#{start}", nbytes=length * line_bytes,
-                                  requests=[Request(name, None if whole else (Piece(dim, start, length),))]))
+                units.append(
+                    Unit(
+                        key=name if whole else f"{name}#{start}",
+                        nbytes=length * line_bytes,
+                        requests=[Request(name, None if whole else (Piece(dim, start, length),))],
+                    )
+                )
         # The _extra_state objects are a few bytes each: one unit, written with the first chunks.
         units.append(Unit(key="_extra_state", nbytes=0, requests=[], meta={"objects": True}))
         return units
 
-    def write_units(self, directory: str | os.PathLike, units: list[Unit], produce: Produce,
-                    rank: int) -> list[ChunkRecord | ObjectRecord]:
+    def write_units(
+        self, directory: str | os.PathLike, units: list[Unit], produce: Produce, rank: int
+    ) -> list[ChunkRecord | ObjectRecord]:
         relative = f"__{rank}_0.distcp"
         records: list[ChunkRecord | ObjectRecord | FileHash] = []
         if not units:
@@ -435,8 +481,9 @@ class TorchDistWriter:
         records.append(FileHash(relative, stream.digest.hexdigest()))
         return records
 
-    def _write_chunk(self, stream: HashingWriter, relative: str, name: str, tensor: torch.Tensor,
-                     pieces: list[Piece] | None) -> ChunkRecord:
+    def _write_chunk(
+        self, stream: HashingWriter, relative: str, name: str, tensor: torch.Tensor, pieces: list[Piece] | None
+    ) -> ChunkRecord:
         key, layer = dcp_key(name)
         shape = layout.logical_shape(self.cfg, name)
         expected = pieces_shape(shape, pieces)
@@ -455,8 +502,9 @@ class TorchDistWriter:
             tensor = tensor.clone()  # torch.save writes whole storages; never a view's parent
         offset = stream.tell()
         torch.save(tensor, stream)
-        return ChunkRecord(key, tuple(global_size), offsets, tuple(tensor.shape), self.dtype, relative, offset,
-                           stream.tell() - offset)
+        return ChunkRecord(
+            key, tuple(global_size), offsets, tuple(tensor.shape), self.dtype, relative, offset, stream.tell() - offset
+        )
 
     def finalize(self, directory: str | os.PathLike, results: list[list[Any]]) -> None:
         from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
@@ -473,15 +521,20 @@ class TorchDistWriter:
                     state[r.key] = BytesStorageMetadata()
                     storage[MetadataIndex(r.key)] = _StorageInfo(r.relative_path, r.offset, r.length)
                     continue
-                md = state.setdefault(r.key, TensorStorageMetadata(
-                    properties=TensorProperties(dtype=r.dtype), size=torch.Size(r.global_size), chunks=[]))
+                md = state.setdefault(
+                    r.key,
+                    TensorStorageMetadata(
+                        properties=TensorProperties(dtype=r.dtype), size=torch.Size(r.global_size), chunks=[]
+                    ),
+                )
                 md.chunks.append(ChunkStorageMetadata(offsets=torch.Size(r.offsets), sizes=torch.Size(r.sizes)))
                 storage[MetadataIndex(r.key, r.offsets)] = _StorageInfo(r.relative_path, r.offset, r.length)
         for md in state.values():
             if isinstance(md, TensorStorageMetadata):
                 md.chunks.sort(key=lambda c: tuple(c.offsets))
-        metadata = Metadata(state_dict_metadata=state, storage_data=storage, storage_meta=StorageMeta(),
-                            version=CURRENT_DCP_VERSION)
+        metadata = Metadata(
+            state_dict_metadata=state, storage_data=storage, storage_meta=StorageMeta(), version=CURRENT_DCP_VERSION
+        )
         import pickle
 
         with open(directory / ".metadata", "wb") as f:
@@ -492,5 +545,4 @@ class TorchDistWriter:
     def common_state(self) -> dict[str, Any]:
         """What Megatron-LM's ``save_checkpoint`` puts in ``common.pt`` and its ``load_checkpoint`` needs to
         resume (``iteration``: without it Megatron-LM exits without training unless --finetune)."""
-        return {"args": self.args, "checkpoint_version": megatron_args.CHECKPOINT_VERSION,
-                "iteration": self.iteration}
+        return {"args": self.args, "checkpoint_version": megatron_args.CHECKPOINT_VERSION, "iteration": self.iteration}

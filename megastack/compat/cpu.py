@@ -133,7 +133,6 @@ def apply() -> bool:
     return True
 
 
-
 def prepare_deepspeed() -> bool:
     """DeepSpeed on CPU without hidden C++ builds. Returns True if the CPU settings were applied.
 

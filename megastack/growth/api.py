@@ -44,13 +44,23 @@ class GrowthJob:
         return dict(self.plan.info.get("learn") or {})
 
 
-def prepare(src: str | os.PathLike, spec: GrowthSpec, *, tp: int | None = None, pp: int | None = None,
-            norm_names: str | None = None, comm: Comm | None = None, dry_run: bool = False) -> GrowthJob:
+def prepare(
+    src: str | os.PathLike,
+    spec: GrowthSpec,
+    *,
+    tp: int | None = None,
+    pp: int | None = None,
+    norm_names: str | None = None,
+    comm: Comm | None = None,
+    dry_run: bool = False,
+) -> GrowthJob:
     """Open and plan. G_learn learns its maps here (data parallel over ``comm``), except in a dry run,
     which plans with the maps at their initial value and reads no data."""
     if spec.carry_optimizer:
-        raise NotBuiltError("--carry-optimizer (stacking Adam moments) is not built yet; grow without it "
-                            "(the paper re-initialises the optimizer after growth)")
+        raise NotBuiltError(
+            "--carry-optimizer (stacking Adam moments) is not built yet; grow without it "
+            "(the paper re-initialises the optimizer after growth)"
+        )
     src = str(src)
     reader = open_checkpoint(src, check_files=not dry_run)
     if spec.operator == "learn":
@@ -61,16 +71,31 @@ def prepare(src: str | os.PathLike, spec: GrowthSpec, *, tp: int | None = None, 
         if dry_run:
             spec = replace(spec, learned=initial | {"report": {"dry_run": True}})
         else:
-            spec = learn_maps(reader, spec, list(spec.learn_data), spec.learn_tokens, spec.learn_batch,
-                              spec.learn_lr, comm or comm_from_launcher())
+            spec = learn_maps(
+                reader,
+                spec,
+                list(spec.learn_data),
+                spec.learn_tokens,
+                spec.learn_batch,
+                spec.learn_lr,
+                comm or comm_from_launcher(),
+            )
     plan = make_plan(reader.cfg, spec)
     writer = make_writer(reader, plan, tp, pp, norm_names=norm_names)
     return GrowthJob(src, reader, plan, writer, growth_manifest(reader, plan, src) | {"format": writer.format})
 
 
-def grow(src: str | os.PathLike, dst: str | os.PathLike, spec: GrowthSpec, *, tp: int | None = None,
-         pp: int | None = None, norm_names: str | None = None, comm: Comm | None = None,
-         progress: bool = False) -> GrowthJob:
+def grow(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    spec: GrowthSpec,
+    *,
+    tp: int | None = None,
+    pp: int | None = None,
+    norm_names: str | None = None,
+    comm: Comm | None = None,
+    progress: bool = False,
+) -> GrowthJob:
     """Grow checkpoint ``src`` into ``dst`` (collective: every rank of ``comm`` calls it). DST appears only
     when complete; bad input is a one-line UserError with nothing written."""
     check_paths(src, dst)
@@ -80,8 +105,16 @@ def grow(src: str | os.PathLike, dst: str | os.PathLike, spec: GrowthSpec, *, tp
     comm = comm or comm_from_launcher()
     units = job.writer.units()
     bar = Progress(sum(len(u.requests) for u in units), "grow", enabled=progress and comm.rank == 0)
-    execute(job.writer, job.plan.producer(job.reader, job.reader.dtype("embedding")), dst, comm, job.manifest,
-            progress=bar.update, order_key=job.plan.source_key, source=job.reader.path)
+    execute(
+        job.writer,
+        job.plan.producer(job.reader, job.reader.dtype("embedding")),
+        dst,
+        comm,
+        job.manifest,
+        progress=bar.update,
+        order_key=job.plan.source_key,
+        source=job.reader.path,
+    )
     bar.close()
     job.rank = comm.rank
     return job
@@ -94,20 +127,24 @@ def source_digest(reader: Any) -> str:
     return hashlib.sha256(json.dumps(file_hashes(reader.path), sort_keys=True).encode()).hexdigest()
 
 
-def make_writer(reader: Any, plan: Plan, tp: int | None, pp: int | None, fmt: str | None = None,
-                norm_names: str | None = None):
+def make_writer(
+    reader: Any, plan: Plan, tp: int | None, pp: int | None, fmt: str | None = None, norm_names: str | None = None
+):
     """Writer for the target in the source's format (legacy may change TP/PP). The output's Megatron-LM
     args are the source's with the new shape and a new stage's counters (iteration 0, no samples seen)."""
     fmt = fmt or reader.format
     dtype = reader.dtype("embedding")
     if fmt == "torch_dist":
         if tp is not None or pp is not None or norm_names is not None:
-            raise UserError("--tp/--pp/--norm-names apply to legacy output; a torch_dist checkpoint loads under any "
-                            "TP/PP and has one naming")
+            raise UserError(
+                "--tp/--pp/--norm-names apply to legacy output; a torch_dist checkpoint loads under any "
+                "TP/PP and has one naming"
+            )
         from megastack.ckpt.torch_dist import TorchDistWriter
 
-        args, _ = megatron_args.for_output(reader, plan.target, None, None, dtype, iteration=0, new_stage=True,
-                                           norm_names=norm_names)
+        args, _ = megatron_args.for_output(
+            reader, plan.target, None, None, dtype, iteration=0, new_stage=True, norm_names=norm_names
+        )
         return TorchDistWriter(plan.target, dtype, args=args, iteration=0)
     if fmt == "legacy":
         from megastack.ckpt.legacy import LegacyWriter
@@ -119,10 +156,13 @@ def make_writer(reader: Any, plan: Plan, tp: int | None, pp: int | None, fmt: st
         pp = pp or getattr(reader, "pp", 1)
         for field_name, problem in ParallelConfig(tensor=tp, pipeline=pp).check_model(plan.target):
             flag = "--tp" if field_name == "tensor" else "--pp"
-            raise UserError(f"{flag} {tp if flag == '--tp' else pp}: {problem.split(' ', 1)[1]} of the grown "
-                            f"model; choose a {flag} that divides it")
-        args, te_names = megatron_args.for_output(reader, plan.target, tp, pp, dtype, iteration=0, new_stage=True,
-                                                  norm_names=norm_names)
+            raise UserError(
+                f"{flag} {tp if flag == '--tp' else pp}: {problem.split(' ', 1)[1]} of the grown "
+                f"model; choose a {flag} that divides it"
+            )
+        args, te_names = megatron_args.for_output(
+            reader, plan.target, tp, pp, dtype, iteration=0, new_stage=True, norm_names=norm_names
+        )
         return LegacyWriter(plan.target, tp, pp, dtype, te_names=te_names, args=args)
     raise NotBuiltError(f"growing {fmt} checkpoints is not built; convert to torch_dist first")
 
@@ -131,8 +171,14 @@ def growth_manifest(reader: Any, plan: Plan, src: str) -> dict[str, Any]:
     """The grown checkpoint's megastack.json (less the file hashes): the source's history and FLOPs plus
     this growth, whose cost (G_learn's map training, 6N per token like training) is counted."""
     source_manifest = read_manifest(reader.path) or {}
-    event = {"event": "grow", **plan.info, "source": str(Path(src).resolve()), "source_sha256": source_digest(reader),
-             "source_layers": plan.source.num_layers, "target_layers": plan.target.num_layers}
+    event = {
+        "event": "grow",
+        **plan.info,
+        "source": str(Path(src).resolve()),
+        "source_sha256": source_digest(reader),
+        "source_layers": plan.source.num_layers,
+        "target_layers": plan.target.num_layers,
+    }
     learned_tokens = (plan.info.get("learn") or {}).get("tokens") or 0
     return {
         "format": None,  # the writer's
@@ -142,8 +188,11 @@ def growth_manifest(reader: Any, plan: Plan, src: str) -> dict[str, Any]:
         "cumulative_flops": float(source_manifest.get("cumulative_flops", 0.0))
         + flops_per_token(plan.target) * float(learned_tokens),
         "history": list(source_manifest.get("history", [])) + [event],
-        "growth": {k: plan.info[k] for k in ("operator", "new_layers", "layer_map", "dimension", "width")
-                   if k in plan.info and (k != "dimension" or "width" in plan.info)}
+        "growth": {
+            k: plan.info[k]
+            for k in ("operator", "new_layers", "layer_map", "dimension", "width")
+            if k in plan.info and (k != "dimension" or "width" in plan.info)
+        }
         | {"mask_ramp": bool(plan.info.get("mask_ramp", False))},
     }
 
@@ -152,18 +201,37 @@ def describe_dry_run(job: GrowthJob, world: int, as_json: bool) -> str:
     """Per rank: units, bytes read and written, files opened and predicted peak memory."""
     plan, writer = job.plan, job.writer
     plans = dry_run(writer, job.reader, plan.sources_of, world)
-    rows = [{"rank": p.rank, "units": len(p.units), "write_bytes": p.write_bytes, "read_bytes": p.read_bytes,
-             "read_files": len(p.reads), "predicted_peak_bytes": p.peak_bytes, "reads": p.reads} for p in plans]
-    summary = {"source_layers": plan.source.num_layers, "target_layers": plan.target.num_layers,
-               "operator": plan.info.get("operator"), "format": writer.format,
-               "target_parameters": plan.target.total_parameters(), "ranks": rows}
+    rows = [
+        {
+            "rank": p.rank,
+            "units": len(p.units),
+            "write_bytes": p.write_bytes,
+            "read_bytes": p.read_bytes,
+            "read_files": len(p.reads),
+            "predicted_peak_bytes": p.peak_bytes,
+            "reads": p.reads,
+        }
+        for p in plans
+    ]
+    summary = {
+        "source_layers": plan.source.num_layers,
+        "target_layers": plan.target.num_layers,
+        "operator": plan.info.get("operator"),
+        "format": writer.format,
+        "target_parameters": plan.target.total_parameters(),
+        "ranks": rows,
+    }
     if as_json:
         return json.dumps(summary, indent=2)
     gib = 1 << 30
-    lines = [f"plan: {plan.info.get('operator')} {plan.source.num_layers} -> {plan.target.num_layers} layers, "
-             f"{writer.format} output, {plan.target.total_parameters() / 1e9:.2f}B parameters, {len(plans)} rank(s)",
-             f"{'rank':>4} {'units':>6} {'read GiB':>9} {'files':>6} {'write GiB':>10} {'peak GiB':>9}"]
+    lines = [
+        f"plan: {plan.info.get('operator')} {plan.source.num_layers} -> {plan.target.num_layers} layers, "
+        f"{writer.format} output, {plan.target.total_parameters() / 1e9:.2f}B parameters, {len(plans)} rank(s)",
+        f"{'rank':>4} {'units':>6} {'read GiB':>9} {'files':>6} {'write GiB':>10} {'peak GiB':>9}",
+    ]
     for r in rows:
-        lines.append(f"{r['rank']:>4} {r['units']:>6} {r['read_bytes'] / gib:>9.3f} {r['read_files']:>6} "
-                     f"{r['write_bytes'] / gib:>10.3f} {r['predicted_peak_bytes'] / gib:>9.3f}")
+        lines.append(
+            f"{r['rank']:>4} {r['units']:>6} {r['read_bytes'] / gib:>9.3f} {r['read_files']:>6} "
+            f"{r['write_bytes'] / gib:>10.3f} {r['predicted_peak_bytes'] / gib:>9.3f}"
+        )
     return "\n".join(lines)

@@ -10,11 +10,23 @@ from megastack.growth.spec import GrowthSpec
 
 
 def spec_from_args(args: Any) -> GrowthSpec:
-    return GrowthSpec(operator=args.operator, factor=args.factor, layer_map=args.layer_map,
-                      dimension=args.dimension, noise=args.noise, seed=args.seed, hidden=args.hidden,
-                      ffn=args.ffn, heads=args.heads, query_groups=args.query_groups,
-                      learn_data=tuple(args.data or ()), learn_tokens=args.learn_tokens,
-                      learn_batch=args.learn_batch, learn_lr=args.learn_lr, carry_optimizer=args.carry_optimizer)
+    return GrowthSpec(
+        operator=args.operator,
+        factor=args.factor,
+        layer_map=args.layer_map,
+        dimension=args.dimension,
+        noise=args.noise,
+        seed=args.seed,
+        hidden=args.hidden,
+        ffn=args.ffn,
+        heads=args.heads,
+        query_groups=args.query_groups,
+        learn_data=tuple(args.data or ()),
+        learn_tokens=args.learn_tokens,
+        learn_batch=args.learn_batch,
+        learn_lr=args.learn_lr,
+        carry_optimizer=args.carry_optimizer,
+    )
 
 
 def cli_grow(args: Any) -> int:
@@ -28,16 +40,21 @@ def cli_grow(args: Any) -> int:
     job = grow(args.src, args.dst, spec, progress=True, **layout)
     if job.rank == 0:
         plan = job.plan
-        print(f"grew {args.src} ({plan.source.num_layers} layers) into {args.dst} ({plan.target.num_layers} layers, "
-              f"{plan.info['operator']}, {job.writer.format}); new layers: {plan.info['new_layers'] or 'none'}")
+        print(
+            f"grew {args.src} ({plan.source.num_layers} layers) into {args.dst} ({plan.target.num_layers} layers, "
+            f"{plan.info['operator']}, {job.writer.format}); new layers: {plan.info['new_layers'] or 'none'}"
+        )
         if "width" in plan.info:
             s, t = plan.source, plan.target
-            print(f"width: hidden {s.hidden_size} -> {t.hidden_size}, ffn {s.ffn_hidden_size} -> {t.ffn_hidden_size}, "
-                  f"heads {s.num_attention_heads} -> {t.num_attention_heads}, query groups {s.query_groups} -> "
-                  f"{t.query_groups}")
+            print(
+                f"width: hidden {s.hidden_size} -> {t.hidden_size}, ffn {s.ffn_hidden_size} -> {t.ffn_hidden_size}, "
+                f"heads {s.num_attention_heads} -> {t.num_attention_heads}, query groups {s.query_groups} -> "
+                f"{t.query_groups}"
+            )
         r = job.learn_report
         if r.get("heldout_loss_learned") is not None:
-            print(f"learn: {r['steps']} steps, {r['tokens']} tokens; held-out loss {r['heldout_loss_stack']:.4f} "
-                  f"(stack) -> {r['heldout_loss_learned']:.4f} (learned)")
+            print(
+                f"learn: {r['steps']} steps, {r['tokens']} tokens; held-out loss {r['heldout_loss_stack']:.4f} "
+                f"(stack) -> {r['heldout_loss_learned']:.4f} (learned)"
+            )
     return 0
-

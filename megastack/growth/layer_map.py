@@ -33,8 +33,10 @@ def parse_layer_map(expr: str, source_layers: int, flag: str = "--layer-map") ->
     for raw in expr.replace(" ", "").split(","):
         m = _ITEM.match(raw)
         if not m:
-            raise UserError(f"{flag}: cannot parse '{raw[:40]}'; use layers 'i', ranges 'a-b' and repeats 'xN' "
-                            "(numbers up to 9 digits), e.g. '0-5x4' or '0-3,2-5'")
+            raise UserError(
+                f"{flag}: cannot parse '{raw[:40]}'; use layers 'i', ranges 'a-b' and repeats 'xN' "
+                "(numbers up to 9 digits), e.g. '0-5x4' or '0-3,2-5'"
+            )
         start = int(m.group(1))
         stop = int(m.group(2)) if m.group(2) is not None else start
         repeat = int(m.group(3)) if m.group(3) is not None else 1
@@ -42,8 +44,10 @@ def parse_layer_map(expr: str, source_layers: int, flag: str = "--layer-map") ->
             raise UserError(f"{flag}: repeat count in '{raw}' must be at least 1")
         for index in (start, stop):
             if index >= source_layers:
-                raise UserError(f"{flag}: layer {index} in '{raw}' does not exist; the source has "
-                                f"{source_layers} layers (0-{source_layers - 1})")
+                raise UserError(
+                    f"{flag}: layer {index} in '{raw}' does not exist; the source has "
+                    f"{source_layers} layers (0-{source_layers - 1})"
+                )
         step = 1 if stop >= start else -1
         check_depth(len(out) + (abs(stop - start) + 1) * repeat, flag)
         out += list(range(start, stop + step, step)) * repeat

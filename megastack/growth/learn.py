@@ -130,8 +130,10 @@ def learned_plan(source: ModelConfig, spec: Any) -> Plan:
     """The plan for learned maps ``spec.learned`` ({"maps": {kind: D}, "report": {...}})."""
     _check_spec(spec)
     if spec.learned is None:
-        raise UserError("--operator learn learns its maps from data: give --data (token or text files) and "
-                        "optionally --learn-tokens")
+        raise UserError(
+            "--operator learn learns its maps from data: give --data (token or text files) and "
+            "optionally --learn-tokens"
+        )
     mapping = _mapping(source, spec)
     maps = spec.learned["maps"]
     target = _wide(source, spec, len(mapping))
@@ -150,13 +152,22 @@ def learned_plan(source: ModelConfig, spec: Any) -> Plan:
         for position, row in enumerate(d):
             weights = tuple(float(w) for w in row)
             recipes[layout.layer_name(position, kind)] = (
-                LinearCombination(names, weights) if width is None
-                else LearnedWidth(kind, names, tuple(range(source.num_layers)), weights, width))
+                LinearCombination(names, weights)
+                if width is None
+                else LearnedWidth(kind, names, tuple(range(source.num_layers)), weights, width)
+            )
     new_layers = sorted(set(range(len(mapping))) - set(first_occurrences(mapping)))
     info: dict[str, Any] = {
-        "operator": "learn", "dimension": spec.dimension, "factor": len(mapping) / source.num_layers,
-        "layer_map": mapping, "new_layers": new_layers, "noise": 0.0, "seed": spec.seed,
-        "learned_maps": maps, "learn": spec.learned.get("report", {})}
+        "operator": "learn",
+        "dimension": spec.dimension,
+        "factor": len(mapping) / source.num_layers,
+        "layer_map": mapping,
+        "new_layers": new_layers,
+        "noise": 0.0,
+        "seed": spec.seed,
+        "learned_maps": maps,
+        "learn": spec.learned.get("report", {}),
+    }
     if width is not None:
         from megastack.growth.width import WidthMaps
 
@@ -169,10 +180,25 @@ def learned_plan(source: ModelConfig, spec: Any) -> Plan:
 
 # The expansion matrix on each kind's rows and columns. "hidden.*" are shared by all layers; the others
 # are per source layer ("layers.{j}.qkv", ...). None: the dimension is not widened (vocab).
-B_ROWS = {"embedding": None, "output": None, "final_norm": "hidden.final", "attn_norm": "hidden.norm",
-          "mlp_norm": "hidden.norm", "qkv": "qkv", "proj": "hidden.write", "fc1": "ffn_in", "fc2": "hidden.write"}
-B_COLS = {"embedding": "hidden.write", "output": "hidden.write", "qkv": "hidden.read", "proj": "heads",
-          "fc1": "hidden.read", "fc2": "ffn_out"}
+B_ROWS = {
+    "embedding": None,
+    "output": None,
+    "final_norm": "hidden.final",
+    "attn_norm": "hidden.norm",
+    "mlp_norm": "hidden.norm",
+    "qkv": "qkv",
+    "proj": "hidden.write",
+    "fc1": "ffn_in",
+    "fc2": "hidden.write",
+}
+B_COLS = {
+    "embedding": "hidden.write",
+    "output": "hidden.write",
+    "qkv": "hidden.read",
+    "proj": "heads",
+    "fc1": "hidden.read",
+    "fc2": "ffn_out",
+}
 LAYER_AXES = ("qkv", "heads", "ffn_in", "ffn_out")
 
 
@@ -195,10 +221,12 @@ def initial_width(source: ModelConfig, wide: ModelConfig) -> dict[str, torch.Ten
 
     h = source.hidden_size
     out = {f"hidden.{role}": dense(maps.hidden_axis(role), h) for role in ("write", "read", "norm", "final")}
-    per_layer = {"qkv": dense(maps.qkv_axis(), source.qkv_rows),
-                 "heads": dense(maps.head_axis(), source.num_attention_heads * source.head_dim),
-                 "ffn_in": dense(Axis.make(maps.ffn), source.ffn_hidden_size),
-                 "ffn_out": dense(maps.ffn_axis("fanout"), source.ffn_hidden_size)}
+    per_layer = {
+        "qkv": dense(maps.qkv_axis(), source.qkv_rows),
+        "heads": dense(maps.head_axis(), source.num_attention_heads * source.head_dim),
+        "ffn_in": dense(Axis.make(maps.ffn), source.ffn_hidden_size),
+        "ffn_out": dense(maps.ffn_axis("fanout"), source.ffn_hidden_size),
+    }
     for j in range(source.num_layers):
         for axis in LAYER_AXES:
             out[f"layers.{j}.{axis}"] = per_layer[axis].clone()
@@ -211,8 +239,14 @@ def _b(width: dict[str, torch.Tensor], axis: str | None, layer: int | None) -> t
     return width[axis] if axis.startswith("hidden.") else width[f"layers.{layer}.{axis}"]
 
 
-def expand(kind: str, w: torch.Tensor, width: dict[str, torch.Tensor], layer: int | None,
-           rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
+def expand(
+    kind: str,
+    w: torch.Tensor,
+    width: dict[str, torch.Tensor],
+    layer: int | None,
+    rows: torch.Tensor | None = None,
+    cols: torch.Tensor | None = None,
+) -> torch.Tensor:
     """B_rows[rows] W B_cols[cols]^T for one source tensor (all rows/cols when None); differentiable."""
     r, c = _b(width, B_ROWS[kind], layer), _b(width, B_COLS.get(kind), layer)
     if r is None and rows is not None:  # vocab rows: select before widening
@@ -312,19 +346,23 @@ def load_tokens(paths: list[str], vocab_size: int, limit: int) -> torch.Tensor:
                     break
             continue
         if not path.exists():
-            raise UserError(f"--data {raw}: not found; give an indexed-dataset prefix, a .npy token file, or "
-                            "text files/directories")
+            raise UserError(
+                f"--data {raw}: not found; give an indexed-dataset prefix, a .npy token file, or text files/directories"
+            )
         if path.suffix == ".npy":
             array = np.load(path, mmap_mode="r")
             if array.ndim != 1 or array.dtype.kind not in "iu":
-                raise UserError(f"--data {raw}: expected a 1-D integer array of token ids, got {array.dtype} "
-                                f"{array.shape}")
+                raise UserError(
+                    f"--data {raw}: expected a 1-D integer array of token ids, got {array.dtype} {array.shape}"
+                )
             parts.append(torch.from_numpy(np.asarray(array[: limit - total], dtype=np.int64)))
             total += len(parts[-1])
             continue
         if vocab_size < 256:
-            raise UserError(f"--data {raw}: text is read as bytes (256 tokens) but the model's vocab is "
-                            f"{vocab_size}; give token ids (.npy or an indexed dataset) instead")
+            raise UserError(
+                f"--data {raw}: text is read as bytes (256 tokens) but the model's vocab is "
+                f"{vocab_size}; give token ids (.npy or an indexed dataset) instead"
+            )
         files = _text_files(path)
         if not files:
             raise UserError(f"--data {raw}: no text files ({', '.join(sorted(TEXT_SUFFIXES))}) found")
@@ -336,16 +374,23 @@ def load_tokens(paths: list[str], vocab_size: int, limit: int) -> torch.Tensor:
                 break
     tokens = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
     if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
-        raise UserError(f"--data: token ids range {int(tokens.min())}..{int(tokens.max())} but the model's vocab "
-                        f"is {vocab_size}; use data tokenised for this model")
+        raise UserError(
+            f"--data: token ids range {int(tokens.min())}..{int(tokens.max())} but the model's vocab "
+            f"is {vocab_size}; use data tokenised for this model"
+        )
     return tokens
 
 
 # ----------------------------------------------------------------------------- learning
 
 
-def _grown_state(maps: dict[str, torch.Tensor], stacks: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
-                 target: ModelConfig, width: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def _grown_state(
+    maps: dict[str, torch.Tensor],
+    stacks: dict[str, torch.Tensor],
+    fixed: dict[str, torch.Tensor],
+    target: ModelConfig,
+    width: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Hugging Face-named weights of the grown model, a differentiable function of the maps D (and B)."""
     if width is None:
         logical = dict(fixed)
@@ -362,7 +407,7 @@ def _grown_state(maps: dict[str, torch.Tensor], stacks: dict[str, torch.Tensor],
 
 
 def _windows(stream: torch.Tensor, starts: torch.Tensor, seq: int) -> torch.Tensor:
-    return torch.stack([stream[s: s + seq + 1] for s in starts.tolist()])
+    return torch.stack([stream[s : s + seq + 1] for s in starts.tolist()])
 
 
 def _loss(model: torch.nn.Module, state: dict[str, torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
@@ -372,13 +417,14 @@ def _loss(model: torch.nn.Module, state: dict[str, torch.Tensor], batch: torch.T
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
 
 
-def learn_maps(reader: Any, spec: Any, data: list[str] | None, tokens: int, batch: int, lr: float,
-               comm: Any) -> Any:
+def learn_maps(reader: Any, spec: Any, data: list[str] | None, tokens: int, batch: int, lr: float, comm: Any) -> Any:
     """Optimise D on the LM loss; returns ``spec`` with ``learned`` set (the same on every rank)."""
     _check_spec(spec)
     if not data:
-        raise UserError("--operator learn learns its maps from data: give --data (an indexed-dataset prefix, "
-                        "a .npy of token ids, or text files read as bytes)")
+        raise UserError(
+            "--operator learn learns its maps from data: give --data (an indexed-dataset prefix, "
+            "a .npy of token ids, or text files read as bytes)"
+        )
     if tokens <= 0:
         raise UserError(f"--learn-tokens must be positive, got {tokens}")
     if batch <= 0 or batch % comm.world:
@@ -396,18 +442,25 @@ def learn_maps(reader: Any, spec: Any, data: list[str] | None, tokens: int, batc
     heldout = min(HELDOUT_WINDOWS, max(1, len(stream) // (10 * (seq + 1))))
     train_len = len(stream) - heldout * (seq + 1)
     if train_len < seq + 1 + batch:
-        raise UserError(f"--data holds {len(stream)} tokens; learning with sequences of {seq} needs at least "
-                        f"{(heldout + 2) * (seq + 1) + batch}; give more data")
+        raise UserError(
+            f"--data holds {len(stream)} tokens; learning with sequences of {seq} needs at least "
+            f"{(heldout + 2) * (seq + 1) + batch}; give more data"
+        )
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     small = {name: reader.read(name).to(device=device, dtype=torch.float32) for name in layout.logical_names(source)}
     fixed = {name: t for name, t in small.items() if layout.split_name(name)[0] is None}
-    stacks = {kind: torch.stack([small[layout.layer_name(j, kind)] for j in range(source.num_layers)])
-              for kind in layout.LAYER_KINDS}
+    stacks = {
+        kind: torch.stack([small[layout.layer_name(j, kind)] for j in range(source.num_layers)])
+        for kind in layout.LAYER_KINDS
+    }
     del small
     maps = {kind: torch.tensor(d, dtype=torch.float32, device=device, requires_grad=True) for kind, d in init.items()}
-    width = ({name: b.to(device).requires_grad_(True) for name, b in initial["width"].items()}
-             if "width" in initial else None)
+    width = (
+        {name: b.to(device).requires_grad_(True) for name, b in initial["width"].items()}
+        if "width" in initial
+        else None
+    )
     params = list(maps.values()) + (list(width.values()) if width else [])
     from megastack.model.reference import ReferenceLlama
 
@@ -431,7 +484,7 @@ def learn_maps(reader: Any, spec: Any, data: list[str] | None, tokens: int, batc
     start = time.monotonic()
     for _ in range(steps):
         starts = torch.randint(0, train_len - seq, (batch,), generator=generator)
-        mine = _windows(stream, starts[comm.rank * local:(comm.rank + 1) * local], seq).to(device)
+        mine = _windows(stream, starts[comm.rank * local : (comm.rank + 1) * local], seq).to(device)
         optimizer.zero_grad(set_to_none=True)
         loss = _loss(model, _grown_state(maps, stacks, fixed, target, width), mine)
         loss.backward()
@@ -444,17 +497,27 @@ def learn_maps(reader: Any, spec: Any, data: list[str] | None, tokens: int, batc
             flat /= comm.world
             offset = 0
             for m in params:
-                m.grad.copy_(flat[offset: offset + m.numel()].view_as(m.grad).to(device))
+                m.grad.copy_(flat[offset : offset + m.numel()].view_as(m.grad).to(device))
                 offset += m.numel()
             reported = flat[-1:]
         optimizer.step()
         losses.append(float(reported))
     loss_learned = heldout_loss()
-    report = {"tokens": steps * batch * seq, "steps": steps, "batch": batch, "seq_length": seq, "lr": lr,
-              "ranks": comm.world, "data": [str(Path(p).resolve()) for p in data],
-              "train_loss_first": losses[0], "train_loss_last": losses[-1], "heldout_windows": heldout,
-              "heldout_loss_stack": loss_stack, "heldout_loss_learned": loss_learned,
-              "seconds": round(time.monotonic() - start, 3)}
+    report = {
+        "tokens": steps * batch * seq,
+        "steps": steps,
+        "batch": batch,
+        "seq_length": seq,
+        "lr": lr,
+        "ranks": comm.world,
+        "data": [str(Path(p).resolve()) for p in data],
+        "train_loss_first": losses[0],
+        "train_loss_last": losses[-1],
+        "heldout_windows": heldout,
+        "heldout_loss_stack": loss_stack,
+        "heldout_loss_learned": loss_learned,
+        "seconds": round(time.monotonic() - start, 3),
+    }
     learned = {kind: [[float(w) for w in row] for row in m.detach().cpu().tolist()] for kind, m in maps.items()}
     out: dict[str, Any] = {"maps": learned, "report": report}
     if width:

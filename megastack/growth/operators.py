@@ -52,8 +52,15 @@ def _depth_plan(source: ModelConfig, spec: GrowthSpec, block: Callable[[int, int
                 recipe = Noisy(recipe, spec.noise, source.init_std, spec.seed)
             recipes[layout.layer_name(position, kind)] = recipe
     new_layers = sorted(set(range(len(mapping))) - originals)
-    info = {"operator": spec.operator, "dimension": "depth", "factor": len(mapping) / source.num_layers,
-            "layer_map": mapping, "new_layers": new_layers, "noise": spec.noise, "seed": spec.seed}
+    info = {
+        "operator": spec.operator,
+        "dimension": "depth",
+        "factor": len(mapping) / source.num_layers,
+        "layer_map": mapping,
+        "new_layers": new_layers,
+        "noise": spec.noise,
+        "seed": spec.seed,
+    }
     return Plan(source, target, recipes, info)
 
 
@@ -64,9 +71,11 @@ def stack(source: ModelConfig, spec: GrowthSpec) -> Plan:
 def _check_zero_map(mapping: list[int], source_layers: int) -> None:
     firsts = [mapping[p] for p in first_occurrences(mapping)]
     if firsts != list(range(source_layers)):
-        raise UserError(f"--operator zero needs every source layer to appear, first copies in order 0..."
-                        f"{source_layers - 1}, so the grown model is the small one; the layer map's first "
-                        f"copies are {firsts}")
+        raise UserError(
+            f"--operator zero needs every source layer to appear, first copies in order 0..."
+            f"{source_layers - 1}, so the grown model is the small one; the layer map's first "
+            f"copies are {firsts}"
+        )
 
 
 def zero(source: ModelConfig, spec: GrowthSpec) -> Plan:
@@ -103,7 +112,10 @@ def learn(source: ModelConfig, spec: GrowthSpec) -> Plan:
 
 
 OPERATORS: dict[str, Callable[[ModelConfig, GrowthSpec], Plan]] = {
-    "stack": stack, "zero": zero, "random": random, "learn": learn,
+    "stack": stack,
+    "zero": zero,
+    "random": random,
+    "learn": learn,
 }
 
 
@@ -115,11 +127,14 @@ def make_plan(source: ModelConfig, spec: GrowthSpec) -> Plan:
         raise UserError(f"--operator {spec.operator!r} is unknown; choose one of {', '.join(OPERATORS)}")
     widths = [f"--{f.replace('_', '-')}" for f in WIDTH_FLAGS if getattr(spec, f) is not None]
     if spec.dimension == "depth" and widths:
-        raise UserError(f"width flags ({', '.join(widths)}) need --dimension width (or --dimension both to grow "
-                        "depth and width in one step)")
+        raise UserError(
+            f"width flags ({', '.join(widths)}) need --dimension width (or --dimension both to grow "
+            "depth and width in one step)"
+        )
     if spec.dimension in ("width", "both") and not widths:
-        raise UserError(f"--dimension {spec.dimension} needs a width target: --hidden, --ffn, --heads and/or "
-                        "--query-groups")
+        raise UserError(
+            f"--dimension {spec.dimension} needs a width target: --hidden, --ffn, --heads and/or --query-groups"
+        )
     if spec.dimension == "width" and (spec.factor is not None or spec.layer_map):
         raise UserError("--factor/--layer-map grow depth; use --dimension both to grow depth and width together")
     if spec.dimension not in ("depth", "width", "both"):
@@ -127,8 +142,9 @@ def make_plan(source: ModelConfig, spec: GrowthSpec) -> Plan:
     if spec.dimension != "depth" and spec.operator != "learn":
         from megastack.growth.width import width_plan
 
-        mapping = (resolve_layer_map(spec, source.num_layers) if spec.dimension == "both"
-                   else list(range(source.num_layers)))
+        mapping = (
+            resolve_layer_map(spec, source.num_layers) if spec.dimension == "both" else list(range(source.num_layers))
+        )
         if spec.operator == "zero":
             _check_zero_map(mapping, source.num_layers)
         return width_plan(source, spec, mapping)

@@ -36,8 +36,10 @@ def resolve_layer_map(spec: GrowthSpec, source_layers: int) -> list[int]:
     if spec.layer_map:
         mapping = parse_layer_map(spec.layer_map, source_layers)
         if spec.factor is not None and len(mapping) != source_layers * spec.factor:
-            raise UserError(f"--layer-map gives {len(mapping)} layers but --factor {spec.factor} asks for "
-                            f"{source_layers * spec.factor}; drop one of them or make them agree")
+            raise UserError(
+                f"--layer-map gives {len(mapping)} layers but --factor {spec.factor} asks for "
+                f"{source_layers * spec.factor}; drop one of them or make them agree"
+            )
         return mapping
     if spec.factor is None:
         raise UserError("give --factor G (stack the whole model G times) or --layer-map")

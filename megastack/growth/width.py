@@ -69,8 +69,9 @@ WIDTH_OPERATORS = {"stack": "direct", "zero": "zero", "random": "random"}
 # ----------------------------------------------------------------------------- target shape
 
 
-def width_target(source: ModelConfig, hidden: int | None, ffn: int | None, heads: int | None,
-                 groups: int | None) -> ModelConfig:
+def width_target(
+    source: ModelConfig, hidden: int | None, ffn: int | None, heads: int | None, groups: int | None
+) -> ModelConfig:
     """The widened config (same depth), or a one-line UserError naming the flag."""
     d = source.head_dim
     for flag, value in (("--hidden", hidden), ("--ffn", ffn), ("--heads", heads), ("--query-groups", groups)):
@@ -80,38 +81,52 @@ def width_target(source: ModelConfig, hidden: int | None, ffn: int | None, heads
         hidden = heads * d
     h2 = source.hidden_size if hidden is None else hidden
     if h2 < source.hidden_size:
-        raise UserError(f"--hidden {h2} is smaller than the source's hidden size {source.hidden_size}; width "
-                        "growth only widens (give a target at least as wide)")
+        raise UserError(
+            f"--hidden {h2} is smaller than the source's hidden size {source.hidden_size}; width "
+            "growth only widens (give a target at least as wide)"
+        )
     if h2 % d:
-        raise UserError(f"--hidden {h2} is not a multiple of the source's head dim {d}; width growth keeps the "
-                        f"head dim (RoPE) and adds heads, so give a multiple of {d}")
+        raise UserError(
+            f"--hidden {h2} is not a multiple of the source's head dim {d}; width growth keeps the "
+            f"head dim (RoPE) and adds heads, so give a multiple of {d}"
+        )
     n2 = h2 // d if heads is None else heads
     if n2 * d != h2:
-        raise UserError(f"--heads {n2} with hidden {h2} gives head dim {h2 / n2:g}, the source's is {d}; width "
-                        f"growth keeps the head dim (RoPE), so use --heads {h2 // d} (or omit it)")
+        raise UserError(
+            f"--heads {n2} with hidden {h2} gives head dim {h2 / n2:g}, the source's is {d}; width "
+            f"growth keeps the head dim (RoPE), so use --heads {h2 // d} (or omit it)"
+        )
     if n2 < source.num_attention_heads:
         raise UserError(f"--heads {n2} is fewer than the source's {source.num_attention_heads} heads")
     r = source.num_attention_heads // source.query_groups
     if groups is None:
         if n2 % r:
-            raise UserError(f"the target's {n2} heads cannot keep the source's {r} heads per query group; "
-                            "give --query-groups G (G divides the heads, at least the source's groups)")
+            raise UserError(
+                f"the target's {n2} heads cannot keep the source's {r} heads per query group; "
+                "give --query-groups G (G divides the heads, at least the source's groups)"
+            )
         groups = n2 // r
     if n2 % groups:
         raise UserError(f"--query-groups {groups} does not divide the target's {n2} heads; choose a divisor")
     if groups < source.query_groups:
-        raise UserError(f"--query-groups {groups} is fewer than the source's {source.query_groups} query groups; "
-                        "width growth only adds groups")
+        raise UserError(
+            f"--query-groups {groups} is fewer than the source's {source.query_groups} query groups; "
+            "width growth only adds groups"
+        )
     if n2 // groups < r:
-        raise UserError(f"--query-groups {groups} gives {n2 // groups} heads per group but the source has {r}; "
-                        f"a source group's heads must stay together: use at most {n2 // r} groups")
+        raise UserError(
+            f"--query-groups {groups} gives {n2 // groups} heads per group but the source has {r}; "
+            f"a source group's heads must stay together: use at most {n2 // r} groups"
+        )
     f2 = source.ffn_hidden_size if ffn is None else ffn
     if f2 < source.ffn_hidden_size:
-        raise UserError(f"--ffn {f2} is smaller than the source's FFN size {source.ffn_hidden_size}; width "
-                        "growth only widens")
+        raise UserError(
+            f"--ffn {f2} is smaller than the source's FFN size {source.ffn_hidden_size}; width growth only widens"
+        )
     mha = source.num_query_groups is None and groups == n2
-    return replace(source, hidden_size=h2, num_attention_heads=n2, num_query_groups=None if mha else groups,
-                   ffn_hidden_size=f2)
+    return replace(
+        source, hidden_size=h2, num_attention_heads=n2, num_query_groups=None if mha else groups, ffn_hidden_size=f2
+    )
 
 
 # ----------------------------------------------------------------------------- index maps
@@ -127,8 +142,9 @@ class Axis:
     scale: torch.Tensor  # float64 [n]
 
     @staticmethod
-    def make(index: list[int] | torch.Tensor, fresh: torch.Tensor | None = None,
-             scale: torch.Tensor | None = None) -> Axis:
+    def make(
+        index: list[int] | torch.Tensor, fresh: torch.Tensor | None = None, scale: torch.Tensor | None = None
+    ) -> Axis:
         index = torch.as_tensor(index, dtype=torch.long)
         fresh = torch.zeros(len(index), dtype=torch.bool) if fresh is None else fresh
         index = torch.where(fresh, torch.full_like(index, -1), index)
@@ -186,8 +202,12 @@ class WidthMaps:
         counts = torch.bincount(self.hidden, minlength=self.h).to(torch.float64)
         if self.mode == "direct":
             s = torch.sqrt(self.h2 / (self.h * counts))[self.hidden]
-            scale = {"write": s, "read": 1.0 / counts[self.hidden], "norm": 1.0 / s,
-                     "final": torch.full((self.h2,), self.h / self.h2, dtype=torch.float64)}[role]
+            scale = {
+                "write": s,
+                "read": 1.0 / counts[self.hidden],
+                "norm": 1.0 / s,
+                "final": torch.full((self.h2,), self.h / self.h2, dtype=torch.float64),
+            }[role]
             return Axis.make(self.hidden, scale=scale)
         fresh = self._new(self.h, self.h2)
         scale = None
@@ -268,27 +288,39 @@ class WidthMaps:
 
     def info(self) -> dict[str, Any]:
         def shape(cfg: ModelConfig) -> dict[str, int]:
-            return {"hidden_size": cfg.hidden_size, "ffn_hidden_size": cfg.ffn_hidden_size,
-                    "num_attention_heads": cfg.num_attention_heads, "num_query_groups": cfg.query_groups,
-                    "head_dim": cfg.head_dim, "norm_epsilon": cfg.norm_epsilon}
+            return {
+                "hidden_size": cfg.hidden_size,
+                "ffn_hidden_size": cfg.ffn_hidden_size,
+                "num_attention_heads": cfg.num_attention_heads,
+                "num_query_groups": cfg.query_groups,
+                "head_dim": cfg.head_dim,
+                "norm_epsilon": cfg.norm_epsilon,
+            }
 
         new_head_cols = self.new_heads.repeat_interleave(self.d)
         new_hidden = self._new(self.h, self.h2)
         new_ffn = self._new(self.f, self.f2)
         out: dict[str, Any] = {
-            "operator": self.mode, "source": shape(self.source), "target": shape(self.target),
+            "operator": self.mode,
+            "source": shape(self.source),
+            "target": shape(self.target),
             "map_rule": "originals first, then round robin: target i copies source i if i < size, "
-                        "else (i - size) mod size",
-            "head_map": self.head_map, "group_map": self.group_map,
-            "new_hidden": self.ranges(new_hidden), "new_ffn": self.ranges(new_ffn),
-            "new_heads": self.ranges(self.new_heads), "new_groups": self.ranges(self.new_groups),
+            "else (i - size) mod size",
+            "head_map": self.head_map,
+            "group_map": self.group_map,
+            "new_hidden": self.ranges(new_hidden),
+            "new_ffn": self.ranges(new_ffn),
+            "new_heads": self.ranges(self.new_heads),
+            "new_groups": self.ranges(self.new_groups),
         }
         if self.mode == "random":
-            masks = [{"tensor": "embedding", "dim": 1, "ranges": self.ranges(new_hidden)},
-                     {"tensor": "layers.*.proj", "dim": 0, "ranges": self.ranges(new_hidden)},
-                     {"tensor": "layers.*.proj", "dim": 1, "ranges": self.ranges(new_head_cols)},
-                     {"tensor": "layers.*.fc2", "dim": 0, "ranges": self.ranges(new_hidden)},
-                     {"tensor": "layers.*.fc2", "dim": 1, "ranges": self.ranges(new_ffn)}]
+            masks = [
+                {"tensor": "embedding", "dim": 1, "ranges": self.ranges(new_hidden)},
+                {"tensor": "layers.*.proj", "dim": 0, "ranges": self.ranges(new_hidden)},
+                {"tensor": "layers.*.proj", "dim": 1, "ranges": self.ranges(new_head_cols)},
+                {"tensor": "layers.*.fc2", "dim": 0, "ranges": self.ranges(new_hidden)},
+                {"tensor": "layers.*.fc2", "dim": 1, "ranges": self.ranges(new_ffn)},
+            ]
             out["masks"] = [m for m in masks if m["ranges"]]
         return out
 
@@ -380,8 +412,7 @@ class WidthCopy:
 # ----------------------------------------------------------------------------- plans
 
 # G_zero: which new entries are zero (residual writers, fan-out of new neurons) and which random.
-ZERO_FILL = {"embedding": "zero", "output": "random", "qkv": "random", "fc1": "random", "proj": "zero",
-             "fc2": "zero"}
+ZERO_FILL = {"embedding": "zero", "output": "random", "qkv": "random", "fc1": "random", "proj": "zero", "fc2": "zero"}
 OUTPUT_KINDS = ("proj", "fc2")
 NORM_KINDS = ("attn_norm", "mlp_norm", "final_norm")
 
@@ -409,9 +440,15 @@ def width_plan(source: ModelConfig, spec: Any, mapping: list[int]) -> Plan:
         raise UserError(f"--noise must be in [0, 1), got {spec.noise} (the paper uses 0.2; above it hurts)")
     wide = width_target(source, spec.hidden, spec.ffn, spec.heads, spec.query_groups)
     if (wide.hidden_size, wide.ffn_hidden_size, wide.num_attention_heads, wide.query_groups) == (
-            source.hidden_size, source.ffn_hidden_size, source.num_attention_heads, source.query_groups):
-        raise UserError("the width flags give the source's own width; give a larger --hidden, --ffn, --heads "
-                        "or --query-groups (or grow depth with --dimension depth)")
+        source.hidden_size,
+        source.ffn_hidden_size,
+        source.num_attention_heads,
+        source.query_groups,
+    ):
+        raise UserError(
+            "the width flags give the source's own width; give a larger --hidden, --ffn, --heads "
+            "or --query-groups (or grow depth with --dimension depth)"
+        )
     if mode != "direct" and wide.hidden_size > source.hidden_size:
         wide = replace(wide, norm_epsilon=source.norm_epsilon * source.hidden_size / wide.hidden_size)
     depth = mapping != list(range(source.num_layers))
@@ -437,9 +474,14 @@ def width_plan(source: ModelConfig, spec: Any, mapping: list[int]) -> Plan:
             recipes[tname] = recipe
     new_layers = sorted(set(range(len(mapping))) - originals)
     info: dict[str, Any] = {
-        "operator": spec.operator, "dimension": "both" if depth else "width",
-        "factor": len(mapping) / source.num_layers, "layer_map": mapping, "new_layers": new_layers,
-        "noise": spec.noise, "seed": spec.seed, "width": maps.info(),
+        "operator": spec.operator,
+        "dimension": "both" if depth else "width",
+        "factor": len(mapping) / source.num_layers,
+        "layer_map": mapping,
+        "new_layers": new_layers,
+        "noise": spec.noise,
+        "seed": spec.seed,
+        "width": maps.info(),
         "parameter_factor": target.non_embedding_parameters() / source.non_embedding_parameters(),
     }
     if spec.operator == "random":

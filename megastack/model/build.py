@@ -46,8 +46,7 @@ class Machine:
         def has(module: str) -> bool:
             return importlib.util.find_spec(module) is not None
 
-        return Machine(cuda=torch.cuda.is_available(), transformer_engine=has("transformer_engine"),
-                       apex=has("apex"))
+        return Machine(cuda=torch.cuda.is_available(), transformer_engine=has("transformer_engine"), apex=has("apex"))
 
 
 def select_kernels(machine: Machine, *, main_grad_buffers: bool = False) -> Kernels:
@@ -71,8 +70,9 @@ def select_kernels(machine: Machine, *, main_grad_buffers: bool = False) -> Kern
 
 def check_precision(precision: DType, machine: Machine) -> None:
     if precision == "fp16" and not machine.cuda:
-        raise UserError("precision fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use bf16 or fp32 "
-                        "in parallel.precision")
+        raise UserError(
+            "precision fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use bf16 or fp32 in parallel.precision"
+        )
 
 
 def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, kernels: Kernels, machine: Machine):
@@ -121,8 +121,9 @@ def layer_spec(kernels: Kernels):
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
-def build_model(cfg: ModelConfig, parallel: ParallelConfig, *, machine: Machine | None = None,
-                main_grad_buffers: bool = False):
+def build_model(
+    cfg: ModelConfig, parallel: ParallelConfig, *, machine: Machine | None = None, main_grad_buffers: bool = False
+):
     """A megatron-core GPTModel for this rank's tensor/pipeline position (parallel_state must be set up)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -131,7 +132,9 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, *, machine: Machine 
     check_precision(parallel.precision, machine)
     cpu.apply()
     if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) != (
-            parallel.tensor, parallel.pipeline):
+        parallel.tensor,
+        parallel.pipeline,
+    ):
         raise RuntimeError("parallel_state was initialised with a different TP/PP than the config")
     kernels = select_kernels(machine, main_grad_buffers=main_grad_buffers)
     spec = layer_spec(kernels)

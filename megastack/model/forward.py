@@ -39,9 +39,14 @@ def forward_logits(model: torch.nn.Module, tokens: torch.Tensor, micro_batch_siz
     model.eval()
     with torch.no_grad(), cpu.device_mode():
         results = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(chunks), model=model,
-            num_microbatches=len(chunks), seq_length=seq, micro_batch_size=micro,
-            forward_only=True)
+            forward_step_func=forward_step,
+            data_iterator=iter(chunks),
+            model=model,
+            num_microbatches=len(chunks),
+            seq_length=seq,
+            micro_batch_size=micro,
+            forward_only=True,
+        )
     model.train(was_training)
     if not ps.is_pipeline_last_stage():
         return None

@@ -136,6 +136,6 @@ def stacked_reference(small: ReferenceLlama, layer_map: list[int]) -> ReferenceL
         prefix = f"model.layers.{old}."
         for k, v in small.state_dict().items():
             if k.startswith(prefix):
-                state[f"model.layers.{new}." + k[len(prefix):]] = v.clone()
+                state[f"model.layers.{new}." + k[len(prefix) :]] = v.clone()
     big.load_state_dict(state)
     return big

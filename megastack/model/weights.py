@@ -17,8 +17,12 @@ from megastack.config import ModelConfig
 def _position() -> tuple[int, int, int, int]:
     from megatron.core import parallel_state as ps
 
-    return (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
-            ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size())
+    return (
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_pipeline_model_parallel_world_size(),
+    )
 
 
 def param_logical_names(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, str]:

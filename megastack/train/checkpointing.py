@@ -32,8 +32,17 @@ from megastack.errors import UserError
 from megastack.fsio import atomic_write_json, atomic_write_text, fsync_dir, publish_dir, sha256_file, staging_dir
 
 ENGINE_DIR = "engine"  # DeepSpeed's tag inside an iteration directory
-ARCH_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "query_groups", "ffn_hidden_size",
-               "vocab_size", "rotary_base", "norm_epsilon", "tie_embeddings")
+ARCH_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "query_groups",
+    "ffn_hidden_size",
+    "vocab_size",
+    "rotary_base",
+    "norm_epsilon",
+    "tie_embeddings",
+)
 FAULT_ENV = "MEGASTACK_FAULT_KILL_IN_SAVE"  # tests only: "ITERATION:RANK" kills that rank mid-save
 
 
@@ -60,8 +69,10 @@ def latest_iteration(root: str | os.PathLike) -> int | None:
     if not text.isdigit():
         raise UserError(f"{tracker}: expected an iteration number, got {text[:40]!r}; remove the file to start over")
     if not (Path(root) / iter_dir_name(int(text))).is_dir():
-        raise UserError(f"{tracker}: names iteration {text} but {iter_dir_name(int(text))} is missing; restore it "
-                        "or remove the tracker to start over")
+        raise UserError(
+            f"{tracker}: names iteration {text} but {iter_dir_name(int(text))} is missing; restore it "
+            "or remove the tracker to start over"
+        )
     return int(text)
 
 
@@ -79,8 +90,10 @@ def check_architecture(found: ModelConfig, expected: ModelConfig, where: str) ->
     a, b = architecture(found), architecture(expected)
     diffs = [f"{k} {a[k]} (model config: {b[k]})" for k in ARCH_FIELDS if a[k] != b[k]]
     if diffs:
-        raise UserError(f"{where}: checkpoint of another architecture: {', '.join(diffs)}; point init_from at a "
-                        "checkpoint of this model or change 'model' to match it")
+        raise UserError(
+            f"{where}: checkpoint of another architecture: {', '.join(diffs)}; point init_from at a "
+            "checkpoint of this model or change 'model' to match it"
+        )
 
 
 # ----------------------------------------------------------------------------- weights in
@@ -97,8 +110,9 @@ def check_source(path: str | os.PathLike, cfg: ModelConfig, where: str = "init_f
 
 
 @torch.no_grad()
-def load_weights(module: torch.nn.Module, cfg: ModelConfig, path: str | os.PathLike,
-                 where: str = "init_from") -> dict[str, Any]:
+def load_weights(
+    module: torch.nn.Module, cfg: ModelConfig, path: str | os.PathLike, where: str = "init_from"
+) -> dict[str, Any]:
     """Fill this rank's parameters from a checkpoint (reading only this rank's TP pieces); its manifest."""
     from megatron.core import parallel_state as ps
 
@@ -116,8 +130,10 @@ def load_weights(module: torch.nn.Module, cfg: ModelConfig, path: str | os.PathL
         pieces = layout.tp_pieces(kind, layout.logical_shape(cfg, logical), tp_rank, tp)
         shard = reader.read(logical, pieces)
         if tuple(shard.shape) != tuple(params[name].shape):
-            raise UserError(f"{where} {path}: {logical} has shape {tuple(shard.shape)} for this rank, the model "
-                            f"needs {tuple(params[name].shape)}")
+            raise UserError(
+                f"{where} {path}: {logical} has shape {tuple(shard.shape)} for this rank, the model "
+                f"needs {tuple(params[name].shape)}"
+            )
         params[name].copy_(shard.to(params[name].dtype))
     return read_manifest(reader.path) or {}
 
@@ -147,8 +163,9 @@ def _model_state(module: torch.nn.Module, zero_stage: int):
 def _hash_files(directory: Path) -> dict[str, str]:
     """sha256 of every file below ``directory``, the work split over all ranks."""
     rank, world = _rank_world()
-    files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()
-                   and p.name != MANIFEST)
+    files = sorted(
+        p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST
+    )
     mine = {rel: sha256_file(directory / rel) for rel in files[rank::world]}
     if world == 1:
         return mine
@@ -157,8 +174,15 @@ def _hash_files(directory: Path) -> dict[str, str]:
     return dict(sorted(kv for part in gathered for kv in part.items()))
 
 
-def save(root: str | os.PathLike, iteration: int, engine: Any, zero_stage: int, manifest: dict[str, Any],
-         client_state: dict[str, Any], keep_last: int) -> Path:
+def save(
+    root: str | os.PathLike,
+    iteration: int,
+    engine: Any,
+    zero_stage: int,
+    manifest: dict[str, Any],
+    client_state: dict[str, Any],
+    keep_last: int,
+) -> Path:
     """Write iteration ``iteration`` (collective: every rank calls it). Returns the published directory."""
     from megatron.core import dist_checkpointing
 
@@ -209,13 +233,22 @@ def load_engine_state(engine: Any, directory: Path) -> dict[str, Any]:
     """DeepSpeed's optimizer/engine state and this rank's RNG from ``directory`` (our own checkpoint)."""
     rank, _ = _rank_world()
     if not (directory / ENGINE_DIR).is_dir():
-        raise UserError(f"{directory}: has no {ENGINE_DIR}/ (optimizer state); it is not a training checkpoint "
-                        "to resume from; use it as init_from instead")
-    _, client_state = engine.load_checkpoint(str(directory), tag=ENGINE_DIR, load_optimizer_states=True,
-                                             load_lr_scheduler_states=False, load_module_strict=True)
+        raise UserError(
+            f"{directory}: has no {ENGINE_DIR}/ (optimizer state); it is not a training checkpoint "
+            "to resume from; use it as init_from instead"
+        )
+    _, client_state = engine.load_checkpoint(
+        str(directory),
+        tag=ENGINE_DIR,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=False,
+        load_module_strict=True,
+    )
     if client_state is None:
-        raise UserError(f"{directory / ENGINE_DIR}: DeepSpeed could not load this checkpoint (written with another "
-                        "parallel layout?); resume with the layout it was written with")
+        raise UserError(
+            f"{directory / ENGINE_DIR}: DeepSpeed could not load this checkpoint (written with another "
+            "parallel layout?); resume with the layout it was written with"
+        )
     rng = directory / ENGINE_DIR / f"rng_rank{rank:05d}.pt"
     if rng.is_file():
         torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
@@ -225,4 +258,3 @@ def load_engine_state(engine: Any, directory: Path) -> dict[str, Any]:
 def resume_dir(root: str | os.PathLike) -> Path | None:
     iteration = latest_iteration(root)
     return None if iteration is None else Path(root) / iter_dir_name(iteration)
-

@@ -46,8 +46,13 @@ class DataConfig:
         problems = []
         if self.weights is not None:
             if len(self.weights) != len(self.prefixes):
-                problems.append(("weights", f"has {len(self.weights)} entries but there are "
-                                 f"{len(self.prefixes)} prefixes; give one weight per prefix"))
+                problems.append(
+                    (
+                        "weights",
+                        f"has {len(self.weights)} entries but there are "
+                        f"{len(self.prefixes)} prefixes; give one weight per prefix",
+                    )
+                )
             elif any(w <= 0 for w in self.weights):
                 problems.append(("weights", "must all be positive"))
         parts = [p for p in self.split.replace("/", ",").split(",") if p.strip()]
@@ -170,8 +175,7 @@ class TrainConfig:
         return self.model if isinstance(self.model, ModelConfig) else load_model_config(self.model)
 
     def check(self) -> list[tuple[str, str]]:
-        problems = [(f"parallel.{name}", problem) for name, problem in
-                    self.parallel.check_model(self.resolved_model())]
+        problems = [(f"parallel.{name}", problem) for name, problem in self.parallel.check_model(self.resolved_model())]
         if self.mask_ramp_steps < 0:
             problems.append(("mask_ramp_steps", f"must be >= 0, got {self.mask_ramp_steps}"))
         if not self.out_dir:
@@ -180,8 +184,13 @@ class TrainConfig:
             out, source = Path(self.out_dir).resolve(), Path(self.init_from).resolve()
             if out == source or out.is_relative_to(source) or source.is_relative_to(out):
                 # training prunes old iter_* in out_dir: the source checkpoint would be deleted
-                problems.append(("out_dir", f"({self.out_dir}) must not be, contain or lie inside init_from "
-                                 f"({self.init_from}); train into a new directory"))
+                problems.append(
+                    (
+                        "out_dir",
+                        f"({self.out_dir}) must not be, contain or lie inside init_from "
+                        f"({self.init_from}); train into a new directory",
+                    )
+                )
         return problems
 
 

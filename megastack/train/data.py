@@ -33,8 +33,18 @@ from megastack.fsio import atomic_write_bytes, atomic_write_json, building_dir
 
 DEMO_VERSION = 1
 DEMO_MAX_BYTES = 6_000_000  # about 2M tokens at vocab 1024: enough for the tiny models' minute-long runs
-DEMO_SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "__pycache__", "lib2to3", "ensurepip",
-                  "turtledemo", "tkinter", "dist-packages"}
+DEMO_SKIP_DIRS = {
+    "site-packages",
+    "test",
+    "tests",
+    "idlelib",
+    "__pycache__",
+    "lib2to3",
+    "ensurepip",
+    "turtledemo",
+    "tkinter",
+    "dist-packages",
+}
 TOKENIZER_FILE = "tokenizer.model"
 CORPUS_PREFIX = "corpus"
 INFO_FILE = "data.json"
@@ -86,7 +96,7 @@ def documents(files: list[Path]) -> Iterator[str]:
             raw = path.read_bytes()
         except OSError as exc:
             raise UserError(f"{path}: cannot read ({type(exc).__name__})") from None
-        if b"\x00" in raw[:1 << 16]:  # text has no NUL bytes; sentencepiece would train pieces of binary junk
+        if b"\x00" in raw[: 1 << 16]:  # text has no NUL bytes; sentencepiece would train pieces of binary junk
             raise UserError(f"{path}: binary data, not text (NUL bytes at the start); pass text or jsonl files")
         text = raw.decode("utf-8", errors="replace")
         if path.suffix == ".jsonl":
@@ -96,10 +106,11 @@ def documents(files: list[Path]) -> Iterator[str]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
-                    raise UserError(f"{path}:{number}: not valid JSON; each jsonl line must be an object "
-                                    "with a \"text\" field") from None
+                    raise UserError(
+                        f'{path}:{number}: not valid JSON; each jsonl line must be an object with a "text" field'
+                    ) from None
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise UserError(f"{path}:{number}: needs a string \"text\" field")
+                    raise UserError(f'{path}:{number}: needs a string "text" field')
                 yield record["text"]
         elif text.strip():
             yield text
@@ -131,17 +142,30 @@ def train_tokenizer(files: list[Path], model_path: Path, vocab_size: int, max_li
             raise
 
     if vocab_size < 300:
-        raise UserError(f"--vocab-size {vocab_size} is too small: byte fallback alone needs 256 + specials; use "
-                        ">= 300")
+        raise UserError(f"--vocab-size {vocab_size} is too small: byte fallback alone needs 256 + specials; use >= 300")
     model = io.BytesIO()  # written through a buffer: the file then holds no path, so it is reproducible
     try:
         with contextlib.redirect_stderr(open(os.devnull, "w")):
             spm.SentencePieceTrainer.train(
-                sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-                character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
-                remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
-                user_defined_symbols=["\n"], unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
-                shuffle_input_sentence=False, minloglevel=2)
+                sentence_iterator=lines(),
+                model_writer=model,
+                vocab_size=vocab_size,
+                model_type="bpe",
+                character_coverage=1.0,
+                byte_fallback=True,
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                allow_whitespace_only_pieces=True,
+                split_digits=True,
+                user_defined_symbols=["\n"],
+                unk_id=0,
+                bos_id=1,
+                eos_id=2,
+                pad_id=-1,
+                num_threads=1,
+                shuffle_input_sentence=False,
+                minloglevel=2,
+            )
     except RuntimeError as exc:
         if failure:
             raise failure[0] from None
@@ -151,17 +175,23 @@ def train_tokenizer(files: list[Path], model_path: Path, vocab_size: int, max_li
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         too_high = re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", text)
         if too_high:
-            raise UserError(f"--vocab-size {vocab_size} is too large for these inputs: sentencepiece can make at "
-                            f"most {too_high.group(2)} pieces from them; use --vocab-size {too_high.group(2)} or "
-                            "less, or give more text") from None
+            raise UserError(
+                f"--vocab-size {vocab_size} is too large for these inputs: sentencepiece can make at "
+                f"most {too_high.group(2)} pieces from them; use --vocab-size {too_high.group(2)} or "
+                "less, or give more text"
+            ) from None
         needed = re.search(r"required_chars\. (\d+) vs (\d+)", text)
         if needed:
-            raise UserError(f"--vocab-size {vocab_size} is too small for these inputs: they hold "
-                            f"{needed.group(2)} distinct characters and pieces; use --vocab-size "
-                            f"{int(needed.group(2)) + 64} or more") from None
+            raise UserError(
+                f"--vocab-size {vocab_size} is too small for these inputs: they hold "
+                f"{needed.group(2)} distinct characters and pieces; use --vocab-size "
+                f"{int(needed.group(2)) + 64} or more"
+            ) from None
         reason = text.split("] ", 1)[-1][:200]
-        raise UserError(f"sentencepiece could not train a tokenizer on the inputs ({reason}); check that they "
-                        "are text and the --vocab-size fits them") from None
+        raise UserError(
+            f"sentencepiece could not train a tokenizer on the inputs ({reason}); check that they "
+            "are text and the --vocab-size fits them"
+        ) from None
     atomic_write_bytes(model_path, model.getvalue())
 
 
@@ -178,8 +208,10 @@ class Tokenizer:
         try:
             self.sp.load(str(self.path))
         except (OSError, RuntimeError):
-            raise UserError(f"{self.path}: not a sentencepiece model; set data.tokenizer to the .model file "
-                            "written by 'megastack data'") from None
+            raise UserError(
+                f"{self.path}: not a sentencepiece model; set data.tokenizer to the .model file "
+                "written by 'megastack data'"
+            ) from None
         self.vocab_size = int(self.sp.get_piece_size())
         self.eod = int(self.sp.eos_id())
         with open(self.path, "rb") as f:
@@ -233,9 +265,15 @@ def prepare(files: list[Path], out: Path, vocab_size: int, source: str) -> dict[
         train_tokenizer(files, tmp / TOKENIZER_FILE, vocab_size)
         tokenizer = Tokenizer(tmp / TOKENIZER_FILE)
         stats = write_indexed(files, tokenizer, tmp / CORPUS_PREFIX)
-        info = {"source": source, "files": len(files), "bytes": sum(p.stat().st_size for p in files),
-                "vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod, **stats,
-                "tokenizer_sha256": tokenizer.unique_identifiers["sha256"]}
+        info = {
+            "source": source,
+            "files": len(files),
+            "bytes": sum(p.stat().st_size for p in files),
+            "vocab_size": tokenizer.vocab_size,
+            "eod": tokenizer.eod,
+            **stats,
+            "tokenizer_sha256": tokenizer.unique_identifiers["sha256"],
+        }
         atomic_write_json(tmp / INFO_FILE, info)
     return info
 
@@ -250,8 +288,11 @@ def demo_data(vocab_size: int = 1024) -> Path:
     The cache key covers the file list and sizes, so a different Python gives a different directory;
     a lock file keeps two processes from building it at once."""
     files = demo_corpus_files()
-    key = hashlib.sha256(json.dumps([DEMO_VERSION, vocab_size, sys.version_info[:2],
-                                     [(str(p.name), p.stat().st_size) for p in files]]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps(
+            [DEMO_VERSION, vocab_size, sys.version_info[:2], [(str(p.name), p.stat().st_size) for p in files]]
+        ).encode()
+    ).hexdigest()[:12]
     out = cache_root() / f"demo-v{DEMO_VERSION}-{vocab_size}-{key}"
     if (out / INFO_FILE).is_file():
         return out
@@ -286,8 +327,10 @@ def check_indexed(prefix: str) -> None:
     idx, bin_ = Path(prefix + ".idx"), Path(prefix + ".bin")
 
     def corrupt(why: str) -> UserError:
-        return UserError(f"data.prefixes: {idx} is not a valid Megatron indexed dataset ({why}); re-run "
-                         "'megastack data' to write it again")
+        return UserError(
+            f"data.prefixes: {idx} is not a valid Megatron indexed dataset ({why}); re-run "
+            "'megastack data' to write it again"
+        )
 
     with open(idx, "rb") as f:
         head = f.read(34)
@@ -302,8 +345,10 @@ def check_indexed(prefix: str) -> None:
     lengths = np.memmap(idx, dtype=np.int32, mode="r", offset=34, shape=(sequences,)) if sequences else []
     tokens = int(np.sum(lengths, dtype=np.int64))
     if bin_.stat().st_size != tokens * DTYPE_SIZES[code]:
-        raise UserError(f"data.prefixes: {bin_} holds {bin_.stat().st_size} bytes but {idx} describes "
-                        f"{tokens * DTYPE_SIZES[code]}; the pair is truncated or mismatched, re-run 'megastack data'")
+        raise UserError(
+            f"data.prefixes: {bin_} holds {bin_.stat().st_size} bytes but {idx} describes "
+            f"{tokens * DTYPE_SIZES[code]}; the pair is truncated or mismatched, re-run 'megastack data'"
+        )
 
 
 def resolve_data(prefixes: list[str], tokenizer_path: str | None, vocab_size: int) -> tuple[list[str], Tokenizer]:
@@ -315,20 +360,26 @@ def resolve_data(prefixes: list[str], tokenizer_path: str | None, vocab_size: in
     for prefix in prefixes:
         for suffix in (".bin", ".idx"):
             if not Path(prefix + suffix).is_file():
-                raise UserError(f"data.prefixes: {prefix}{suffix} not found; give the prefix of a .bin/.idx pair "
-                                "written by 'megastack data' (without the suffix)")
+                raise UserError(
+                    f"data.prefixes: {prefix}{suffix} not found; give the prefix of a .bin/.idx pair "
+                    "written by 'megastack data' (without the suffix)"
+                )
         check_indexed(prefix)
     if tokenizer_path is None:
         guess = Path(prefixes[0]).parent / TOKENIZER_FILE
         if not guess.is_file():
-            raise UserError(f"data.tokenizer is not set and {guess} does not exist; set data.tokenizer to the "
-                            "sentencepiece .model the data was written with")
+            raise UserError(
+                f"data.tokenizer is not set and {guess} does not exist; set data.tokenizer to the "
+                "sentencepiece .model the data was written with"
+            )
         tokenizer_path = str(guess)
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size != vocab_size:
-        raise UserError(f"data.tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model's "
-                        f"vocab_size is {vocab_size}; use the tokenizer the model was built for or set "
-                        f"model.vocab_size to {tokenizer.vocab_size}")
+        raise UserError(
+            f"data.tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model's "
+            f"vocab_size is {vocab_size}; use the tokenizer the model was built for or set "
+            f"model.vocab_size to {tokenizer.vocab_size}"
+        )
     return prefixes, tokenizer
 
 
@@ -353,14 +404,24 @@ def _check_split_documents(prefixes: list[str], split: str) -> None:
                 continue
             begin, end = (int(round(x * documents)) for x in matrix[index])
             if end <= begin:
-                raise UserError(f"data: {prefix} has {documents} document(s) and data.split '{split}' leaves the "
-                                f"{name} split none; give a corpus of more documents (megastack data makes one "
-                                "per file or jsonl line) or change data.split")
+                raise UserError(
+                    f"data: {prefix} has {documents} document(s) and data.split '{split}' leaves the "
+                    f"{name} split none; give a corpus of more documents (megastack data makes one "
+                    "per file or jsonl line) or change data.split"
+                )
 
 
-def build_datasets(prefixes: list[str], weights: list[float] | None, split: str, tokenizer: Tokenizer,
-                   seq_length: int, seed: int, train_samples: int, valid_samples: int,
-                   cache_dir: str | os.PathLike) -> Datasets:
+def build_datasets(
+    prefixes: list[str],
+    weights: list[float] | None,
+    split: str,
+    tokenizer: Tokenizer,
+    seq_length: int,
+    seed: int,
+    train_samples: int,
+    valid_samples: int,
+    cache_dir: str | os.PathLike,
+) -> Datasets:
     """megatron-core's GPTDatasets for the train and valid splits (call on every rank).
 
     megatron builds the shuffled index files on global rank 0 first and the other ranks read them."""
@@ -372,20 +433,32 @@ def build_datasets(prefixes: list[str], weights: list[float] | None, split: str,
     for name in ("megatron.core.datasets", "megatron.core.datasets.blended_megatron_dataset_builder"):
         logging.getLogger(name).setLevel(logging.WARNING)
     config = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_length, blend=(list(prefixes), list(weights) if weights else None),
-        split=split, path_to_cache=str(cache_dir), tokenizer=tokenizer, reset_position_ids=False,
-        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
-        mid_level_dataset_surplus=0.005)
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=(list(prefixes), list(weights) if weights else None),
+        split=split,
+        path_to_cache=str(cache_dir),
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mid_level_dataset_surplus=0.005,
+    )
     sizes = [train_samples, max(valid_samples, 1), 1]  # every split sized: megatron needs it with blend weights
     _check_split_documents(prefixes, split)
     try:
         train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     except AssertionError as exc:
-        raise UserError(f"data: megatron could not build the datasets ({exc}); check data.split and that the "
-                        "corpus has enough documents for every split with a non-zero weight") from None
+        raise UserError(
+            f"data: megatron could not build the datasets ({exc}); check data.split and that the "
+            "corpus has enough documents for every split with a non-zero weight"
+        ) from None
     if train is None or len(train) < train_samples:
-        raise UserError(f"data: the train split yields {0 if train is None else len(train)} samples but "
-                        f"{train_samples} are needed; give more data or a larger train share in data.split")
+        raise UserError(
+            f"data: the train split yields {0 if train is None else len(train)} samples but "
+            f"{train_samples} are needed; give more data or a larger train share in data.split"
+        )
     return Datasets(train, valid, tokenizer, prefixes)
 
 
@@ -408,7 +481,9 @@ def cli_data(args: Any) -> int:
         files = demo_corpus_files()
         source = "python-stdlib"
     info = prepare(files, out, args.vocab_size, source)
-    print(f"wrote {out}/{TOKENIZER_FILE} (vocab {info['vocab_size']}) and {out}/{CORPUS_PREFIX}.bin/.idx "
-          f"({info['documents']:,} documents, {info['tokens']:,} tokens from {info['files']} files); train "
-          f"with data.prefixes: [{out}/{CORPUS_PREFIX}]")
+    print(
+        f"wrote {out}/{TOKENIZER_FILE} (vocab {info['vocab_size']}) and {out}/{CORPUS_PREFIX}.bin/.idx "
+        f"({info['documents']:,} documents, {info['tokens']:,} tokens from {info['files']} files); train "
+        f"with data.prefixes: [{out}/{CORPUS_PREFIX}]"
+    )
     return 0

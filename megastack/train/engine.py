@@ -104,15 +104,20 @@ def is_decayed(name: str, param: torch.nn.Parameter) -> bool:
 def param_groups(model: torch.nn.Module, opt: OptimizerConfig) -> list[dict[str, Any]]:
     decay = [p for n, p in model.named_parameters() if p.requires_grad and is_decayed(n, p)]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not is_decayed(n, p)]
-    return [{"params": decay, "weight_decay": opt.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def make_optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.Optimizer:
     """torch's AdamW (fused kernel on GPU): no hidden JIT builds, the same update as the reference loop."""
     fused = torch.cuda.is_available()
-    return torch.optim.AdamW(param_groups(model, opt), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
-                             fused=fused, foreach=False if not fused else None)
+    return torch.optim.AdamW(
+        param_groups(model, opt),
+        lr=opt.lr,
+        betas=tuple(opt.betas),
+        eps=opt.eps,
+        fused=fused,
+        foreach=False if not fused else None,
+    )
 
 
 # ----------------------------------------------------------------------------- DeepSpeed
@@ -122,8 +127,13 @@ def deepspeed_config(parallel: ParallelConfig, opt: OptimizerConfig, dp: int, mi
     """The DeepSpeed config of one stage. DeepSpeed sees one micro-batch of micro x accumulation samples
     per step because megatron's schedule does the accumulation."""
     per_rank = parallel.micro_batch_size * micro_batches
-    zero: dict[str, Any] = {"stage": parallel.zero_stage, "overlap_comm": False, "contiguous_gradients": True,
-                            "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000}
+    zero: dict[str, Any] = {
+        "stage": parallel.zero_stage,
+        "overlap_comm": False,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": 50_000_000,
+        "allgather_bucket_size": 50_000_000,
+    }
     if parallel.zero_stage == 3:
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=50_000_000)
     config: dict[str, Any] = {
@@ -149,20 +159,28 @@ def deepspeed_config(parallel: ParallelConfig, opt: OptimizerConfig, dp: int, mi
 
 def check_layout(parallel: ParallelConfig, model: ModelConfig) -> None:
     if parallel.zero_stage == 0:
-        raise NotBuiltError("parallel.zero_stage 0 is not built in the trainer yet; use zero_stage 1 (at one "
-                            "data-parallel rank it keeps the same state as no ZeRO)")
+        raise NotBuiltError(
+            "parallel.zero_stage 0 is not built in the trainer yet; use zero_stage 1 (at one "
+            "data-parallel rank it keeps the same state as no ZeRO)"
+        )
     if parallel.pipeline > 1 and parallel.zero_stage > 1:
-        raise UserError(f"parallel.zero_stage {parallel.zero_stage} cannot be combined with pipeline parallelism "
-                        f"({parallel.pipeline} stages): ZeRO-2/3 partition gradients during backward, which the "
-                        "pipeline schedule interleaves across micro-batches; use zero_stage 1 with pipeline > 1 "
-                        "(as Megatron-DeepSpeed does)")
+        raise UserError(
+            f"parallel.zero_stage {parallel.zero_stage} cannot be combined with pipeline parallelism "
+            f"({parallel.pipeline} stages): ZeRO-2/3 partition gradients during backward, which the "
+            "pipeline schedule interleaves across micro-batches; use zero_stage 1 with pipeline > 1 "
+            "(as Megatron-DeepSpeed does)"
+        )
     if parallel.precision == "fp16" and parallel.pipeline > 1:
-        raise NotBuiltError("precision fp16 with pipeline parallelism is not built in the trainer yet (DeepSpeed's "
-                            "loss scaler expects every stage's backward to be scaled); use bf16")
+        raise NotBuiltError(
+            "precision fp16 with pipeline parallelism is not built in the trainer yet (DeepSpeed's "
+            "loss scaler expects every stage's backward to be scaled); use bf16"
+        )
     if model.tie_embeddings and parallel.pipeline > 1:
-        raise NotBuiltError("tied embeddings with pipeline parallelism are not built in the trainer yet (the "
-                            "first and last stages would need their embedding gradients summed); untie them "
-                            "(tie_embeddings: false, as in the paper's models) or use pipeline 1")
+        raise NotBuiltError(
+            "tied embeddings with pipeline parallelism are not built in the trainer yet (the "
+            "first and last stages would need their embedding gradients summed); untie them "
+            "(tie_embeddings: false, as in the paper's models) or use pipeline 1"
+        )
 
 
 def initialize(model: torch.nn.Module, parallel: ParallelConfig, opt: OptimizerConfig, micro_batches: int):
@@ -173,8 +191,9 @@ def initialize(model: torch.nn.Module, parallel: ParallelConfig, opt: OptimizerC
 
     dp = ps.get_data_parallel_world_size()
     optimizer = make_optimizer(model, opt)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=MegatronMPU(),
-                                           config=deepspeed_config(parallel, opt, dp, micro_batches))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, mpu=MegatronMPU(), config=deepspeed_config(parallel, opt, dp, micro_batches)
+    )
     guard_checkpoint_loads(engine)
     return engine
 
@@ -264,9 +283,14 @@ class Stepper:
 
         with cpu.device_mode():
             results = get_forward_backward_func()(
-                forward_step_func=self._forward_step, data_iterator=iter(batches), model=self.module,
-                num_microbatches=len(batches), seq_length=self.seq_length,
-                micro_batch_size=self.parallel.micro_batch_size, forward_only=forward_only)
+                forward_step_func=self._forward_step,
+                data_iterator=iter(batches),
+                model=self.module,
+                num_microbatches=len(batches),
+                seq_length=self.seq_length,
+                micro_batch_size=self.parallel.micro_batch_size,
+                forward_only=forward_only,
+            )
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         if ps.is_pipeline_last_stage():
             for r in results:
@@ -297,4 +321,3 @@ class Stepper:
         local = self._run(batches, forward_only=True)
         self.module.train()
         return self.mean_over_ranks(local, len(batches))
-

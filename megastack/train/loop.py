@@ -71,8 +71,9 @@ class Logs:
 
     ``enabled`` is true on global rank 0 only; ``console`` false keeps the files but prints nothing."""
 
-    def __init__(self, out: Path, enabled: bool, console: bool, tensorboard: bool, progress: str, total: int,
-                 start: int):
+    def __init__(
+        self, out: Path, enabled: bool, console: bool, tensorboard: bool, progress: str, total: int, start: int
+    ):
         self.enabled = enabled
         self.path = out / LOG_FILE
         self.tb = None
@@ -101,10 +102,16 @@ class Logs:
         the interrupted job (the stage is not over)."""
         if not self.enabled or not self.path.is_file():
             return
-        records = [(line, r) for line in self.path.read_text(errors="replace").splitlines()
-                   if isinstance(r := _json_or_none(line), dict)]  # a line torn by a kill is dropped
-        kept = [line for line, r in records if _at_or_before(r.get("iteration", 0), iteration)
-                and r.get("type") != "summary"]
+        records = [
+            (line, r)
+            for line in self.path.read_text(errors="replace").splitlines()
+            if isinstance(r := _json_or_none(line), dict)
+        ]  # a line torn by a kill is dropped
+        kept = [
+            line
+            for line, r in records
+            if _at_or_before(r.get("iteration", 0), iteration) and r.get("type") != "summary"
+        ]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def record(self, kind: str, **fields: Any) -> None:
@@ -119,8 +126,7 @@ class Logs:
                     tag = "valid/loss" if key == "valid_loss" else f"train/{key}"
                     self.tb.add_scalar(tag, fields[key], fields["iteration"])
             if kind == "eval" and fields.get("valid_loss") is not None:
-                self.tb.add_scalar("valid/loss_vs_gflops", fields["valid_loss"],
-                                   int(fields["cumulative_flops"] / 1e9))
+                self.tb.add_scalar("valid/loss_vs_gflops", fields["valid_loss"], int(fields["cumulative_flops"] / 1e9))
 
     def progress(self, iteration: int, text: str) -> None:
         if not self.enabled:
@@ -203,19 +209,23 @@ def train(config: TrainConfig, *, verbose: bool = True, stop_at: int | None = No
     source = resume_from or (Path(config.init_from) if config.init_from else None)
     if config.init_from and resume_from is None:
         checkpointing.check_source(config.init_from, cfg)
-    prefixes, tokenizer = _on_rank0_first(data.resolve_data, list(config.data.prefixes), config.data.tokenizer,
-                                          cfg.vocab_size)
+    prefixes, tokenizer = _on_rank0_first(
+        data.resolve_data, list(config.data.prefixes), config.data.tokenizer, cfg.vocab_size
+    )
     if config.init_from and config.init_optimizer == "carried" and resume_from is None:
-        raise NotBuiltError("init_optimizer: carried is not built yet (growth does not write optimizer state); "
-                            "use the default 'fresh' (the paper re-creates AdamW after growth)")
+        raise NotBuiltError(
+            "init_optimizer: carried is not built yet (growth does not write optimizer state); "
+            "use the default 'fresh' (the paper re-creates AdamW after growth)"
+        )
 
     # 2. layout and model
     init_model_parallel(par.tensor, par.pipeline, seed=config.seed)
     module = build_model(cfg, par)
     source_manifest: dict[str, Any] = {}
     if source is not None:
-        source_manifest = checkpointing.load_weights(module, cfg, source,
-                                                     where="resume" if resume_from else "init_from")
+        source_manifest = checkpointing.load_weights(
+            module, cfg, source, where="resume" if resume_from else "init_from"
+        )
     train_state: dict[str, Any] = dict(source_manifest.get("train", {})) if resume_from else {}
     if resume_from:
         base_flops = float(train_state.get("base_cumulative_flops", 0.0))
@@ -227,11 +237,16 @@ def train(config: TrainConfig, *, verbose: bool = True, stop_at: int | None = No
         growth = source_manifest.get("growth") or {}
         new_layers = list(growth.get("new_layers", []))
         width_masks = list((growth.get("width") or {}).get("masks") or [])
-        ramp_info = ({"new_layers": new_layers, "width_masks": width_masks, "steps": config.mask_ramp_steps}
-                     if growth.get("mask_ramp") and (new_layers or width_masks) and config.mask_ramp_steps > 0
-                     else None)
-    ramp = (MaskRamp(module, cfg, ramp_info["new_layers"], ramp_info.get("width_masks", []), ramp_info["steps"])
-            if ramp_info else None)
+        ramp_info = (
+            {"new_layers": new_layers, "width_masks": width_masks, "steps": config.mask_ramp_steps}
+            if growth.get("mask_ramp") and (new_layers or width_masks) and config.mask_ramp_steps > 0
+            else None
+        )
+    ramp = (
+        MaskRamp(module, cfg, ramp_info["new_layers"], ramp_info.get("width_masks", []), ramp_info["steps"])
+        if ramp_info
+        else None
+    )
 
     # 3. engine, data
     engine = initialize(module, par, opt, accumulation)
@@ -240,60 +255,97 @@ def train(config: TrainConfig, *, verbose: bool = True, stop_at: int | None = No
         client = checkpointing.load_engine_state(engine, resume_from)
         start_iter, consumed_samples = int(client["iteration"]), int(client["consumed_samples"])
     datasets = data.build_datasets(
-        prefixes, config.data.weights, config.data.split, tokenizer, cfg.seq_length, config.data.seed,
+        prefixes,
+        config.data.weights,
+        config.data.split,
+        tokenizer,
+        cfg.seq_length,
+        config.data.seed,
         train_samples=consumed_samples + (total_iters - start_iter) * global_batch,
         valid_samples=sched.eval_iters * global_batch,
-        cache_dir=config.data.cache_dir or (out / "data_cache"))
+        cache_dir=config.data.cache_dir or (out / "data_cache"),
+    )
     device = _device()
     stepper = Stepper(engine, par, cfg.seq_length, device)
     dp_rank, micro = ps.get_data_parallel_rank(), par.micro_batch_size
     iter_flops = flops.flops_per_iteration(cfg, global_batch)
     peak = flops.peak_flops(config.logging.peak_flops)
-    logs = Logs(out, enabled=rank == 0, console=verbose, tensorboard=config.logging.tensorboard,
-                progress=config.logging.progress, total=total_iters, start=start_iter)
+    logs = Logs(
+        out,
+        enabled=rank == 0,
+        console=verbose,
+        tensorboard=config.logging.tensorboard,
+        progress=config.logging.progress,
+        total=total_iters,
+        start=start_iter,
+    )
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         checkpointing.remove_stale_partials(out)
         logs.truncate_after(start_iter)
-    logs.message(f"megastack train: {cfg.name or 'model'} {cfg.total_parameters():,} params, TP{par.tensor} "
-                 f"PP{par.pipeline} DP{dp} ZeRO-{par.zero_stage} {par.precision}, global batch {global_batch} "
-                 f"({accumulation} micro-batches of {micro} per rank), {total_iters} iterations"
-                 + (f", resuming at {start_iter} from {resume_from}" if resume_from else "")
-                 + (f", from {config.init_from}" if config.init_from and not resume_from else ""))
+    logs.message(
+        f"megastack train: {cfg.name or 'model'} {cfg.total_parameters():,} params, TP{par.tensor} "
+        f"PP{par.pipeline} DP{dp} ZeRO-{par.zero_stage} {par.precision}, global batch {global_batch} "
+        f"({accumulation} micro-batches of {micro} per rank), {total_iters} iterations"
+        + (f", resuming at {start_iter} from {resume_from}" if resume_from else "")
+        + (f", from {config.init_from}" if config.init_from and not resume_from else "")
+    )
 
     def step_batches(dataset: Any, first_sample: int, count: int) -> list[Batch]:
-        return [Batch.of(data.micro_batch(dataset, first_sample + (m * dp + dp_rank) * micro, micro), device)
-                for m in range(count)]
+        return [
+            Batch.of(data.micro_batch(dataset, first_sample + (m * dp + dp_rank) * micro, micro), device)
+            for m in range(count)
+        ]
 
     def evaluate() -> float | None:
         if datasets.valid is None or sched.eval_iters == 0:
             return None
         # the same first eval_iters global batches of the valid split every time: comparable across stages
-        losses = [stepper.eval_loss(step_batches(datasets.valid, i * global_batch, accumulation))
-                  for i in range(sched.eval_iters)]
+        losses = [
+            stepper.eval_loss(step_batches(datasets.valid, i * global_batch, accumulation))
+            for i in range(sched.eval_iters)
+        ]
         return sum(losses) / len(losses)
 
     # the numbers the summary reports; a resumed job starts from the interrupted job's, so a stage resumed
     # at its very end (killed after the last save) still reports its last train loss and its best eval
     saved = train_state.get("losses", {})
-    state = {"last_loss": saved.get("last_train"), "valid": saved.get("last_valid"), "best": saved.get("best_valid"),
-             "checkpoint": None}
+    state = {
+        "last_loss": saved.get("last_train"),
+        "valid": saved.get("last_valid"),
+        "best": saved.get("best_valid"),
+        "checkpoint": None,
+    }
 
     def stage_flops(iteration: int) -> float:
         return iteration * iter_flops
 
     def save(iteration: int) -> None:
         done = iteration * tokens_per_iter
-        event = {"event": "train", "iterations": iteration, "tokens": done, "flops": stage_flops(iteration),
-                 "model": cfg.name, "init_from": str(config.init_from) if config.init_from else None}
+        event = {
+            "event": "train",
+            "iterations": iteration,
+            "tokens": done,
+            "flops": stage_flops(iteration),
+            "model": cfg.name,
+            "init_from": str(config.init_from) if config.init_from else None,
+        }
         manifest = {
-            "format": "torch_dist", "model": to_dict(cfg), "iteration": iteration, "consumed_tokens": done,
-            "cumulative_flops": base_flops + stage_flops(iteration), "history": base_history + [event],
-            "train": {"base_cumulative_flops": base_flops, "base_history": base_history, "mask_ramp": ramp_info,
-                      "consumed_samples": consumed_samples, "global_batch_size": global_batch,
-                      "total_iters": total_iters,
-                      "losses": {"last_train": state["last_loss"], "last_valid": state["valid"],
-                                 "best_valid": state["best"]}},
+            "format": "torch_dist",
+            "model": to_dict(cfg),
+            "iteration": iteration,
+            "consumed_tokens": done,
+            "cumulative_flops": base_flops + stage_flops(iteration),
+            "history": base_history + [event],
+            "train": {
+                "base_cumulative_flops": base_flops,
+                "base_history": base_history,
+                "mask_ramp": ramp_info,
+                "consumed_samples": consumed_samples,
+                "global_batch_size": global_batch,
+                "total_iters": total_iters,
+                "losses": {"last_train": state["last_loss"], "last_valid": state["valid"], "best_valid": state["best"]},
+            },
         }
         client = {"iteration": iteration, "consumed_samples": consumed_samples}
         path = checkpointing.save(out, iteration, engine, par.zero_stage, manifest, client, sched.keep_last)
@@ -308,8 +360,9 @@ def train(config: TrainConfig, *, verbose: bool = True, stop_at: int | None = No
     for iteration in range(start_iter, end):
         if ramp is not None:
             ramp.set_step(iteration)
-        result = stepper.train_step(step_batches(datasets.train, consumed_samples, accumulation),
-                                    learning_rate(iteration, opt, total_iters))
+        result = stepper.train_step(
+            step_batches(datasets.train, consumed_samples, accumulation), learning_rate(iteration, opt, total_iters)
+        )
         consumed_samples += global_batch
         done = iteration + 1
         window_iters += 1
@@ -319,11 +372,24 @@ def train(config: TrainConfig, *, verbose: bool = True, stop_at: int | None = No
             tps = window_iters * tokens_per_iter / elapsed if elapsed > 0 else None
             achieved = window_iters * iter_flops / elapsed if elapsed > 0 else 0.0
             util = flops.mfu(achieved, world, peak)
-            logs.record("train", iteration=done, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
-                        tokens=done * tokens_per_iter, stage_flops=stage_flops(done),
-                        cumulative_flops=base_flops + stage_flops(done), tokens_per_s=tps, mfu=util)
-            logs.progress(done, f"loss {result.loss:.4f} lr {result.lr:.2e} "
-                          + (f"{tps:,.0f} tok/s" if tps else "") + (f" MFU {util:.1%}" if util else ""))
+            logs.record(
+                "train",
+                iteration=done,
+                loss=result.loss,
+                lr=result.lr,
+                grad_norm=result.grad_norm,
+                tokens=done * tokens_per_iter,
+                stage_flops=stage_flops(done),
+                cumulative_flops=base_flops + stage_flops(done),
+                tokens_per_s=tps,
+                mfu=util,
+            )
+            logs.progress(
+                done,
+                f"loss {result.loss:.4f} lr {result.lr:.2e} "
+                + (f"{tps:,.0f} tok/s" if tps else "")
+                + (f" MFU {util:.1%}" if util else ""),
+            )
             window_start, window_iters = time.monotonic(), 0
         if sched.eval_interval and done % sched.eval_interval == 0 and done != total_iters:
             _record_eval(logs, state, evaluate(), done, tokens_per_iter, base_flops + stage_flops(done))
@@ -336,14 +402,23 @@ def train(config: TrainConfig, *, verbose: bool = True, stop_at: int | None = No
         _record_eval(logs, state, evaluate(), end, tokens_per_iter, base_flops + stage_flops(end))
     save(end)
     summary = StageSummary(
-        iterations=end, tokens=end * tokens_per_iter, flops=stage_flops(end),
-        cumulative_flops=base_flops + stage_flops(end), final_train_loss=state["last_loss"],
-        final_valid_loss=state["valid"], best_valid_loss=state["best"],
-        wall_seconds=round(time.monotonic() - wall_start, 3), checkpoint=state["checkpoint"], out_dir=str(out))
+        iterations=end,
+        tokens=end * tokens_per_iter,
+        flops=stage_flops(end),
+        cumulative_flops=base_flops + stage_flops(end),
+        final_train_loss=state["last_loss"],
+        final_valid_loss=state["valid"],
+        best_valid_loss=state["best"],
+        wall_seconds=round(time.monotonic() - wall_start, 3),
+        checkpoint=state["checkpoint"],
+        out_dir=str(out),
+    )
     logs.record("summary", iteration=end, **{k: v for k, v in asdict(summary).items() if k != "iterations"})
-    logs.message(f"{'done' if end == total_iters else 'stopped'}: {end} iterations, final train loss "
-                 f"{summary.final_train_loss}, valid {summary.final_valid_loss}, {summary.cumulative_flops:.3e} "
-                 f"cumulative FLOPs, checkpoint {summary.checkpoint}")
+    logs.message(
+        f"{'done' if end == total_iters else 'stopped'}: {end} iterations, final train loss "
+        f"{summary.final_train_loss}, valid {summary.final_valid_loss}, {summary.cumulative_flops:.3e} "
+        f"cumulative FLOPs, checkpoint {summary.checkpoint}"
+    )
     logs.close()
     if ramp is not None:
         ramp.remove()
@@ -351,14 +426,16 @@ def train(config: TrainConfig, *, verbose: bool = True, stop_at: int | None = No
     return summary
 
 
-def _record_eval(logs: Logs, state: dict[str, Any], valid: float | None, iteration: int, tokens_per_iter: int,
-                 cumulative: float) -> None:
+def _record_eval(
+    logs: Logs, state: dict[str, Any], valid: float | None, iteration: int, tokens_per_iter: int, cumulative: float
+) -> None:
     if valid is None:
         return
     state["valid"] = valid
     state["best"] = valid if state["best"] is None else min(state["best"], valid)
-    logs.record("eval", iteration=iteration, valid_loss=valid, tokens=iteration * tokens_per_iter,
-                cumulative_flops=cumulative)
+    logs.record(
+        "eval", iteration=iteration, valid_loss=valid, tokens=iteration * tokens_per_iter, cumulative_flops=cumulative
+    )
     logs.message(f"iter {iteration}: valid loss {valid:.4f}")
 
 
@@ -370,4 +447,3 @@ def cli_train(args: Any) -> int:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
-

@@ -41,8 +41,10 @@ def local_mask(cfg: ModelConfig, spec: dict[str, Any], tp_rank: int, tp_size: in
 
     key = (spec.get("tensor"), spec.get("dim"))
     if key not in WIDTH_POINTS:
-        raise UserError(f"growth.width.masks: unknown mask {key[0]!r} dim {key[1]!r} in the checkpoint's "
-                        f"megastack.json (known: {sorted(WIDTH_POINTS)}); was it written by a newer megastack?")
+        raise UserError(
+            f"growth.width.masks: unknown mask {key[0]!r} dim {key[1]!r} in the checkpoint's "
+            f"megastack.json (known: {sorted(WIDTH_POINTS)}); was it written by a newer megastack?"
+        )
     tensor, dim = key
     name = tensor.replace("*", "0")
     shape = layout.logical_shape(cfg, name)
@@ -50,8 +52,10 @@ def local_mask(cfg: ModelConfig, spec: dict[str, Any], tp_rank: int, tp_size: in
     mask = torch.zeros(size, dtype=torch.bool)
     for start, stop in spec.get("ranges", []):
         if not 0 <= start <= stop <= size:
-            raise UserError(f"growth.width.masks: range [{start}, {stop}) of {tensor} dim {dim} is outside "
-                            f"0..{size} for this model; the checkpoint's megastack.json does not match it")
+            raise UserError(
+                f"growth.width.masks: range [{start}, {stop}) of {tensor} dim {dim} is outside "
+                f"0..{size} for this model; the checkpoint's megastack.json does not match it"
+            )
         mask[start:stop] = True
     # a dim the weight is TP-cut along (proj / fc2 columns) is cut the same way in the activation it reads
     piece = layout.tp_pieces(layout.split_name(name)[1], shape, tp_rank, tp_size)[0]
@@ -62,15 +66,22 @@ class MaskRamp:
     """Forward hooks on this rank's part of the model (its pipeline stage, its TP slice) that scale what
     growth added by c; ``set_step`` moves c, ``remove`` takes the hooks off."""
 
-    def __init__(self, module: torch.nn.Module, cfg: ModelConfig, new_layers: list[int],
-                 width_masks: list[dict[str, Any]], steps: int):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        cfg: ModelConfig,
+        new_layers: list[int],
+        width_masks: list[dict[str, Any]],
+        steps: int,
+    ):
         from megatron.core import parallel_state as ps
 
         from megastack import layout
 
         self.steps, self.scale, self.handles = steps, 1.0, []
-        here = layout.stage_layers(cfg.num_layers, ps.get_pipeline_model_parallel_rank(),
-                                   ps.get_pipeline_model_parallel_world_size())
+        here = layout.stage_layers(
+            cfg.num_layers, ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
+        )
         layers = module.decoder.layers
         local = [layers[i - here.start] for i in here]
         new = [layers[i - here.start] for i in new_layers if i in here]
@@ -87,9 +98,15 @@ class MaskRamp:
             if where == "embedding output":
                 targets = [module.embedding] if getattr(module, "pre_process", False) else []
             else:
-                targets = [{"attention output": b.self_attention, "mlp output": b.mlp,
-                            "linear_proj input": b.self_attention.linear_proj,
-                            "linear_fc2 input": b.mlp.linear_fc2}[where] for b in local]
+                targets = [
+                    {
+                        "attention output": b.self_attention,
+                        "mlp output": b.mlp,
+                        "linear_proj input": b.self_attention.linear_proj,
+                        "linear_fc2 input": b.mlp.linear_fc2,
+                    }[where]
+                    for b in local
+                ]
             for target in targets:
                 if where.endswith("input"):
                     hook = self._input_hook(mask)
@@ -111,6 +128,7 @@ class MaskRamp:
             if isinstance(output, tuple):
                 return (output[0] * self._factor(mask, output[0]), *output[1:])
             return output * self._factor(mask, output)
+
         return hook
 
     def _input_hook(self, mask: torch.Tensor):
@@ -118,6 +136,7 @@ class MaskRamp:
             if self.scale == 1.0:
                 return None
             return (inputs[0] * self._factor(mask, inputs[0]), *inputs[1:])
+
         return hook
 
     def set_step(self, step: int) -> None:

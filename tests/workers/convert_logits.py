@@ -40,8 +40,9 @@ def main() -> None:
         reader = open_checkpoint(case["torch_dist"])
         model = build_model(reader.cfg, parallel)
         # As Megatron-LM's load_checkpoint does: the model under "model", common.pt's keys beside it.
-        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(reader.path),
-                                         strict=StrictHandling.RAISE_ALL)
+        loaded = dist_checkpointing.load(
+            {"model": model.sharded_state_dict()}, str(reader.path), strict=StrictHandling.RAISE_ALL
+        )
         assert isinstance(loaded["iteration"], int) and loaded["args"].num_layers == reader.cfg.num_layers
         model.load_state_dict(loaded["model"], strict=True)
         report(case["label"], "torch_dist", model)

@@ -60,8 +60,9 @@ def main() -> None:
             model = build_model(cfg, ParallelConfig(tensor=tp, pipeline=pp))
             if entry["how"] == "dist":
                 # As Megatron-LM's load_checkpoint does: the model under "model", common.pt's keys beside it.
-                loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(reader.path),
-                                                 strict=StrictHandling.RAISE_ALL)
+                loaded = dist_checkpointing.load(
+                    {"model": model.sharded_state_dict()}, str(reader.path), strict=StrictHandling.RAISE_ALL
+                )
                 assert isinstance(loaded["iteration"], int) and loaded["args"].num_layers == reader.cfg.num_layers
                 model.load_state_dict(loaded["model"], strict=True)
             elif entry["how"] == "legacy":
@@ -72,8 +73,9 @@ def main() -> None:
             if result is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
                 path = out / f"{entry['name']}_tp{tp}pp{pp}.pt"
                 torch.save(result, path)
-                print("RESULT " + json.dumps({"name": entry["name"], "tp": tp, "pp": pp, "file": str(path)}),
-                      flush=True)
+                print(
+                    "RESULT " + json.dumps({"name": entry["name"], "tp": tp, "pp": pp, "file": str(path)}), flush=True
+                )
             torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

@@ -25,8 +25,16 @@ def main() -> None:
     init_distributed()
     layouts = [(1, 1), (2, 1), (1, 2), (2, 2)]
     for tie in (False, True):
-        cfg = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                          ffn_hidden_size=96, vocab_size=256, seq_length=16, tie_embeddings=tie)
+        cfg = ModelConfig(
+            num_layers=4,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_query_groups=2,
+            ffn_hidden_size=96,
+            vocab_size=256,
+            seq_length=16,
+            tie_embeddings=tie,
+        )
         ref = ReferenceLlama(cfg).init_weights(seed=7)
         tokens = torch.randint(0, cfg.vocab_size, (4, cfg.seq_length), generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
