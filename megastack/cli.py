@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from megastack import __version__
+from megastack.ckpt.formats import FORMATS
 from megastack.errors import UserError, report
 
 # subcommand -> "module:function" taking the parsed args and returning an exit code; imported only when the
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert between Hugging Face, torch_dist and legacy Megatron (resharding)")
     p.add_argument("src", help="source checkpoint (format detected)")
     p.add_argument("dst", help="destination directory (must not exist)")
-    p.add_argument("--to", required=True, choices=["hf", "torch_dist", "legacy"])
+    p.add_argument("--to", required=True, choices=list(FORMATS))
     p.add_argument("--tp", type=positive, help="output tensor-parallel size (legacy; default: the input's, else 1)")
     p.add_argument("--pp", type=positive, help="output pipeline-parallel size (legacy; default: the input's, else 1)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="output dtype (default: the input's)")

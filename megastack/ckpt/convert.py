@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from megastack.ckpt import megatron_args
+from megastack.ckpt import formats
 from megastack.ckpt.detect import open_checkpoint
 from megastack.ckpt.execute import Comm, comm_from_launcher, dry_run, execute
 from megastack.ckpt.manifest import manifest_digest, read_manifest
@@ -28,14 +28,13 @@ from megastack.fsio import check_paths
 from megastack.plan import identity_plan
 from megastack.progress import Progress
 
-FORMATS = ("hf", "torch_dist", "legacy")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_KEYS = {v: k for k, v in DTYPES.items()}
 
 
 def check_layout(cfg: ModelConfig, to: str, tp: int | None, pp: int | None) -> tuple[int, int]:
     """The output TP/PP, refused in one line when it cannot cut this model."""
-    if to != "legacy":
+    if not formats.get(to).cut_by_rank:
         if (tp or 1) != 1 or (pp or 1) != 1:
             raise UserError(
                 f"--tp/--pp apply to legacy output only; a {to} checkpoint is not cut by rank "
@@ -66,43 +65,6 @@ def source_identity(reader: Any) -> dict[str, Any]:
     return {"source_files_sha256": hashlib.sha256(listing.encode()).hexdigest(), "source_bytes": sum(sizes.values())}
 
 
-def make_writer(
-    cfg: ModelConfig,
-    to: str,
-    tp: int,
-    pp: int,
-    dtype: torch.dtype,
-    iteration: int,
-    hf_shard_bytes: int | None = None,
-    reader: Any = None,
-    norm_names: str | None = None,
-):
-    """The target format's writer; Megatron outputs carry ``reader``'s Megatron-LM args (new layout and
-    dtype, same iteration and counters), or fresh args for a source without them."""
-    if to in ("torch_dist", "legacy"):
-        args, te_names = megatron_args.for_output(
-            reader,
-            cfg,
-            tp if to == "legacy" else None,
-            pp if to == "legacy" else None,
-            dtype,
-            iteration=iteration,
-            new_stage=False,
-            norm_names=norm_names,
-        )
-    if to == "torch_dist":
-        from megastack.ckpt.torch_dist import TorchDistWriter
-
-        return TorchDistWriter(cfg, dtype, args=args, iteration=iteration)
-    if to == "legacy":
-        from megastack.ckpt.legacy import LegacyWriter
-
-        return LegacyWriter(cfg, tp, pp, dtype, iteration=iteration, te_names=te_names, args=args)
-    from megastack.ckpt.hf import DEFAULT_SHARD_BYTES, HFWriter
-
-    return HFWriter(cfg, dtype, hf_shard_bytes or DEFAULT_SHARD_BYTES)
-
-
 @dataclasses.dataclass
 class Conversion:
     """Everything decided before writing: reader, plan, writer, manifest (also what --dry-run shows)."""
@@ -128,11 +90,10 @@ def prepare(
     norm_names: str | None = None,
 ) -> Conversion:
     """Open the source, check the target layout and build writer + manifest; reads metadata only."""
-    if to not in FORMATS:
-        raise UserError(f"--to {to}: unknown format; choose one of {', '.join(FORMATS)}")
+    formats.get(to)
     reader = open_checkpoint(src, model)
     cfg = reader.cfg
-    if to == "legacy" and tp is None and pp is None and reader.format == "legacy":
+    if formats.get(to).cut_by_rank and tp is None and pp is None and reader.format == to:
         tp, pp = reader.tp, reader.pp  # legacy -> legacy keeps the layout unless asked to reshard
     tp, pp = check_layout(cfg, to, tp, pp)
     out_dtype = DTYPES[dtype] if dtype else reader.dtype("embedding")
@@ -144,7 +105,17 @@ def prepare(
     iteration = int(source_manifest.get("iteration", getattr(reader, "iteration", 0)) or 0)
     if norm_names is not None and to != "legacy":
         raise UserError(f"--norm-names applies to legacy output; {to} has one naming")
-    writer = make_writer(target, to, tp, pp, out_dtype, iteration, hf_shard_bytes, reader, norm_names)
+    writer = formats.make_writer(
+        to,
+        target,
+        out_dtype,
+        reader,
+        tp=tp,
+        pp=pp,
+        iteration=iteration,
+        norm_names=norm_names,
+        shard_bytes=hf_shard_bytes,
+    )
     event = {
         "event": "convert",
         "from": reader.format,
@@ -153,7 +124,7 @@ def prepare(
         **source_identity(reader),
         "dtype": DTYPE_KEYS[out_dtype],
     }
-    if to == "legacy":
+    if formats.get(to).cut_by_rank:
         event |= {"tp": tp, "pp": pp}
     manifest = {
         "format": to,
@@ -230,7 +201,7 @@ def describe_dry_run(job: Conversion, plans: list, as_json: bool) -> str:
     if as_json:
         return json.dumps(summary, indent=2, sort_keys=True)
     gib = 1 << 30
-    layout_text = f" TP={job.tp} x PP={job.pp}" if job.writer.format == "legacy" else ""
+    layout_text = f" TP={job.tp} x PP={job.pp}" if formats.get(job.writer.format).cut_by_rank else ""
     lines = [
         f"convert: {job.reader.format} -> {job.writer.format}{layout_text}, {DTYPE_KEYS[job.dtype]}, "
         f"{job.plan.target.total_parameters():,} parameters, {len(plans)} rank(s)",
@@ -260,7 +231,7 @@ def cli_convert(args: Any) -> int:
     comm = comm_from_launcher()
     run(job, args.dst, comm, progress=True)
     if comm.rank == 0:
-        layout_text = f" TP={job.tp} x PP={job.pp}" if args.to == "legacy" else ""
+        layout_text = f" TP={job.tp} x PP={job.pp}" if formats.get(args.to).cut_by_rank else ""
         print(
             f"converted {args.src} ({job.reader.format}) -> {args.dst} ({args.to}{layout_text}, "
             f"{DTYPE_KEYS[job.dtype]})"

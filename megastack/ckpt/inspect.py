@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from megastack.ckpt.detect import detect_format, model_from_manifest, open_checkpoint
+from megastack.ckpt import formats
+from megastack.ckpt.detect import open_checkpoint
 from megastack.ckpt.manifest import MANIFEST, check_hashes, read_manifest, resolve_iteration_dir
-from megastack.config import ModelConfig, to_dict
+from megastack.config import to_dict
 from megastack.errors import UserError
 
 KEYS = (
@@ -49,11 +50,6 @@ DTYPE_NAMES = {
 _ITER = re.compile(r"^iter_(\d+)$")
 
 
-def _natural(name: str) -> list:
-    """Sort key that puts layers.10 after layers.9."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
 def _tensor(name: str, shape, dtype: torch.dtype, file: str | None) -> dict[str, Any]:
     numel = 1
     for s in shape:
@@ -74,54 +70,6 @@ def _files(directory: Path) -> dict[str, int]:
             count += 1
             size += (Path(root) / name).stat().st_size
     return {"count": count, "bytes": size}
-
-
-def _hf(directory: Path) -> tuple[ModelConfig, list[dict], dict | None]:
-    from megastack.ckpt.hf import HFReader
-
-    reader = HFReader(directory, model_from_manifest(directory))
-    tensors = [
-        _tensor(name, e.shape, e.dtype, e.file)
-        for name, e in sorted(reader.entries.items(), key=lambda kv: _natural(kv[0]))
-    ]
-    reader.close()
-    return reader.cfg, tensors, None
-
-
-def _torch_dist(directory: Path) -> tuple[ModelConfig | None, list[dict], dict | None]:
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from megastack.ckpt.detect import _torch_dist_config
-    from megastack.ckpt.safe_load import read_dcp_metadata
-    from megastack.ckpt.torch_dist import TorchDistReader, read_common
-
-    cfg: ModelConfig | None = None
-    if model_from_manifest(directory) is not None or read_common(directory).get("args") is not None:
-        cfg = _torch_dist_config(directory)  # a refused or malformed args object is an error, not "unknown"
-    if cfg is not None:
-        TorchDistReader(directory, cfg)  # checks every tensor's global shape against the config
-    metadata = read_dcp_metadata(directory)
-    tensors = [
-        _tensor(key, md.size, md.properties.dtype, None)
-        for key, md in sorted(metadata.state_dict_metadata.items(), key=lambda kv: _natural(kv[0]))
-        if isinstance(md, TensorStorageMetadata)
-    ]
-    return cfg, tensors, None
-
-
-def _legacy(directory: Path) -> tuple[ModelConfig, list[dict], dict]:
-    from megastack.ckpt.legacy import LegacyReader, rank_dir
-
-    reader = LegacyReader(directory, model_from_manifest(directory))
-    tensors = []
-    for pp_rank in range(reader.pp):
-        for tp_rank in range(reader.tp):
-            model = reader._file(tp_rank, pp_rank)["model"]
-            rel = rank_dir(tp_rank, pp_rank, reader.pp)
-            for key in sorted(model, key=_natural):
-                if isinstance(model[key], torch.Tensor):
-                    tensors.append(_tensor(key, model[key].shape, model[key].dtype, rel))
-    return reader.cfg, tensors, {"tp": reader.tp, "pp": reader.pp, "iteration": reader.iteration}
 
 
 def _megatron_state(directory: Path, fmt: str) -> dict[str, Any] | None:
@@ -187,8 +135,9 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     directory = resolve_iteration_dir(path)
     if not directory.is_dir():
         raise UserError(f"{path}: not a directory; pass a checkpoint directory")
-    fmt = detect_format(directory)
-    cfg, tensors, extra = {"hf": _hf, "torch_dist": _torch_dist, "legacy": _legacy}[fmt](directory)
+    fmt = formats.detect_format(directory)
+    cfg, stored, extra = formats.FORMATS[fmt].stored(directory)
+    tensors = [_tensor(*entry) for entry in stored]
     manifest = read_manifest(directory)
     iteration = None
     if manifest is not None and isinstance(manifest.get("iteration"), int):

@@ -9,6 +9,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from megastack import untrusted
+from megastack.config import ModelConfig, from_dict
 from megastack.errors import UserError
 from megastack.fsio import atomic_write_json, sha256_file
 
@@ -150,3 +151,12 @@ def check_hashes(
             f"{directory / rel}: not in the manifest (unexpected file)" for rel in sorted(set(actual) - set(listed))
         ]
     return problems
+
+
+def model_from_manifest(directory: str | os.PathLike) -> ModelConfig | None:
+    """The model a checkpoint's megastack.json records, checked field by field; None without one."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest and isinstance(manifest.get("model"), dict):
+        return from_dict(ModelConfig, manifest["model"], where=str(directory / MANIFEST), path="model")
+    return None

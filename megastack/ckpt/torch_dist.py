@@ -66,10 +66,6 @@ def extra_state_keys(num_layers: int) -> list[str]:
     ]
 
 
-def is_torch_dist(directory: Path) -> bool:
-    return (directory / "metadata.json").is_file() and (directory / ".metadata").is_file()
-
-
 def read_common(directory: Path) -> dict[str, Any]:
     """``common.pt``: the non-sharded state (Megatron-LM's args, iteration, scheduler, ...); {} if absent."""
     path = Path(directory) / "common.pt"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from megastack.ckpt import megatron_args
+from megastack.ckpt import formats
 from megastack.ckpt.detect import open_checkpoint
 from megastack.ckpt.execute import Comm, comm_from_launcher, dry_run, execute
 from megastack.ckpt.manifest import file_hashes, manifest_digest, read_manifest
@@ -132,23 +132,17 @@ def make_writer(
 ):
     """Writer for the target in the source's format (legacy may change TP/PP). The output's Megatron-LM
     args are the source's with the new shape and a new stage's counters (iteration 0, no samples seen)."""
-    fmt = fmt or reader.format
-    dtype = reader.dtype("embedding")
-    if fmt == "torch_dist":
+    out = formats.get(fmt or reader.format)
+    if out.name == "hf":
+        raise NotBuiltError("growing hf checkpoints is not built; convert to torch_dist first")
+    if not out.cut_by_rank:
         if tp is not None or pp is not None or norm_names is not None:
             raise UserError(
-                "--tp/--pp/--norm-names apply to legacy output; a torch_dist checkpoint loads under any "
+                f"--tp/--pp/--norm-names apply to legacy output; a {out.name} checkpoint loads under any "
                 "TP/PP and has one naming"
             )
-        from megastack.ckpt.torch_dist import TorchDistWriter
-
-        args, _ = megatron_args.for_output(
-            reader, plan.target, None, None, dtype, iteration=0, new_stage=True, norm_names=norm_names
-        )
-        return TorchDistWriter(plan.target, dtype, args=args, iteration=0)
-    if fmt == "legacy":
-        from megastack.ckpt.legacy import LegacyWriter
-
+        tp = pp = 1
+    else:
         for flag, value in (("--tp", tp), ("--pp", pp)):
             if value is not None and value < 1:
                 raise UserError(f"{flag} {value}: must be a positive integer")
@@ -160,11 +154,17 @@ def make_writer(
                 f"{flag} {tp if flag == '--tp' else pp}: {problem.split(' ', 1)[1]} of the grown "
                 f"model; choose a {flag} that divides it"
             )
-        args, te_names = megatron_args.for_output(
-            reader, plan.target, tp, pp, dtype, iteration=0, new_stage=True, norm_names=norm_names
-        )
-        return LegacyWriter(plan.target, tp, pp, dtype, te_names=te_names, args=args)
-    raise NotBuiltError(f"growing {fmt} checkpoints is not built; convert to torch_dist first")
+    return formats.make_writer(
+        out.name,
+        plan.target,
+        reader.dtype("embedding"),
+        reader,
+        tp=tp,
+        pp=pp,
+        iteration=0,
+        new_stage=True,
+        norm_names=norm_names,
+    )
 
 
 def growth_manifest(reader: Any, plan: Plan, src: str) -> dict[str, Any]:

@@ -1,0 +1,242 @@
+"""The format registry: how each checkpoint format is detected, read, written and listed.
+
+detect, convert, grow, inspect and the CLI's ``--to`` all go through ``FORMATS``; a new format is a
+reader/writer module plus one ``Format`` entry here. Format modules are imported only when used (DCP's
+imports alone take a second), so each entry's functions import their module lazily.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from megastack.ckpt.manifest import model_from_manifest
+from megastack.config import ModelConfig
+from megastack.errors import UserError
+
+if TYPE_CHECKING:  # the CLI imports this module for --to's choices: no torch at import time
+    import torch
+
+    from megastack.ckpt.base import Reader, Writer
+
+    # (name, shape, dtype, file or None): one stored tensor, as `megastack inspect` lists it (in file
+    # order, names in natural order: layers.10 after layers.9)
+    Stored = tuple[str, tuple[int, ...], torch.dtype, str | None]
+
+
+def natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """Everything a writer may need; each format takes what applies to it."""
+
+    tp: int = 1
+    pp: int = 1
+    iteration: int = 0
+    args: Any = None  # Megatron-LM's args for the output (megatron_args.for_output)
+    te_names: bool = True  # legacy: Transformer Engine norm key names
+    shard_bytes: int | None = None  # hf: the largest safetensors file (None: the format's default)
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    looks_for: str  # what detection finds on disk (the refusal lists every format's)
+    detect: Callable[[Path], bool]
+    open: Callable[[Path, ModelConfig | None, bool], Reader]  # (directory, model or None, check_files)
+    writer: Callable[[ModelConfig, torch.dtype, WriteOptions], Writer]
+    stored: Callable[[Path], tuple[ModelConfig | None, list[Stored], dict[str, int] | None]]  # cfg, tensors, layout
+    cut_by_rank: bool = False  # written as one file set per TP x PP rank (takes --tp/--pp)
+    megatron: bool = False  # carries Megatron-LM's args (read from the source, written to the output)
+
+
+# ----------------------------------------------------------------------------- torch_dist
+
+
+def _td_detect(directory: Path) -> bool:
+    return (directory / "metadata.json").is_file() and (directory / ".metadata").is_file()
+
+
+def _td_config(directory: Path) -> ModelConfig:
+    """megastack.json's model, else the model Megatron-LM's args in common.pt describe."""
+    from megastack.ckpt import megatron_args
+    from megastack.ckpt.torch_dist import read_common
+
+    return model_from_manifest(directory) or megatron_args.model_config(
+        read_common(directory).get("args"), str(directory / "common.pt")
+    )
+
+
+def _td_open(directory: Path, model: ModelConfig | None, check_files: bool) -> Reader:
+    from megastack.ckpt.torch_dist import TorchDistReader
+
+    return TorchDistReader(directory, model or _td_config(directory), check_files=check_files)
+
+
+def _td_writer(cfg: ModelConfig, dtype: torch.dtype, options: WriteOptions) -> Writer:
+    from megastack.ckpt.torch_dist import TorchDistWriter
+
+    return TorchDistWriter(cfg, dtype, args=options.args, iteration=options.iteration)
+
+
+def _td_stored(directory: Path) -> tuple[ModelConfig | None, list[Stored], None]:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from megastack.ckpt.safe_load import read_dcp_metadata
+    from megastack.ckpt.torch_dist import TorchDistReader, read_common
+
+    cfg = None
+    if model_from_manifest(directory) is not None or read_common(directory).get("args") is not None:
+        cfg = _td_config(directory)  # a refused or malformed args object is an error, not "unknown"
+        TorchDistReader(directory, cfg)  # checks every tensor's global shape against the config
+    metadata = read_dcp_metadata(directory)
+    tensors = [
+        (key, tuple(md.size), md.properties.dtype, None)
+        for key, md in sorted(metadata.state_dict_metadata.items(), key=lambda kv: natural_key(kv[0]))
+        if isinstance(md, TensorStorageMetadata)
+    ]
+    return cfg, tensors, None
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+def _hf_detect(directory: Path) -> bool:
+    return (directory / "config.json").is_file() and (
+        any(directory.glob("*.safetensors")) or (directory / "model.safetensors.index.json").is_file()
+    )
+
+
+def _hf_open(directory: Path, model: ModelConfig | None, check_files: bool) -> Reader:
+    from megastack.ckpt.hf import HFReader
+
+    return HFReader(directory, model)
+
+
+def _hf_writer(cfg: ModelConfig, dtype: torch.dtype, options: WriteOptions) -> Writer:
+    from megastack.ckpt.hf import DEFAULT_SHARD_BYTES, HFWriter
+
+    return HFWriter(cfg, dtype, options.shard_bytes or DEFAULT_SHARD_BYTES)
+
+
+def _hf_stored(directory: Path) -> tuple[ModelConfig, list[Stored], None]:
+    from megastack.ckpt.hf import HFReader
+
+    reader = HFReader(directory, model_from_manifest(directory))
+    entries = sorted(reader.entries.items(), key=lambda kv: natural_key(kv[0]))
+    tensors = [(name, tuple(e.shape), e.dtype, e.file) for name, e in entries]
+    reader.close()
+    return reader.cfg, tensors, None
+
+
+# ----------------------------------------------------------------------------- legacy
+
+
+def _legacy_detect(directory: Path) -> bool:
+    from megastack.ckpt.legacy import is_legacy
+
+    return is_legacy(directory)
+
+
+def _legacy_open(directory: Path, model: ModelConfig | None, check_files: bool) -> Reader:
+    from megastack.ckpt.legacy import LegacyReader
+
+    return LegacyReader(directory, model or model_from_manifest(directory))
+
+
+def _legacy_writer(cfg: ModelConfig, dtype: torch.dtype, options: WriteOptions) -> Writer:
+    from megastack.ckpt.legacy import LegacyWriter
+
+    return LegacyWriter(
+        cfg, options.tp, options.pp, dtype, iteration=options.iteration, te_names=options.te_names, args=options.args
+    )
+
+
+def _legacy_stored(directory: Path) -> tuple[ModelConfig, list[Stored], dict[str, int]]:
+    import torch
+
+    from megastack.ckpt.legacy import LegacyReader, rank_dir
+
+    reader = LegacyReader(directory, model_from_manifest(directory))
+    tensors = []
+    for pp_rank in range(reader.pp):
+        for tp_rank in range(reader.tp):
+            model = reader._file(tp_rank, pp_rank)["model"]
+            rel = rank_dir(tp_rank, pp_rank, reader.pp)
+            for key in sorted(model, key=natural_key):
+                if isinstance(model[key], torch.Tensor):
+                    tensors.append((key, tuple(model[key].shape), model[key].dtype, rel))
+    return reader.cfg, tensors, {"tp": reader.tp, "pp": reader.pp, "iteration": reader.iteration}
+
+
+# ----------------------------------------------------------------------------- the registry
+
+FORMATS: dict[str, Format] = {  # in detection order
+    "torch_dist": Format(
+        "torch_dist",
+        "torch_dist metadata.json + .metadata",
+        _td_detect,
+        _td_open,
+        _td_writer,
+        _td_stored,
+        megatron=True,
+    ),
+    "hf": Format("hf", "Hugging Face config.json + *.safetensors", _hf_detect, _hf_open, _hf_writer, _hf_stored),
+    "legacy": Format(
+        "legacy",
+        "Megatron legacy mp_rank_* directories",
+        _legacy_detect,
+        _legacy_open,
+        _legacy_writer,
+        _legacy_stored,
+        cut_by_rank=True,
+        megatron=True,
+    ),
+}
+
+
+def get(name: str, flag: str = "--to") -> Format:
+    if name not in FORMATS:
+        raise UserError(f"{flag} {name}: unknown format; choose one of {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+def detect_format(directory: Path) -> str:
+    for fmt in FORMATS.values():
+        if fmt.detect(directory):
+            return fmt.name
+    found = ", ".join(f.looks_for for f in FORMATS.values())
+    raise UserError(f"{directory}: not a recognised checkpoint (expected one of: {found})")
+
+
+def make_writer(
+    name: str,
+    target: ModelConfig,
+    dtype: torch.dtype,
+    reader: Any,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    iteration: int = 0,
+    new_stage: bool = False,
+    norm_names: str | None = None,
+    shard_bytes: int | None = None,
+) -> Writer:
+    """The ``name`` writer for ``target``. Megatron outputs carry ``reader``'s Megatron-LM args with the new
+    shape, layout and dtype (``new_stage``: the counters of a new training stage), or fresh args."""
+    from megastack.ckpt import megatron_args
+
+    fmt = get(name)
+    options = WriteOptions(tp=tp, pp=pp, iteration=iteration, shard_bytes=shard_bytes)
+    if fmt.megatron:
+        layout = (tp, pp) if fmt.cut_by_rank else (None, None)
+        args, te_names = megatron_args.for_output(
+            reader, target, *layout, dtype, iteration=iteration, new_stage=new_stage, norm_names=norm_names
+        )
+        options = WriteOptions(tp=tp, pp=pp, iteration=iteration, args=args, te_names=te_names)
+    return fmt.writer(target, dtype, options)
