@@ -42,6 +42,7 @@ if str(REPO) not in sys.path:
 
 from megastack.config import ModelConfig, from_dict  # noqa: E402
 from megastack.errors import UserError  # noqa: E402
+from megastack.growth.spec import OPERATORS as GROWTH_OPERATORS  # noqa: E402
 from megastack.pipeline import (  # noqa: E402
     Layout,
     Recipe,
@@ -56,9 +57,9 @@ from megastack.pipeline import (  # noqa: E402
     write_marker,
 )
 
-DEPTH_OPERATORS = ("stack", "zero", "random", "learn")
-# harness name -> growth operator (width dimension)
-WIDTH_OPERATORS = {"width": "stack", "width-zero": "zero", "width-random": "random"}
+DEPTH_OPERATORS = tuple(GROWTH_OPERATORS)
+# harness name -> growth operator (width dimension); learn's width maps are left out of the harness
+WIDTH_OPERATORS = {"width" if op == "stack" else f"width-{op}": op for op in GROWTH_OPERATORS if op != "learn"}
 OPERATORS = DEPTH_OPERATORS + tuple(WIDTH_OPERATORS)
 
 # The smoke preset: a few iterations per stage, so the test suite runs the whole harness in about a minute.
@@ -197,7 +198,7 @@ def grown_config(source: ModelConfig, spec: Any) -> ModelConfig:
     """The grown model's config before any data is read (norm_epsilon changes under zero/random width)."""
     from megastack.growth.operators import make_plan
 
-    if spec.operator == "learn":
+    if GROWTH_OPERATORS[spec.operator].needs_data:
         from megastack.growth.learn import initial_learned
 
         spec = replace(spec, learned=initial_learned(source, spec))

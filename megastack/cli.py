@@ -18,6 +18,7 @@ from typing import Any
 from megastack import __version__
 from megastack.ckpt.formats import FORMATS
 from megastack.errors import UserError, report
+from megastack.growth.spec import OPERATORS
 
 # subcommand -> "module:function" taking the parsed args and returning an exit code; imported only when the
 # command runs, so `megastack plan` never imports torch.
@@ -86,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("grow", help="grow a Megatron checkpoint (stack, zero, random, learn; depth or width)")
     p.add_argument("src", help="source checkpoint directory (torch_dist or legacy; format detected)")
     p.add_argument("dst", help="destination directory (must not exist)")
-    p.add_argument("--operator", default="stack", choices=["stack", "zero", "random", "learn"])
+    p.add_argument(
+        "--operator",
+        default="stack",
+        choices=list(OPERATORS),
+        help="; ".join(f"{op.name}: {op.summary}" for op in OPERATORS.values()),
+    )
     p.add_argument("--factor", type=positive, default=None, help="growth factor g (depth: layers x g)")
     p.add_argument("--layer-map", help="explicit source-layer list or range expression, e.g. '0-5,0-5' or '0,1,1,2'")
     p.add_argument(

@@ -149,3 +149,16 @@ def test_every_megastack_import_resolves(path: Path):
             if not hasattr(loaded, name) and f"{module}.{name}" not in MODULES
         ]
     assert not problems, "\n".join(problems)
+
+
+def test_registries_resolve():
+    """Every operator's planners import; every format answers detection on an empty directory with no."""
+    import tempfile
+
+    from megastack.ckpt.formats import FORMATS
+    from megastack.growth.spec import OPERATORS
+
+    for op in OPERATORS.values():
+        assert callable(op.planner("depth")) and callable(op.planner("width")), op.name
+    with tempfile.TemporaryDirectory() as empty:
+        assert [f.name for f in FORMATS.values() if f.detect(Path(empty))] == []

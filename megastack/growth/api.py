@@ -23,7 +23,7 @@ from megastack.errors import NotBuiltError, UserError
 from megastack.flops import flops_per_token
 from megastack.fsio import check_paths
 from megastack.growth.operators import make_plan
-from megastack.growth.spec import GrowthSpec
+from megastack.growth.spec import GrowthSpec, operator
 from megastack.plan import Plan
 from megastack.progress import Progress
 
@@ -63,7 +63,7 @@ def prepare(
         )
     src = str(src)
     reader = open_checkpoint(src, check_files=not dry_run)
-    if spec.operator == "learn":
+    if operator(spec.operator).needs_data:
         from megastack.growth.learn import initial_learned, learn_maps
 
         initial = initial_learned(reader.cfg, spec)

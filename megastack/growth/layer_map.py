@@ -68,3 +68,14 @@ def first_occurrences(layer_map: list[int]) -> list[int]:
             seen.add(source)
             out.append(position)
     return out
+
+
+def check_zero_map(mapping: list[int], source_layers: int) -> None:
+    """G_zero's rule: every source layer appears, first copies in order, so the grown model is the small one."""
+    firsts = [mapping[p] for p in first_occurrences(mapping)]
+    if firsts != list(range(source_layers)):
+        raise UserError(
+            f"--operator zero needs every source layer to appear, first copies in order 0..."
+            f"{source_layers - 1}, so the grown model is the small one; the layer map's first "
+            f"copies are {firsts}"
+        )

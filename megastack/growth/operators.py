@@ -25,8 +25,8 @@ from dataclasses import replace
 from megastack import layout
 from megastack.config import ModelConfig
 from megastack.errors import UserError
-from megastack.growth.layer_map import first_occurrences
-from megastack.growth.spec import GrowthSpec, resolve_layer_map
+from megastack.growth.layer_map import check_zero_map, first_occurrences
+from megastack.growth.spec import GrowthSpec, operator, resolve_layer_map
 from megastack.plan import Copy, Noisy, Plan, RandomInit, Zeros
 
 NORM_KINDS = ("attn_norm", "mlp_norm")
@@ -68,18 +68,8 @@ def stack(source: ModelConfig, spec: GrowthSpec) -> Plan:
     return _depth_plan(source, spec, lambda pos, src, kind, first: Copy(layout.layer_name(src, kind)))
 
 
-def _check_zero_map(mapping: list[int], source_layers: int) -> None:
-    firsts = [mapping[p] for p in first_occurrences(mapping)]
-    if firsts != list(range(source_layers)):
-        raise UserError(
-            f"--operator zero needs every source layer to appear, first copies in order 0..."
-            f"{source_layers - 1}, so the grown model is the small one; the layer map's first "
-            f"copies are {firsts}"
-        )
-
-
 def zero(source: ModelConfig, spec: GrowthSpec) -> Plan:
-    _check_zero_map(resolve_layer_map(spec, source.num_layers), source.num_layers)
+    check_zero_map(resolve_layer_map(spec, source.num_layers), source.num_layers)
 
     def block(pos: int, src: int, kind: str, first: bool):
         if not first and kind in OUTPUT_KINDS:
@@ -105,26 +95,12 @@ def random(source: ModelConfig, spec: GrowthSpec) -> Plan:
     return plan
 
 
-def learn(source: ModelConfig, spec: GrowthSpec) -> Plan:
-    from megastack.growth.learn import learned_plan
-
-    return learned_plan(source, spec)
-
-
-OPERATORS: dict[str, Callable[[ModelConfig, GrowthSpec], Plan]] = {
-    "stack": stack,
-    "zero": zero,
-    "random": random,
-    "learn": learn,
-}
-
-
 WIDTH_FLAGS = ("hidden", "ffn", "heads", "query_groups")
 
 
 def make_plan(source: ModelConfig, spec: GrowthSpec) -> Plan:
-    if spec.operator not in OPERATORS:
-        raise UserError(f"--operator {spec.operator!r} is unknown; choose one of {', '.join(OPERATORS)}")
+    """The plan of ``spec`` applied to ``source``: the dimension checks, then the operator's planner."""
+    planner = operator(spec.operator).planner(spec.dimension)
     widths = [f"--{f.replace('_', '-')}" for f in WIDTH_FLAGS if getattr(spec, f) is not None]
     if spec.dimension == "depth" and widths:
         raise UserError(
@@ -139,13 +115,4 @@ def make_plan(source: ModelConfig, spec: GrowthSpec) -> Plan:
         raise UserError("--factor/--layer-map grow depth; use --dimension both to grow depth and width together")
     if spec.dimension not in ("depth", "width", "both"):
         raise UserError(f"--dimension {spec.dimension!r} is unknown; choose depth, width or both")
-    if spec.dimension != "depth" and spec.operator != "learn":
-        from megastack.growth.width import width_plan
-
-        mapping = (
-            resolve_layer_map(spec, source.num_layers) if spec.dimension == "both" else list(range(source.num_layers))
-        )
-        if spec.operator == "zero":
-            _check_zero_map(mapping, source.num_layers)
-        return width_plan(source, spec, mapping)
-    return OPERATORS[spec.operator](source, spec)
+    return planner(source, spec)

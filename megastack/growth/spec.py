@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,3 +47,59 @@ def resolve_layer_map(spec: GrowthSpec, source_layers: int) -> list[int]:
         raise UserError("give --factor G (stack the whole model G times) or --layer-map")
     check_depth(source_layers * spec.factor, f"--factor {spec.factor}")
     return stack_map(source_layers, spec.factor)
+
+
+@dataclass(frozen=True)
+class Operator:
+    """One growth operator. Its planners are "module:function" names taking (source ModelConfig, GrowthSpec)
+    and returning a Plan, imported when used (plans need torch; the CLI lists operators without it)."""
+
+    name: str
+    summary: str
+    depth: str  # the planner for --dimension depth
+    width: str  # the planner for --dimension width and both
+    needs_data: bool = False  # learns from --data before planning (G_learn)
+
+    def planner(self, dimension: str) -> Callable[[Any, GrowthSpec], Any]:
+        module, function = (self.depth if dimension == "depth" else self.width).split(":")
+        return getattr(importlib.import_module(module), function)
+
+
+_WIDTH = "megastack.growth.width:grow_width"
+# The registry: every place that lists, validates or runs operators reads it; a new operator is one entry.
+OPERATORS: dict[str, Operator] = {
+    op.name: op
+    for op in (
+        Operator(
+            "stack",
+            "G_stack: each target layer copies a source layer (the paper's best)",
+            "megastack.growth.operators:stack",
+            _WIDTH,
+        ),
+        Operator(
+            "zero",
+            "G_zero: later copies get zero output projections (the small model's function)",
+            "megastack.growth.operators:zero",
+            _WIDTH,
+        ),
+        Operator(
+            "random",
+            "G_random: later copies freshly initialised, ramped in by training",
+            "megastack.growth.operators:random",
+            _WIDTH,
+        ),
+        Operator(
+            "learn",
+            "G_learn (LiGO): learned linear maps of the source layers, trained on --data",
+            "megastack.growth.learn:learned_plan",
+            "megastack.growth.learn:learned_plan",
+            needs_data=True,
+        ),
+    )
+}
+
+
+def operator(name: str) -> Operator:
+    if name not in OPERATORS:
+        raise UserError(f"--operator {name!r} is unknown; choose one of {', '.join(OPERATORS)}")
+    return OPERATORS[name]

@@ -59,7 +59,8 @@ import torch
 from megastack import layout
 from megastack.config import ModelConfig
 from megastack.errors import UserError
-from megastack.growth.layer_map import first_occurrences
+from megastack.growth.layer_map import check_zero_map, first_occurrences
+from megastack.growth.spec import resolve_layer_map
 from megastack.layout import Piece, pieces_shape
 from megastack.plan import Noisy, Plan, RandomInit, Read, Zeros, seeded_normal
 
@@ -487,3 +488,11 @@ def width_plan(source: ModelConfig, spec: Any, mapping: list[int]) -> Plan:
     if spec.operator == "random":
         info["mask_ramp"] = True
     return Plan(source, target, recipes, info)
+
+
+def grow_width(source: ModelConfig, spec: Any) -> Plan:
+    """--dimension width (every layer once) or both (the layer map's layers), by stack/zero/random's rules."""
+    mapping = resolve_layer_map(spec, source.num_layers) if spec.dimension == "both" else list(range(source.num_layers))
+    if spec.operator == "zero":
+        check_zero_map(mapping, source.num_layers)
+    return width_plan(source, spec, mapping)
