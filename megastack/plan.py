@@ -17,8 +17,9 @@ from typing import Any, Protocol
 
 import torch
 
-from megastack import layout
+from megastack import layout, untrusted
 from megastack.config import ModelConfig
+from megastack.errors import UserError
 from megastack.layout import Piece, pieces_shape
 
 Read = Callable[[str, "list[Piece] | None"], torch.Tensor]
@@ -171,3 +172,71 @@ class Plan:
 def identity_plan(cfg: ModelConfig) -> Plan:
     """Conversion: every tensor copied as it is."""
     return Plan(cfg, cfg, {name: Copy(name) for name in layout.logical_names(cfg)}, {"operator": "identity"})
+
+
+@dataclass(frozen=True)
+class GrowthRecord:
+    """What a grown checkpoint tells the next training stage: megastack.json's ``growth`` block. Growth
+    writes it from the plan; training reads it (typed: the file may be anyone's) to ramp new blocks in."""
+
+    operator: str
+    new_layers: tuple[int, ...] | None = None  # G_random's fresh blocks (target layer indices)
+    layer_map: tuple[int, ...] | None = None
+    width: dict[str, Any] | None = None  # width growth: the maps' description, its "masks" ramped in
+    dimension: str | None = None  # "width" or "both" for width growth; None for depth
+    mask_ramp: bool = False  # new blocks / width slices start masked and ramp in over mask_ramp_steps
+
+    @classmethod
+    def of(cls, info: dict[str, Any]) -> GrowthRecord:
+        """From a Plan's ``info``."""
+
+        def ints(key: str) -> tuple[int, ...] | None:
+            return tuple(info[key]) if info.get(key) is not None else None
+
+        width = info.get("width")
+        dimension = info.get("dimension") if width is not None else None
+        return cls(
+            info["operator"], ints("new_layers"), ints("layer_map"), width, dimension, bool(info.get("mask_ramp"))
+        )
+
+    @property
+    def width_masks(self) -> list[dict[str, Any]]:
+        return list((self.width or {}).get("masks") or [])
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"operator": self.operator}
+        if self.new_layers is not None:
+            out["new_layers"] = list(self.new_layers)
+        if self.layer_map is not None:
+            out["layer_map"] = list(self.layer_map)
+        if self.width is not None:
+            out |= {"dimension": self.dimension, "width": self.width}
+        return out | {"mask_ramp": self.mask_ramp}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> GrowthRecord:
+        fix = "the manifest's growth block is corrupt (re-grow the checkpoint)"
+        untrusted.typed(data, dict, where, "field 'growth'", fix)
+
+        def counts(key: str) -> tuple[int, ...] | None:
+            value = data.get(key)
+            if value is not None and not untrusted.is_counts(value):
+                raise UserError(f"{where}: field 'growth.{key}' must be a list of layer indices; {fix}")
+            return None if value is None else tuple(value)
+
+        width = data.get("width")
+        if width is not None:
+            untrusted.typed(width, dict, where, "field 'growth.width'", fix)
+            masks = width.get("masks", [])
+            if not isinstance(masks, list) or not all(isinstance(m, dict) for m in masks):
+                raise UserError(f"{where}: field 'growth.width.masks' must be a list of objects; {fix}")
+        return cls(
+            untrusted.typed(data.get("operator", "unknown"), str, where, "field 'growth.operator'", fix),
+            counts("new_layers"),
+            counts("layer_map"),
+            width,
+            untrusted.typed(data.get("dimension", "width"), str, where, "field 'growth.dimension'", fix)
+            if width
+            else None,
+            untrusted.typed(data.get("mask_ramp", False), bool, where, "field 'growth.mask_ramp'", fix),
+        )

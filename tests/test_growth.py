@@ -542,3 +542,17 @@ def test_dry_run_of_a_70b_checkpoint_from_metadata_alone(tmp_path):
     assert all(r["read_files"] >= 1 for r in plan["ranks"])
     assert not (tmp_path / "dst").exists()
     assert elapsed < 120, elapsed  # "in seconds": generous bound for a loaded 2-core CI machine
+
+
+def test_growth_record_is_the_typed_contract_with_training():
+    """The growth block growth writes is what training reads back, and a malformed one is one line."""
+    from megastack.plan import GrowthRecord
+
+    plan = make_plan(small_config(), GrowthSpec(operator="random", factor=2))
+    record = GrowthRecord.of(plan.info)
+    assert record.new_layers == (2, 3) and record.mask_ramp and record.width is None
+    assert GrowthRecord.from_json(json.loads(json.dumps(record.to_json())), "m") == record
+    with pytest.raises(UserError, match="growth.new_layers"):
+        GrowthRecord.from_json({"operator": "random", "new_layers": ["2"], "mask_ramp": True}, "m")
+    with pytest.raises(UserError, match="growth.mask_ramp"):
+        GrowthRecord.from_json({"operator": "random", "mask_ramp": "yes"}, "m")

@@ -24,7 +24,7 @@ from megastack.flops import flops_per_token
 from megastack.fsio import check_paths
 from megastack.growth.operators import make_plan
 from megastack.growth.spec import GrowthSpec, operator
-from megastack.plan import Plan
+from megastack.plan import GrowthRecord, Plan
 from megastack.progress import Progress
 
 
@@ -188,12 +188,7 @@ def growth_manifest(reader: Any, plan: Plan, src: str) -> dict[str, Any]:
         "cumulative_flops": float(source_manifest.get("cumulative_flops", 0.0))
         + flops_per_token(plan.target) * float(learned_tokens),
         "history": list(source_manifest.get("history", [])) + [event],
-        "growth": {
-            k: plan.info[k]
-            for k in ("operator", "new_layers", "layer_map", "dimension", "width")
-            if k in plan.info and (k != "dimension" or "width" in plan.info)
-        }
-        | {"mask_ramp": bool(plan.info.get("mask_ramp", False))},
+        "growth": GrowthRecord.of(plan.info).to_json(),
     }
 
 

@@ -188,6 +188,7 @@ def train(config: TrainConfig, *, verbose: bool = True, stop_at: int | None = No
 
     from megastack.dist import init_distributed, init_model_parallel
     from megastack.model.build import build_model
+    from megastack.plan import GrowthRecord
 
     wall_start = time.monotonic()
     # torch's deprecation notices for the collectives DeepSpeed calls, once per call: nothing to act on
@@ -234,12 +235,11 @@ def train(config: TrainConfig, *, verbose: bool = True, stop_at: int | None = No
     else:
         base_flops = float(source_manifest.get("cumulative_flops", 0.0))
         base_history = list(source_manifest.get("history", []))
-        growth = source_manifest.get("growth") or {}
-        new_layers = list(growth.get("new_layers", []))
-        width_masks = list((growth.get("width") or {}).get("masks") or [])
+        growth = GrowthRecord.from_json(source_manifest.get("growth") or {"operator": "none"}, str(source))
+        new_layers = list(growth.new_layers or [])
         ramp_info = (
-            {"new_layers": new_layers, "width_masks": width_masks, "steps": config.mask_ramp_steps}
-            if growth.get("mask_ramp") and (new_layers or width_masks) and config.mask_ramp_steps > 0
+            {"new_layers": new_layers, "width_masks": growth.width_masks, "steps": config.mask_ramp_steps}
+            if growth.mask_ramp and (new_layers or growth.width_masks) and config.mask_ramp_steps > 0
             else None
         )
     ramp = (
