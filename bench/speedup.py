@@ -3,7 +3,7 @@
 Reproduces the paper's Figure 3 (Du et al. 2024, arXiv 2405.15319) on the user's setup. For every seed:
 train the small model ONCE, grow it with every requested operator from that same checkpoint (in-process
 library calls, collective across the ranks), train each grown model with the same schedule and optimizer,
-and train the large model from scratch with the FLOPs of small + large (megastack.pipeline's FLOP
+and train the large model from scratch with the FLOPs of small + large (megastack.run's FLOP
 matching). Every large run evaluates at its start, so the loss spike right after growth is in the curves.
 Per operator it reports the final validation loss, the FLOPs it needed to reach the scratch run's final
 loss (the small stage counted), and speedup = FLOPs_scratch / FLOPs_op - 1, over seeds with their spread,
@@ -43,19 +43,10 @@ if str(REPO) not in sys.path:
 from megastack.config import ModelConfig, from_dict  # noqa: E402
 from megastack.errors import UserError  # noqa: E402
 from megastack.growth.spec import OPERATORS as GROWTH_OPERATORS  # noqa: E402
-from megastack.pipeline import (  # noqa: E402
-    Layout,
-    Recipe,
-    check_marker,
-    config_hash,
-    eval_curve,
-    flops_to_reach,
-    load_recipe,
-    plot_loss_curves,
-    read_marker,
-    stage_configs,
-    write_marker,
-)
+from megastack.run.dirs import RunDirs, check_marker, config_hash, read_marker, write_marker  # noqa: E402
+from megastack.run.recipe import Recipe, load_recipe  # noqa: E402
+from megastack.run.report import eval_curve, flops_to_reach, plot_loss_curves  # noqa: E402
+from megastack.run.stages import stage_configs  # noqa: E402
 
 DEPTH_OPERATORS = tuple(GROWTH_OPERATORS)
 # harness name -> growth operator (width dimension); learn's width maps are left out of the harness
@@ -211,15 +202,15 @@ def grown_config(source: ModelConfig, spec: Any) -> ModelConfig:
 class Runner:
     """Runs stages once: a finished stage (marker with the same config hash) is skipped."""
 
-    def __init__(self, layout: Layout, comm: Any, rank: int):
-        self.layout, self.comm, self.rank = layout, comm, rank
+    def __init__(self, dirs: RunDirs, comm: Any, rank: int):
+        self.dirs, self.comm, self.rank = dirs, comm, rank
 
     def say(self, text: str) -> None:
         if self.rank == 0:
-            print(f"speedup: {self.layout.out.name}: {text}", flush=True)
+            print(f"speedup: {self.dirs.out.name}: {text}", flush=True)
 
     def stage(self, name: str, digest: str, run: Any) -> dict[str, Any]:
-        marker = check_marker(self.layout, name, digest)
+        marker = check_marker(self.dirs, name, digest)
         if marker is not None:
             self.say(f"{name}: finished earlier, skipped")
             return marker
@@ -228,9 +219,9 @@ class Runner:
         result = run()
         result.setdefault("wall_seconds", round(time.monotonic() - start, 3))
         if self.rank == 0:
-            write_marker(self.layout, name, digest, result)
+            write_marker(self.dirs, name, digest, result)
         self.comm.barrier()
-        return read_marker(self.layout, name) or result
+        return read_marker(self.dirs, name) or result
 
     def train(self, name: str, cfg: Any, digest: str) -> dict[str, Any]:
         from megastack.train.loop import train
@@ -280,16 +271,16 @@ def run_seed(
     from megastack.train.data import resolve_data
 
     recipe = seeded(recipe, seed)
-    layout = Layout(out / f"seed-{seed}")
-    runner = Runner(layout, comm, rank)
-    plan = {stage: (cfg, digest) for stage, cfg, digest in stage_configs(recipe, layout, world)}
+    dirs = RunDirs(out / f"seed-{seed}")
+    runner = Runner(dirs, comm, rank)
+    plan = {stage: (cfg, digest) for stage, cfg, digest in stage_configs(recipe, dirs, world)}
     small_cfg, small_hash = plan["small"]
     large_template, scratch = plan["large"][0], plan["scratch"]
     large_model = large_template.resolved_model()
     results: dict[str, Any] = {"small": runner.train("small", small_cfg, small_hash)}
     data = list(recipe.data.prefixes) or resolve_data([], recipe.data.tokenizer, large_model.vocab_size)[0]
     if any(op in WIDTH_OPERATORS for op in options.operators):
-        narrow = replace(small_cfg, model=narrow_model(large_model), out_dir=str(layout.stage_dir("small-width")))
+        narrow = replace(small_cfg, model=narrow_model(large_model), out_dir=str(dirs.stage_dir("small-width")))
         results["small-width"] = runner.train("small-width", narrow, config_hash(asdict(narrow)))
     for op in options.operators:
         source_stage = "small-width" if op in WIDTH_OPERATORS else "small"
@@ -308,7 +299,7 @@ def run_seed(
                 "after": config_hash(asdict(source_cfg[1])),
             }
         )
-        grown_dir = layout.stage_dir(f"grown-{op}")
+        grown_dir = dirs.stage_dir(f"grown-{op}")
         results[f"grow-{op}"] = runner.stage(
             f"grow-{op}",
             grow_hash,
@@ -317,7 +308,7 @@ def run_seed(
         large = replace(
             large_template,
             model=replace(large_model, norm_epsilon=target.norm_epsilon),
-            out_dir=str(layout.stage_dir(f"large-{op}")),
+            out_dir=str(dirs.stage_dir(f"large-{op}")),
             init_from=str(grown_dir),
         )
         results[f"large-{op}"] = runner.train(
@@ -344,9 +335,9 @@ def _spread(values: list[float]) -> dict[str, Any]:
 
 def analyse_seed(out: Path, seed: int, operators: tuple[str, ...]) -> dict[str, Any]:
     """Per operator: curves, loss right after growth, final loss, FLOPs to reach scratch's final loss."""
-    layout = Layout(out / f"seed-{seed}")
-    scratch = eval_curve(layout.stage_dir("scratch"))
-    marker = read_marker(layout, "scratch") or {}
+    dirs = RunDirs(out / f"seed-{seed}")
+    scratch = eval_curve(dirs.stage_dir("scratch"))
+    marker = read_marker(dirs, "scratch") or {}
     row: dict[str, Any] = {
         "scratch": {
             "curve": scratch,
@@ -358,10 +349,10 @@ def analyse_seed(out: Path, seed: int, operators: tuple[str, ...]) -> dict[str, 
     target, f_scratch = row["scratch"]["final_valid_loss"], row["scratch"]["flops"]
     for op in operators:
         small_stage = "small-width" if op in WIDTH_OPERATORS else "small"
-        small, large = eval_curve(layout.stage_dir(small_stage)), eval_curve(layout.stage_dir(f"large-{op}"))
+        small, large = eval_curve(dirs.stage_dir(small_stage)), eval_curve(dirs.stage_dir(f"large-{op}"))
         reached = flops_to_reach(large, target) if target is not None and large else None
-        walls = [(read_marker(layout, s) or {}).get("wall_seconds") for s in (small_stage, f"grow-{op}", f"large-{op}")]
-        grow_marker = read_marker(layout, f"grow-{op}") or {}
+        walls = [(read_marker(dirs, s) or {}).get("wall_seconds") for s in (small_stage, f"grow-{op}", f"large-{op}")]
+        grow_marker = read_marker(dirs, f"grow-{op}") or {}
         row[op] = {
             "curve": small + large,
             "small_final_valid_loss": small[-1][1] if small else None,
@@ -536,11 +527,11 @@ def _marker_texts(markers: Path) -> list[str]:
 def write_report(
     out: Path, recipe: Recipe, options: Options, world: int, wall: float, preset: str | None, command: str
 ) -> dict[str, Any]:
-    from megastack.pipeline import stage_flops
+    from megastack.run.stages import stage_flops
 
     runs = {seed: analyse_seed(out, seed, options.operators) for seed in options.seeds}
-    layout = Layout(out / f"seed-{options.seeds[0]}")
-    configs = {stage: cfg for stage, cfg, _ in stage_configs(recipe, layout, world)}
+    dirs = RunDirs(out / f"seed-{options.seeds[0]}")
+    configs = {stage: cfg for stage, cfg, _ in stage_configs(recipe, dirs, world)}
     small, large, scratch = configs["small"], configs["large"], configs["scratch"]
     par = small.parallel
     global_batch = par.micro_batch_size * par.data_parallel_size(world) * par.gradient_accumulation_steps(world)

@@ -30,7 +30,7 @@ HANDLERS: dict[str, str] = {
     "verify": "megastack.ckpt.inspect:cli_verify",
     "data": "megastack.train.data:cli_data",
     "train": "megastack.train.loop:cli_train",
-    "run": "megastack.pipeline:cli_run",
+    "run": "megastack.run.cli:cli_run",
     "validate": "megastack.validate:cli_validate",
 }
 

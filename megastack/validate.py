@@ -1,6 +1,6 @@
 """``megastack validate FILE``: check any megastack YAML (model, layout, training stage or recipe).
 
-It sits above config, train and pipeline because it must know every kind of file; the kind is told apart
+It sits above config, train and run because it must know every kind of file; the kind is told apart
 by the top-level keys, so a file is checked by the same loader the command that runs it uses.
 """
 
@@ -19,7 +19,7 @@ def load_any_config(path: str | os.PathLike) -> Any:
     if "num_layers" in keys:
         return from_dict(ModelConfig, data, where=str(path))
     if {"small", "large"} & keys:
-        from megastack.pipeline import Recipe
+        from megastack.run.recipe import Recipe
 
         return from_dict(Recipe, data, where=str(path))
     if "out_dir" in keys:

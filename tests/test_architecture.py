@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"megastack.plan", "megastack.planner"},  # the growth plan schema; scaling-law planning
     {"megastack.ckpt", "megastack.model"},  # formats and the executor; megatron-core / reference models
     {"megastack.growth", "megastack.train"},  # operators and the growth API; the training engine
-    {"megastack.pipeline"},  # megastack run: stages chained
+    {"megastack.run"},  # megastack run: recipe, stages, report
     {"megastack.validate"},
     {"megastack.cli"},
     {"megastack.__main__"},

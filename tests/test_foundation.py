@@ -293,7 +293,7 @@ def test_an_installed_wheel_finds_the_shipped_configs(tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(next((tmp_path / "wheel").glob("*.whl"))).extractall(site)
     code = (
-        "import megastack.config as c, megastack.pipeline as p; "
+        "import megastack.config as c, megastack.run.recipe as p; "
         "print(c.__file__); print(c.load_model_config('llama-7b').num_layers); print(p.load_recipe(None)[1])"
     )
     run = subprocess.run(

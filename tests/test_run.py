@@ -252,11 +252,13 @@ def test_bad_recipe_is_one_line(tmp_path, change, needle):
 @pytest.mark.parametrize("name,world", [("llama-410m", 8), ("llama-1.1b", 32), ("llama-3b", 64), ("llama-7b", 64)])
 def test_paper_recipes_load_and_plan(name, world, tmp_path):
     """The cluster recipes validate, and their small stage trains the planner's d tokens."""
-    from megastack.pipeline import Layout, load_recipe, stage_configs
     from megastack.planner import plan_growth
+    from megastack.run.dirs import RunDirs
+    from megastack.run.recipe import load_recipe
+    from megastack.run.stages import stage_configs
 
     recipe, _ = load_recipe(name)
-    stages = {stage: cfg for stage, cfg, _ in stage_configs(recipe, Layout(tmp_path), world)}
+    stages = {stage: cfg for stage, cfg, _ in stage_configs(recipe, RunDirs(tmp_path), world)}
     large = recipe.large.resolved_model()
     d = plan_growth(large.total_parameters(), float(recipe.large.schedule.train_tokens), model=large).growth_tokens
     assert stages["small"].schedule.train_tokens == int(d)

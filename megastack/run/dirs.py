@@ -1,0 +1,81 @@
+"""A run's folders and stage markers: where each stage writes, and whether it is done."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from megastack import untrusted
+from megastack.errors import UserError
+from megastack.fsio import atomic_write_json
+
+STAGES = ("small", "grow", "large", "scratch")
+NEEDS = {"grow": ("small",), "large": ("small", "grow"), "scratch": ()}  # what --stage X requires done
+
+
+# ----------------------------------------------------------------------------- stage bookkeeping
+
+
+@dataclass
+class RunDirs:
+    out: Path
+
+    @property
+    def markers(self) -> Path:
+        return self.out / "stages"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.out / ("grown" if stage == "grow" else stage)
+
+    def marker(self, stage: str) -> Path:
+        return self.markers / f"{stage}.json"
+
+
+def config_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_marker(dirs: RunDirs, stage: str) -> dict[str, Any] | None:
+    path = dirs.marker(stage)
+    if not path.is_file():
+        return None
+    marker = untrusted.read_json(path, 1 << 20, f"the stage marker is corrupt; delete it to re-run stage '{stage}'")
+    if not isinstance(marker, dict):
+        raise UserError(f"{path}: the stage marker is corrupt; delete it to re-run stage '{stage}'")
+    return marker
+
+
+def check_marker(dirs: RunDirs, stage: str, digest: str) -> dict[str, Any] | None:
+    """The finished stage's marker, or None if the stage still has to run; a changed config is refused."""
+    marker = read_marker(dirs, stage)
+    if marker is None:
+        return None
+    if marker.get("config_hash") != digest:
+        raise UserError(
+            f"stage '{stage}' in {dirs.out} finished with a different config (hash "
+            f"{marker.get('config_hash')}, now {digest}); keep the recipe as it was, or use a new --out "
+            f"(or delete {dirs.stage_dir(stage)} and {dirs.marker(stage)} to redo it)"
+        )
+    return marker
+
+
+def write_marker(dirs: RunDirs, stage: str, digest: str, result: dict[str, Any]) -> None:
+    from megastack.ckpt.manifest import manifest_digest, resolve_iteration_dir
+
+    checkpoint = result.get("checkpoint")
+    output_sha = manifest_digest(resolve_iteration_dir(checkpoint)) if checkpoint else None
+    dirs.markers.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        dirs.marker(stage),
+        {
+            "stage": stage,
+            "config_hash": digest,
+            "output_sha256": output_sha,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **result,
+        },
+    )

@@ -1,0 +1,181 @@
+"""What a run shows: FLOPs to reach the baseline's loss, the summary table and the loss-vs-FLOPs plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from megastack.fsio import atomic_write_json, atomic_write_text
+from megastack.run.dirs import STAGES, RunDirs
+from megastack.run.recipe import Recipe
+
+# ----------------------------------------------------------------------------- results
+
+
+def eval_curve(stage_dir: Path) -> list[tuple[float, float]]:
+    """(cumulative FLOPs, valid loss) of every evaluation a stage logged, in order."""
+    from megastack.train.loop import LOG_FILE
+
+    path = stage_dir / LOG_FILE
+    if not path.is_file():
+        return []
+    points = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if record.get("type") == "eval" and record.get("valid_loss") is not None:
+                points.append((float(record["cumulative_flops"]), float(record["valid_loss"])))
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            continue  # a line torn by a killed job, or not a record: not a point of the curve
+    return points
+
+
+def flops_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """FLOPs at which a curve first reaches ``target`` loss, linearly interpolated; None if it never does."""
+    previous = None
+    for flops, loss in curve:
+        if loss <= target:
+            if previous is None:
+                return flops
+            f0, l0 = previous
+            return f0 + (flops - f0) * (l0 - target) / (l0 - loss) if l0 != loss else flops
+        previous = (flops, loss)
+    return None
+
+
+def write_summary(recipe: Recipe, dirs: RunDirs, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    rows = []
+    for stage in STAGES:
+        r = results.get(stage)
+        if r is None:
+            continue
+        rows.append(
+            {
+                "stage": stage,
+                "tokens": r.get("tokens"),
+                "flops": r.get("flops"),
+                "cumulative_flops": r.get("cumulative_flops"),
+                "final_train_loss": r.get("final_train_loss"),
+                "final_valid_loss": r.get("final_valid_loss"),
+                "wall_seconds": r.get("wall_seconds"),
+                "checkpoint": r.get("checkpoint"),
+            }
+        )
+    grown = eval_curve(dirs.stage_dir("small")) + eval_curve(dirs.stage_dir("large"))
+    scratch = eval_curve(dirs.stage_dir("scratch"))
+    comparison: dict[str, Any] = {}
+    if scratch and grown:
+        target = scratch[-1][1]
+        reached = flops_to_reach(eval_curve(dirs.stage_dir("large")), target)
+        comparison = {
+            "scratch_final_valid_loss": target,
+            "scratch_flops": scratch[-1][0],
+            "grown_flops_to_scratch_loss": reached,
+        }
+        if reached:
+            comparison["flops_saving"] = 1 - reached / scratch[-1][0]
+            comparison["speedup"] = scratch[-1][0] / reached - 1
+    summary = {
+        "recipe": recipe.name,
+        "stages": rows,
+        "comparison": comparison,
+        "curves": {"grown": grown, "scratch": scratch},
+    }
+    atomic_write_json(dirs.out / "summary.json", summary)
+    atomic_write_text(dirs.out / "summary.md", summary_table(summary))
+    plot_curves(summary, dirs.out / "loss_vs_flops.png")
+    return summary
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    lines = [
+        f"# megastack run: {summary['recipe']}",
+        "",
+        "| stage | tokens | FLOPs | cumulative FLOPs | final train loss | final valid loss | wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["stages"]:
+        lines.append(
+            f"| {r['stage']} | {_fmt(r['tokens'], ',')} | {_fmt(r['flops'], '.3e')} | "
+            f"{_fmt(r['cumulative_flops'], '.3e')} | {_fmt(r['final_train_loss'], '.4f')} | "
+            f"{_fmt(r['final_valid_loss'], '.4f')} | {_fmt(r['wall_seconds'], '.1f')} |"
+        )
+    c = summary["comparison"]
+    if c:
+        lines += [
+            "",
+            f"Scratch baseline: final valid loss {c['scratch_final_valid_loss']:.4f} at "
+            f"{c['scratch_flops']:.3e} FLOPs.",
+        ]
+        if c.get("grown_flops_to_scratch_loss"):
+            lines.append(
+                f"Grown run reached it at {c['grown_flops_to_scratch_loss']:.3e} cumulative FLOPs "
+                f"(small stage included): {c['flops_saving']:.1%} fewer FLOPs, speedup "
+                f"{c['speedup']:.1%} (FLOPs_scratch / FLOPs_grown - 1)."
+            )
+        else:
+            lines.append("Grown run did not reach the scratch baseline's final loss within its budget.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(summary: dict[str, Any], path: Path) -> None:
+    c = summary["comparison"]
+    note = None
+    if c.get("grown_flops_to_scratch_loss"):
+        note = (c["grown_flops_to_scratch_loss"], c["scratch_final_valid_loss"], f"{c['flops_saving']:.0%} fewer FLOPs")
+    plot_loss_curves(
+        [
+            ("grown (small + large)", summary["curves"]["grown"], {"fmt": "o-"}),
+            ("scratch", summary["curves"]["scratch"], {"fmt": "s--"}),
+        ],
+        path,
+        f"megastack run: {summary['recipe']}",
+        note=note,
+    )
+
+
+def plot_loss_curves(
+    curves: list[tuple[str | None, list[tuple[float, float]], dict[str, Any]]],
+    path: Path,
+    title: str,
+    *,
+    note: tuple[float, float, str] | None = None,
+    ylim: tuple[float, float] | None = None,
+) -> None:
+    """Validation loss against cumulative FLOPs, one line per (label, points, matplotlib style) curve;
+    ``note`` = (FLOPs, loss, text) marks where a run reached the baseline's final loss. Shared by
+    ``megastack run`` and bench/speedup.py so both draw the same figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points, style in curves:
+        if points:
+            style = {"markersize": 3} | style
+            fmt = style.pop("fmt", "o-")
+            ax.plot([p[0] for p in points], [p[1] for p in points], fmt, label=label, **style)
+    if note is not None:
+        ax.axhline(note[1], color="gray", linewidth=0.8)
+        ax.annotate(note[2], (note[0], note[1]), textcoords="offset points", xytext=(5, 8), fontsize=9)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel("cumulative training FLOPs")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
