@@ -384,3 +384,25 @@ def test_resume_survives_a_log_line_torn_by_a_kill(tmp_path):
     logs.truncate_after(2)
     kept = [json.loads(line) for line in (tmp_path / LOG_FILE).read_text().splitlines()]
     assert [r["iteration"] for r in kept] == [1, 2]
+
+
+def test_one_tracker_parser_for_checkpoints_and_training(tmp_path):
+    """Megatron-LM's tracker (an iteration or "release") is read by one parser: a checkpoint opens
+    release/, training refuses to resume a converted "release" checkpoint, and junk is one line."""
+    from megastack.ckpt.manifest import TRACKER, read_tracker
+    from megastack.errors import UserError
+    from megastack.train.checkpointing import latest_iteration
+
+    (tmp_path / "release").mkdir()
+    (tmp_path / TRACKER).write_text("release\n")
+    assert read_tracker(tmp_path) == "release" and resolve_iteration_dir(tmp_path) == tmp_path / "release"
+    with pytest.raises(UserError, match="release"):
+        latest_iteration(tmp_path)
+    (tmp_path / TRACKER).write_text("7\n")
+    with pytest.raises(UserError, match="iter_0000007 is missing"):
+        latest_iteration(tmp_path)
+    (tmp_path / "iter_0000007").mkdir()
+    assert latest_iteration(tmp_path) == 7 and resolve_iteration_dir(tmp_path) == tmp_path / "iter_0000007"
+    (tmp_path / TRACKER).write_bytes(b"\xff\x00")
+    with pytest.raises(UserError, match="binary"):
+        latest_iteration(tmp_path)

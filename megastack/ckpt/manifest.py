@@ -101,25 +101,35 @@ def resolve_iteration_dir(path: str | os.PathLike) -> Path:
         raise UserError(
             f"{path}: cannot be opened ({type(exc).__name__}: {str(exc)[:80]}); pass a checkpoint directory"
         ) from None
-    tracker = path / TRACKER
-    if tracker.is_file():
-        try:
-            text = tracker.read_bytes()[:64].decode("ascii").strip()
-        except UnicodeDecodeError:
-            raise UserError(
-                f"{tracker}: not a text iteration number (binary content); the tracker is corrupt"
-            ) from None
-        if text == "release":
-            return path / "release"
-        if not text.isdigit():
-            raise UserError(f"{tracker}: expected an iteration number, got {text[:40]!r}")
-        target = path / iter_dir_name(int(text))
-        if not target.is_dir():
-            raise UserError(
-                f"{tracker}: names iteration {text} but {target.name} is missing; the checkpoint is incomplete"
-            )
-        return target
-    return path
+    named = read_tracker(path)
+    if named is None:
+        return path
+    target = path / ("release" if named == "release" else iter_dir_name(named))
+    if not target.is_dir():
+        raise UserError(
+            f"{path / TRACKER}: names {'iteration ' if named != 'release' else ''}{named} but {target.name} is "
+            "missing; the checkpoint is incomplete"
+        )
+    return target
+
+
+def read_tracker(root: str | os.PathLike) -> int | str | None:
+    """What ``ROOT/latest_checkpointed_iteration.txt`` names: an iteration, "release" (Megatron-LM's name
+    for a converted checkpoint), or None when there is no tracker. Anything else is one line."""
+    tracker = Path(root) / TRACKER
+    if not tracker.is_file():
+        return None
+    try:
+        text = tracker.read_bytes()[:64].decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise UserError(f"{tracker}: not a text iteration number (binary content); the tracker is corrupt") from None
+    except OSError as exc:
+        raise UserError(f"{tracker}: cannot be read ({type(exc).__name__}); check its permissions") from None
+    if text == "release":
+        return text
+    if not text.isdigit():
+        raise UserError(f"{tracker}: expected an iteration number, got {text[:40]!r}")
+    return int(text)
 
 
 def check_hashes(

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from megastack import layout
-from megastack.ckpt.manifest import MANIFEST, TRACKER, iter_dir_name, read_manifest
+from megastack.ckpt.manifest import MANIFEST, TRACKER, iter_dir_name, read_manifest, read_tracker
 from megastack.config import ModelConfig
 from megastack.errors import UserError
 from megastack.fsio import atomic_write_json, atomic_write_text, fsync_dir, publish_dir, sha256_file, staging_dir
@@ -62,18 +62,20 @@ def _barrier() -> None:
 
 def latest_iteration(root: str | os.PathLike) -> int | None:
     """The iteration the tracker names, None when there is no tracker (a fresh run)."""
-    tracker = Path(root) / TRACKER
-    if not tracker.is_file():
+    named = read_tracker(root)
+    if named is None:
         return None
-    text = tracker.read_text().strip()
-    if not text.isdigit():
-        raise UserError(f"{tracker}: expected an iteration number, got {text[:40]!r}; remove the file to start over")
-    if not (Path(root) / iter_dir_name(int(text))).is_dir():
+    if named == "release":
         raise UserError(
-            f"{tracker}: names iteration {text} but {iter_dir_name(int(text))} is missing; restore it "
+            f"{Path(root) / TRACKER}: names 'release' (a converted checkpoint, not a training run); give it as "
+            "init_from and train into a new out_dir"
+        )
+    if not (Path(root) / iter_dir_name(named)).is_dir():
+        raise UserError(
+            f"{Path(root) / TRACKER}: names iteration {named} but {iter_dir_name(named)} is missing; restore it "
             "or remove the tracker to start over"
         )
-    return int(text)
+    return named
 
 
 def remove_stale_partials(root: Path) -> None:
