@@ -10,7 +10,6 @@ at DST unless the whole conversion succeeded.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from megastack.ckpt import formats
 from megastack.ckpt.detect import open_checkpoint
 from megastack.ckpt.execute import Comm, comm_from_launcher, dry_run, execute
-from megastack.ckpt.manifest import manifest_digest, read_manifest
+from megastack.ckpt.manifest import read_manifest, source_identity
 from megastack.config import ModelConfig, ParallelConfig, load_model_config, to_dict
 from megastack.errors import UserError
 from megastack.fsio import check_paths
@@ -48,21 +47,6 @@ def check_layout(cfg: ModelConfig, to: str, tp: int | None, pp: int | None) -> t
         flag, value = ("--tp", tp) if field_name == "tensor" else ("--pp", pp)
         raise UserError(f"{flag} {value}: {problem.split(' ', 1)[1]}; choose a {flag} that divides it")
     return tp, pp
-
-
-def source_identity(reader: Any) -> dict[str, Any]:
-    """How the convert event names its source: the manifest's sha256 when the source has one (it lists
-    every file's sha256); otherwise file names and sizes, so conversion never re-reads the whole source
-    just to hash it."""
-    if read_manifest(reader.path) is not None:
-        return {"source_sha256": manifest_digest(reader.path)}
-    sizes = {}
-    for root, _, files in os.walk(reader.path):
-        for name in files:
-            path = Path(root) / name
-            sizes[path.relative_to(reader.path).as_posix()] = path.stat().st_size
-    listing = json.dumps(dict(sorted(sizes.items())), sort_keys=True)
-    return {"source_files_sha256": hashlib.sha256(listing.encode()).hexdigest(), "source_bytes": sum(sizes.values())}
 
 
 @dataclasses.dataclass
@@ -121,7 +105,7 @@ def prepare(
         "from": reader.format,
         "to": to,
         "source": str(Path(src).resolve()),
-        **source_identity(reader),
+        **source_identity(reader.path),
         "dtype": DTYPE_KEYS[out_dtype],
     }
     if formats.get(to).cut_by_rank:

@@ -4,6 +4,8 @@ every file in it, so ``megastack verify`` can tell a complete checkpoint from a 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -170,3 +172,19 @@ def model_from_manifest(directory: str | os.PathLike) -> ModelConfig | None:
     if manifest and isinstance(manifest.get("model"), dict):
         return from_dict(ModelConfig, manifest["model"], where=str(directory / MANIFEST), path="model")
     return None
+
+
+def source_identity(directory: str | os.PathLike) -> dict[str, Any]:
+    """How a grow or convert event names its source: the manifest's sha256 when the source has one (it lists
+    every file's sha256); otherwise file names and sizes, so conversion never re-reads the whole source
+    just to hash it."""
+    directory = Path(directory)
+    if read_manifest(directory) is not None:
+        return {"source_sha256": manifest_digest(directory)}
+    sizes = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = Path(root) / name
+            sizes[path.relative_to(directory).as_posix()] = path.stat().st_size
+    listing = json.dumps(dict(sorted(sizes.items())), sort_keys=True)
+    return {"source_files_sha256": hashlib.sha256(listing.encode()).hexdigest(), "source_bytes": sum(sizes.values())}

@@ -7,7 +7,6 @@ bench/speedup.py call these and nothing below them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, replace
@@ -17,7 +16,7 @@ from typing import Any
 from megastack.ckpt import formats
 from megastack.ckpt.detect import open_checkpoint
 from megastack.ckpt.execute import Comm, comm_from_launcher, dry_run, execute
-from megastack.ckpt.manifest import file_hashes, manifest_digest, read_manifest
+from megastack.ckpt.manifest import read_manifest, source_identity
 from megastack.config import ParallelConfig, to_dict
 from megastack.errors import NotBuiltError, UserError
 from megastack.flops import flops_per_token
@@ -120,13 +119,6 @@ def grow(
     return job
 
 
-def source_digest(reader: Any) -> str:
-    """The source checkpoint's checksum: its manifest's sha256, else sha256 over every file's sha256."""
-    if read_manifest(reader.path) is not None:
-        return manifest_digest(reader.path)
-    return hashlib.sha256(json.dumps(file_hashes(reader.path), sort_keys=True).encode()).hexdigest()
-
-
 def make_writer(
     reader: Any, plan: Plan, tp: int | None, pp: int | None, fmt: str | None = None, norm_names: str | None = None
 ):
@@ -175,7 +167,7 @@ def growth_manifest(reader: Any, plan: Plan, src: str) -> dict[str, Any]:
         "event": "grow",
         **plan.info,
         "source": str(Path(src).resolve()),
-        "source_sha256": source_digest(reader),
+        **source_identity(reader.path),
         "source_layers": plan.source.num_layers,
         "target_layers": plan.target.num_layers,
     }
