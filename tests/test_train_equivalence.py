@@ -137,6 +137,7 @@ def equivalence(tmp_path_factory):
         tmp, "one_rank", 1, [{"name": "single", "config": single}, {"name": "stopped", "config": stopped, "stop_at": 5}]
     )
     layouts = {
+        "dp2_zero0": {"zero_stage": 0},
         "dp2_zero1": {"zero_stage": 1},
         "dp2_zero2": {"zero_stage": 2},
         "dp2_zero3": {"zero_stage": 3},
@@ -144,9 +145,12 @@ def equivalence(tmp_path_factory):
         "pp2": {"pipeline": 2},
     }
     layouts |= {"bf16_zero2": {"zero_stage": 2, "precision": "bf16"}, "bf16_pp2": {"pipeline": 2, "precision": "bf16"}}
-    results |= launch(
-        tmp, "two_ranks", 2, [{"name": n, "config": stage_config(tmp / n, init, **p)} for n, p in layouts.items()]
+    two = [{"name": n, "config": stage_config(tmp / n, init, **p)} for n, p in layouts.items()]
+    # ZeRO-0 keeps its optimizer state in DeepSpeed's model-states file, not in ZeRO partitions: stop it too
+    two.append(
+        {"name": "dp2_zero0_stopped", "config": stage_config(tmp / "zero0_resumed", init, zero_stage=0), "stop_at": 5}
     )
+    results |= launch(tmp, "two_ranks", 2, two)
     results |= launch(
         tmp, "four_ranks", 4, [{"name": "tp2pp2", "config": stage_config(tmp / "tp2pp2", init, tensor=2, pipeline=2)}]
     )
@@ -154,7 +158,7 @@ def equivalence(tmp_path_factory):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", ["single", "dp2_zero1", "dp2_zero2", "dp2_zero3", "tp2", "pp2", "tp2pp2"])
+@pytest.mark.parametrize("name", ["single", "dp2_zero0", "dp2_zero1", "dp2_zero2", "dp2_zero3", "tp2", "pp2", "tp2pp2"])
 def test_losses_and_weights_equal_plain_pytorch(equivalence, name):
     result = equivalence["results"][name]
     assert "error" not in result, result
@@ -225,4 +229,21 @@ def test_kill_during_save_resumes_from_last_complete_checkpoint(equivalence, tmp
     assert len(got) == ITERS and all(math.isclose(a, b, rel_tol=0, abs_tol=0) for a, b in zip(got, expected))
     a = checkpoint_tensors(result["checkpoint"])
     b = checkpoint_tensors(equivalence["results"]["dp2_zero2"]["checkpoint"])
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.timeout(600)
+def test_zero0_stop_and_resume_is_exact(equivalence):
+    """Plain data parallelism (ZeRO-0) resumes from its own checkpoint to the same losses and weights as
+    the run that was never stopped."""
+    tmp = equivalence["tmp"]
+    assert equivalence["results"]["dp2_zero0_stopped"]["iterations"] == 5
+    config = stage_config(tmp / "zero0_resumed", equivalence["init"], zero_stage=0)
+    result = launch(tmp, "zero0_resume", 2, [{"name": "resumed", "config": config}])["resumed"]
+    assert result["iterations"] == ITERS
+    assert losses(tmp / "zero0_resumed") == losses(tmp / "dp2_zero0")
+    a, b = (
+        checkpoint_tensors(result["checkpoint"]),
+        checkpoint_tensors(equivalence["results"]["dp2_zero0"]["checkpoint"]),
+    )
     assert all(torch.equal(a[k], b[k]) for k in b)

@@ -158,10 +158,10 @@ def deepspeed_config(parallel: ParallelConfig, opt: OptimizerConfig, dp: int, mi
 
 
 def check_layout(parallel: ParallelConfig, model: ModelConfig) -> None:
-    if parallel.zero_stage == 0:
+    if parallel.zero_stage == 0 and (parallel.tensor > 1 or parallel.pipeline > 1):
         raise NotBuiltError(
-            "parallel.zero_stage 0 is not built in the trainer yet; use zero_stage 1 (at one "
-            "data-parallel rank it keeps the same state as no ZeRO)"
+            "parallel.zero_stage 0 is built for data parallelism only (tested equal to plain PyTorch); with "
+            "tensor or pipeline parallelism use zero_stage 1"
         )
     if parallel.pipeline > 1 and parallel.zero_stage > 1:
         raise UserError(
@@ -255,7 +255,10 @@ class Stepper:
     call: Callable[..., torch.Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.call = self.engine  # forward through the engine: DeepSpeed's backward hooks run under megatron
+        # forward through the engine: DeepSpeed's backward hooks run under megatron's backward calls. ZeRO-0
+        # has no such hooks (DeepSpeed 0.19 refuses a backward it did not start): the module is called
+        # directly and the step all-reduces the gradients first (plain data parallelism).
+        self.call = self.engine.module if self.parallel.zero_stage == 0 else self.engine
         if self.parallel.precision == "fp16":
             # megatron's schedule scales the last stage's loss before backward; DeepSpeed's dynamic loss scale
             engine = self.engine
@@ -310,6 +313,8 @@ class Stepper:
         self.module.train()
         set_lr(self.engine, lr)
         local = self._run(batches, forward_only=False)
+        if self.parallel.zero_stage == 0:
+            self.engine.allreduce_gradients()
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm_value = float(norm.item() if isinstance(norm, torch.Tensor) else norm) if norm is not None else None
