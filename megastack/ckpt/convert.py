@@ -19,7 +19,7 @@ import torch
 
 from megastack.ckpt import formats
 from megastack.ckpt.detect import open_checkpoint
-from megastack.ckpt.execute import Comm, comm_from_launcher, dry_run, execute
+from megastack.ckpt.execute import Comm, comm_from_launcher, dry_run, execute, plan_rows, plan_table
 from megastack.ckpt.manifest import read_manifest, source_identity
 from megastack.config import ModelConfig, ParallelConfig, load_model_config, to_dict
 from megastack.errors import UserError
@@ -161,18 +161,7 @@ def run(job: Conversion, dst: str | os.PathLike, comm: Comm, progress: bool = Fa
 
 
 def describe_dry_run(job: Conversion, plans: list, as_json: bool) -> str:
-    rows = [
-        {
-            "rank": p.rank,
-            "units": len(p.units),
-            "write_bytes": p.write_bytes,
-            "read_bytes": p.read_bytes,
-            "read_files": len(p.reads),
-            "predicted_peak_bytes": p.peak_bytes,
-            "reads": p.reads,
-        }
-        for p in plans
-    ]
+    rows = plan_rows(plans)
     summary = {
         "from": job.reader.format,
         "to": job.writer.format,
@@ -184,19 +173,12 @@ def describe_dry_run(job: Conversion, plans: list, as_json: bool) -> str:
     }
     if as_json:
         return json.dumps(summary, indent=2, sort_keys=True)
-    gib = 1 << 30
     layout_text = f" TP={job.tp} x PP={job.pp}" if formats.get(job.writer.format).cut_by_rank else ""
     lines = [
         f"convert: {job.reader.format} -> {job.writer.format}{layout_text}, {DTYPE_KEYS[job.dtype]}, "
         f"{job.plan.target.total_parameters():,} parameters, {len(plans)} rank(s)",
-        f"{'rank':>4} {'units':>6} {'read GiB':>9} {'files':>6} {'write GiB':>10} {'peak GiB':>9}",
     ]
-    for r in rows:
-        lines.append(
-            f"{r['rank']:>4} {r['units']:>6} {r['read_bytes'] / gib:>9.3f} {r['read_files']:>6} "
-            f"{r['write_bytes'] / gib:>10.3f} {r['predicted_peak_bytes'] / gib:>9.3f}"
-        )
-    return "\n".join(lines)
+    return "\n".join([*lines, *plan_table(rows)])
 
 
 def cli_convert(args: Any) -> int:

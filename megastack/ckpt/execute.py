@@ -99,6 +99,34 @@ class RankPlan:
     peak_bytes: int = 0
 
 
+def plan_rows(plans: list[RankPlan]) -> list[dict[str, Any]]:
+    """The dry run's per-rank records (what --dry-run --json prints under "ranks")."""
+    return [
+        {
+            "rank": p.rank,
+            "units": len(p.units),
+            "write_bytes": p.write_bytes,
+            "read_bytes": p.read_bytes,
+            "read_files": len(p.reads),
+            "predicted_peak_bytes": p.peak_bytes,
+            "reads": p.reads,
+        }
+        for p in plans
+    ]
+
+
+def plan_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The dry run's per-rank table, one line a rank, in GiB."""
+    gib = 1 << 30
+    lines = [f"{'rank':>4} {'units':>6} {'read GiB':>9} {'files':>6} {'write GiB':>10} {'peak GiB':>9}"]
+    for r in rows:
+        lines.append(
+            f"{r['rank']:>4} {r['units']:>6} {r['read_bytes'] / gib:>9.3f} {r['read_files']:>6} "
+            f"{r['write_bytes'] / gib:>10.3f} {r['predicted_peak_bytes'] / gib:>9.3f}"
+        )
+    return lines
+
+
 def dry_run(
     writer: Writer, reader: Reader, sources_of: Callable[[str, Any], list[tuple[str, Any]]], world: int
 ) -> list[RankPlan]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from megastack.ckpt import formats
 from megastack.ckpt.detect import open_checkpoint
-from megastack.ckpt.execute import Comm, comm_from_launcher, dry_run, execute
+from megastack.ckpt.execute import Comm, comm_from_launcher, dry_run, execute, plan_rows, plan_table
 from megastack.ckpt.manifest import read_manifest, source_identity
 from megastack.config import ParallelConfig, to_dict
 from megastack.errors import NotBuiltError, UserError
@@ -188,18 +188,7 @@ def describe_dry_run(job: GrowthJob, world: int, as_json: bool) -> str:
     """Per rank: units, bytes read and written, files opened and predicted peak memory."""
     plan, writer = job.plan, job.writer
     plans = dry_run(writer, job.reader, plan.sources_of, world)
-    rows = [
-        {
-            "rank": p.rank,
-            "units": len(p.units),
-            "write_bytes": p.write_bytes,
-            "read_bytes": p.read_bytes,
-            "read_files": len(p.reads),
-            "predicted_peak_bytes": p.peak_bytes,
-            "reads": p.reads,
-        }
-        for p in plans
-    ]
+    rows = plan_rows(plans)
     summary = {
         "source_layers": plan.source.num_layers,
         "target_layers": plan.target.num_layers,
@@ -210,15 +199,8 @@ def describe_dry_run(job: GrowthJob, world: int, as_json: bool) -> str:
     }
     if as_json:
         return json.dumps(summary, indent=2)
-    gib = 1 << 30
     lines = [
         f"plan: {plan.info.get('operator')} {plan.source.num_layers} -> {plan.target.num_layers} layers, "
         f"{writer.format} output, {plan.target.total_parameters() / 1e9:.2f}B parameters, {len(plans)} rank(s)",
-        f"{'rank':>4} {'units':>6} {'read GiB':>9} {'files':>6} {'write GiB':>10} {'peak GiB':>9}",
     ]
-    for r in rows:
-        lines.append(
-            f"{r['rank']:>4} {r['units']:>6} {r['read_bytes'] / gib:>9.3f} {r['read_files']:>6} "
-            f"{r['write_bytes'] / gib:>10.3f} {r['predicted_peak_bytes'] / gib:>9.3f}"
-        )
-    return "\n".join(lines)
+    return "\n".join([*lines, *plan_table(rows)])
