@@ -21,7 +21,7 @@ from megastack.ckpt import formats
 from megastack.ckpt.detect import open_checkpoint
 from megastack.ckpt.execute import Comm, comm_from_launcher, dry_run, execute, plan_rows, plan_table
 from megastack.ckpt.manifest import read_manifest, source_identity
-from megastack.config import ModelConfig, ParallelConfig, load_model_config, to_dict
+from megastack.config import ModelConfig, load_model_config, to_dict
 from megastack.errors import UserError
 from megastack.fsio import check_paths
 from megastack.plan import identity_plan
@@ -29,24 +29,6 @@ from megastack.progress import Progress
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_KEYS = {v: k for k, v in DTYPES.items()}
-
-
-def check_layout(cfg: ModelConfig, to: str, tp: int | None, pp: int | None) -> tuple[int, int]:
-    """The output TP/PP, refused in one line when it cannot cut this model."""
-    if not formats.get(to).cut_by_rank:
-        if (tp or 1) != 1 or (pp or 1) != 1:
-            raise UserError(
-                f"--tp/--pp apply to legacy output only; a {to} checkpoint is not cut by rank "
-                "(torch_dist loads under any TP/PP)"
-            )
-        return 1, 1
-    tp, pp = tp or 1, pp or 1
-    if tp < 1 or pp < 1:
-        raise UserError(f"--tp {tp} --pp {pp}: both must be positive")
-    for field_name, problem in ParallelConfig(tensor=tp, pipeline=pp).check_model(cfg):
-        flag, value = ("--tp", tp) if field_name == "tensor" else ("--pp", pp)
-        raise UserError(f"{flag} {value}: {problem.split(' ', 1)[1]}; choose a {flag} that divides it")
-    return tp, pp
 
 
 @dataclasses.dataclass
@@ -79,7 +61,7 @@ def prepare(
     cfg = reader.cfg
     if formats.get(to).cut_by_rank and tp is None and pp is None and reader.format == to:
         tp, pp = reader.tp, reader.pp  # legacy -> legacy keeps the layout unless asked to reshard
-    tp, pp = check_layout(cfg, to, tp, pp)
+    tp, pp = formats.check_layout(cfg, to, tp, pp)
     out_dtype = DTYPES[dtype] if dtype else reader.dtype("embedding")
     if out_dtype not in DTYPE_KEYS:
         raise UserError(f"{src}: weights are {out_dtype}; pass --dtype fp32, bf16 or fp16 for the output")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from megastack.ckpt.manifest import model_from_manifest
-from megastack.config import ModelConfig
+from megastack.config import ModelConfig, ParallelConfig
 from megastack.errors import UserError
 
 if TYPE_CHECKING:  # the CLI imports this module for --to's choices: no torch at import time
@@ -232,11 +232,29 @@ def make_writer(
     from megastack.ckpt import megatron_args
 
     fmt = get(name)
-    options = WriteOptions(tp=tp, pp=pp, iteration=iteration, shard_bytes=shard_bytes)
+    args, te_names = None, True
     if fmt.megatron:
         layout = (tp, pp) if fmt.cut_by_rank else (None, None)
         args, te_names = megatron_args.for_output(
             reader, target, *layout, dtype, iteration=iteration, new_stage=new_stage, norm_names=norm_names
         )
-        options = WriteOptions(tp=tp, pp=pp, iteration=iteration, args=args, te_names=te_names)
+    options = WriteOptions(tp=tp, pp=pp, iteration=iteration, args=args, te_names=te_names, shard_bytes=shard_bytes)
     return fmt.writer(target, dtype, options)
+
+
+def check_layout(cfg: ModelConfig, to: str, tp: int | None, pp: int | None) -> tuple[int, int]:
+    """The output TP/PP, refused in one line when it cannot cut this model."""
+    if not get(to).cut_by_rank:
+        if (tp or 1) != 1 or (pp or 1) != 1:
+            raise UserError(
+                f"--tp/--pp apply to legacy output only; a {to} checkpoint is not cut by rank "
+                "(torch_dist loads under any TP/PP)"
+            )
+        return 1, 1
+    tp, pp = tp or 1, pp or 1
+    if tp < 1 or pp < 1:
+        raise UserError(f"--tp {tp} --pp {pp}: both must be positive")
+    for field_name, problem in ParallelConfig(tensor=tp, pipeline=pp).check_model(cfg):
+        flag, value = ("--tp", tp) if field_name == "tensor" else ("--pp", pp)
+        raise UserError(f"{flag} {value}: {problem.split(' ', 1)[1]}; choose a {flag} that divides it")
+    return tp, pp

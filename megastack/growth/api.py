@@ -17,7 +17,7 @@ from megastack.ckpt import formats
 from megastack.ckpt.detect import open_checkpoint
 from megastack.ckpt.execute import Comm, comm_from_launcher, dry_run, execute, plan_rows, plan_table
 from megastack.ckpt.manifest import read_manifest, source_identity
-from megastack.config import ParallelConfig, to_dict
+from megastack.config import to_dict
 from megastack.errors import NotBuiltError, UserError
 from megastack.flops import flops_per_token
 from megastack.fsio import check_paths
@@ -127,25 +127,14 @@ def make_writer(
     out = formats.get(fmt or reader.format)
     if out.name == "hf":
         raise NotBuiltError("growing hf checkpoints is not built; convert to torch_dist first")
-    if not out.cut_by_rank:
-        if tp is not None or pp is not None or norm_names is not None:
-            raise UserError(
-                f"--tp/--pp/--norm-names apply to legacy output; a {out.name} checkpoint loads under any "
-                "TP/PP and has one naming"
-            )
-        tp = pp = 1
-    else:
-        for flag, value in (("--tp", tp), ("--pp", pp)):
-            if value is not None and value < 1:
-                raise UserError(f"{flag} {value}: must be a positive integer")
-        tp = tp or getattr(reader, "tp", 1)
-        pp = pp or getattr(reader, "pp", 1)
-        for field_name, problem in ParallelConfig(tensor=tp, pipeline=pp).check_model(plan.target):
-            flag = "--tp" if field_name == "tensor" else "--pp"
-            raise UserError(
-                f"{flag} {tp if flag == '--tp' else pp}: {problem.split(' ', 1)[1]} of the grown "
-                f"model; choose a {flag} that divides it"
-            )
+    if not out.cut_by_rank and (tp is not None or pp is not None or norm_names is not None):
+        raise UserError(
+            f"--tp/--pp/--norm-names apply to legacy output; a {out.name} checkpoint loads under any "
+            "TP/PP and has one naming"
+        )
+    if out.cut_by_rank:  # the source's layout unless asked to change it
+        tp, pp = tp or getattr(reader, "tp", 1), pp or getattr(reader, "pp", 1)
+    tp, pp = formats.check_layout(plan.target, out.name, tp, pp)
     return formats.make_writer(
         out.name,
         plan.target,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -16,21 +15,18 @@ from megastack.run.recipe import Recipe
 
 def eval_curve(stage_dir: Path) -> list[tuple[float, float]]:
     """(cumulative FLOPs, valid loss) of every evaluation a stage logged, in order."""
-    from megastack.train.loop import LOG_FILE
+    from megastack.train.loop import LOG_FILE, log_records
 
     path = stage_dir / LOG_FILE
     if not path.is_file():
         return []
     points = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if record.get("type") == "eval" and record.get("valid_loss") is not None:
+    for _, record in log_records(path):
+        if record.get("type") == "eval" and record.get("valid_loss") is not None:
+            try:
                 points.append((float(record["cumulative_flops"]), float(record["valid_loss"])))
-        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
-            continue  # a line torn by a killed job, or not a record: not a point of the curve
+            except (ValueError, TypeError, KeyError):
+                continue  # not a point of the curve
     return points
 
 

@@ -36,11 +36,18 @@ from megastack.train.ramp import MaskRamp
 LOG_FILE = "train.jsonl"
 
 
-def _json_or_none(line: str) -> Any:
-    try:
-        return json.loads(line)
-    except (json.JSONDecodeError, RecursionError):
-        return None
+def log_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of every record in a stage's train.jsonl; a line torn by a killed job, or one that is
+    not a JSON object, is skipped (resume and the run's report read the same file the same way)."""
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if isinstance(record, dict):
+            records.append((line, record))
+    return records
 
 
 def _at_or_before(value: Any, iteration: int) -> bool:
@@ -102,14 +109,9 @@ class Logs:
         the interrupted job (the stage is not over)."""
         if not self.enabled or not self.path.is_file():
             return
-        records = [
-            (line, r)
-            for line in self.path.read_text(errors="replace").splitlines()
-            if isinstance(r := _json_or_none(line), dict)
-        ]  # a line torn by a kill is dropped
         kept = [
             line
-            for line, r in records
+            for line, r in log_records(self.path)
             if _at_or_before(r.get("iteration", 0), iteration) and r.get("type") != "summary"
         ]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
