@@ -43,10 +43,10 @@ if str(REPO) not in sys.path:
 from megastack.config import ModelConfig, from_dict  # noqa: E402
 from megastack.errors import UserError  # noqa: E402
 from megastack.growth.spec import OPERATORS as GROWTH_OPERATORS  # noqa: E402
-from megastack.run.dirs import RunDirs, check_marker, config_hash, read_marker, write_marker  # noqa: E402
-from megastack.run.recipe import Recipe, load_recipe  # noqa: E402
+from megastack.run.dirs import RunDirs, config_hash, read_marker  # noqa: E402
+from megastack.run.recipe import Recipe, load_recipe, planned_model  # noqa: E402
 from megastack.run.report import eval_curve, flops_to_reach, plot_loss_curves  # noqa: E402
-from megastack.run.stages import stage_configs  # noqa: E402
+from megastack.run.stages import StageRunner, stage_configs  # noqa: E402
 
 DEPTH_OPERATORS = tuple(GROWTH_OPERATORS)
 # harness name -> growth operator (width dimension); learn's width maps are left out of the harness
@@ -185,83 +185,7 @@ def growth_spec(op: str, recipe: Recipe, large: ModelConfig, seed: int):
     return GrowthSpec(operator=op, factor=g.factor, layer_map=g.layer_map, noise=g.noise, seed=seed)
 
 
-def grown_config(source: ModelConfig, spec: Any) -> ModelConfig:
-    """The grown model's config before any data is read (norm_epsilon changes under zero/random width)."""
-    from megastack.growth.operators import make_plan
-
-    if GROWTH_OPERATORS[spec.operator].needs_data:
-        from megastack.growth.learn import initial_learned
-
-        spec = replace(spec, learned=initial_learned(source, spec))
-    return make_plan(source, spec).target
-
-
 # ----------------------------------------------------------------------------- the runs (collective)
-
-
-class Runner:
-    """Runs stages once: a finished stage (marker with the same config hash) is skipped."""
-
-    def __init__(self, dirs: RunDirs, comm: Any, rank: int):
-        self.dirs, self.comm, self.rank = dirs, comm, rank
-
-    def say(self, text: str) -> None:
-        if self.rank == 0:
-            print(f"speedup: {self.dirs.out.name}: {text}", flush=True)
-
-    def stage(self, name: str, digest: str, run: Any) -> dict[str, Any]:
-        marker = check_marker(self.dirs, name, digest)
-        if marker is not None:
-            self.say(f"{name}: finished earlier, skipped")
-            return marker
-        self.say(f"{name}: starting")
-        start = time.monotonic()
-        result = run()
-        result.setdefault("wall_seconds", round(time.monotonic() - start, 3))
-        if self.rank == 0:
-            write_marker(self.dirs, name, digest, result)
-        self.comm.barrier()
-        return read_marker(self.dirs, name) or result
-
-    def train(self, name: str, cfg: Any, digest: str) -> dict[str, Any]:
-        from megastack.train.loop import train
-
-        return self.stage(name, digest, lambda: asdict(train(cfg, verbose=False)))
-
-
-def grow(source: str, dst: Path, spec: Any, data: list[str], options: Options, comm: Any) -> dict[str, Any]:
-    """One growth, split across the ranks (G_learn first learns its maps data-parallel on ``data``)."""
-    from megastack.ckpt.inspect import verify
-    from megastack.flops import flops_per_token
-    from megastack.growth.api import grow as grow_checkpoint
-
-    if dst.exists():  # published by a run that stopped before its marker
-        problems = verify(dst)
-        if problems:
-            raise UserError(f"{dst} exists but does not verify ({problems[0]}); delete it and run again")
-        return {"checkpoint": str(dst), "operator": spec.operator, "dimension": spec.dimension}
-    spec = replace(
-        spec,
-        learn_data=tuple(data),
-        learn_tokens=options.learn_tokens,
-        learn_batch=options.learn_batch,
-        learn_lr=options.learn_lr,
-    )
-    job = grow_checkpoint(source, dst, spec, comm=comm)
-    learn_report = job.learn_report
-    # the maps' training (forward + backward through the grown model, 6N per token like training), which
-    # growth_manifest also adds to the checkpoint's cumulative FLOPs
-    extra_flops = flops_per_token(job.plan.target) * float(learn_report.get("tokens") or 0)
-    return {
-        "checkpoint": str(dst),
-        "operator": spec.operator,
-        "dimension": spec.dimension,
-        "new_layers": job.plan.info.get("new_layers"),
-        "growth_flops": extra_flops,
-        "learn": {k: learn_report.get(k) for k in ("steps", "tokens", "heldout_loss_stack", "heldout_loss_learned")}
-        if learn_report
-        else None,
-    }
 
 
 def run_seed(
@@ -272,21 +196,32 @@ def run_seed(
 
     recipe = seeded(recipe, seed)
     dirs = RunDirs(out / f"seed-{seed}")
-    runner = Runner(dirs, comm, rank)
-    plan = {stage: (cfg, digest) for stage, cfg, digest in stage_configs(recipe, dirs, world)}
-    small_cfg, small_hash = plan["small"]
-    large_template, scratch = plan["large"][0], plan["scratch"]
+
+    def say(text: str) -> None:
+        if rank == 0:
+            print(f"speedup: {dirs.out.name}: {text}", flush=True)
+
+    runner = StageRunner(dirs, comm, say)
+    plan = {stage.name: stage for stage in stage_configs(recipe, dirs, world)}
+    small_cfg = plan["small"].train
+    large_template, scratch = plan["large"].train, plan["scratch"]
     large_model = large_template.resolved_model()
-    results: dict[str, Any] = {"small": runner.train("small", small_cfg, small_hash)}
+    results: dict[str, Any] = {"small": runner.train("small", small_cfg, plan["small"].digest, verbose=False)}
     data = list(recipe.data.prefixes) or resolve_data([], recipe.data.tokenizer, large_model.vocab_size)[0]
     if any(op in WIDTH_OPERATORS for op in options.operators):
         narrow = replace(small_cfg, model=narrow_model(large_model), out_dir=str(dirs.stage_dir("small-width")))
-        results["small-width"] = runner.train("small-width", narrow, config_hash(asdict(narrow)))
+        results["small-width"] = runner.train("small-width", narrow, config_hash(asdict(narrow)), verbose=False)
     for op in options.operators:
         source_stage = "small-width" if op in WIDTH_OPERATORS else "small"
-        source_cfg = (results[source_stage], plan["small"][0] if source_stage == "small" else narrow)
-        spec = growth_spec(op, recipe, large_model, seed)
-        target = grown_config(source_cfg[1].resolved_model(), spec)
+        source_cfg = (results[source_stage], small_cfg if source_stage == "small" else narrow)
+        spec = replace(
+            growth_spec(op, recipe, large_model, seed),
+            learn_data=tuple(data),
+            learn_tokens=options.learn_tokens,
+            learn_batch=options.learn_batch,
+            learn_lr=options.learn_lr,
+        )
+        target = planned_model(source_cfg[1].resolved_model(), spec)
         if target.num_layers != large_model.num_layers or target.hidden_size != large_model.hidden_size:
             raise UserError(
                 f"--operators {op}: growth gives {target.num_layers} layers x {target.hidden_size} "
@@ -294,17 +229,13 @@ def run_seed(
             )
         grow_hash = config_hash(
             {
-                "spec": asdict(spec),
+                "spec": asdict(replace(spec, learn_data=())),
                 "learn": [options.learn_tokens, options.learn_batch, options.learn_lr] if op == "learn" else None,
                 "after": config_hash(asdict(source_cfg[1])),
             }
         )
         grown_dir = dirs.stage_dir(f"grown-{op}")
-        results[f"grow-{op}"] = runner.stage(
-            f"grow-{op}",
-            grow_hash,
-            lambda spec=spec, src=source_cfg[0]["checkpoint"], dst=grown_dir: grow(src, dst, spec, data, options, comm),
-        )
+        results[f"grow-{op}"] = runner.grow(f"grow-{op}", grow_hash, source_cfg[0]["checkpoint"], grown_dir, spec)
         large = replace(
             large_template,
             model=replace(large_model, norm_epsilon=target.norm_epsilon),
@@ -312,9 +243,9 @@ def run_seed(
             init_from=str(grown_dir),
         )
         results[f"large-{op}"] = runner.train(
-            f"large-{op}", large, config_hash({"train": asdict(large), "after": grow_hash})
+            f"large-{op}", large, config_hash({"train": asdict(large), "after": grow_hash}), verbose=False
         )
-    results["scratch"] = runner.train("scratch", scratch[0], scratch[1])
+    results["scratch"] = runner.train("scratch", scratch.train, scratch.digest, verbose=False)
     return results
 
 
@@ -531,7 +462,7 @@ def write_report(
 
     runs = {seed: analyse_seed(out, seed, options.operators) for seed in options.seeds}
     dirs = RunDirs(out / f"seed-{options.seeds[0]}")
-    configs = {stage: cfg for stage, cfg, _ in stage_configs(recipe, dirs, world)}
+    configs = {stage.name: stage.train for stage in stage_configs(recipe, dirs, world)}
     small, large, scratch = configs["small"], configs["large"], configs["scratch"]
     par = small.parallel
     global_batch = par.micro_batch_size * par.data_parallel_size(world) * par.gradient_accumulation_steps(world)

@@ -258,9 +258,107 @@ def test_paper_recipes_load_and_plan(name, world, tmp_path):
     from megastack.run.stages import stage_configs
 
     recipe, _ = load_recipe(name)
-    stages = {stage: cfg for stage, cfg, _ in stage_configs(recipe, RunDirs(tmp_path), world)}
+    stages = {stage.name: stage.train for stage in stage_configs(recipe, RunDirs(tmp_path), world)}
     large = recipe.large.resolved_model()
     d = plan_growth(large.total_parameters(), float(recipe.large.schedule.train_tokens), model=large).growth_tokens
     assert stages["small"].schedule.train_tokens == int(d)
     assert stages["small"].resolved_model().num_layers * 4 == large.num_layers
     assert stages["large"].init_from == str(tmp_path / "grown")
+
+
+def progressive_recipe() -> dict:
+    """2 -> 4 layers by G_learn (learned on the run's own data), 4 -> 8 by G_stack; the middle model is the
+    planned one (no model named)."""
+    return {
+        **MICRO,
+        "name": "progressive",
+        "progressive": [
+            {
+                "growth": {"operator": "learn", "factor": 2, "learn_tokens": 1024, "learn_batch": 4},
+                "train": {
+                    "optimizer": {"lr": 2.5e-3, "warmup_iters": 1},
+                    "schedule": {**MICRO["large"]["schedule"], "train_iters": 4},
+                },
+            }
+        ],
+        "growth": {"operator": "stack", "factor": 2},
+    }
+
+
+def test_recipes_embed_any_growth_and_check_every_step(tmp_path):
+    """Recipes say width and learn growth and several growth steps; every step is planned before training,
+    and a model that does not match what the growth gives is refused naming the step."""
+    from megastack.config import from_dict, load_model_config
+    from megastack.run.dirs import RunDirs
+    from megastack.run.recipe import Recipe
+    from megastack.run.stages import stage_configs
+
+    recipe = from_dict(Recipe, progressive_recipe())
+    stages = stage_configs(recipe, RunDirs(tmp_path), 1)
+    assert [s.name for s in stages] == recipe.stage_names() == ["small", "grow1", "stage1", "grow", "large"]
+    by_name = {s.name: s for s in stages}
+    assert by_name["stage1"].train.resolved_model().num_layers == 4
+    assert by_name["stage1"].train.init_from == str(tmp_path / "grown1")
+    assert by_name["large"].train.init_from == str(tmp_path / "grown")
+    assert (by_name["grow1"].growth.operator, by_name["grow1"].source) == ("learn", "small")
+
+    small = load_model_config("tiny-small")
+    width = {
+        **MICRO,
+        "growth": {
+            "dimension": "width",
+            "operator": "zero",
+            "hidden": 2 * small.hidden_size,
+            "ffn": 2 * small.ffn_hidden_size,
+            "heads": 2 * small.num_attention_heads,
+        },
+        "large": {k: v for k, v in MICRO["large"].items() if k != "model"},
+        "scratch": {k: v for k, v in MICRO["large"].items() if k != "model"},
+    }
+    recipe = from_dict(Recipe, width)
+    large = {s.name: s for s in stage_configs(recipe, RunDirs(tmp_path), 1)}["large"].train.resolved_model()
+    assert (large.hidden_size, large.num_layers) == (2 * small.hidden_size, small.num_layers)
+    assert recipe.scratch_stage(large).model == large  # the baseline trains the grown shape from scratch
+
+    bad = [
+        ({**width, "large": MICRO["large"]}, "'large.model' differs from small.model in hidden_size"),
+        (
+            {
+                **progressive_recipe(),
+                "progressive": [
+                    {**progressive_recipe()["progressive"][0], "growth": {"operator": "stack", "factor": 3}}
+                ],
+            },
+            "'growth.factor' 2 x 6 stage1 layers != 8",
+        ),
+        ({**MICRO, "growth": {"operator": "stack", "factor": 4, "learned": {}}}, "'growth.learned'"),
+    ]
+    for i, (data, needle) in enumerate(bad):
+        path = tmp_path / f"bad{i}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        assert_one_line_error(run_cli("validate", str(path)), needle)
+
+
+@pytest.mark.timeout(900)
+def test_progressive_growth_runs_end_to_end(tmp_path):
+    """small (2) -> learn x2 -> stage1 (4) -> stack x2 -> large (8): every stage runs, each growth starts
+    from the stage before, the history records both growths, and the summary counts every stage."""
+    recipe = tmp_path / "progressive.yaml"
+    recipe.write_text(yaml.safe_dump(progressive_recipe()))
+    proc = run_cli("run", str(recipe), "--out", str(tmp_path / "p"), "--nproc", "1", timeout=800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "p"
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["stage"] for r in summary["stages"]] == ["small", "grow1", "stage1", "grow", "large"]
+    manifest = json.loads(next((out / "large").glob("iter_*/megastack.json")).read_text())
+    grows = [e for e in manifest["history"] if e["event"] == "grow"]
+    assert [(g["operator"], g["source_layers"], g["target_layers"]) for g in grows] == [
+        ("learn", 2, 4),
+        ("stack", 4, 8),
+    ]
+    assert grows[1]["source"] == str(sorted((out / "stage1").glob("iter_*"))[-1].resolve())
+    rows = {r["stage"]: r for r in summary["stages"]}
+    learned = json.loads((out / "stages" / "grow1.json").read_text())
+    assert learned["growth_flops"] > 0 and learned["learn"]["tokens"] > 0
+    trained = sum(rows[s]["flops"] for s in ("small", "stage1", "large"))
+    assert rows["large"]["cumulative_flops"] == pytest.approx(trained + learned["growth_flops"])

@@ -26,7 +26,7 @@ from megastack import layout
 from megastack.config import ModelConfig
 from megastack.errors import UserError
 from megastack.growth.layer_map import check_zero_map, first_occurrences
-from megastack.growth.spec import GrowthSpec, operator, resolve_layer_map
+from megastack.growth.spec import DIMENSIONS, GrowthSpec, operator, resolve_layer_map
 from megastack.plan import Copy, Noisy, Plan, RandomInit, Zeros
 
 NORM_KINDS = ("attn_norm", "mlp_norm")
@@ -113,6 +113,6 @@ def make_plan(source: ModelConfig, spec: GrowthSpec) -> Plan:
         )
     if spec.dimension == "width" and (spec.factor is not None or spec.layer_map):
         raise UserError("--factor/--layer-map grow depth; use --dimension both to grow depth and width together")
-    if spec.dimension not in ("depth", "width", "both"):
+    if spec.dimension not in DIMENSIONS:
         raise UserError(f"--dimension {spec.dimension!r} is unknown; choose depth, width or both")
     return planner(source, spec)

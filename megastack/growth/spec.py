@@ -10,6 +10,8 @@ from typing import Any
 from megastack.errors import UserError
 from megastack.growth.layer_map import check_depth, parse_layer_map, stack_map
 
+DIMENSIONS = ("depth", "width", "both")  # both: depth and width in one step
+
 
 @dataclass(frozen=True)
 class GrowthSpec:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from megastack.errors import UserError
-from megastack.run.dirs import STAGES
 from megastack.run.recipe import load_recipe
 from megastack.run.report import summary_table
 from megastack.run.stages import run_recipe
@@ -26,8 +25,10 @@ def cli_run(args: Any) -> int:
     recipe, path = load_recipe(args.recipe)
     out = Path(args.out) if args.out else Path("runs") / recipe.name
     stage = getattr(args, "stage", None)
-    if stage is not None and stage not in STAGES:
-        raise UserError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    names = recipe.stage_names()
+    names += [] if "scratch" in names else ["scratch"]  # a launch script may ask every recipe for its baseline
+    if stage is not None and stage not in names:
+        raise UserError(f"--stage must be one of {', '.join(names)} (the stages of '{recipe.name}'), got {stage!r}")
     if discover().launcher == "single" and args.nproc > 1:
         return launch_self(args, out)
     summary = run_recipe(recipe, out, stage)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +13,6 @@ from typing import Any
 from megastack import untrusted
 from megastack.errors import UserError
 from megastack.fsio import atomic_write_json
-
-STAGES = ("small", "grow", "large", "scratch")
-NEEDS = {"grow": ("small",), "large": ("small", "grow"), "scratch": ()}  # what --stage X requires done
-
 
 # ----------------------------------------------------------------------------- stage bookkeeping
 
@@ -29,7 +26,8 @@ class RunDirs:
         return self.out / "stages"
 
     def stage_dir(self, stage: str) -> Path:
-        return self.out / ("grown" if stage == "grow" else stage)
+        """OUT/<stage>; a growth's output is a checkpoint, OUT/grown (OUT/grown1, ... in progressive runs)."""
+        return self.out / (f"grown{stage[4:]}" if re.fullmatch(r"grow\d*", stage) else stage)
 
     def marker(self, stage: str) -> Path:
         return self.markers / f"{stage}.json"

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from megastack.fsio import atomic_write_json, atomic_write_text
-from megastack.run.dirs import STAGES, RunDirs
+from megastack.run.dirs import RunDirs
 from megastack.run.recipe import Recipe
 
 # ----------------------------------------------------------------------------- results
@@ -43,15 +43,19 @@ def flops_to_reach(curve: list[tuple[float, float]], target: float) -> float | N
     return None
 
 
-def write_summary(recipe: Recipe, dirs: RunDirs, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def write_summary(
+    recipe: Recipe, dirs: RunDirs, stages: list[Any], results: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """summary.json, summary.md and the plot, from the stages' markers and logs. The grown chain's FLOPs to
+    reach the baseline's final loss are searched after the first growth (the small stage counted)."""
     rows = []
-    for stage in STAGES:
-        r = results.get(stage)
+    for stage in stages:
+        r = results.get(stage.name)
         if r is None:
             continue
         rows.append(
             {
-                "stage": stage,
+                "stage": stage.name,
                 "tokens": r.get("tokens"),
                 "flops": r.get("flops"),
                 "cumulative_flops": r.get("cumulative_flops"),
@@ -61,12 +65,14 @@ def write_summary(recipe: Recipe, dirs: RunDirs, results: dict[str, dict[str, An
                 "checkpoint": r.get("checkpoint"),
             }
         )
-    grown = eval_curve(dirs.stage_dir("small")) + eval_curve(dirs.stage_dir("large"))
+    chain = [s.name for s in stages if s.train is not None and s.name != "scratch"]
+    after_growth = [point for name in chain[1:] for point in eval_curve(dirs.stage_dir(name))]
+    grown = eval_curve(dirs.stage_dir(chain[0])) + after_growth
     scratch = eval_curve(dirs.stage_dir("scratch"))
     comparison: dict[str, Any] = {}
     if scratch and grown:
         target = scratch[-1][1]
-        reached = flops_to_reach(eval_curve(dirs.stage_dir("large")), target)
+        reached = flops_to_reach(after_growth, target)
         comparison = {
             "scratch_final_valid_loss": target,
             "scratch_flops": scratch[-1][0],

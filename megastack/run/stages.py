@@ -10,32 +10,44 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from megastack.config import ModelConfig
 from megastack.errors import UserError
-from megastack.run.dirs import NEEDS, RunDirs, check_marker, config_hash, read_marker, write_marker
-from megastack.run.recipe import Recipe, StageRecipe, planned_growth_tokens
+from megastack.growth.spec import GrowthSpec, operator
+from megastack.run.dirs import RunDirs, check_marker, config_hash, read_marker, write_marker
+from megastack.run.recipe import GrowthRecipe, Recipe, StageRecipe, planned_growth_tokens
 from megastack.run.report import write_summary
-from megastack.train.config import (
-    ScheduleConfig,
-    TrainConfig,
-)
+from megastack.train.config import ScheduleConfig, TrainConfig
 
 # ----------------------------------------------------------------------------- stages
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run: a training stage (``train``) or a growth (``growth``, of stage ``source``)."""
+
+    name: str
+    digest: str  # the hash its marker records; hashes chain, so a change upstream changes every later one
+    train: TrainConfig | None = None
+    growth: GrowthRecipe | None = None
+    source: str | None = None
 
 
 def stage_train_config(
     recipe: Recipe,
     stage: str,
     stage_recipe: StageRecipe,
+    model: ModelConfig,
     dirs: RunDirs,
     init_from: str | None,
     schedule: ScheduleConfig | None = None,
 ) -> TrainConfig:
     return TrainConfig(
-        model=stage_recipe.resolved_model(),
+        model=model,
         out_dir=str(dirs.stage_dir(stage)),
         parallel=stage_recipe.parallel or recipe.parallel,
         data=recipe.data,
@@ -58,39 +70,73 @@ def stage_flops(cfg: TrainConfig, world: int) -> tuple[float, float]:
     return per_iter, per_iter * cfg.schedule.iterations(global_batch * model.seq_length)
 
 
-def run_grow(recipe: Recipe, dirs: RunDirs, small_checkpoint: str, comm) -> dict[str, Any]:
-    """The growth stage, split across every rank of the run (Recipe.check made sure of its shape)."""
-    from megastack.growth.api import grow
-
-    job = grow(small_checkpoint, dirs.stage_dir("grow"), recipe.growth.spec(), comm=comm)
-    return grow_result(dirs.stage_dir("grow"), job.manifest["growth"])
-
-
-def grow_result(grown: Path, growth: dict[str, Any]) -> dict[str, Any]:
-    """The grow stage's marker record, from the growth block of the grown checkpoint's manifest."""
-    return {"checkpoint": str(grown), **{k: growth.get(k) for k in ("operator", "layer_map", "new_layers")}}
-
-
-def stage_configs(recipe: Recipe, dirs: RunDirs, world: int) -> list[tuple[str, TrainConfig | None, str]]:
-    """(stage, its TrainConfig or None for growth, config hash) in order; hashes chain, so a change
-    upstream changes every later stage's hash."""
-    small_schedule = None
-    if recipe.growth.tokens is not None:
-        d = planned_growth_tokens(recipe) if recipe.growth.tokens == "plan" else recipe.growth.tokens
-        small_schedule = replace(recipe.small.schedule, train_iters=None, train_tokens=d)
-    small = stage_train_config(recipe, "small", recipe.small, dirs, None, small_schedule)
-    large = stage_train_config(recipe, "large", recipe.large, dirs, str(dirs.stage_dir("grow")))
-    out = [("small", small, config_hash(asdict(small)))]
-    out.append(("grow", None, config_hash({"growth": asdict(recipe.growth), "after": out[-1][2]})))
-    out.append(("large", large, config_hash({"train": asdict(large), "after": out[-1][2]})))
-    if recipe.scratch is not None:
-        scratch = stage_train_config(recipe, "scratch", recipe.scratch, dirs, None)
+def stage_configs(recipe: Recipe, dirs: RunDirs, world: int) -> list[Stage]:
+    """Every stage in order: small, [grow1, stage1, ...], grow, large, then the baseline."""
+    links = recipe.chain()
+    out: list[Stage] = []
+    for i, link in enumerate(links):
+        init_from = None
+        if link.growth is not None:
+            digest = config_hash({"growth": asdict(link.growth), "after": out[-1].digest})
+            out.append(Stage(link.growth_name, digest, growth=link.growth, source=out[-1].name))
+            init_from = str(dirs.stage_dir(link.growth_name))
+        schedule = None
+        following = links[i + 1].growth if i + 1 < len(links) else None
+        if following is not None and following.tokens is not None:  # d: this stage's length
+            d = planned_growth_tokens(recipe) if following.tokens == "plan" else following.tokens
+            schedule = replace(link.stage.schedule, train_iters=None, train_tokens=d)
+        cfg = stage_train_config(recipe, link.name, link.stage, link.model, dirs, init_from, schedule)
+        digest = config_hash(asdict(cfg) if not out else {"train": asdict(cfg), "after": out[-1].digest})
+        out.append(Stage(link.name, digest, train=cfg))
+    scratch_recipe = recipe.scratch_stage(links[-1].model)
+    if scratch_recipe is not None:
+        scratch = stage_train_config(recipe, "scratch", scratch_recipe, scratch_recipe.resolved_model(), dirs, None)
         if recipe.scratch_matches_flops:
-            budget = stage_flops(small, world)[1] + stage_flops(large, world)[1]
+            budget = sum(stage_flops(s.train, world)[1] for s in out if s.train is not None)
             iterations = max(1, math.ceil(budget / stage_flops(scratch, world)[0]))
             scratch = replace(scratch, schedule=replace(scratch.schedule, train_iters=iterations, train_tokens=None))
-        out.append(("scratch", scratch, config_hash(asdict(scratch))))
+        out.append(Stage("scratch", config_hash(asdict(scratch)), train=scratch))
     return out
+
+
+def needed_before(stages: list[Stage], name: str) -> list[str]:
+    """What ``--stage name`` needs finished first: every earlier stage of the grown chain (the baseline
+    needs nothing)."""
+    chain = [s.name for s in stages if s.name != "scratch"]
+    return chain[: chain.index(name)] if name in chain else []
+
+
+class StageRunner:
+    """Runs each stage once, on every rank together: a finished stage (its marker, same config hash) is
+    skipped, a changed one refused. ``megastack run`` and bench/speedup.py both drive their stages with it."""
+
+    def __init__(self, dirs: RunDirs, comm: Any, say: Callable[[str], None]):
+        self.dirs, self.comm, self.say = dirs, comm, say
+
+    def finished(self, name: str, digest: str) -> dict[str, Any] | None:
+        return check_marker(self.dirs, name, digest)
+
+    def run(self, name: str, digest: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        marker = self.finished(name, digest)
+        if marker is not None:
+            self.say(f"stage {name}: finished earlier, skipped ({self.dirs.marker(name)})")
+            return marker
+        self.say(f"stage {name}: starting")
+        start = time.monotonic()
+        result = work()
+        result.setdefault("wall_seconds", round(time.monotonic() - start, 3))
+        if self.comm.rank == 0:
+            write_marker(self.dirs, name, digest, result)
+        self.comm.barrier()
+        return read_marker(self.dirs, name) or result
+
+    def train(self, name: str, cfg: TrainConfig, digest: str, verbose: bool = True) -> dict[str, Any]:
+        from megastack.train.loop import train
+
+        return self.run(name, digest, lambda: asdict(train(cfg, verbose=verbose)))
+
+    def grow(self, name: str, digest: str, source: str, grown: Path, spec: GrowthSpec) -> dict[str, Any]:
+        return self.run(name, digest, lambda: grow_stage(source, grown, spec, self.comm))
 
 
 def run_recipe(recipe: Recipe, out: Path, only: str | None = None) -> dict[str, Any]:
@@ -99,63 +145,81 @@ def run_recipe(recipe: Recipe, out: Path, only: str | None = None) -> dict[str, 
 
     from megastack.ckpt.execute import Comm
     from megastack.dist import init_distributed
-    from megastack.train.loop import train
 
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     comm = Comm(rank, world)
     dirs = RunDirs(out)
-    plan = stage_configs(recipe, dirs, world)
-    results: dict[str, dict[str, Any]] = {}
+    stages = stage_configs(recipe, dirs, world)
 
     def say(text: str) -> None:
         if rank == 0:
             print(f"megastack run: {text}", flush=True)
 
-    if only is not None and only not in [stage for stage, _, _ in plan]:
+    runner = StageRunner(dirs, comm, say)
+    if only is not None and only not in [s.name for s in stages]:
         say(f"stage {only}: not in recipe '{recipe.name}', nothing to do")
-
-    for stage, cfg, digest in plan:
-        marker = check_marker(dirs, stage, digest)
-        if marker is not None:
-            say(f"stage {stage}: finished earlier, skipped ({dirs.marker(stage)})")
-            results[stage] = marker
-            continue
-        if only is not None and only != stage:
-            if stage in NEEDS.get(only, ()):
+    results: dict[str, dict[str, Any]] = {}
+    for stage in stages:
+        if only is not None and only != stage.name:
+            marker = runner.finished(stage.name, stage.digest)
+            if marker is not None:
+                results[stage.name] = marker
+            elif stage.name in needed_before(stages, only):
                 raise UserError(
-                    f"--stage {only} needs stage '{stage}' finished first ({dirs.marker(stage)} "
+                    f"--stage {only} needs stage '{stage.name}' finished first ({dirs.marker(stage.name)} "
                     "is missing); run the earlier stages first"
                 )
             continue
-        say(f"stage {stage}: starting")
-        start = time.monotonic()
-        if stage == "grow":
-            result = grow_stage(recipe, dirs, results["small"]["checkpoint"], comm)
-            result["wall_seconds"] = round(time.monotonic() - start, 3)
+        if stage.growth is not None:
+            spec = stage.growth.spec(growth_data(recipe) if operator(stage.growth.operator).needs_data else ())
+            source = results[stage.source]["checkpoint"]
+            results[stage.name] = runner.grow(stage.name, stage.digest, source, dirs.stage_dir(stage.name), spec)
         else:
-            result = asdict(train(cfg))
-        if rank == 0:
-            write_marker(dirs, stage, digest, result)
-        comm.barrier()
-        results[stage] = read_marker(dirs, stage) or result
+            results[stage.name] = runner.train(stage.name, stage.train, stage.digest)
     summary: dict[str, Any] = {}
-    if rank == 0 and all(stage in results for stage, _, _ in plan):
-        summary = write_summary(recipe, dirs, results)
+    if rank == 0 and all(s.name in results for s in stages):
+        summary = write_summary(recipe, dirs, stages, results)
     comm.barrier()
     return summary
 
 
-def grow_stage(recipe: Recipe, dirs: RunDirs, small_checkpoint: str, comm) -> dict[str, Any]:
-    """The growth stage; a grown directory left by a run that stopped before its marker is reused if it
-    verifies."""
+def growth_data(recipe: Recipe) -> list[str]:
+    """What G_learn learns on when its growth names no learn_data: the recipe's training data."""
+    from megastack.train.data import resolve_data
+
+    vocab = recipe.chain()[0].model.vocab_size
+    return list(recipe.data.prefixes) or resolve_data([], recipe.data.tokenizer, vocab)[0]
+
+
+def grow_stage(source: str, grown: Path, spec: GrowthSpec, comm: Any) -> dict[str, Any]:
+    """One growth, split across the ranks; a grown directory left by a run that stopped before its marker
+    is reused if it verifies. The record says what was done and what it cost (G_learn's map training:
+    6N FLOPs per token of the grown model, as training)."""
     from megastack.ckpt.inspect import verify
     from megastack.ckpt.manifest import read_manifest
+    from megastack.growth.api import grow
 
-    grown = dirs.stage_dir("grow")
     if grown.exists():
         problems = verify(grown)
         if problems:
             raise UserError(f"{grown} exists but does not verify ({problems[0]}); delete it and run again")
-        return grow_result(grown, (read_manifest(grown) or {}).get("growth", {}))
-    return run_grow(recipe, dirs, small_checkpoint, comm)
+        manifest = read_manifest(grown) or {}
+    else:
+        manifest = grow(source, grown, spec, comm=comm).manifest
+    growth = manifest.get("growth") or {}
+    learn = (manifest.get("history") or [{}])[-1].get("learn")
+    record = {
+        "checkpoint": str(grown),
+        "operator": spec.operator,
+        "dimension": spec.dimension,
+        **{k: growth.get(k) for k in ("layer_map", "new_layers")},
+    }
+    if isinstance(learn, dict):
+        from megastack.config import from_dict
+        from megastack.flops import flops_per_token
+
+        tokens = float(learn.get("tokens") or 0)
+        record["growth_flops"] = flops_per_token(from_dict(ModelConfig, manifest["model"])) * tokens
+        record["learn"] = {k: learn.get(k) for k in ("steps", "tokens", "heldout_loss_stack", "heldout_loss_learned")}
+    return record
