@@ -20,8 +20,8 @@ import torch
 from megastack.ckpt import formats
 from megastack.ckpt.detect import open_checkpoint
 from megastack.ckpt.execute import Comm, comm_from_launcher, dry_run, execute, plan_rows, plan_table
-from megastack.ckpt.manifest import read_manifest, source_identity
-from megastack.config import ModelConfig, load_model_config, to_dict
+from megastack.ckpt.manifest import build_manifest, lineage, read_manifest, source_identity
+from megastack.config import ModelConfig, load_model_config
 from megastack.errors import UserError
 from megastack.fsio import check_paths
 from megastack.plan import identity_plan
@@ -92,14 +92,16 @@ def prepare(
     }
     if formats.get(to).cut_by_rank:
         event |= {"tp": tp, "pp": pp}
-    manifest = {
-        "format": to,
-        "model": to_dict(target),
-        "iteration": iteration,
-        "consumed_tokens": int(source_manifest.get("consumed_tokens", 0) or 0),
-        "cumulative_flops": float(source_manifest.get("cumulative_flops", 0.0) or 0.0),
-        "history": list(source_manifest.get("history", [])) + [event],
-    }
+    flops, history = lineage(source_manifest)
+    manifest = build_manifest(
+        fmt=to,
+        model=target,
+        iteration=iteration,
+        consumed_tokens=int(source_manifest.get("consumed_tokens", 0) or 0),
+        cumulative_flops=flops,
+        history=history,
+        event=event,
+    )
     if "growth" in source_manifest:  # a grown checkpoint not trained yet keeps its ramp instructions
         manifest["growth"] = source_manifest["growth"]
     return Conversion(reader, plan, writer, out_dtype, iteration, manifest, tp, pp)

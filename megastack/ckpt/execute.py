@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from megastack.ckpt.base import Produce, Reader, Unit, Writer
-from megastack.ckpt.manifest import MANIFEST, TRACKER, iter_dir_name, write_manifest
+from megastack.ckpt.manifest import MANIFEST, iter_dir_name, write_manifest, write_tracker
 from megastack.errors import UserError
 from megastack.fsio import (
     DestinationLock,
-    atomic_write_text,
     fsync_dir,
     publish_dir,
     refuse_existing,
@@ -342,7 +341,7 @@ def _publish(
         known = {r.relative_path: r.sha256 for rs in results for r in (rs or []) if hasattr(r, "sha256")}
         write_manifest(target, {**manifest, "write_seconds": round(time.monotonic() - start, 3)}, known)
         if iteration is not None:
-            atomic_write_text(staging / TRACKER, f"{iteration}\n")
+            write_tracker(staging, iteration)
         fsync_dir(target)
         publish_dir(staging, dst)
 

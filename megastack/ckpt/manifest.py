@@ -13,7 +13,7 @@ from typing import Any
 from megastack import untrusted
 from megastack.config import ModelConfig, from_dict
 from megastack.errors import UserError
-from megastack.fsio import atomic_write_json, sha256_file
+from megastack.fsio import atomic_write_json, atomic_write_text, sha256_file
 
 MANIFEST = "megastack.json"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -53,6 +53,39 @@ _FIELDS: dict[str, type] = {
 }
 
 
+def build_manifest(
+    *,
+    fmt: str | None,
+    model: ModelConfig,
+    iteration: int,
+    consumed_tokens: int,
+    cumulative_flops: float,
+    history: list[dict[str, Any]],
+    event: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """megastack.json's fields, less the file hashes ``write_manifest`` adds: the one schema training,
+    growth and conversion write. ``history`` is what came before; ``event`` is what made this checkpoint."""
+    from megastack.config import to_dict
+
+    return {
+        "format": fmt,
+        "model": to_dict(model),
+        "iteration": int(iteration),
+        "consumed_tokens": int(consumed_tokens),
+        "cumulative_flops": float(cumulative_flops),
+        "history": [*history, event],
+        **extra,
+    }
+
+
+def lineage(manifest: dict[str, Any] | None) -> tuple[float, list[dict[str, Any]]]:
+    """(cumulative FLOPs, history) a checkpoint made from this one carries on (a source without a
+    manifest, e.g. a Megatron-LM checkpoint, starts the count at zero)."""
+    manifest = manifest or {}
+    return float(manifest.get("cumulative_flops") or 0.0), list(manifest.get("history") or [])
+
+
 def checked_relative(name: str, where: Path) -> str:
     """A manifest or shard file name that stays inside its checkpoint directory."""
     pure = PurePosixPath(name)
@@ -63,19 +96,20 @@ def checked_relative(name: str, where: Path) -> str:
     return str(pure)
 
 
-def file_hashes(directory: str | os.PathLike, known: dict[str, str] | None = None) -> dict[str, str]:
+def file_hashes(
+    directory: str | os.PathLike, known: dict[str, str] | None = None, share: tuple[int, int] = (0, 1)
+) -> dict[str, str]:
     """sha256 of every file below ``directory`` except the manifest itself (``known``: already hashed
-    while they were written)."""
+    while they were written). ``share`` = (rank, world): this rank's files only, every world-th in name
+    order, so ranks hash a checkpoint together and gather the parts."""
     directory = Path(directory)
     known = known or {}
-    out = {}
+    names = []
     for root, _, files in os.walk(directory):
-        for name in files:
-            path = Path(root) / name
-            rel = path.relative_to(directory).as_posix()
-            if rel != MANIFEST:
-                out[rel] = known.get(rel) or sha256_file(path)
-    return dict(sorted(out.items()))
+        names += [(Path(root) / name).relative_to(directory).as_posix() for name in files]
+    rank, world = share
+    mine = sorted(rel for rel in names if rel != MANIFEST)[rank::world]
+    return {rel: known.get(rel) or sha256_file(directory / rel) for rel in mine}
 
 
 def write_manifest(
@@ -132,6 +166,11 @@ def read_tracker(root: str | os.PathLike) -> int | str | None:
     if not text.isdigit():
         raise UserError(f"{tracker}: expected an iteration number, got {text[:40]!r}")
     return int(text)
+
+
+def write_tracker(root: str | os.PathLike, iteration: int) -> None:
+    """Name ``iteration`` as the newest complete one, atomically (Megatron-LM's tracker file)."""
+    atomic_write_text(Path(root) / TRACKER, f"{iteration}\n")
 
 
 def check_hashes(

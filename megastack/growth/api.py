@@ -16,8 +16,7 @@ from typing import Any
 from megastack.ckpt import formats
 from megastack.ckpt.detect import open_checkpoint
 from megastack.ckpt.execute import Comm, comm_from_launcher, dry_run, execute, plan_rows, plan_table
-from megastack.ckpt.manifest import read_manifest, source_identity
-from megastack.config import to_dict
+from megastack.ckpt.manifest import build_manifest, lineage, read_manifest, source_identity
 from megastack.errors import NotBuiltError, UserError
 from megastack.flops import flops_per_token
 from megastack.fsio import check_paths
@@ -151,7 +150,6 @@ def make_writer(
 def growth_manifest(reader: Any, plan: Plan, src: str) -> dict[str, Any]:
     """The grown checkpoint's megastack.json (less the file hashes): the source's history and FLOPs plus
     this growth, whose cost (G_learn's map training, 6N per token like training) is counted."""
-    source_manifest = read_manifest(reader.path) or {}
     event = {
         "event": "grow",
         **plan.info,
@@ -160,17 +158,18 @@ def growth_manifest(reader: Any, plan: Plan, src: str) -> dict[str, Any]:
         "source_layers": plan.source.num_layers,
         "target_layers": plan.target.num_layers,
     }
+    flops, history = lineage(read_manifest(reader.path))
     learned_tokens = (plan.info.get("learn") or {}).get("tokens") or 0
-    return {
-        "format": None,  # the writer's
-        "model": to_dict(plan.target),
-        "iteration": 0,
-        "consumed_tokens": 0,
-        "cumulative_flops": float(source_manifest.get("cumulative_flops", 0.0))
-        + flops_per_token(plan.target) * float(learned_tokens),
-        "history": list(source_manifest.get("history", [])) + [event],
-        "growth": GrowthRecord.of(plan.info).to_json(),
-    }
+    return build_manifest(
+        fmt=None,  # the writer's
+        model=plan.target,
+        iteration=0,
+        consumed_tokens=0,
+        cumulative_flops=flops + flops_per_token(plan.target) * float(learned_tokens),
+        history=history,
+        event=event,
+        growth=GrowthRecord.of(plan.info).to_json(),
+    )
 
 
 def describe_dry_run(job: GrowthJob, world: int, as_json: bool) -> str:

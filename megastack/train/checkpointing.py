@@ -26,10 +26,18 @@ from typing import Any
 import torch
 
 from megastack import layout
-from megastack.ckpt.manifest import MANIFEST, TRACKER, iter_dir_name, read_manifest, read_tracker
+from megastack.ckpt.manifest import (
+    TRACKER,
+    file_hashes,
+    iter_dir_name,
+    read_manifest,
+    read_tracker,
+    write_manifest,
+    write_tracker,
+)
 from megastack.config import ModelConfig
 from megastack.errors import UserError
-from megastack.fsio import atomic_write_json, atomic_write_text, fsync_dir, publish_dir, sha256_file, staging_dir
+from megastack.fsio import fsync_dir, publish_dir, staging_dir
 
 ENGINE_DIR = "engine"  # DeepSpeed's tag inside an iteration directory
 ARCH_FIELDS = (
@@ -165,10 +173,7 @@ def _model_state(module: torch.nn.Module, zero_stage: int):
 def _hash_files(directory: Path) -> dict[str, str]:
     """sha256 of every file below ``directory``, the work split over all ranks."""
     rank, world = _rank_world()
-    files = sorted(
-        p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST
-    )
-    mine = {rel: sha256_file(directory / rel) for rel in files[rank::world]}
+    mine = file_hashes(directory, share=(rank, world))
     if world == 1:
         return mine
     gathered: list[Any] = [None] * world
@@ -212,10 +217,10 @@ def save(
     _barrier()
     hashes = _hash_files(staging)
     if rank == 0:
-        atomic_write_json(staging / MANIFEST, {**manifest, "files": hashes})
+        write_manifest(staging, manifest, hashes)
         fsync_dir(staging)
         publish_dir(staging, final)
-        atomic_write_text(root / TRACKER, f"{iteration}\n")
+        write_tracker(root, iteration)
         prune(root, keep_last)
     _barrier()
     return final

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from megastack import flops
-from megastack.config import to_dict
+from megastack.ckpt.manifest import build_manifest, lineage
 from megastack.errors import NotBuiltError, UserError
 from megastack.fsio import atomic_write_text
 from megastack.train import checkpointing, data
@@ -186,30 +186,44 @@ def train(config: TrainConfig, *, verbose: bool = True, stop_at: int | None = No
 
     ``stop_at``: save and return after that iteration, as a job whose time runs out would; a later call
     with the same config resumes there (the summary then describes the stage so far)."""
-    from megatron.core import parallel_state as ps
-
-    from megastack.dist import init_distributed, init_model_parallel
-    from megastack.model.build import build_model
-    from megastack.plan import GrowthRecord
-
     wall_start = time.monotonic()
     # torch's deprecation notices for the collectives DeepSpeed calls, once per call: nothing to act on
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    inputs = check_inputs(config)
+    stage = Stage(config, inputs, verbose)
+    try:
+        stage.build()
+        end = stage.loop(stop_at)
+        return stage.finish(end, wall_start)
+    finally:
+        stage.close()
+
+
+@dataclass
+class Inputs:
+    """Step 1: what the checks established, before anything is written."""
+
+    rank: int
+    world: int
+    global_batch: int
+    accumulation: int
+    total_iters: int
+    resume_from: Path | None
+    prefixes: list[str]
+    tokenizer: Any
+
+
+def check_inputs(config: TrainConfig) -> Inputs:
+    """1. layout, data files, tokenizer vs vocab, init_from's architecture: every check before a write."""
+    from megastack.dist import init_distributed
+
     init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    cfg = config.resolved_model()
-    par, opt, sched = config.parallel, config.optimizer, config.schedule
-    out = Path(config.out_dir)
-
-    # 1. inputs: every check before anything is written
+    cfg, par = config.resolved_model(), config.parallel
     check_layout(par, cfg)
-    dp = par.data_parallel_size(world)
     accumulation = par.gradient_accumulation_steps(world)
-    global_batch = par.micro_batch_size * dp * accumulation
-    tokens_per_iter = global_batch * cfg.seq_length
-    total_iters = sched.iterations(tokens_per_iter)
-    resume_from = checkpointing.resume_dir(out) if config.resume else None
-    source = resume_from or (Path(config.init_from) if config.init_from else None)
+    global_batch = par.micro_batch_size * par.data_parallel_size(world) * accumulation
+    resume_from = checkpointing.resume_dir(config.out_dir) if config.resume else None
     if config.init_from and resume_from is None:
         checkpointing.check_source(config.init_from, cfg)
     prefixes, tokenizer = _on_rank0_first(
@@ -220,225 +234,268 @@ def train(config: TrainConfig, *, verbose: bool = True, stop_at: int | None = No
             "init_optimizer: carried is not built yet (growth does not write optimizer state); "
             "use the default 'fresh' (the paper re-creates AdamW after growth)"
         )
+    total_iters = config.schedule.iterations(global_batch * cfg.seq_length)
+    return Inputs(rank, world, global_batch, accumulation, total_iters, resume_from, prefixes, tokenizer)
 
-    # 2. layout and model
-    init_model_parallel(par.tensor, par.pipeline, seed=config.seed)
-    module = build_model(cfg, par)
-    source_manifest: dict[str, Any] = {}
-    if source is not None:
-        source_manifest = checkpointing.load_weights(
-            module, cfg, source, where="resume" if resume_from else "init_from"
+
+@dataclass
+class Losses:
+    """The numbers the summary reports; a resumed job starts from the interrupted job's, so a stage resumed
+    at its very end (killed after the last save) still reports its last train loss and its best eval."""
+
+    last_train: float | None = None
+    last_valid: float | None = None
+    best_valid: float | None = None
+
+
+class Stage:
+    """Steps 2-5 of one training stage; ``close`` releases what it holds whatever happened."""
+
+    def __init__(self, config: TrainConfig, inputs: Inputs, verbose: bool):
+        self.config, self.inputs, self.verbose = config, inputs, verbose
+        self.cfg, self.par, self.sched = config.resolved_model(), config.parallel, config.schedule
+        self.out = Path(config.out_dir)
+        self.engine: Any = None
+        self.ramp: MaskRamp | None = None
+        self.logs: Logs | None = None
+        self.checkpoint: str | None = None
+        self.tokens_per_iter = inputs.global_batch * self.cfg.seq_length
+        self.iter_flops = flops.flops_per_iteration(self.cfg, inputs.global_batch)
+
+    def build(self) -> None:
+        """2. layout and model (weights from the resume point, init_from, or megatron's init);
+        3. the engine (fresh AdamW; on resume its saved state), data and logs."""
+        from megatron.core import parallel_state as ps
+
+        from megastack.dist import init_model_parallel
+        from megastack.model.build import build_model
+
+        config, inputs, verbose = self.config, self.inputs, self.verbose
+        # 2. layout and model; weights from the resume point, init_from, or megatron's init
+        init_model_parallel(self.par.tensor, self.par.pipeline, seed=config.seed)
+        module = build_model(self.cfg, self.par)
+        resume_from = inputs.resume_from
+        source = resume_from or (Path(config.init_from) if config.init_from else None)
+        source_manifest: dict[str, Any] = {}
+        if source is not None:
+            where = "resume" if resume_from else "init_from"
+            source_manifest = checkpointing.load_weights(module, self.cfg, source, where=where)
+        train_state: dict[str, Any] = dict(source_manifest.get("train", {})) if resume_from else {}
+        if resume_from:
+            self.base_flops = float(train_state.get("base_cumulative_flops", 0.0))
+            self.base_history = list(train_state.get("base_history", []))
+            self.ramp_info = train_state.get("mask_ramp")
+        else:
+            self.base_flops, self.base_history = lineage(source_manifest)
+            self.ramp_info = self._ramp_info(source_manifest, source)
+        if self.ramp_info:
+            info = self.ramp_info
+            self.ramp = MaskRamp(module, self.cfg, info["new_layers"], info.get("width_masks", []), info["steps"])
+        saved = train_state.get("losses", {})
+        self.losses = Losses(saved.get("last_train"), saved.get("last_valid"), saved.get("best_valid"))
+
+        # 3. engine (fresh AdamW; on resume its saved state), data, logs
+        self.engine = initialize(module, self.par, config.optimizer, inputs.accumulation)
+        self.start_iter, self.consumed_samples = 0, 0
+        if resume_from:
+            client = checkpointing.load_engine_state(self.engine, resume_from)
+            self.start_iter, self.consumed_samples = int(client["iteration"]), int(client["consumed_samples"])
+        self.datasets = data.build_datasets(
+            inputs.prefixes,
+            config.data.weights,
+            config.data.split,
+            inputs.tokenizer,
+            self.cfg.seq_length,
+            config.data.seed,
+            train_samples=self.consumed_samples + (inputs.total_iters - self.start_iter) * inputs.global_batch,
+            valid_samples=self.sched.eval_iters * inputs.global_batch,
+            cache_dir=config.data.cache_dir or (self.out / "data_cache"),
         )
-    train_state: dict[str, Any] = dict(source_manifest.get("train", {})) if resume_from else {}
-    if resume_from:
-        base_flops = float(train_state.get("base_cumulative_flops", 0.0))
-        base_history = list(train_state.get("base_history", []))
-        ramp_info = train_state.get("mask_ramp")
-    else:
-        base_flops = float(source_manifest.get("cumulative_flops", 0.0))
-        base_history = list(source_manifest.get("history", []))
+        self.device = _device()
+        self.stepper = Stepper(self.engine, self.par, self.cfg.seq_length, self.device)
+        self.dp, self.dp_rank = self.par.data_parallel_size(inputs.world), ps.get_data_parallel_rank()
+        self.logs = Logs(
+            self.out,
+            enabled=inputs.rank == 0,
+            console=verbose,
+            tensorboard=config.logging.tensorboard,
+            progress=config.logging.progress,
+            total=inputs.total_iters,
+            start=self.start_iter,
+        )
+        if inputs.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            checkpointing.remove_stale_partials(self.out)
+            self.logs.truncate_after(self.start_iter)
+        par = self.par
+        self.logs.message(
+            f"megastack train: {self.cfg.name or 'model'} {self.cfg.total_parameters():,} params, TP{par.tensor} "
+            f"PP{par.pipeline} DP{self.dp} ZeRO-{par.zero_stage} {par.precision}, global batch "
+            f"{inputs.global_batch} ({inputs.accumulation} micro-batches of {par.micro_batch_size} per rank), "
+            f"{inputs.total_iters} iterations"
+            + (f", resuming at {self.start_iter} from {resume_from}" if resume_from else "")
+            + (f", from {config.init_from}" if config.init_from and not resume_from else "")
+        )
+
+    def _ramp_info(self, source_manifest: dict[str, Any], source: Path | None) -> dict[str, Any] | None:
+        """The grown checkpoint's instructions for ramping its new blocks in (none for other sources)."""
+        from megastack.plan import GrowthRecord
+
         growth = GrowthRecord.from_json(source_manifest.get("growth") or {"operator": "none"}, str(source))
         new_layers = list(growth.new_layers or [])
-        ramp_info = (
-            {"new_layers": new_layers, "width_masks": growth.width_masks, "steps": config.mask_ramp_steps}
-            if growth.mask_ramp and (new_layers or growth.width_masks) and config.mask_ramp_steps > 0
-            else None
-        )
-    ramp = (
-        MaskRamp(module, cfg, ramp_info["new_layers"], ramp_info.get("width_masks", []), ramp_info["steps"])
-        if ramp_info
-        else None
-    )
+        if growth.mask_ramp and (new_layers or growth.width_masks) and self.config.mask_ramp_steps > 0:
+            return {"new_layers": new_layers, "width_masks": growth.width_masks, "steps": self.config.mask_ramp_steps}
+        return None
 
-    # 3. engine, data
-    engine = initialize(module, par, opt, accumulation)
-    start_iter, consumed_samples = 0, 0
-    if resume_from:
-        client = checkpointing.load_engine_state(engine, resume_from)
-        start_iter, consumed_samples = int(client["iteration"]), int(client["consumed_samples"])
-    datasets = data.build_datasets(
-        prefixes,
-        config.data.weights,
-        config.data.split,
-        tokenizer,
-        cfg.seq_length,
-        config.data.seed,
-        train_samples=consumed_samples + (total_iters - start_iter) * global_batch,
-        valid_samples=sched.eval_iters * global_batch,
-        cache_dir=config.data.cache_dir or (out / "data_cache"),
-    )
-    device = _device()
-    stepper = Stepper(engine, par, cfg.seq_length, device)
-    dp_rank, micro = ps.get_data_parallel_rank(), par.micro_batch_size
-    iter_flops = flops.flops_per_iteration(cfg, global_batch)
-    peak = flops.peak_flops(config.logging.peak_flops)
-    logs = Logs(
-        out,
-        enabled=rank == 0,
-        console=verbose,
-        tensorboard=config.logging.tensorboard,
-        progress=config.logging.progress,
-        total=total_iters,
-        start=start_iter,
-    )
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        checkpointing.remove_stale_partials(out)
-        logs.truncate_after(start_iter)
-    logs.message(
-        f"megastack train: {cfg.name or 'model'} {cfg.total_parameters():,} params, TP{par.tensor} "
-        f"PP{par.pipeline} DP{dp} ZeRO-{par.zero_stage} {par.precision}, global batch {global_batch} "
-        f"({accumulation} micro-batches of {micro} per rank), {total_iters} iterations"
-        + (f", resuming at {start_iter} from {resume_from}" if resume_from else "")
-        + (f", from {config.init_from}" if config.init_from and not resume_from else "")
-    )
+    def stage_flops(self, iteration: int) -> float:
+        return iteration * self.iter_flops
 
-    def step_batches(dataset: Any, first_sample: int, count: int) -> list[Batch]:
+    def batches(self, dataset: Any, first_sample: int) -> list[Batch]:
+        """This rank's micro-batches of the global batch starting at ``first_sample``."""
+        micro = self.par.micro_batch_size
         return [
-            Batch.of(data.micro_batch(dataset, first_sample + (m * dp + dp_rank) * micro, micro), device)
-            for m in range(count)
+            Batch.of(data.micro_batch(dataset, first_sample + (m * self.dp + self.dp_rank) * micro, micro), self.device)
+            for m in range(self.inputs.accumulation)
         ]
 
-    def evaluate() -> float | None:
-        if datasets.valid is None or sched.eval_iters == 0:
-            return None
-        # the same first eval_iters global batches of the valid split every time: comparable across stages
+    def evaluate(self, iteration: int) -> None:
+        """The same first eval_iters global batches of the valid split every time: comparable across stages."""
+        if self.datasets.valid is None or self.sched.eval_iters == 0:
+            return
+        batch = self.inputs.global_batch
         losses = [
-            stepper.eval_loss(step_batches(datasets.valid, i * global_batch, accumulation))
-            for i in range(sched.eval_iters)
+            self.stepper.eval_loss(self.batches(self.datasets.valid, i * batch)) for i in range(self.sched.eval_iters)
         ]
-        return sum(losses) / len(losses)
+        valid = sum(losses) / len(losses)
+        self.losses.last_valid = valid
+        self.losses.best_valid = valid if self.losses.best_valid is None else min(self.losses.best_valid, valid)
+        self.logs.record(
+            "eval",
+            iteration=iteration,
+            valid_loss=valid,
+            tokens=iteration * self.tokens_per_iter,
+            cumulative_flops=self.base_flops + self.stage_flops(iteration),
+        )
+        self.logs.message(f"iter {iteration}: valid loss {valid:.4f}")
 
-    # the numbers the summary reports; a resumed job starts from the interrupted job's, so a stage resumed
-    # at its very end (killed after the last save) still reports its last train loss and its best eval
-    saved = train_state.get("losses", {})
-    state = {
-        "last_loss": saved.get("last_train"),
-        "valid": saved.get("last_valid"),
-        "best": saved.get("best_valid"),
-        "checkpoint": None,
-    }
-
-    def stage_flops(iteration: int) -> float:
-        return iteration * iter_flops
-
-    def save(iteration: int) -> None:
-        done = iteration * tokens_per_iter
+    def save(self, iteration: int) -> None:
+        done = iteration * self.tokens_per_iter
         event = {
             "event": "train",
             "iterations": iteration,
             "tokens": done,
-            "flops": stage_flops(iteration),
-            "model": cfg.name,
-            "init_from": str(config.init_from) if config.init_from else None,
+            "flops": self.stage_flops(iteration),
+            "model": self.cfg.name,
+            "init_from": str(self.config.init_from) if self.config.init_from else None,
         }
-        manifest = {
-            "format": "torch_dist",
-            "model": to_dict(cfg),
-            "iteration": iteration,
-            "consumed_tokens": done,
-            "cumulative_flops": base_flops + stage_flops(iteration),
-            "history": base_history + [event],
-            "train": {
-                "base_cumulative_flops": base_flops,
-                "base_history": base_history,
-                "mask_ramp": ramp_info,
-                "consumed_samples": consumed_samples,
-                "global_batch_size": global_batch,
-                "total_iters": total_iters,
-                "losses": {"last_train": state["last_loss"], "last_valid": state["valid"], "best_valid": state["best"]},
+        manifest = build_manifest(
+            fmt="torch_dist",
+            model=self.cfg,
+            iteration=iteration,
+            consumed_tokens=done,
+            cumulative_flops=self.base_flops + self.stage_flops(iteration),
+            history=self.base_history,
+            event=event,
+            train={
+                "base_cumulative_flops": self.base_flops,
+                "base_history": self.base_history,
+                "mask_ramp": self.ramp_info,
+                "consumed_samples": self.consumed_samples,
+                "global_batch_size": self.inputs.global_batch,
+                "total_iters": self.inputs.total_iters,
+                "losses": asdict(self.losses),
             },
-        }
-        client = {"iteration": iteration, "consumed_samples": consumed_samples}
-        path = checkpointing.save(out, iteration, engine, par.zero_stage, manifest, client, sched.keep_last)
-        state["checkpoint"] = str(path)
-        logs.record("save", iteration=iteration, path=str(path))
-
-    # 4. the loop
-    if sched.eval_at_start and start_iter == 0:
-        _record_eval(logs, state, evaluate(), 0, tokens_per_iter, base_flops)
-    window_start, window_iters = time.monotonic(), 0
-    end = total_iters if stop_at is None else max(start_iter, min(stop_at, total_iters))
-    for iteration in range(start_iter, end):
-        if ramp is not None:
-            ramp.set_step(iteration)
-        result = stepper.train_step(
-            step_batches(datasets.train, consumed_samples, accumulation), learning_rate(iteration, opt, total_iters)
         )
-        consumed_samples += global_batch
-        done = iteration + 1
-        window_iters += 1
-        state["last_loss"] = result.loss
-        if done % sched.log_interval == 0 or done == total_iters:
-            elapsed = time.monotonic() - window_start
-            tps = window_iters * tokens_per_iter / elapsed if elapsed > 0 else None
-            achieved = window_iters * iter_flops / elapsed if elapsed > 0 else 0.0
-            util = flops.mfu(achieved, world, peak)
-            logs.record(
-                "train",
-                iteration=done,
-                loss=result.loss,
-                lr=result.lr,
-                grad_norm=result.grad_norm,
-                tokens=done * tokens_per_iter,
-                stage_flops=stage_flops(done),
-                cumulative_flops=base_flops + stage_flops(done),
-                tokens_per_s=tps,
-                mfu=util,
-            )
-            logs.progress(
-                done,
-                f"loss {result.loss:.4f} lr {result.lr:.2e} "
-                + (f"{tps:,.0f} tok/s" if tps else "")
-                + (f" MFU {util:.1%}" if util else ""),
-            )
-            window_start, window_iters = time.monotonic(), 0
-        if sched.eval_interval and done % sched.eval_interval == 0 and done != total_iters:
-            _record_eval(logs, state, evaluate(), done, tokens_per_iter, base_flops + stage_flops(done))
-        if sched.save_interval and done % sched.save_interval == 0 and done != total_iters:
-            save(done)
-            window_start = time.monotonic()
+        client = {"iteration": iteration, "consumed_samples": self.consumed_samples}
+        path = checkpointing.save(
+            self.out, iteration, self.engine, self.par.zero_stage, manifest, client, self.sched.keep_last
+        )
+        self.checkpoint = str(path)
+        self.logs.record("save", iteration=iteration, path=str(path))
 
-    # 5. the end of the stage (or of this job's share of it)
-    if end == total_iters:
-        _record_eval(logs, state, evaluate(), end, tokens_per_iter, base_flops + stage_flops(end))
-    save(end)
-    summary = StageSummary(
-        iterations=end,
-        tokens=end * tokens_per_iter,
-        flops=stage_flops(end),
-        cumulative_flops=base_flops + stage_flops(end),
-        final_train_loss=state["last_loss"],
-        final_valid_loss=state["valid"],
-        best_valid_loss=state["best"],
-        wall_seconds=round(time.monotonic() - wall_start, 3),
-        checkpoint=state["checkpoint"],
-        out_dir=str(out),
-    )
-    logs.record("summary", iteration=end, **{k: v for k, v in asdict(summary).items() if k != "iterations"})
-    logs.message(
-        f"{'done' if end == total_iters else 'stopped'}: {end} iterations, final train loss "
-        f"{summary.final_train_loss}, valid {summary.final_valid_loss}, {summary.cumulative_flops:.3e} "
-        f"cumulative FLOPs, checkpoint {summary.checkpoint}"
-    )
-    logs.close()
-    if ramp is not None:
-        ramp.remove()
-    engine.destroy()
-    return summary
+    def loop(self, stop_at: int | None) -> int:
+        """4. for each iteration: the step's micro-batches -> fwd/bwd -> optimizer step; log, evaluate, save.
+        Returns the iteration it stopped after."""
+        sched, total, opt = self.sched, self.inputs.total_iters, self.config.optimizer
+        peak = flops.peak_flops(self.config.logging.peak_flops)
+        if sched.eval_at_start and self.start_iter == 0:
+            self.evaluate(0)
+        window_start, window_iters = time.monotonic(), 0
+        end = total if stop_at is None else max(self.start_iter, min(stop_at, total))
+        for iteration in range(self.start_iter, end):
+            if self.ramp is not None:
+                self.ramp.set_step(iteration)
+            batches = self.batches(self.datasets.train, self.consumed_samples)
+            result = self.stepper.train_step(batches, learning_rate(iteration, opt, total))
+            self.consumed_samples += self.inputs.global_batch
+            done = iteration + 1
+            window_iters += 1
+            self.losses.last_train = result.loss
+            if done % sched.log_interval == 0 or done == total:
+                elapsed = time.monotonic() - window_start
+                tps = window_iters * self.tokens_per_iter / elapsed if elapsed > 0 else None
+                util = flops.mfu(
+                    window_iters * self.iter_flops / elapsed if elapsed > 0 else 0.0, self.inputs.world, peak
+                )
+                self.logs.record(
+                    "train",
+                    iteration=done,
+                    loss=result.loss,
+                    lr=result.lr,
+                    grad_norm=result.grad_norm,
+                    tokens=done * self.tokens_per_iter,
+                    stage_flops=self.stage_flops(done),
+                    cumulative_flops=self.base_flops + self.stage_flops(done),
+                    tokens_per_s=tps,
+                    mfu=util,
+                )
+                self.logs.progress(
+                    done,
+                    f"loss {result.loss:.4f} lr {result.lr:.2e} "
+                    + (f"{tps:,.0f} tok/s" if tps else "")
+                    + (f" MFU {util:.1%}" if util else ""),
+                )
+                window_start, window_iters = time.monotonic(), 0
+            if sched.eval_interval and done % sched.eval_interval == 0 and done != total:
+                self.evaluate(done)
+            if sched.save_interval and done % sched.save_interval == 0 and done != total:
+                self.save(done)
+                window_start = time.monotonic()
+        return end
 
+    def finish(self, end: int, wall_start: float) -> StageSummary:
+        """5. the end of the stage (or of this job's share of it): final evaluation, checkpoint, summary."""
+        if end == self.inputs.total_iters:
+            self.evaluate(end)
+        self.save(end)
+        summary = StageSummary(
+            iterations=end,
+            tokens=end * self.tokens_per_iter,
+            flops=self.stage_flops(end),
+            cumulative_flops=self.base_flops + self.stage_flops(end),
+            final_train_loss=self.losses.last_train,
+            final_valid_loss=self.losses.last_valid,
+            best_valid_loss=self.losses.best_valid,
+            wall_seconds=round(time.monotonic() - wall_start, 3),
+            checkpoint=self.checkpoint,
+            out_dir=str(self.out),
+        )
+        self.logs.record("summary", iteration=end, **{k: v for k, v in asdict(summary).items() if k != "iterations"})
+        self.logs.message(
+            f"{'done' if end == self.inputs.total_iters else 'stopped'}: {end} iterations, final train loss "
+            f"{summary.final_train_loss}, valid {summary.final_valid_loss}, {summary.cumulative_flops:.3e} "
+            f"cumulative FLOPs, checkpoint {summary.checkpoint}"
+        )
+        return summary
 
-def _record_eval(
-    logs: Logs, state: dict[str, Any], valid: float | None, iteration: int, tokens_per_iter: int, cumulative: float
-) -> None:
-    if valid is None:
-        return
-    state["valid"] = valid
-    state["best"] = valid if state["best"] is None else min(state["best"], valid)
-    logs.record(
-        "eval", iteration=iteration, valid_loss=valid, tokens=iteration * tokens_per_iter, cumulative_flops=cumulative
-    )
-    logs.message(f"iter {iteration}: valid loss {valid:.4f}")
+    def close(self) -> None:
+        """Logs flushed, ramp hooks removed, the engine released: after a finished stage or a failed one."""
+        if self.logs is not None:
+            self.logs.close()
+        if self.ramp is not None:
+            self.ramp.remove()
+        if self.engine is not None:
+            self.engine.destroy()
 
 
 def cli_train(args: Any) -> int:
