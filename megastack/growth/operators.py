@@ -11,34 +11,31 @@ Each operator turns (source config, GrowthSpec) into a Plan. Definitions: Du et 
          mask (the manifest lists them under growth.new_layers).
 - learn  (G_learn, LiGO): per weight type a learned D (L2 x L1), W'_l = sum_j D[l, j] W_j, initialised
          at the stacking map and optimised on the LM loss (megastack/growth/learn.py).
-Width (``--dimension width``) and depth + width (``--dimension both``): megastack/growth/width.py.
+The block rules (what a repeated block gets, --noise) are in megastack/growth/blocks.py, shared with
+width (``--dimension width``) and depth + width (``--dimension both``): megastack/growth/width.py.
 ``--noise A`` applies W <- (1 - A) W + A eps (eps ~ N(0, init_std^2)) to every weight matrix of every
 target block (norms, embedding and output layer untouched), seeded and deterministic.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import replace
 
 from megastack import layout
 from megastack.config import ModelConfig
 from megastack.errors import UserError
+from megastack.growth.blocks import repeated_block, with_noise
 from megastack.growth.layer_map import check_zero_map, first_occurrences
 from megastack.growth.spec import DIMENSIONS, GrowthSpec, operator, resolve_layer_map
-from megastack.plan import Copy, Noisy, Plan, RandomInit, Zeros
-
-NORM_KINDS = ("attn_norm", "mlp_norm")
-OUTPUT_KINDS = ("proj", "fc2")  # the residual-branch outputs G_zero zeroes
+from megastack.plan import Copy, Plan
 
 
 def _global_copies(source: ModelConfig) -> dict[str, Copy]:
     return {name: Copy(name) for name in layout.logical_names(source) if layout.split_name(name)[0] is None}
 
 
-def _depth_plan(source: ModelConfig, spec: GrowthSpec, block: Callable[[int, int, str, bool], object]) -> Plan:
-    """Shared skeleton of depth operators: ``block(target_layer, source_layer, kind, is_first_copy)``."""
+def depth_plan(source: ModelConfig, spec: GrowthSpec) -> Plan:
+    """Depth growth by ``spec.operator``'s block rule (growth/blocks.py)."""
     if not 0.0 <= spec.noise < 1.0:
         raise UserError(f"--noise must be in [0, 1), got {spec.noise} (the paper uses 0.2; above it hurts)")
     mapping = resolve_layer_map(spec, source.num_layers)
@@ -47,52 +44,36 @@ def _depth_plan(source: ModelConfig, spec: GrowthSpec, block: Callable[[int, int
     recipes: dict[str, object] = _global_copies(source)
     for position, src in enumerate(mapping):
         for kind in layout.LAYER_KINDS:
-            recipe = block(position, src, kind, position in originals)
-            if spec.noise and kind not in NORM_KINDS and not isinstance(recipe, Zeros):
-                recipe = Noisy(recipe, spec.noise, source.init_std, spec.seed)
+            recipe = Copy(layout.layer_name(src, kind))
+            if position not in originals:
+                recipe = repeated_block(spec.operator, kind, recipe, target, spec.seed)
+            recipe = with_noise(recipe, kind, spec.noise, source.init_std, spec.seed)
             recipes[layout.layer_name(position, kind)] = recipe
-    new_layers = sorted(set(range(len(mapping))) - originals)
     info = {
         "operator": spec.operator,
         "dimension": "depth",
         "factor": len(mapping) / source.num_layers,
         "layer_map": mapping,
-        "new_layers": new_layers,
+        "new_layers": sorted(set(range(len(mapping))) - originals),
         "noise": spec.noise,
         "seed": spec.seed,
     }
+    if operator(spec.operator).ramps_new_blocks:
+        info["mask_ramp"] = True
     return Plan(source, target, recipes, info)
 
 
 def stack(source: ModelConfig, spec: GrowthSpec) -> Plan:
-    return _depth_plan(source, spec, lambda pos, src, kind, first: Copy(layout.layer_name(src, kind)))
+    return depth_plan(source, spec)
 
 
 def zero(source: ModelConfig, spec: GrowthSpec) -> Plan:
     check_zero_map(resolve_layer_map(spec, source.num_layers), source.num_layers)
-
-    def block(pos: int, src: int, kind: str, first: bool):
-        if not first and kind in OUTPUT_KINDS:
-            return Zeros()
-        return Copy(layout.layer_name(src, kind))
-
-    return _depth_plan(source, spec, block)
+    return depth_plan(source, spec)
 
 
 def random(source: ModelConfig, spec: GrowthSpec) -> Plan:
-    target_layers = len(resolve_layer_map(spec, source.num_layers))
-    scaled_std = source.init_std / math.sqrt(2.0 * target_layers)
-
-    def block(pos: int, src: int, kind: str, first: bool):
-        if first:
-            return Copy(layout.layer_name(src, kind))
-        if kind in NORM_KINDS:
-            return RandomInit(0.0, spec.seed, ones=True)
-        return RandomInit(scaled_std if kind in OUTPUT_KINDS else source.init_std, spec.seed)
-
-    plan = _depth_plan(source, spec, block)
-    plan.info["mask_ramp"] = True
-    return plan
+    return depth_plan(source, spec)
 
 
 WIDTH_FLAGS = ("hidden", "ffn", "heads", "query_groups")

@@ -61,6 +61,7 @@ class Operator:
     depth: str  # the planner for --dimension depth
     width: str  # the planner for --dimension width and both
     needs_data: bool = False  # learns from --data before planning (G_learn)
+    ramps_new_blocks: bool = False  # its new blocks start masked and training ramps them in (G_random)
 
     def planner(self, dimension: str) -> Callable[[Any, GrowthSpec], Any]:
         module, function = (self.depth if dimension == "depth" else self.width).split(":")
@@ -89,6 +90,7 @@ OPERATORS: dict[str, Operator] = {
             "G_random: later copies freshly initialised, ramped in by training",
             "megastack.growth.operators:random",
             _WIDTH,
+            ramps_new_blocks=True,
         ),
         Operator(
             "learn",

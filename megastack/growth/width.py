@@ -59,10 +59,11 @@ import torch
 from megastack import layout
 from megastack.config import ModelConfig
 from megastack.errors import UserError
+from megastack.growth.blocks import BLOCK_NORM_KINDS, OUTPUT_KINDS, repeated_block, with_noise
 from megastack.growth.layer_map import check_zero_map, first_occurrences
-from megastack.growth.spec import resolve_layer_map
+from megastack.growth.spec import operator, resolve_layer_map
 from megastack.layout import Piece, pieces_shape
-from megastack.plan import Noisy, Plan, RandomInit, Read, Zeros, seeded_normal
+from megastack.plan import Plan, Read, seeded_normal
 
 WIDTH_OPERATORS = {"stack": "direct", "zero": "zero", "random": "random"}
 
@@ -414,8 +415,7 @@ class WidthCopy:
 
 # G_zero: which new entries are zero (residual writers, fan-out of new neurons) and which random.
 ZERO_FILL = {"embedding": "zero", "output": "random", "qkv": "random", "fc1": "random", "proj": "zero", "fc2": "zero"}
-OUTPUT_KINDS = ("proj", "fc2")
-NORM_KINDS = ("attn_norm", "mlp_norm", "final_norm")
+NORM_KINDS = (*BLOCK_NORM_KINDS, "final_norm")
 
 
 def width_recipe(maps: WidthMaps, source_name: str, target_name: str, seed: int, target_layers: int) -> WidthCopy:
@@ -465,13 +465,9 @@ def width_plan(source: ModelConfig, spec: Any, mapping: list[int]) -> Plan:
         for kind in layout.LAYER_KINDS:
             tname = layout.layer_name(position, kind)
             recipe: Any = width_recipe(maps, layout.layer_name(src, kind), tname, spec.seed, len(mapping))
-            if position not in originals and spec.operator == "zero" and kind in OUTPUT_KINDS:
-                recipe = Zeros()
-            elif position not in originals and spec.operator == "random":
-                std = target.init_std / math.sqrt(2.0 * len(mapping)) if kind in OUTPUT_KINDS else target.init_std
-                recipe = RandomInit(0.0, spec.seed, ones=True) if kind in NORM_KINDS else RandomInit(std, spec.seed)
-            if spec.noise and kind not in NORM_KINDS and not isinstance(recipe, Zeros):
-                recipe = Noisy(recipe, spec.noise, source.init_std, spec.seed)
+            if position not in originals:
+                recipe = repeated_block(spec.operator, kind, recipe, target, spec.seed)
+            recipe = with_noise(recipe, kind, spec.noise, source.init_std, spec.seed)
             recipes[tname] = recipe
     new_layers = sorted(set(range(len(mapping))) - originals)
     info: dict[str, Any] = {
@@ -485,7 +481,7 @@ def width_plan(source: ModelConfig, spec: Any, mapping: list[int]) -> Plan:
         "width": maps.info(),
         "parameter_factor": target.non_embedding_parameters() / source.non_embedding_parameters(),
     }
-    if spec.operator == "random":
+    if operator(spec.operator).ramps_new_blocks:
         info["mask_ramp"] = True
     return Plan(source, target, recipes, info)
 
