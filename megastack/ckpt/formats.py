@@ -51,8 +51,18 @@ class Format:
     open: Callable[[Path, ModelConfig | None, bool], Reader]  # (directory, model or None, check_files)
     writer: Callable[[ModelConfig, torch.dtype, WriteOptions], Writer]
     stored: Callable[[Path], tuple[ModelConfig | None, list[Stored], dict[str, int] | None]]  # cfg, tensors, layout
+    # `megastack inspect`: the layout line for a format with no TP x PP file sets (given the tensors)
+    layout_note: Callable[[list[dict[str, Any]]], str]
     cut_by_rank: bool = False  # written as one file set per TP x PP rank (takes --tp/--pp)
     megatron: bool = False  # carries Megatron-LM's args (read from the source, written to the output)
+    # Megatron-LM's state beside the weights, for inspect: (rank 0's dict, sharded keys, optimizer or None)
+    saved_state: Callable[[Path], SavedState] | None = None
+    files_per_tensor: bool = True  # inspect lists each tensor's file (not for DCP's shards)
+    iteration_dirs: bool = True  # lives in iter_NNNNNNN directories (its iteration from the name)
+
+
+# (rank 0's state dict or common.pt, names of sharded entries, a description of the optimizer state or None)
+SavedState = tuple[dict[str, Any], list[str], str | None]
 
 
 # ----------------------------------------------------------------------------- torch_dist
@@ -104,6 +114,21 @@ def _td_stored(directory: Path) -> tuple[ModelConfig | None, list[Stored], None]
 
 
 # ----------------------------------------------------------------------------- Hugging Face
+
+
+def _td_state(directory: Path) -> SavedState:
+    from megastack.ckpt.safe_load import read_dcp_metadata
+    from megastack.ckpt.torch_dist import read_common
+
+    common = read_common(directory)
+    sharded = list(read_dcp_metadata(directory).state_dict_metadata)
+    optim_keys = [k for k in sharded if k.startswith("optimizer.")]
+    optimizer = None
+    if optim_keys:
+        content = common.get("content_metadata")
+        kind = content.get("distrib_optim_sharding_type") if isinstance(content, dict) else None
+        optimizer = f"sharded optimizer state ({len(optim_keys)} entries" + (f", {kind})" if kind else ")")
+    return common, sharded, optimizer
 
 
 def _hf_detect(directory: Path) -> bool:
@@ -176,6 +201,26 @@ def _legacy_stored(directory: Path) -> tuple[ModelConfig, list[Stored], dict[str
 
 # ----------------------------------------------------------------------------- the registry
 
+
+def _legacy_state(directory: Path) -> SavedState:
+    from megastack.ckpt.legacy import FILE_NAME, rank_dir, scan_layout
+    from megastack.ckpt.safe_load import load_pt
+
+    first = directory / rank_dir(0, 0, scan_layout(directory)[1])
+    blob = load_pt(first / FILE_NAME, mmap=True)
+    blob = blob if isinstance(blob, dict) else {}
+    optimizer = None
+    if (first / "distrib_optim.pt").is_file():
+        optimizer = "distributed optimizer (distrib_optim.pt per rank)"
+    elif isinstance(blob.get("optimizer"), dict):
+        optimizer = "Megatron optimizer state (in model_optim_rng.pt)"
+    return blob, [], optimizer
+
+
+def _hf_layout(tensors: list[dict[str, Any]]) -> str:
+    return f"{len({t['file'] for t in tensors})} safetensors file(s)"
+
+
 FORMATS: dict[str, Format] = {  # in detection order
     "torch_dist": Format(
         "torch_dist",
@@ -184,9 +229,21 @@ FORMATS: dict[str, Format] = {  # in detection order
         _td_open,
         _td_writer,
         _td_stored,
+        lambda tensors: "none fixed (megatron-core loads torch_dist under any TP/PP)",
         megatron=True,
+        saved_state=_td_state,
+        files_per_tensor=False,
     ),
-    "hf": Format("hf", "Hugging Face config.json + *.safetensors", _hf_detect, _hf_open, _hf_writer, _hf_stored),
+    "hf": Format(
+        "hf",
+        "Hugging Face config.json + *.safetensors",
+        _hf_detect,
+        _hf_open,
+        _hf_writer,
+        _hf_stored,
+        _hf_layout,
+        iteration_dirs=False,
+    ),
     "legacy": Format(
         "legacy",
         "Megatron legacy mp_rank_* directories",
@@ -194,8 +251,10 @@ FORMATS: dict[str, Format] = {  # in detection order
         _legacy_open,
         _legacy_writer,
         _legacy_stored,
+        lambda tensors: "TP x PP rank files",
         cut_by_rank=True,
         megatron=True,
+        saved_state=_legacy_state,
     ),
 }
 

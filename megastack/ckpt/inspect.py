@@ -73,41 +73,14 @@ def _files(directory: Path) -> dict[str, int]:
 
 
 def _megatron_state(directory: Path, fmt: str) -> dict[str, Any] | None:
-    """What Megatron-LM saved beside the weights (args, optimizer, scheduler, rng), from rank 0's file or
-    common.pt and the DCP metadata; None for a checkpoint with no Megatron-LM state at all."""
+    """What Megatron-LM saved beside the weights (args, optimizer, scheduler, rng), from the format's
+    rank 0 file or common.pt and its sharded entries; None for a checkpoint with no Megatron-LM state."""
     from megastack.ckpt import megatron_args
 
-    if fmt == "legacy":
-        from megastack.ckpt.legacy import FILE_NAME, rank_dir, scan_layout
-        from megastack.ckpt.safe_load import load_pt
-
-        pp = scan_layout(directory)[1]
-        first = directory / rank_dir(0, 0, pp)
-        blob = load_pt(first / FILE_NAME, mmap=True)
-        blob = blob if isinstance(blob, dict) else {}
-        sharded: list[str] = []
-        optimizer = None
-        if (first / "distrib_optim.pt").is_file():
-            optimizer = "distributed optimizer (distrib_optim.pt per rank)"
-        elif isinstance(blob.get("optimizer"), dict):
-            optimizer = "Megatron optimizer state (in model_optim_rng.pt)"
-    elif fmt == "torch_dist":
-        from megastack.ckpt.safe_load import read_dcp_metadata
-        from megastack.ckpt.torch_dist import read_common
-
-        blob = read_common(directory)
-        sharded = list(read_dcp_metadata(directory).state_dict_metadata)
-        optim_keys = [k for k in sharded if k.startswith("optimizer.")]
-        optimizer = None
-        if optim_keys:
-            kind = (
-                (blob.get("content_metadata") or {}).get("distrib_optim_sharding_type")
-                if isinstance(blob.get("content_metadata"), dict)
-                else None
-            )
-            optimizer = f"sharded optimizer state ({len(optim_keys)} entries" + (f", {kind})" if kind else ")")
-    else:
+    read_state = formats.FORMATS[fmt].saved_state
+    if read_state is None:
         return None
+    blob, sharded, optimizer = read_state(directory)
     args = blob.get("args")
     if args is None and optimizer is None and not blob:
         return None
@@ -144,7 +117,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         iteration = manifest["iteration"]
     elif extra is not None:
         iteration = extra["iteration"]
-    elif fmt != "hf" and _ITER.match(directory.name):
+    elif formats.FORMATS[fmt].iteration_dirs and _ITER.match(directory.name):
         iteration = int(_ITER.match(directory.name).group(1))
     summary = None
     if manifest is not None:
@@ -211,17 +184,14 @@ def describe(info: dict[str, Any]) -> str:
             f"layout:    TP={info['layout']['tp']} x PP={info['layout']['pp']} "
             f"({info['layout']['tp'] * info['layout']['pp']} rank files)"
         )
-    elif info["format"] == "torch_dist":
-        lines.append("layout:    none fixed (megatron-core loads torch_dist under any TP/PP)")
     else:
-        shards = sorted({t["file"] for t in info["tensors"]})
-        lines.append(f"layout:    {len(shards)} safetensors file(s)")
+        lines.append(f"layout:    {formats.FORMATS[info['format']].layout_note(info['tensors'])}")
     lines.append(
         f"tensors:   {len(info['tensors'])}, {_size(info['total_bytes'])} "
         f"({info['files']['count']} files, {_size(info['files']['bytes'])} on disk)"
     )
     width = max([len(t["name"]) for t in info["tensors"]] + [4])
-    with_file = info["format"] != "torch_dist"
+    with_file = formats.FORMATS[info["format"]].files_per_tensor
     lines.append(f"  {'name':<{width}}  {'shape':<20} {'dtype':<9} {'bytes':>12}" + ("  file" if with_file else ""))
     for t in info["tensors"]:
         shape = "x".join(map(str, t["shape"])) or "scalar"
