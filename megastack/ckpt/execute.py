@@ -25,7 +25,6 @@ from megastack.ckpt.manifest import MANIFEST, iter_dir_name, write_manifest, wri
 from megastack.errors import UserError
 from megastack.fsio import (
     DestinationLock,
-    fsync_dir,
     publish_dir,
     refuse_existing,
     staging_dir,
@@ -342,7 +341,6 @@ def _publish(
         write_manifest(target, {**manifest, "write_seconds": round(time.monotonic() - start, 3)}, known)
         if iteration is not None:
             write_tracker(staging, iteration)
-        fsync_dir(target)
         publish_dir(staging, dst)
 
     _all_ranks(comm, dst, cleanup, publish)

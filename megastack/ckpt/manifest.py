@@ -13,7 +13,7 @@ from typing import Any
 from megastack import untrusted
 from megastack.config import ModelConfig, from_dict
 from megastack.errors import UserError
-from megastack.fsio import atomic_write_json, atomic_write_text, sha256_file
+from megastack.fsio import atomic_write_json, atomic_write_text, fsync_dir, sha256_file
 
 MANIFEST = "megastack.json"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -115,9 +115,12 @@ def file_hashes(
 def write_manifest(
     directory: str | os.PathLike, data: dict[str, Any], known_hashes: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """Write megastack.json with the hashes of everything else in ``directory`` (call it last)."""
+    """Seal a checkpoint before it is published: megastack.json with the hashes of everything else in
+    ``directory`` (call it last), then the directory fsynced, so the rename that publishes it (fsio.publish_dir)
+    never exposes a name whose entries are not on disk. Training, growth and conversion all seal this way."""
     data = {**data, "files": file_hashes(directory, known_hashes)}
     atomic_write_json(Path(directory) / MANIFEST, data)
+    fsync_dir(directory)
     return data
 
 

@@ -37,7 +37,7 @@ from megastack.ckpt.manifest import (
 )
 from megastack.config import ModelConfig
 from megastack.errors import UserError
-from megastack.fsio import fsync_dir, publish_dir, staging_dir
+from megastack.fsio import publish_dir, staging_dir
 
 ENGINE_DIR = "engine"  # DeepSpeed's tag inside an iteration directory
 ARCH_FIELDS = (
@@ -218,7 +218,6 @@ def save(
     hashes = _hash_files(staging)
     if rank == 0:
         write_manifest(staging, manifest, hashes)
-        fsync_dir(staging)
         publish_dir(staging, final)
         write_tracker(root, iteration)
         prune(root, keep_last)
