@@ -36,9 +36,12 @@ OPTIMIZER = {"lr": 2e-3, "warmup_iters": 3, "clip_grad": 0.5, "weight_decay": 0.
 RTOL = 1e-5
 
 
-def stage_config(out: Path, init: Path, **parallel) -> dict:
+TIED = {**MODEL, "tie_embeddings": True, "name": "eqv-tied"}
+
+
+def stage_config(out: Path, init: Path, model: dict = MODEL, **parallel) -> dict:
     return {
-        "model": MODEL,
+        "model": model,
         "out_dir": str(out),
         "init_from": str(init),
         "optimizer": OPTIMIZER,
@@ -79,8 +82,9 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-12)).item()
 
 
-def reference_run(tmp: Path) -> tuple[Path, list[float], dict[str, torch.Tensor]]:
-    """The plain PyTorch loop: same init (written as the trainer's init_from), data, schedule, optimizer."""
+def reference_run(tmp: Path, model_fields: dict = MODEL) -> tuple[Path, list[float], dict[str, torch.Tensor]]:
+    """The plain PyTorch loop: same init (written as the trainer's init_from), data, schedule, optimizer.
+    A tied model has one embedding parameter that both the input and the output use."""
     from megastack import layout
     from megastack.config import ModelConfig
     from megastack.model.reference import ReferenceLlama
@@ -88,10 +92,10 @@ def reference_run(tmp: Path) -> tuple[Path, list[float], dict[str, torch.Tensor]
     from megastack.train.data import build_datasets, resolve_data
     from megastack.train.engine import learning_rate
 
-    cfg = ModelConfig(**MODEL)
+    cfg = ModelConfig(**model_fields)
     torch.manual_seed(0)
     model = ReferenceLlama(cfg).init_weights(seed=5)
-    init = write_checkpoint(model, tmp / "init")
+    init = write_checkpoint(model, tmp / f"init-{cfg.name}")
     prefixes, tokenizer = resolve_data([], None, cfg.vocab_size)
     data = build_datasets(
         prefixes, None, "98,2,0", tokenizer, cfg.seq_length, 1234, ITERS * GLOBAL_BATCH, 0, tmp / "ref_cache"
@@ -131,10 +135,19 @@ def reference_run(tmp: Path) -> tuple[Path, list[float], dict[str, torch.Tensor]
 def equivalence(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train_eq")
     init, ref_losses, ref_weights = reference_run(tmp)
+    tied_init, tied_losses, tied_weights = reference_run(tmp, TIED)
     single = stage_config(tmp / "single", init)
     stopped = stage_config(tmp / "resumed", init)
+    tied_single = stage_config(tmp / "tied_single", tied_init, TIED)
     results = launch(
-        tmp, "one_rank", 1, [{"name": "single", "config": single}, {"name": "stopped", "config": stopped, "stop_at": 5}]
+        tmp,
+        "one_rank",
+        1,
+        [
+            {"name": "single", "config": single},
+            {"name": "stopped", "config": stopped, "stop_at": 5},
+            {"name": "tied_single", "config": tied_single},
+        ],
     )
     layouts = {
         "dp2_zero0": {"zero_stage": 0},
@@ -150,30 +163,55 @@ def equivalence(tmp_path_factory):
     two.append(
         {"name": "dp2_zero0_stopped", "config": stage_config(tmp / "zero0_resumed", init, zero_stage=0), "stop_at": 5}
     )
+    two.append({"name": "tied_pp2", "config": stage_config(tmp / "tied_pp2", tied_init, TIED, pipeline=2)})
     results |= launch(tmp, "two_ranks", 2, two)
-    results |= launch(
-        tmp, "four_ranks", 4, [{"name": "tp2pp2", "config": stage_config(tmp / "tp2pp2", init, tensor=2, pipeline=2)}]
-    )
-    return {"tmp": tmp, "init": init, "ref_losses": ref_losses, "ref_weights": ref_weights, "results": results}
+    four = [
+        {"name": "tp2pp2", "config": stage_config(tmp / "tp2pp2", init, tensor=2, pipeline=2)},
+        {"name": "tied_tp2pp2", "config": stage_config(tmp / "tied_tp2pp2", tied_init, TIED, tensor=2, pipeline=2)},
+    ]
+    results |= launch(tmp, "four_ranks", 4, four)
+    return {
+        "tmp": tmp,
+        "init": init,
+        "ref_losses": ref_losses,
+        "ref_weights": ref_weights,
+        "tied": {"losses": tied_losses, "weights": tied_weights},
+        "results": results,
+    }
 
 
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", ["single", "dp2_zero0", "dp2_zero1", "dp2_zero2", "dp2_zero3", "tp2", "pp2", "tp2pp2"])
-def test_losses_and_weights_equal_plain_pytorch(equivalence, name):
+def assert_equals_reference(equivalence, name: str, expected: list[float], ref_weights: dict) -> None:
     result = equivalence["results"][name]
     assert "error" not in result, result
     got = losses(equivalence["tmp"] / name)
-    expected = equivalence["ref_losses"]
     assert len(got) == ITERS
     assert expected[-1] < expected[0]
     for step, (a, b) in enumerate(zip(got, expected)):
         assert abs(a - b) <= RTOL * abs(b), (name, step, got, expected)
     weights = checkpoint_tensors(result["checkpoint"])
-    assert weights.keys() == equivalence["ref_weights"].keys()
-    worst = max((rel_diff(weights[k], v), k) for k, v in equivalence["ref_weights"].items())
+    assert weights.keys() == ref_weights.keys()
+    worst = max((rel_diff(weights[k], v), k) for k, v in ref_weights.items())
     assert worst[0] <= RTOL, (name, worst)
-    worst_element = max((max_diff(weights[k], v), k) for k, v in equivalence["ref_weights"].items())
+    worst_element = max((max_diff(weights[k], v), k) for k, v in ref_weights.items())
     assert worst_element[0] <= 20 * RTOL, (name, worst_element)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", ["single", "dp2_zero0", "dp2_zero1", "dp2_zero2", "dp2_zero3", "tp2", "pp2", "tp2pp2"])
+def test_losses_and_weights_equal_plain_pytorch(equivalence, name):
+    assert_equals_reference(equivalence, name, equivalence["ref_losses"], equivalence["ref_weights"])
+
+
+@pytest.mark.parametrize("name", ["tied_single", "tied_pp2", "tied_tp2pp2"])
+def test_tied_embeddings_equal_plain_pytorch_under_pipeline_parallelism(equivalence, name):
+    """Tied input and output embeddings on different pipeline stages (first and last) train as the one shared
+    parameter of the reference loop: the two copies' gradients are summed each step and counted once in
+    the clipped gradient norm."""
+    tied = equivalence["tied"]
+    assert_equals_reference(equivalence, name, tied["losses"], tied["weights"])
+    if name != "tied_single":  # and equal to the same model trained without pipeline parallelism
+        got, single = losses(equivalence["tmp"] / name), losses(equivalence["tmp"] / "tied_single")
+        assert all(abs(a - b) <= RTOL * abs(b) for a, b in zip(got, single)), (got, single)
 
 
 @pytest.mark.parametrize("name", ["bf16_zero2", "bf16_pp2"])

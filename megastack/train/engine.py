@@ -16,6 +16,7 @@ How the two fit together:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -175,12 +176,23 @@ def check_layout(parallel: ParallelConfig, model: ModelConfig) -> None:
             "precision fp16 with pipeline parallelism is not built in the trainer yet (DeepSpeed's "
             "loss scaler expects every stage's backward to be scaled); use bf16"
         )
-    if model.tie_embeddings and parallel.pipeline > 1:
-        raise NotBuiltError(
-            "tied embeddings with pipeline parallelism are not built in the trainer yet (the "
-            "first and last stages would need their embedding gradients summed); untie them "
-            "(tie_embeddings: false, as in the paper's models) or use pipeline 1"
-        )
+
+
+def shared_embedding_weight(model: torch.nn.Module, parallel: ParallelConfig) -> torch.nn.Parameter | None:
+    """This rank's copy of a word embedding tied to the output layer on another pipeline stage (the first
+    and the last stage each hold one, megatron-core keeps them equal). Its gradient is summed over the
+    embedding group every step, as megatron-core's ``finalize_model_grads`` does, and the last stage's
+    copy is marked replicated so DeepSpeed's gradient norm counts the weight once."""
+    from megatron.core import parallel_state as ps
+
+    if not (getattr(model, "share_embeddings_and_output_weights", False) and parallel.pipeline > 1):
+        return None
+    if not ps.is_rank_in_embedding_group():
+        return None
+    weight = model.shared_embedding_or_output_weight()
+    if not ps.is_pipeline_first_stage():
+        weight.ds_pipe_replicated = True  # deepspeed.runtime.constants.PIPE_REPLICATED
+    return weight
 
 
 def initialize(model: torch.nn.Module, parallel: ParallelConfig, opt: OptimizerConfig, micro_batches: int):
@@ -259,6 +271,13 @@ class Stepper:
         # has no such hooks (DeepSpeed 0.19 refuses a backward it did not start): the module is called
         # directly and the step all-reduces the gradients first (plain data parallelism).
         self.call = self.engine.module if self.parallel.zero_stage == 0 else self.engine
+        # Tied embeddings across stages: DeepSpeed must not reduce gradients while megatron's schedule runs
+        # (its per-backward reduction would move them into its buffers before the two stages' copies are
+        # summed), so the step reduces them itself, as at ZeRO-0. Every rank decides alike.
+        self.ties_stages = self.parallel.pipeline > 1 and getattr(
+            self.module, "share_embeddings_and_output_weights", False
+        )
+        self.shared_embedding = shared_embedding_weight(self.module, self.parallel)
         if self.parallel.precision == "fp16":
             # megatron's schedule scales the last stage's loss before backward; DeepSpeed's dynamic loss scale
             engine = self.engine
@@ -312,8 +331,13 @@ class Stepper:
     def train_step(self, batches: list[Batch], lr: float) -> StepResult:
         self.module.train()
         set_lr(self.engine, lr)
-        local = self._run(batches, forward_only=False)
-        if self.parallel.zero_stage == 0:
+        with self.engine.no_sync() if self.ties_stages else contextlib.nullcontext():
+            local = self._run(batches, forward_only=False)
+        if self.shared_embedding is not None:
+            from megatron.core import parallel_state as ps
+
+            torch.distributed.all_reduce(self.shared_embedding.grad, group=ps.get_embedding_group())
+        if self.parallel.zero_stage == 0 or self.ties_stages:
             self.engine.allreduce_gradients()
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
