@@ -85,6 +85,14 @@ def test_default_recipe_end_to_end(tmp_path):
     small_flops, large_flops = rows["small"]["flops"], rows["large"]["flops"]
     assert abs(rows["scratch"]["flops"] - (small_flops + large_flops)) / (small_flops + large_flops) < 0.01
     assert rows["large"]["cumulative_flops"] == pytest.approx(small_flops + large_flops)
+    # the summary says how trained each stage is, and never claims a saving the budget cannot show
+    parameters = {"small": 629_376, "large": 1_738_880, "scratch": 1_738_880}  # tiny-small and tiny
+    for stage, n in parameters.items():
+        assert rows[stage]["tokens_per_parameter"] == pytest.approx(rows[stage]["tokens"] / n)
+    comparison, text = summary["comparison"], (out / "summary.md").read_text()
+    assert comparison["scratch_tokens_per_parameter"] < 20 and "tokens per parameter" in text
+    if comparison["small_alone_reaches_scratch"]:
+        assert "speedup" not in comparison and "no saving is claimed" in text and "speedup" not in text
 
 
 def run_micro(recipe: Path, out: Path) -> subprocess.Popen:
@@ -362,3 +370,41 @@ def test_progressive_growth_runs_end_to_end(tmp_path):
     assert learned["growth_flops"] > 0 and learned["learn"]["tokens"] > 0
     trained = sum(rows[s]["flops"] for s in ("small", "stage1", "large"))
     assert rows["large"]["cumulative_flops"] == pytest.approx(trained + learned["growth_flops"])
+
+
+def write_log(directory: Path, points: list[tuple[float, float]]) -> None:
+    directory.mkdir(parents=True)
+    lines = [json.dumps({"type": "eval", "cumulative_flops": f, "valid_loss": v}) for f, v in points]
+    (directory / "train.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("small_final,claims", [(4.0, False), (5.5, True)])
+def test_summary_claims_a_saving_only_when_growth_made_it(tmp_path, small_final, claims):
+    """Hand-made curves: scratch ends at 5.0 after 10 FLOPs; the grown chain crosses 5.0 at 6 FLOPs (linear
+    between (5, 5.2) and (7, 4.8)). A small stage that alone ends at or below 5.0 voids the claim."""
+    from megastack.config import from_dict
+    from megastack.run.dirs import RunDirs
+    from megastack.run.recipe import Recipe
+    from megastack.run.report import write_summary
+    from megastack.run.stages import stage_configs
+
+    recipe = from_dict(Recipe, {**MICRO, "scratch": MICRO["large"]})
+    dirs = RunDirs(tmp_path)
+    stages = stage_configs(recipe, dirs, 1)
+    write_log(dirs.stage_dir("small"), [(1.0, 6.0), (3.0, small_final)])
+    write_log(dirs.stage_dir("large"), [(5.0, 5.2), (7.0, 4.8), (9.0, 4.5)])
+    write_log(dirs.stage_dir("scratch"), [(2.0, 6.5), (10.0, 5.0)])
+    results = {s.name: {"tokens": 1000, "flops": 1.0, "final_valid_loss": None} for s in stages}
+    summary = write_summary(recipe, dirs, stages, results)
+    comparison, text = summary["comparison"], (tmp_path / "summary.md").read_text()
+    assert comparison["grown_flops_to_scratch_loss"] == pytest.approx(6.0)
+    assert comparison["small_alone_reaches_scratch"] is (not claims)
+    if claims:
+        assert comparison["flops_saving"] == pytest.approx(0.4) and comparison["speedup"] == pytest.approx(10 / 6 - 1)
+        assert "40.0% fewer FLOPs" in text
+    else:
+        assert "speedup" not in comparison and "no saving is claimed" in text
+    assert {r["stage"]: r["tokens_per_parameter"] for r in summary["stages"]}["scratch"] == pytest.approx(
+        1000 / 1_738_880
+    )
+    assert (tmp_path / "loss_vs_flops.png").stat().st_size > 1000
