@@ -94,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="; ".join(f"{op.name}: {op.summary}" for op in OPERATORS.values()),
     )
     p.add_argument("--factor", type=positive, default=None, help="growth factor g (depth: layers x g)")
-    p.add_argument("--layer-map", help="explicit source-layer list or range expression, e.g. '0-5,0-5' or '0,1,1,2'")
+    p.add_argument(
+        "--layer-map",
+        help="source layers per target layer, e.g. '0-5,0-5' or '0,1,1,2', or a mergekit passthrough YAML (slices)",
+    )
     p.add_argument(
         "--dimension",
         default="depth",

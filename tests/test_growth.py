@@ -556,3 +556,56 @@ def test_growth_record_is_the_typed_contract_with_training():
         GrowthRecord.from_json({"operator": "random", "new_layers": ["2"], "mask_ramp": True}, "m")
     with pytest.raises(UserError, match="growth.mask_ramp"):
         GrowthRecord.from_json({"operator": "random", "mask_ramp": "yes"}, "m")
+
+
+MERGEKIT_SOLAR = """\
+slices:
+  - sources:
+      - model: upstage/base
+        layer_range: [0, 4]
+  - sources:
+      - model: upstage/base
+        layer_range: [2, 6]
+merge_method: passthrough
+dtype: bfloat16
+"""
+
+
+def test_mergekit_passthrough_yaml_is_a_layer_map(tmp_path):
+    """mergekit's layer_range is half-open: [0, 4) + [2, 6) of 6 layers is SOLAR's 0-3,2-5."""
+    from megastack.growth.operators import make_plan
+    from megastack.growth.spec import GrowthSpec
+
+    config = tmp_path / "solar.yaml"
+    config.write_text(MERGEKIT_SOLAR)
+    assert parse_layer_map(str(config), 6) == parse_layer_map("0-3,2-5", 6) == [0, 1, 2, 3, 2, 3, 4, 5]
+    plan = make_plan(small_config(num_layers=6), GrowthSpec(layer_map=str(config)))
+    assert plan.target.num_layers == 8 and plan.info["layer_map"] == [0, 1, 2, 3, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("merge_method: passthrough\n", "needs 'slices:'"),
+        (MERGEKIT_SOLAR.replace("passthrough", "slerp"), "only passthrough"),
+        (MERGEKIT_SOLAR.replace("[2, 6]", "[2, 7]"), "slices[1].layer_range [2, 7] is not within"),
+        (MERGEKIT_SOLAR.replace("[0, 4]", "[4, 4]"), "slices[0].layer_range [4, 4]"),
+        (MERGEKIT_SOLAR.replace("[0, 4]", "[0, '4']"), "two integers"),
+        (
+            MERGEKIT_SOLAR.replace(
+                "model: upstage/base\n        layer_range: [2, 6]", "model: other\n        layer_range: [2, 6]"
+            ),
+            "name 2 models",
+        ),
+        (MERGEKIT_SOLAR + "bogus: 1\n", "'bogus' is not a mergekit passthrough field"),
+        ("slices:\n  - sources: []\n", "exactly one model"),
+    ],
+)
+def test_mergekit_yaml_errors_are_one_line(tmp_path, text, needle):
+    from megastack.errors import UserError
+
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    with pytest.raises(UserError) as info:
+        parse_layer_map(str(config), 6)
+    assert needle in str(info.value) and "\n" not in str(info.value) and str(config) in str(info.value)

@@ -8,11 +8,16 @@ allowed), optionally repeated with ``xN``. Examples for a 6-layer source:
     0x2,1x2,2x2,...    interleaving: each layer twice in place (worse in the paper; here for ablations)
     0-3,2-5            SOLAR-style depth up-scaling: two copies, dropping the last 2 / first 2
     0-5,2-3x2          MIDAS-style: the whole stack, then the middle layers again
+
+A mergekit passthrough config (``--layer-map merge.yaml``: ``slices`` of one source each, ``layer_range``
+[start, end) half-open, as mergekit reads it) gives the same list, so existing configs work unchanged.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Any
 
 from megastack.config import MAX_LAYERS
 from megastack.errors import UserError
@@ -27,6 +32,8 @@ def check_depth(layers: int, flag: str) -> None:
 
 def parse_layer_map(expr: str, source_layers: int, flag: str = "--layer-map") -> list[int]:
     """Source layer index for every target layer; a UserError naming the flag for bad input."""
+    if isinstance(expr, str) and expr.strip().endswith((".yaml", ".yml")):
+        return mergekit_layer_map(expr.strip(), source_layers, flag)
     if not isinstance(expr, str) or not expr.strip():
         raise UserError(f"{flag} is empty; give source layers like '0-{source_layers - 1}x2'")
     out: list[int] = []
@@ -79,3 +86,56 @@ def check_zero_map(mapping: list[int], source_layers: int) -> None:
             f"{source_layers - 1}, so the grown model is the small one; the layer map's first "
             f"copies are {firsts}"
         )
+
+
+MERGEKIT_KEYS = {"slices", "merge_method", "dtype", "tokenizer_source", "base_model", "parameters"}
+
+
+def mergekit_layer_map(path: str, source_layers: int, flag: str = "--layer-map") -> list[int]:
+    """The layer list of a mergekit passthrough YAML: every slice one source, ``layer_range: [start, end)``.
+
+    The slices' ``model`` names are mergekit's; here the source is the checkpoint given to ``grow``, so
+    all slices must name one model (a merge of several models is another operation)."""
+    from megastack.config import read_yaml
+
+    config: Any = read_yaml(Path(path))
+    where = f"{flag} {path}"
+    if not isinstance(config, dict) or not isinstance(config.get("slices"), list) or not config["slices"]:
+        raise UserError(f"{where}: a mergekit config needs 'slices:', a list of {{sources: [...]}}; fix the file")
+    unknown = sorted(set(map(str, config)) - MERGEKIT_KEYS)
+    if unknown:
+        raise UserError(f"{where}: '{unknown[0]}' is not a mergekit passthrough field; remove it")
+    if config.get("merge_method", "passthrough") != "passthrough":
+        raise UserError(
+            f"{where}: merge_method {str(config['merge_method'])[:40]!r}; only passthrough (copying layers) is "
+            "a layer map"
+        )
+    out: list[int] = []
+    models: set[str] = set()
+    for i, slice_ in enumerate(config["slices"]):
+        sources = slice_.get("sources") if isinstance(slice_, dict) else None
+        if not isinstance(sources, list) or len(sources) != 1 or not isinstance(sources[0], dict):
+            raise UserError(f"{where}: slices[{i}] must have 'sources:' with exactly one model (passthrough)")
+        source = sources[0]
+        models.add(str(source.get("model")))
+        bounds = source.get("layer_range")
+        if (
+            not isinstance(bounds, list)
+            or len(bounds) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
+        ):
+            raise UserError(f"{where}: slices[{i}].layer_range must be [start, end], two integers")
+        start, end = bounds
+        if not 0 <= start < end <= source_layers:
+            raise UserError(
+                f"{where}: slices[{i}].layer_range [{start}, {end}] is not within the source's {source_layers} "
+                f"layers ([start, end) with 0 <= start < end <= {source_layers})"
+            )
+        check_depth(len(out) + end - start, flag)
+        out += list(range(start, end))
+    if len(models) > 1:
+        raise UserError(
+            f"{where}: the slices name {len(models)} models; grow copies layers of one source checkpoint "
+            "(name the same model in every slice)"
+        )
+    return out
