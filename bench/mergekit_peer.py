@@ -207,18 +207,33 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     config.write_text(passthrough_config(src, args.layers, args.factor))
     steps: dict[str, list[tuple[float, int]]] = {
         k: []
-        for k in ("mergekit", "convert_to_torch_dist", "grow", "convert_to_hf", "megastack_hf_to_hf", "grow_2_ranks")
+        for k in (
+            "mergekit",
+            "megastack_grow_hf",
+            "megastack_grow_hf_2_ranks",
+            "convert_to_torch_dist",
+            "grow",
+            "convert_to_hf",
+            "megastack_hf_to_hf",
+            "grow_2_ranks",
+        )
     }
     bounds: list[float] = []
     identical, tensors = None, 0
     for i in range(args.repeats):
         td, grown, hf_out, mk_out = work / "td", work / "grown", work / "hf-out", work / "mk-out"
-        for p in (td, grown, hf_out, mk_out, work / "grown2"):
+        direct, direct2 = work / "hf-direct", work / "hf-direct-2"
+        for p in (td, grown, hf_out, mk_out, work / "grown2", direct, direct2):
             shutil.rmtree(p, ignore_errors=True)
         if mergekit["available"]:
             steps["mergekit"].append(
                 timed([args.mergekit, str(config), str(mk_out), "--no-copy-tokenizer", "--no-write-model-card"], env)
             )
+        # HF in, HF out in one command (1 and 2 ranks): mergekit's job as mergekit does it
+        steps["megastack_grow_hf"].append(
+            timed(megastack_cmd("grow", str(src), str(direct), "--factor", str(args.factor)), env)
+        )
+        steps["megastack_grow_hf_2_ranks"].append(grow_two_ranks(src, direct2, args.factor, env))
         a = timed(megastack_cmd("convert", str(src), str(td), "--to", "torch_dist"), env)
         b = timed(megastack_cmd("grow", str(td), str(grown), "--factor", str(args.factor)), env)
         c = timed(megastack_cmd("convert", str(grown), str(hf_out), "--to", "hf"), env)
@@ -228,8 +243,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         steps["megastack_hf_to_hf"].append((a[0] + b[0] + c[0], max(a[1], b[1], c[1])))
         steps["grow_2_ranks"].append(grow_two_ranks(td, work / "grown2", args.factor, env))
         out_bytes = dir_bytes(hf_out)
+        if i == 0:
+            results["direct_equals_three_commands"] = same_tensors(direct, hf_out)[0]
+            results["direct_2_ranks_equals_1"] = same_tensors(direct2, direct)[0]
         if mergekit["available"] and i == 0:
-            identical, tensors = same_tensors(mk_out, hf_out)
+            identical, tensors = same_tensors(mk_out, direct)
             results["mergekit_output_bytes"] = dir_bytes(mk_out)
         results["megastack_output_bytes"] = out_bytes
         bounds.append(io_bound(src, out_bytes, work / "io_bound.bin"))

@@ -318,6 +318,8 @@ def render_mergekit(r: dict[str, Any]) -> list[str]:
     lines += ["| what | input -> output | wall (median) | wall / I/O bound | peak RSS |", "|---|---|---|---|---|"]
     names = {
         "mergekit": ("mergekit-yaml passthrough", "HF -> HF"),
+        "megastack_grow_hf": ("megastack grow --factor 4 (1 rank, one command)", "HF -> HF"),
+        "megastack_grow_hf_2_ranks": ("megastack grow --factor 4 (2 ranks, one command)", "HF -> HF"),
         "megastack_hf_to_hf": ("megastack convert + grow + convert (sum)", "HF -> HF"),
         "convert_to_torch_dist": ("  megastack convert --to torch_dist", "HF -> torch_dist"),
         "grow": ("  megastack grow --factor 4 (1 rank)", "torch_dist -> torch_dist"),
@@ -327,10 +329,19 @@ def render_mergekit(r: dict[str, Any]) -> list[str]:
     for key, (label, io) in names.items():
         if key in steps:
             s = steps[key]
-            ratio = f"{s['median_wall_s'] / bound:.1f}x" if key in ("mergekit", "megastack_hf_to_hf") else "-"
+            hf_to_hf = ("mergekit", "megastack_grow_hf", "megastack_grow_hf_2_ranks", "megastack_hf_to_hf")
+            ratio = f"{s['median_wall_s'] / bound:.1f}x" if key in hf_to_hf else "-"
             lines.append(
                 f"| {label} | {io} | {s['median_wall_s']:.1f} s | {ratio} | {s['peak_rss_bytes'] / MIB:.0f} MiB |"
             )
+    if "direct_equals_three_commands" in r:
+        lines += [
+            "",
+            "One-command HF grow output equals the convert + grow + convert output: "
+            f"{r['direct_equals_three_commands']}; its 2-rank output equals its 1-rank output: "
+            f"{r['direct_2_ranks_equals_1']} (tensors compared byte for byte; mergekit's compared with the "
+            "one-command output).",
+        ]
     lines += [
         "",
         f"I/O bound of the HF -> HF job (read the source once, write {r['megastack_output_bytes'] / GIB:.2f} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -609,3 +610,72 @@ def test_mergekit_yaml_errors_are_one_line(tmp_path, text, needle):
     with pytest.raises(UserError) as info:
         parse_layer_map(str(config), 6)
     assert needle in str(info.value) and "\n" not in str(info.value) and str(config) in str(info.value)
+
+
+def test_hf_grows_natively_into_hf_as_mergekit_passthrough_would(tmp_path):
+    """HF in, HF out, one command, split over 2 ranks: every output tensor is byte-for-byte the source
+    tensor the layer map names (what mergekit's passthrough copies), config.json keeps every field but the
+    depth, and transformers' LlamaForCausalLM loads it with the logits of the source stacked by hand."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from megastack.ckpt.execute import Comm, execute
+    from megastack.ckpt.hf import HFWriter
+    from megastack.dist import launch_local
+    from megastack.layout import take_pieces
+
+    cfg = small_config(num_layers=3)
+    source_model = reference(cfg)
+    tensors = logical_of(source_model)
+    src = tmp_path / "hf"
+    manifest = {"format": "hf", "model": {}, "history": []}
+    execute(
+        HFWriter(cfg, torch.float32, 1 << 30),
+        lambda n, p: take_pieces(tensors[n], p),
+        src,
+        Comm(),
+        manifest,
+        iteration=None,
+    )
+    (src / "megastack.json").unlink()  # as downloaded: transformers' files only
+    config = tmp_path / "solar.yaml"
+    config.write_text(
+        "slices:\n"
+        + "".join(f"  - sources:\n      - model: m\n        layer_range: [{a}, {b}]\n" for a, b in ((0, 3), (1, 3)))
+    )
+    dst = tmp_path / "grown"
+    argv = [sys.executable, "-m", "megastack", "grow", str(src), str(dst), "--layer-map", str(config)]
+    result = launch_local(argv, 2, timeout=300)
+    assert result.ok, result.describe()
+    layer_map = [0, 1, 2, 1, 2]
+    before, after = {}, {}
+    for f in src.glob("*.safetensors"):
+        before |= load_file(f)
+    for f in dst.glob("*.safetensors"):
+        after |= load_file(f)
+    prefix = "model.layers."
+    expected = {k: v for k, v in before.items() if not k.startswith(prefix)}
+    for i, j in enumerate(layer_map):
+        for k, v in before.items():
+            if k.startswith(f"{prefix}{j}."):
+                expected[f"{prefix}{i}." + k[len(f"{prefix}{j}.") :]] = v
+    assert after.keys() == expected.keys()
+    assert all(torch.equal(after[k], expected[k]) for k in expected)
+    src_config, dst_config = (json.loads((d / "config.json").read_text()) for d in (src, dst))
+    assert dst_config.pop("num_hidden_layers") == 5
+    assert {k: v for k, v in src_config.items() if k != "num_hidden_layers"} == dst_config
+    hf = transformers.LlamaForCausalLM.from_pretrained(dst, torch_dtype=torch.float32).eval()
+    stacked = ReferenceLlama(replace(cfg, num_layers=5)).eval()
+    state = source_model.state_dict()
+    stacked.load_state_dict(
+        {k: v for k, v in state.items() if not k.startswith(prefix)}
+        | {
+            f"{prefix}{i}." + k[len(f"{prefix}{j}.") :]: v
+            for i, j in enumerate(layer_map)
+            for k, v in state.items()
+            if k.startswith(f"{prefix}{j}.")
+        }
+    )
+    tokens = sample_tokens(cfg)
+    with torch.no_grad():
+        assert (hf(tokens).logits - stacked(tokens)).abs().max().item() < 1e-5

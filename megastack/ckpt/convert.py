@@ -136,7 +136,7 @@ def run(job: Conversion, dst: str | os.PathLike, comm: Comm, progress: bool = Fa
         dst,
         comm,
         job.manifest,
-        iteration=None if to == "hf" else job.iteration,
+        iteration=job.iteration if formats.get(to).iteration_dirs else None,
         progress=bar.update,
         source=job.reader.path,
     )

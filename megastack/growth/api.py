@@ -109,6 +109,7 @@ def grow(
         dst,
         comm,
         job.manifest,
+        iteration=0 if formats.get(job.writer.format).iteration_dirs else None,  # HF files go straight in DST
         progress=bar.update,
         order_key=job.plan.source_key,
         source=job.reader.path,
@@ -124,8 +125,6 @@ def make_writer(
     """Writer for the target in the source's format (legacy may change TP/PP). The output's Megatron-LM
     args are the source's with the new shape and a new stage's counters (iteration 0, no samples seen)."""
     out = formats.get(fmt or reader.format)
-    if out.name == "hf":
-        raise NotBuiltError("growing hf checkpoints is not built; convert to torch_dist first")
     if not out.cut_by_rank and (tp is not None or pp is not None or norm_names is not None):
         raise UserError(
             f"--tp/--pp/--norm-names apply to legacy output; a {out.name} checkpoint loads under any "
