@@ -54,8 +54,26 @@ class Piece:
     length: int
 
 
+# Adam's state per weight, named as megatron-core names it in the model's own sharded space
+# (optimizer.state.<state>.<model key> in torch_dist): the fp32 master copy and the two moments.
+OPTIMIZER_STATES = ("fp32_param", "exp_avg", "exp_avg_sq")
+
+
+def state_name(state: str, name: str) -> str:
+    """The logical name of Adam's ``state`` of weight ``name``: 'exp_avg/layers.3.qkv'. It has the weight's
+    shape and TP cut, so readers, plans and writers treat it as one more tensor."""
+    return f"{state}/{name}"
+
+
+def split_state(name: str) -> tuple[str | None, str]:
+    """'exp_avg/layers.3.qkv' -> ('exp_avg', 'layers.3.qkv'); a weight's own name -> (None, name)."""
+    state, sep, weight = name.partition("/")
+    return (state, weight) if sep else (None, name)
+
+
 def split_name(name: str) -> tuple[int | None, str]:
-    """'layers.3.qkv' -> (3, 'qkv'); 'embedding' -> (None, 'embedding')."""
+    """'layers.3.qkv' -> (3, 'qkv'); 'embedding' -> (None, 'embedding'); Adam's state as its weight."""
+    name = split_state(name)[1]
     m = _LAYER_NAME.match(name)
     if m:
         return int(m.group(1)), m.group(2)

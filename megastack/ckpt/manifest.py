@@ -50,6 +50,7 @@ _FIELDS: dict[str, type] = {
     "files": dict,
     "growth": dict,
     "format": str,
+    "optimizer": dict,  # Adam's step and which states the checkpoint carries (train/optimizer_state.py)
 }
 
 

@@ -49,12 +49,16 @@ METADATA_JSON = {
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float64: 8}
 
 
+OPTIMIZER_KEY = "optimizer.state."  # megatron-core's model-space optimizer keys: optimizer.state.<state>.<key>
+
+
 def dcp_key(name: str) -> tuple[str, int | None]:
-    """Logical name -> (DCP key, layer index on the leading axis or None)."""
+    """Logical name -> (DCP key, layer index on the leading axis or None); Adam's state of a weight
+    ('exp_avg/layers.3.qkv') is the weight's key under optimizer.state.exp_avg."""
+    state, _ = layout.split_state(name)
     layer, kind = layout.split_name(name)
-    if layer is None:
-        return layout.MCORE_GLOBAL[kind], None
-    return "decoder.layers." + layout.MCORE_LAYER_TE[kind], layer
+    key = layout.MCORE_GLOBAL[kind] if layer is None else "decoder.layers." + layout.MCORE_LAYER_TE[kind]
+    return (f"{OPTIMIZER_KEY}{state}.{key}" if state else key), layer
 
 
 def extra_state_keys(num_layers: int) -> list[str]:
@@ -128,10 +132,21 @@ class TorchDistReader:
                     "checkpoint is incomplete or corrupt"
                 )
 
-    def _check_shapes(self) -> None:
+    def optimizer_states(self) -> tuple[str, ...]:
+        """Which of Adam's states this checkpoint holds for every weight (megastack's trainer writes them at
+        the end of a stage), each checked like the weights; () when it holds none."""
+        keys = self.metadata.state_dict_metadata
+        present = tuple(
+            state for state in layout.OPTIMIZER_STATES if f"{OPTIMIZER_KEY}{state}.{dcp_key('embedding')[0]}" in keys
+        )
+        for state in present:
+            self._check_shapes([layout.state_name(state, n) for n in layout.logical_names(self.cfg)])
+        return present
+
+    def _check_shapes(self, names: list[str] | None = None) -> None:
         sd = self.metadata.state_dict_metadata
         checked: set[str] = set()
-        for name in layout.logical_names(self.cfg):
+        for name in names or layout.logical_names(self.cfg):
             key, layer = dcp_key(name)
             if key not in sd or not isinstance(sd[key], TensorStorageMetadata):
                 raise UserError(

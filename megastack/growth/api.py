@@ -56,8 +56,9 @@ def prepare(
     which plans with the maps at their initial value and reads no data."""
     if spec.carry_optimizer:
         raise NotBuiltError(
-            "--carry-optimizer (stacking Adam moments) is not built yet; grow without it "
-            "(the paper re-initialises the optimizer after growth)"
+            "--carry-optimizer (Adam's state through growth) is not built yet: megastack's trainer writes the "
+            "state and carries it across layouts (init_optimizer: carried), but the grow plan does not apply "
+            "to it yet; grow without it (the paper re-initialises the optimizer after growth)"
         )
     src = str(src)
     reader = open_checkpoint(src, check_files=not dry_run)

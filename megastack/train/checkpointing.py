@@ -189,8 +189,10 @@ def save(
     manifest: dict[str, Any],
     client_state: dict[str, Any],
     keep_last: int,
+    optimizer_states: tuple[str, ...] = (),
 ) -> Path:
-    """Write iteration ``iteration`` (collective: every rank calls it). Returns the published directory."""
+    """Write iteration ``iteration`` (collective: every rank calls it). Returns the published directory.
+    ``optimizer_states``: Adam's state also written in the model's sharded space (train/optimizer_state.py)."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -207,7 +209,12 @@ def save(
     _barrier()
     module = engine.module
     with _model_state(module, zero_stage):
-        dist_checkpointing.save(module.sharded_state_dict(), str(staging))
+        state = module.sharded_state_dict()
+        if optimizer_states:
+            from megastack.train.optimizer_state import export_entries
+
+            state |= export_entries(module, engine, state, optimizer_states)
+        dist_checkpointing.save(state, str(staging))
     _maybe_fault(iteration)
     engine.save_checkpoint(str(staging), tag=ENGINE_DIR, client_state=client_state, save_latest=False)
     torch.save({"torch": torch.get_rng_state()}, staging / ENGINE_DIR / f"rng_rank{rank:05d}.pt")

@@ -165,7 +165,12 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(train_iters=100))
     init_from: str | None = None  # torch_dist checkpoint to start from (weights only)
-    init_optimizer: Literal["fresh", "carried"] = "fresh"  # after growth the paper re-creates AdamW
+    # fresh: a new AdamW (the paper, after growth); carried: init_from's Adam state (moments, step), read
+    # in the model's sharded space, so under any ZeRO stage, DP size, TP or PP
+    init_optimizer: Literal["fresh", "carried"] = "fresh"
+    # Adam's state also written in the model's sharded space (what `carried` and growth read): at the
+    # stage's last checkpoint, at every save, or never; it adds 2-3x the fp32 model to a checkpoint
+    export_optimizer: Literal["final", "always", "never"] = "final"
     mask_ramp_steps: int = 100  # G_random new blocks and width slices: scaled by min(1, step / N)
     resume: bool = True  # continue from out_dir's newest complete checkpoint when there is one
     seed: int = 1234

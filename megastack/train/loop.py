@@ -26,9 +26,9 @@ import torch
 
 from megastack import flops
 from megastack.ckpt.manifest import build_manifest, lineage
-from megastack.errors import NotBuiltError, UserError
+from megastack.errors import UserError
 from megastack.fsio import atomic_write_text
-from megastack.train import checkpointing, data
+from megastack.train import checkpointing, data, optimizer_state
 from megastack.train.config import TrainConfig, load_train_config
 from megastack.train.engine import Batch, Stepper, check_layout, initialize, learning_rate
 from megastack.train.ramp import MaskRamp
@@ -229,11 +229,8 @@ def check_inputs(config: TrainConfig) -> Inputs:
     prefixes, tokenizer = _on_rank0_first(
         data.resolve_data, list(config.data.prefixes), config.data.tokenizer, cfg.vocab_size
     )
-    if config.init_from and config.init_optimizer == "carried" and resume_from is None:
-        raise NotBuiltError(
-            "init_optimizer: carried is not built yet (growth does not write optimizer state); "
-            "use the default 'fresh' (the paper re-creates AdamW after growth)"
-        )
+    if config.init_optimizer == "carried" and not config.init_from:
+        raise UserError("init_optimizer: carried needs init_from (the checkpoint whose Adam state to carry)")
     total_iters = config.schedule.iterations(global_batch * cfg.seq_length)
     return Inputs(rank, world, global_batch, accumulation, total_iters, resume_from, prefixes, tokenizer)
 
@@ -259,6 +256,7 @@ class Stage:
         self.ramp: MaskRamp | None = None
         self.logs: Logs | None = None
         self.checkpoint: str | None = None
+        self.carried_step: int | None = None  # init_optimizer: carried: the Adam step it continues from
         self.tokens_per_iter = inputs.global_batch * self.cfg.seq_length
         self.iter_flops = flops.flops_per_iteration(self.cfg, inputs.global_batch)
 
@@ -300,6 +298,8 @@ class Stage:
         if resume_from:
             client = checkpointing.load_engine_state(self.engine, resume_from)
             self.start_iter, self.consumed_samples = int(client["iteration"]), int(client["consumed_samples"])
+        elif config.init_optimizer == "carried":
+            self.carried_step = optimizer_state.carry_in(self.engine, module, self.cfg, source, source_manifest)
         self.datasets = data.build_datasets(
             inputs.prefixes,
             config.data.weights,
@@ -335,6 +335,7 @@ class Stage:
             f"{inputs.total_iters} iterations"
             + (f", resuming at {self.start_iter} from {resume_from}" if resume_from else "")
             + (f", from {config.init_from}" if config.init_from and not resume_from else "")
+            + (f", Adam's state carried (step {self.carried_step})" if self.carried_step is not None else "")
         )
 
     def _ramp_info(self, source_manifest: dict[str, Any], source: Path | None) -> dict[str, Any] | None:
@@ -406,9 +407,15 @@ class Stage:
                 "losses": asdict(self.losses),
             },
         )
+        export = self.config.export_optimizer == "always" or (
+            self.config.export_optimizer == "final" and iteration == self.inputs.total_iters
+        )
+        states = optimizer_state.adam_states(self.par.precision) if export else ()
+        if export:
+            manifest["optimizer"] = {"step": optimizer_state.adam_step(self.engine), "states": list(states)}
         client = {"iteration": iteration, "consumed_samples": self.consumed_samples}
         path = checkpointing.save(
-            self.out, iteration, self.engine, self.par.zero_stage, manifest, client, self.sched.keep_last
+            self.out, iteration, self.engine, self.par.zero_stage, manifest, client, self.sched.keep_last, states
         )
         self.checkpoint = str(path)
         self.logs.record("save", iteration=iteration, path=str(path))
