@@ -131,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="legacy output: norm keys for Megatron-LM's "
         "--transformer-impl transformer_engine or local (default: as the source)",
     )
-    p.add_argument("--carry-optimizer", action="store_true", help="EXPERIMENTAL: stack Adam moments like weights")
+    p.add_argument(
+        "--carry-optimizer",
+        action="store_true",
+        help="grow Adam's state with the weights (a torch_dist checkpoint megastack train wrote; depth operators)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the per-rank plan (reads, writes, peak memory) only")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     p.add_argument("--ranks", type=positive, help="with --dry-run: plan for this many ranks (default: the launcher's)")

@@ -19,7 +19,7 @@ import torch
 
 from megastack import layout, untrusted
 from megastack.config import ModelConfig
-from megastack.errors import UserError
+from megastack.errors import NotBuiltError, UserError
 from megastack.layout import Piece, pieces_shape
 
 Read = Callable[[str, "list[Piece] | None"], torch.Tensor]
@@ -129,6 +129,51 @@ class Noisy:
         return self.base.sources(pieces)
 
 
+@dataclass(frozen=True)
+class AsWeight:
+    """``base`` produced as if it were weight ``weight``: the fp32 master copy of a freshly drawn or noised
+    weight gets the very values the weight gets (random values are seeded by the target's name)."""
+
+    base: Any
+    weight: str
+
+    def produce(self, target: str, shape: tuple[int, ...], read: Read, pieces, dtype) -> torch.Tensor:
+        return self.base.produce(self.weight, shape, read, pieces, dtype)
+
+    def sources(self, pieces) -> list[tuple[str, Any]]:
+        return self.base.sources(pieces)
+
+
+def state_recipe(recipe: Any, state: str, weight: str) -> Any:
+    """What Adam's ``state`` of target weight ``weight`` is made of, given the weight's recipe. Moments:
+    copied where the weight is copied (stack, and G_zero's first copies), zero where the weight is zero or
+    freshly drawn (G_zero's zeroed outputs, G_random's new blocks), as copied under noise (the noise is
+    the weight's, not its history's). The fp32 master copy: the weight's own recipe, read from the
+    source's master copies."""
+    if isinstance(recipe, Copy):
+        return Copy(layout.state_name(state, recipe.source))
+    if isinstance(recipe, Zeros):
+        return Zeros()
+    if isinstance(recipe, RandomInit):
+        return AsWeight(recipe, weight) if state == "fp32_param" else Zeros()
+    if isinstance(recipe, Noisy):
+        base = state_recipe(recipe.base, state, weight)
+        return AsWeight(Noisy(base, recipe.alpha, recipe.std, recipe.seed), weight) if state == "fp32_param" else base
+    raise NotBuiltError(
+        f"carrying Adam's state through {type(recipe).__name__} recipes (width or learned growth) is not built "
+        "yet; grow depth with stack, zero or random, or grow without --carry-optimizer"
+    )
+
+
+def with_optimizer_state(plan: Plan, states: tuple[str, ...]) -> Plan:
+    """The same plan applied to Adam's state of every target weight, as one more set of target tensors."""
+    recipes = dict(plan.recipes)
+    for name in layout.logical_names(plan.target):
+        for state in states:
+            recipes[layout.state_name(state, name)] = state_recipe(plan.recipes[name], state, name)
+    return Plan(plan.source, plan.target, recipes, plan.info | {"optimizer_states": list(states)})
+
+
 @dataclass
 class Plan:
     """Everything the executor needs to build the target, plus what the manifest records."""
@@ -152,7 +197,8 @@ class Plan:
 
         def produce(name: str, pieces: list[Piece] | None) -> torch.Tensor:
             shape = layout.logical_shape(self.target, name)
-            return self.recipes[name].produce(name, shape, read, pieces, dtype)
+            out_dtype = torch.float32 if layout.split_state(name)[0] else dtype  # Adam's state stays fp32
+            return self.recipes[name].produce(name, shape, read, pieces, out_dtype)
 
         return produce
 

@@ -9,6 +9,7 @@ optimizer it does not.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -42,9 +43,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
 
 
-def stage(out: Path, init: Path, iters: int, carried: bool, **parallel) -> dict:
+def stage(out: Path, init: Path, iters: int, carried: bool, model: dict = MODEL, **parallel) -> dict:
     return {
-        "model": MODEL,
+        "model": model,
         "out_dir": str(out),
         "init_from": str(init),
         "init_optimizer": "carried" if carried else "fresh",
@@ -115,14 +116,81 @@ def reference(tmp: Path):
         return history
 
     first = run(FIRST)
+    snapshot = copy.deepcopy(model), {n: copy.deepcopy(opt.state[p]) for n, p in model.named_parameters()}
     second = run(SECOND)
-    return init, first, second, layout.logical_from_hf(model.state_dict(), cfg)
+    return init, first, second, layout.logical_from_hf(model.state_dict(), cfg), snapshot, data
+
+
+def grown_reference(snapshot, data, operator: str):
+    """The small model after the first stage and its AdamW state, stacked x2 by hand (G_zero: the repeated
+    blocks' attention and MLP outputs zero, their moments zero), then the second stage's steps."""
+    from megastack import layout
+    from megastack.config import ModelConfig
+    from megastack.model.reference import ReferenceLlama
+    from megastack.train.config import OptimizerConfig
+    from megastack.train.engine import learning_rate
+
+    small, small_state = snapshot
+    layers = MODEL["num_layers"]
+    cfg = ModelConfig(**{**MODEL, "num_layers": 2 * layers})
+    model = ReferenceLlama(cfg)
+
+    def source_of(name: str) -> str:
+        if name.startswith("model.layers."):
+            index, rest = name[len("model.layers.") :].split(".", 1)
+            return f"model.layers.{int(index) % layers}.{rest}"
+        return name
+
+    def zeroed(name: str) -> bool:
+        repeated = name.startswith("model.layers.") and int(name.split(".")[2]) >= layers
+        return operator == "zero" and repeated and name.endswith(("o_proj.weight", "down_proj.weight"))
+
+    source = dict(small.named_parameters())
+    state = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.zeros_like(param) if zeroed(name) else source[source_of(name)])
+            s = small_state[source_of(name)]
+            state[name] = {
+                k: (torch.zeros_like(v) if zeroed(name) and k != "step" else v.clone()) for k, v in s.items()
+            }
+    opt_cfg = OptimizerConfig(**OPTIMIZER)
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": opt_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=opt_cfg.lr,
+        betas=tuple(opt_cfg.betas),
+        eps=opt_cfg.eps,
+        foreach=False,
+    )
+    for name, param in model.named_parameters():
+        opt.state[param] = state[name]
+    history = []
+    for step in range(SECOND):
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, opt_cfg, SECOND)
+        chunk = []
+        for start in range(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH, MICRO):
+            items = [data.train[i] for i in range(start, start + MICRO)]
+            tokens = torch.stack([x["tokens"] for x in items])
+            labels = torch.stack([x["labels"] for x in items])
+            mask = torch.stack([x["loss_mask"] for x in items]).float()
+            per_token = F.cross_entropy(model(tokens).flatten(0, 1), labels.flatten(), reduction="none")
+            chunk.append((per_token * mask.flatten()).sum() / mask.sum())
+        loss = torch.stack(chunk).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.clip_grad)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        history.append(loss.item())
+    return history, layout.logical_from_hf(model.state_dict(), cfg)
 
 
 @pytest.fixture(scope="module")
 def carried(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("carry")
-    init, first, second, weights = reference(tmp)
+    init, first, second, weights, snapshot, data = reference(tmp)
     bf16 = {"precision": "bf16"}
     first_runs = [
         {"name": "first", "config": stage(tmp / "first", init, FIRST, False)},
@@ -139,13 +207,30 @@ def carried(tmp_path_factory):
     runs = [{"name": n, "config": stage(tmp / n, tmp / "first", SECOND, True, **p)} for n, p in layouts.items()]
     runs.append({"name": "fresh", "config": stage(tmp / "fresh", tmp / "first", SECOND, False)})
     runs.append({"name": "bf16", "config": stage(tmp / "bf16", tmp / "first_bf16", SECOND, True, zero_stage=2, **bf16)})
+    # growth with the optimizer: the first stage's checkpoint stacked x2 (and by G_zero), Adam's state too
+    from megastack.ckpt.execute import Comm
+    from megastack.growth.api import grow
+    from megastack.growth.spec import GrowthSpec
+
+    grown = {}
+    for operator in ("stack", "zero"):
+        grow(
+            tmp / "first", tmp / f"grown_{operator}", GrowthSpec(operator, factor=2, carry_optimizer=True), comm=Comm()
+        )
+        grown[operator] = grown_reference(snapshot, data, operator)
+    big = {**MODEL, "num_layers": 2 * MODEL["num_layers"]}
+    grown_layouts = {"g_zero1": {}, "g_zero3": {"zero_stage": 3}, "g_tp2": {"tensor": 2}, "g_pp2": {"pipeline": 2}}
+    for n, p in grown_layouts.items():
+        runs.append({"name": n, "config": stage(tmp / n, tmp / "grown_stack", SECOND, True, model=big, **p)})
+    runs.append({"name": "g_zero", "config": stage(tmp / "g_zero", tmp / "grown_zero", SECOND, True, model=big)})
     results = small | launch(tmp, "second", 2, runs)
     one = [
         {"name": "single", "config": stage(tmp / "single", tmp / "first", SECOND, True)},
         {"name": "no_state", "config": stage(tmp / "no_state", init, SECOND, True)},  # init has no Adam state
+        {"name": "g_single", "config": stage(tmp / "g_single", tmp / "grown_stack", SECOND, True, model=big)},
     ]
     results |= launch(tmp, "one", 1, one)
-    return {"tmp": tmp, "first": first, "second": second, "weights": weights, "results": results}
+    return {"tmp": tmp, "first": first, "second": second, "weights": weights, "results": results, "grown": grown}
 
 
 def test_first_stage_writes_adams_state_in_model_space(carried):
@@ -209,3 +294,45 @@ def test_carrying_from_a_checkpoint_without_adam_state_is_one_line(carried):
     error = carried["results"]["no_state"]["error"]
     assert "init_optimizer: carried" in error and "has no Adam state" in error and "\n" not in error
     assert not (carried["tmp"] / "no_state" / "latest_checkpointed_iteration.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "name,operator",
+    [
+        ("g_single", "stack"),
+        ("g_zero1", "stack"),
+        ("g_zero3", "stack"),
+        ("g_tp2", "stack"),
+        ("g_pp2", "stack"),
+        ("g_zero", "zero"),
+    ],
+)
+def test_growth_carries_adams_state(carried, name, operator):
+    """train k -> grow --carry-optimizer -> train n (carried) equals the small model and its AdamW state
+    stacked by hand and stepped n more times, under every layout (and another DP size than the first stage's)."""
+    from megastack.ckpt.detect import open_checkpoint
+
+    result = carried["results"][name]
+    assert "error" not in result, result
+    expected_losses, expected_weights = carried["grown"][operator]
+    got = losses(carried["tmp"] / name)
+    assert len(got) == SECOND and all(abs(a - b) <= RTOL * abs(b) for a, b in zip(got, expected_losses)), (
+        got,
+        expected_losses,
+    )
+    reader = open_checkpoint(result["checkpoint"])
+    for logical, want in expected_weights.items():
+        have, want = reader.read(logical).double(), want.double()
+        if operator == "zero" and logical in zeroed_by_g_zero():
+            # started at 0 with zero moments, Adam moves each entry by about lr * g / (|g| + eps) per step:
+            # entries whose gradient is near eps swing with rounding, so the bound is on the movement itself
+            assert (have - want).abs().max().item() <= 0.05 * OPTIMIZER["lr"] * SECOND, (name, logical)
+        else:
+            assert rel(have, want) <= WEIGHTS_RTOL, (name, logical, rel(have, want))
+    manifest = json.loads((carried["tmp"] / f"grown_{operator}" / "iter_0000000" / "megastack.json").read_text())
+    assert manifest["optimizer"] == {"step": FIRST, "states": ["exp_avg", "exp_avg_sq"]}
+
+
+def zeroed_by_g_zero() -> set[str]:
+    layers = MODEL["num_layers"]
+    return {f"layers.{i}.{kind}" for i in range(layers, 2 * layers) for kind in ("proj", "fc2")}

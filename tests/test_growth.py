@@ -363,11 +363,14 @@ def test_destination_rules(sources):
     assert tree_digest(td) == before and not (sources / "o").exists()
 
 
-def test_unbuilt_options_exit_2(sources):
-    for flags in (["--factor", "2", "--carry-optimizer"],):  # width and learn: tests/test_growth_{width,learn}.py
-        proc = run_cli("grow", str(sources / "td"), str(sources / "o"), *flags)
-        assert proc.returncode == 2 and "not built yet" in proc.stderr, proc.stderr
-        assert not (sources / "o").exists()
+def test_carry_optimizer_needs_adams_state(sources):
+    """--carry-optimizer (tests/test_carry_optimizer.py grows real training checkpoints): a checkpoint without
+    Adam's state is one line (exit 1); from legacy files it is not built yet (exit 2). Nothing is written."""
+    proc = run_cli("grow", str(sources / "td"), str(sources / "o"), "--factor", "2", "--carry-optimizer")
+    assert proc.returncode == 1 and "has no Adam state" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    proc = run_cli("grow", str(sources / "legacy"), str(sources / "o"), "--factor", "2", "--carry-optimizer")
+    assert proc.returncode == 2 and "not built yet" in proc.stderr, proc.stderr
+    assert not (sources / "o").exists()
 
 
 def test_multi_rank_grow_equals_single_rank(sources):

@@ -408,3 +408,27 @@ def test_summary_claims_a_saving_only_when_growth_made_it(tmp_path, small_final,
         1000 / 1_738_880
     )
     assert (tmp_path / "loss_vs_flops.png").stat().st_size > 1000
+
+
+@pytest.mark.timeout(900)
+def test_recipe_carries_adams_state_through_growth(tmp_path):
+    """growth: {carry_optimizer: true}: the small stage's Adam state is grown with the weights and the large
+    stage continues it (init_optimizer: carried) instead of starting a fresh AdamW."""
+    from megastack.config import from_dict
+    from megastack.run.dirs import RunDirs
+    from megastack.run.recipe import Recipe
+    from megastack.run.stages import stage_configs
+
+    data = {**MICRO, "name": "carry", "growth": {"operator": "stack", "factor": 4, "carry_optimizer": True}}
+    stages = {s.name: s for s in stage_configs(from_dict(Recipe, data), RunDirs(tmp_path / "c"), 1)}
+    assert stages["large"].train.init_optimizer == "carried" and stages["small"].train.init_optimizer == "fresh"
+    recipe = tmp_path / "carry.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    proc = run_cli("run", str(recipe), "--out", str(tmp_path / "c"), "--nproc", "1", timeout=800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    grown = json.loads((tmp_path / "c" / "grown" / "iter_0000000" / "megastack.json").read_text())
+    assert grown["optimizer"] == {
+        "step": MICRO["small"]["schedule"]["train_iters"],
+        "states": ["exp_avg", "exp_avg_sq"],
+    }
+    assert "Adam's state carried (step 6)" in proc.stdout

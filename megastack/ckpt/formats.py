@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from megastack.ckpt.manifest import model_from_manifest
 from megastack.config import ModelConfig, ParallelConfig
-from megastack.errors import UserError
+from megastack.errors import NotBuiltError, UserError
 
 if TYPE_CHECKING:  # the CLI imports this module for --to's choices: no torch at import time
     import torch
@@ -41,6 +41,7 @@ class WriteOptions:
     args: Any = None  # Megatron-LM's args for the output (megatron_args.for_output)
     te_names: bool = True  # legacy: Transformer Engine norm key names
     shard_bytes: int | None = None  # hf: the largest safetensors file (None: the format's default)
+    optimizer_states: tuple[str, ...] = ()  # torch_dist: Adam's states written beside the weights
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class Format:
     saved_state: Callable[[Path], SavedState] | None = None
     files_per_tensor: bool = True  # inspect lists each tensor's file (not for DCP's shards)
     iteration_dirs: bool = True  # lives in iter_NNNNNNN directories (its iteration from the name)
+    optimizer_state: bool = False  # reads and writes Adam's state beside the weights (--carry-optimizer)
 
 
 # (rank 0's state dict or common.pt, names of sharded entries, a description of the optimizer state or None)
@@ -91,7 +93,9 @@ def _td_open(directory: Path, model: ModelConfig | None, check_files: bool) -> R
 def _td_writer(cfg: ModelConfig, dtype: torch.dtype, options: WriteOptions) -> Writer:
     from megastack.ckpt.torch_dist import TorchDistWriter
 
-    return TorchDistWriter(cfg, dtype, args=options.args, iteration=options.iteration)
+    return TorchDistWriter(
+        cfg, dtype, args=options.args, iteration=options.iteration, optimizer_states=options.optimizer_states
+    )
 
 
 def _td_stored(directory: Path) -> tuple[ModelConfig | None, list[Stored], None]:
@@ -233,6 +237,7 @@ FORMATS: dict[str, Format] = {  # in detection order
         megatron=True,
         saved_state=_td_state,
         files_per_tensor=False,
+        optimizer_state=True,
     ),
     "hf": Format(
         "hf",
@@ -285,6 +290,7 @@ def make_writer(
     new_stage: bool = False,
     norm_names: str | None = None,
     shard_bytes: int | None = None,
+    optimizer_states: tuple[str, ...] = (),
 ) -> Writer:
     """The ``name`` writer for ``target``. Megatron outputs carry ``reader``'s Megatron-LM args with the new
     shape, layout and dtype (``new_stage``: the counters of a new training stage), or fresh args."""
@@ -297,7 +303,17 @@ def make_writer(
         args, te_names = megatron_args.for_output(
             reader, target, *layout, dtype, iteration=iteration, new_stage=new_stage, norm_names=norm_names
         )
-    options = WriteOptions(tp=tp, pp=pp, iteration=iteration, args=args, te_names=te_names, shard_bytes=shard_bytes)
+    if optimizer_states and not fmt.optimizer_state:
+        raise NotBuiltError(f"writing Adam's state in {name} checkpoints is not built yet; write torch_dist")
+    options = WriteOptions(
+        tp=tp,
+        pp=pp,
+        iteration=iteration,
+        args=args,
+        te_names=te_names,
+        shard_bytes=shard_bytes,
+        optimizer_states=tuple(optimizer_states),
+    )
     return fmt.writer(target, dtype, options)
 
 

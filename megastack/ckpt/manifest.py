@@ -231,3 +231,23 @@ def source_identity(directory: str | os.PathLike) -> dict[str, Any]:
             sizes[path.relative_to(directory).as_posix()] = path.stat().st_size
     listing = json.dumps(dict(sorted(sizes.items())), sort_keys=True)
     return {"source_files_sha256": hashlib.sha256(listing.encode()).hexdigest(), "source_bytes": sum(sizes.values())}
+
+
+def optimizer_block(manifest: dict[str, Any], where: str) -> tuple[int, tuple[str, ...]]:
+    """(step, states) of megastack.json's ``optimizer`` block, typed; a checkpoint without one is refused
+    (init_optimizer: carried and grow --carry-optimizer need Adam's state)."""
+    from megastack.layout import OPTIMIZER_STATES
+
+    block = manifest.get("optimizer")
+    fix = "start with a fresh optimizer, or from a checkpoint that carries Adam's state"
+    if not isinstance(block, dict):
+        raise UserError(
+            f"{where} has no Adam state (megastack.json has no 'optimizer' block: saved with "
+            "export_optimizer: never, not a stage's last checkpoint, or not written by megastack's trainer); "
+            f"{fix}"
+        )
+    step = untrusted.typed(block.get("step"), int, where, "field 'optimizer.step'", fix, minimum=0)
+    states = untrusted.typed(block.get("states"), list, where, "field 'optimizer.states'", fix)
+    if not all(s in OPTIMIZER_STATES for s in states) or not {"exp_avg", "exp_avg_sq"} <= set(states):
+        raise UserError(f"{where}: field 'optimizer.states' {str(states)[:80]} lacks Adam's moments; {fix}")
+    return step, tuple(states)

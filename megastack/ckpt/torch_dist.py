@@ -425,11 +425,19 @@ class TorchDistWriter:
     format = "torch_dist"
 
     def __init__(
-        self, cfg: ModelConfig, dtype: torch.dtype, chunk_bytes: int = 32 << 20, args: Any = None, iteration: int = 0
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        chunk_bytes: int = 32 << 20,
+        args: Any = None,
+        iteration: int = 0,
+        optimizer_states: tuple[str, ...] = (),
     ):
-        """``args``: Megatron-LM's args for ``common.pt`` (``megatron_args.output_args``; fresh when None)."""
+        """``args``: Megatron-LM's args for ``common.pt`` (``megatron_args.output_args``; fresh when None).
+        ``optimizer_states``: Adam's states written beside the weights (fp32, optimizer.state.* keys)."""
         self.cfg = cfg
         self.dtype = dtype
+        self.optimizer_states = tuple(optimizer_states)
         self.chunk_bytes = chunk_bytes
         self.iteration = iteration
         self.args = (
@@ -442,8 +450,10 @@ class TorchDistWriter:
 
     def units(self) -> list[Unit]:
         units = []
-        size = DTYPE_BYTES[self.dtype]
-        for name in layout.logical_names(self.cfg):
+        weights = layout.logical_names(self.cfg)
+        states = [layout.state_name(state, name) for state in self.optimizer_states for name in weights]
+        for name in weights + states:
+            size = DTYPE_BYTES[self.dtype_of(name)]
             shape = layout.logical_shape(self.cfg, name)
             # Cut along the dimension tensor parallelism cuts (columns of proj/fc2, rows elsewhere), as
             # megatron's own chunks are: a block then reads the source chunks it overlaps once.
@@ -492,6 +502,9 @@ class TorchDistWriter:
         records.append(FileHash(relative, stream.digest.hexdigest()))
         return records
 
+    def dtype_of(self, name: str) -> torch.dtype:
+        return torch.float32 if layout.split_state(name)[0] else self.dtype
+
     def _write_chunk(
         self, stream: HashingWriter, relative: str, name: str, tensor: torch.Tensor, pieces: list[Piece] | None
     ) -> ChunkRecord:
@@ -500,7 +513,8 @@ class TorchDistWriter:
         expected = pieces_shape(shape, pieces)
         if tuple(tensor.shape) != expected:
             raise RuntimeError(f"produced {name} with shape {tuple(tensor.shape)}, expected {expected}")
-        tensor = tensor.to(self.dtype).contiguous()
+        dtype = self.dtype_of(name)
+        tensor = tensor.to(dtype).contiguous()
         offsets = [0] * len(shape)
         if pieces:
             offsets[pieces[0].dim] = pieces[0].start
@@ -514,7 +528,7 @@ class TorchDistWriter:
         offset = stream.tell()
         torch.save(tensor, stream)
         return ChunkRecord(
-            key, tuple(global_size), offsets, tuple(tensor.shape), self.dtype, relative, offset, stream.tell() - offset
+            key, tuple(global_size), offsets, tuple(tensor.shape), dtype, relative, offset, stream.tell() - offset
         )
 
     def finalize(self, directory: str | os.PathLike, results: list[list[Any]]) -> None:

@@ -16,13 +16,13 @@ from typing import Any
 from megastack.ckpt import formats
 from megastack.ckpt.detect import open_checkpoint
 from megastack.ckpt.execute import Comm, comm_from_launcher, dry_run, execute, plan_rows, plan_table
-from megastack.ckpt.manifest import build_manifest, lineage, read_manifest, source_identity
+from megastack.ckpt.manifest import build_manifest, lineage, optimizer_block, read_manifest, source_identity
 from megastack.errors import NotBuiltError, UserError
 from megastack.flops import flops_per_token
 from megastack.fsio import check_paths
 from megastack.growth.operators import make_plan
 from megastack.growth.spec import GrowthSpec, operator
-from megastack.plan import GrowthRecord, Plan
+from megastack.plan import GrowthRecord, Plan, with_optimizer_state
 from megastack.progress import Progress
 
 
@@ -54,14 +54,9 @@ def prepare(
 ) -> GrowthJob:
     """Open and plan. G_learn learns its maps here (data parallel over ``comm``), except in a dry run,
     which plans with the maps at their initial value and reads no data."""
-    if spec.carry_optimizer:
-        raise NotBuiltError(
-            "--carry-optimizer (Adam's state through growth) is not built yet: megastack's trainer writes the "
-            "state and carries it across layouts (init_optimizer: carried), but the grow plan does not apply "
-            "to it yet; grow without it (the paper re-initialises the optimizer after growth)"
-        )
     src = str(src)
     reader = open_checkpoint(src, check_files=not dry_run)
+    step, states = carried_state(reader, src) if spec.carry_optimizer else (0, ())
     if operator(spec.operator).needs_data:
         from megastack.growth.learn import initial_learned, learn_maps
 
@@ -80,8 +75,31 @@ def prepare(
                 comm or comm_from_launcher(),
             )
     plan = make_plan(reader.cfg, spec)
-    writer = make_writer(reader, plan, tp, pp, norm_names=norm_names)
-    return GrowthJob(src, reader, plan, writer, growth_manifest(reader, plan, src) | {"format": writer.format})
+    if states:
+        plan = with_optimizer_state(plan, states)
+    writer = make_writer(reader, plan, tp, pp, norm_names=norm_names, optimizer_states=states)
+    manifest = growth_manifest(reader, plan, src) | {"format": writer.format}
+    if states:  # the step Adam's bias correction continues from, as the source's trainer wrote it
+        manifest["optimizer"] = {
+            "step": (read_manifest(reader.path) or {})["optimizer"]["step"],
+            "states": list(states),
+        }
+    return GrowthJob(src, reader, plan, writer, manifest)
+
+
+def carried_state(reader: Any, src: str) -> tuple[int, tuple[str, ...]]:
+    """(step, Adam's states) ``src`` holds for every weight (megastack's trainer writes them at a stage's
+    end)."""
+    if not formats.get(reader.format).optimizer_state:
+        raise NotBuiltError(
+            f"--carry-optimizer from {reader.format} checkpoints is not built yet (Megatron-LM's optimizer "
+            "files); grow a torch_dist checkpoint written by megastack train, or grow without it"
+        )
+    step, states = optimizer_block(read_manifest(reader.path) or {}, f"--carry-optimizer: {src}")
+    stored = reader.optimizer_states()
+    if tuple(states) != stored:
+        raise UserError(f"{src}: megastack.json lists Adam's states {list(states)} but the files hold {list(stored)}")
+    return step, stored
 
 
 def grow(
@@ -121,7 +139,13 @@ def grow(
 
 
 def make_writer(
-    reader: Any, plan: Plan, tp: int | None, pp: int | None, fmt: str | None = None, norm_names: str | None = None
+    reader: Any,
+    plan: Plan,
+    tp: int | None,
+    pp: int | None,
+    fmt: str | None = None,
+    norm_names: str | None = None,
+    optimizer_states: tuple[str, ...] = (),
 ):
     """Writer for the target in the source's format (legacy may change TP/PP). The output's Megatron-LM
     args are the source's with the new shape and a new stage's counters (iteration 0, no samples seen)."""
@@ -144,6 +168,7 @@ def make_writer(
         iteration=0,
         new_stage=True,
         norm_names=norm_names,
+        optimizer_states=optimizer_states,
     )
 
 

@@ -45,6 +45,7 @@ def stage_train_config(
     dirs: RunDirs,
     init_from: str | None,
     schedule: ScheduleConfig | None = None,
+    carried: bool = False,
 ) -> TrainConfig:
     return TrainConfig(
         model=model,
@@ -54,6 +55,7 @@ def stage_train_config(
         optimizer=stage_recipe.optimizer,
         schedule=schedule or stage_recipe.schedule,
         init_from=init_from,
+        init_optimizer="carried" if carried else "fresh",
         mask_ramp_steps=stage_recipe.mask_ramp_steps,
         seed=stage_recipe.seed,
         logging=recipe.logging,
@@ -85,7 +87,8 @@ def stage_configs(recipe: Recipe, dirs: RunDirs, world: int) -> list[Stage]:
         if following is not None and following.tokens is not None:  # d: this stage's length
             d = planned_growth_tokens(recipe) if following.tokens == "plan" else following.tokens
             schedule = replace(link.stage.schedule, train_iters=None, train_tokens=d)
-        cfg = stage_train_config(recipe, link.name, link.stage, link.model, dirs, init_from, schedule)
+        carried = link.growth is not None and link.growth.carry_optimizer  # Adam's state through the growth
+        cfg = stage_train_config(recipe, link.name, link.stage, link.model, dirs, init_from, schedule, carried)
         digest = config_hash(asdict(cfg) if not out else {"train": asdict(cfg), "after": out[-1].digest})
         out.append(Stage(link.name, digest, train=cfg))
     scratch_recipe = recipe.scratch_stage(links[-1].model)

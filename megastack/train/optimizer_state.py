@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from megastack import layout, untrusted
+from megastack import layout
+from megastack.ckpt.manifest import optimizer_block
 from megastack.config import ModelConfig
 from megastack.errors import UserError
 
@@ -134,23 +135,6 @@ def export_entries(module: torch.nn.Module, engine: Any, model_sd: dict[str, Any
     return out
 
 
-def read_block(manifest: dict[str, Any], where: str) -> tuple[int, tuple[str, ...]]:
-    """(step, states) of megastack.json's ``optimizer`` block, typed; a checkpoint without one is refused."""
-    block = manifest.get("optimizer")
-    fix = "start with init_optimizer: fresh, or from a checkpoint that carries Adam's state"
-    if not isinstance(block, dict):
-        raise UserError(
-            f"init_optimizer: carried: {where} has no Adam state (megastack.json has no 'optimizer' block: "
-            "saved with export_optimizer: never, not a stage's last checkpoint, or not written by megastack's "
-            f"trainer); {fix}"
-        )
-    step = untrusted.typed(block.get("step"), int, where, "field 'optimizer.step'", fix, minimum=0)
-    states = untrusted.typed(block.get("states"), list, where, "field 'optimizer.states'", fix)
-    if not all(s in layout.OPTIMIZER_STATES for s in states) or not set(MOMENTS) <= set(states):
-        raise UserError(f"{where}: field 'optimizer.states' {states!r} lacks Adam's moments; {fix}")
-    return step, tuple(states)
-
-
 def carry_in(engine: Any, module: torch.nn.Module, cfg: ModelConfig, source: Path, manifest: dict[str, Any]) -> int:
     """Set Adam's state from ``source`` (its weights are already in ``module``): this rank's TP pieces of
     every weight's moments (and fp32 master when the checkpoint has one). Returns the step carried."""
@@ -159,7 +143,7 @@ def carry_in(engine: Any, module: torch.nn.Module, cfg: ModelConfig, source: Pat
     from megastack.ckpt.detect import open_checkpoint
     from megastack.model.weights import param_logical_names
 
-    step, states = read_block(manifest, str(source))
+    step, states = optimizer_block(manifest, f"init_optimizer: carried: {source}")
     reader = open_checkpoint(source)
     if not hasattr(reader, "optimizer_states"):
         raise UserError(f"init_optimizer: carried: {source} is {reader.format}; Adam's state is read from torch_dist")
