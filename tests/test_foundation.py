@@ -234,7 +234,7 @@ def test_an_option_not_built_yet_says_so_and_exits_2(tmp_path):
     """The interface names it; the code does not do it yet: one line, exit 2, nothing written."""
     from ckpt_factory import reference, small_config, write_checkpoint
 
-    write_checkpoint(reference(small_config()), tmp_path / "src")
+    write_checkpoint(reference(small_config()), tmp_path / "src", fmt="legacy")  # Adam's state from legacy files
     proc = run_cli("grow", str(tmp_path / "src"), str(tmp_path / "dst"), "--factor", "2", "--carry-optimizer")
     assert proc.returncode == 2
     assert_one_line_error(proc, "not built yet")
