@@ -8,6 +8,7 @@ callback, one unit at a time; the executor decides which rank writes which units
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -61,3 +62,29 @@ class Writer(Protocol):
     def write_units(self, directory, units: list[Unit], produce: Produce, rank: int) -> Any: ...
 
     def finalize(self, directory, results: list[Any]) -> None: ...
+
+
+class HashingWriter:
+    """A write-only file wrapper that hashes what passes through (torch.save writes via ``write``)."""
+
+    def __init__(self, f):
+        self.f, self.digest, self.position = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.position += len(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.position
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+@dataclass
+class FileHash:
+    """sha256 of a file a rank wrote, computed while writing so the manifest need not re-read it."""
+
+    relative_path: str
+    sha256: str

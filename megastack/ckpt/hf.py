@@ -14,6 +14,7 @@ so q/k rows are copied as they are (proven by logits in tests/test_convert.py).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import struct
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from megastack import layout, untrusted
-from megastack.ckpt.base import Produce, Unit
+from megastack.ckpt.base import FileHash, HashingWriter, Produce, Unit
 from megastack.config import ModelConfig
 from megastack.errors import UserError
 from megastack.layout import Piece, take_pieces
@@ -35,6 +36,7 @@ CONFIG = "config.json"
 DEFAULT_SHARD_BYTES = 2 << 30  # 2 GiB files: bounded writer memory, and units for several ranks
 
 ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 CFG_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -507,7 +509,7 @@ class HFReader:
 class HFWriter:
     """LlamaForCausalLM safetensors files of at most ``max_shard_bytes`` each (a tensor larger than that
     gets a file of its own), with ``model.safetensors.index.json`` when there is more than one. A unit
-    is one file; it holds that file's tensors while it is written, never more."""
+    is one file, streamed: it holds one logical tensor at a time."""
 
     format = "hf"
 
@@ -550,23 +552,48 @@ class HFWriter:
         return units
 
     def write_units(self, directory: str | os.PathLike, units: list[Unit], produce: Produce, rank: int) -> list:
-        from safetensors.torch import save_file
-
+        """Each file streamed: the safetensors header first (every shape is known from the config), then
+        each tensor's bytes as it is produced, so memory holds a logical tensor or two, not a shard; hashed
+        as written (the manifest does not re-read the file). Tensors are laid out as safetensors' own
+        save_file lays them out (by name; all of one dtype), so a file is the very bytes it would write."""
+        records = []
         for unit in units:
-            tensors: dict[str, torch.Tensor] = {}
-            for request in unit.requests:
-                full = produce(request.name, None).to(self.dtype)
-                for hf_name, part in split_logical(self.cfg, request.name, full):
-                    # safetensors refuses tensors that share storage (q/k/v are views of one QKV)
-                    tensors[hf_name] = (
-                        part.contiguous()
-                        if len(hf_parts(self.cfg, request.name)) == 1
-                        else part.clone(memory_format=torch.contiguous_format)
-                    )
-                del full
-            save_file(tensors, Path(directory) / unit.key, metadata={"format": "pt"})
-            del tensors
-        return []
+            parts = sorted(
+                (hf_name, shape, request.name)
+                for request in unit.requests
+                for hf_name, shape in hf_parts(self.cfg, request.name)
+            )
+            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for hf_name, shape, _ in parts:
+                nbytes = math.prod(shape) * self.dtype.itemsize
+                header[hf_name] = {
+                    "dtype": ST_NAMES[self.dtype],
+                    "shape": list(shape),
+                    "data_offsets": [offset, offset + nbytes],
+                }
+                offset += nbytes
+            encoded = json.dumps(header, separators=(",", ":")).encode()
+            encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as safetensors pads it
+            left = {name: len(hf_parts(self.cfg, name)) for name in {p[2] for p in parts}}
+            held: dict[str, dict[str, torch.Tensor]] = {}  # a logical tensor until all its parts are out
+            with open(Path(directory) / unit.key, "wb") as f:
+                stream = HashingWriter(f)
+                stream.write(len(encoded).to_bytes(8, "little"))
+                stream.write(encoded)
+                for hf_name, _, logical in parts:
+                    if logical not in held:
+                        held[logical] = dict(split_logical(self.cfg, logical, produce(logical, None).to(self.dtype)))
+                    data = held[logical][hf_name].contiguous().view(torch.uint8).reshape(-1).numpy()
+                    begin, end = header[hf_name]["data_offsets"]
+                    if data.nbytes != end - begin:
+                        raise RuntimeError(f"produced {hf_name} with {data.nbytes} bytes, the header has {end - begin}")
+                    stream.write(memoryview(data))
+                    left[logical] -= 1
+                    if not left[logical]:
+                        del held[logical]
+            records.append(FileHash(unit.key, stream.digest.hexdigest()))
+        return records
 
     def finalize(self, directory: str | os.PathLike, results: list[Any]) -> None:
         from megastack.fsio import atomic_write_json

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import hashlib
 import io
 import json
 import os
@@ -34,7 +33,7 @@ from torch.distributed.checkpoint.metadata import (
 
 from megastack import layout
 from megastack.ckpt import megatron_args
-from megastack.ckpt.base import Produce, Request, Unit
+from megastack.ckpt.base import FileHash, HashingWriter, Produce, Request, Unit
 from megastack.ckpt.safe_load import load_pt, read_dcp_metadata, save_pt
 from megastack.config import ModelConfig
 from megastack.errors import UserError
@@ -381,32 +380,6 @@ class ChunkRecord:
     relative_path: str
     offset: int
     length: int
-
-
-class HashingWriter:
-    """A write-only file wrapper that hashes what passes through (torch.save writes via ``write``)."""
-
-    def __init__(self, f):
-        self.f, self.digest, self.position = f, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.digest.update(data)
-        self.position += len(data)
-        return self.f.write(data)
-
-    def tell(self) -> int:
-        return self.position
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-@dataclass
-class FileHash:
-    """sha256 of a file a rank wrote, computed while writing so the manifest need not re-read it."""
-
-    relative_path: str
-    sha256: str
 
 
 @dataclass
