@@ -21,7 +21,7 @@ import torch
 
 from megastack import layout
 from megastack.ckpt import megatron_args
-from megastack.ckpt.base import Produce, Request, Unit
+from megastack.ckpt.base import FileHash, HashingWriter, Produce, Request, Unit
 from megastack.ckpt.safe_load import load_pt, save_pt
 from megastack.config import ModelConfig
 from megastack.errors import UserError
@@ -270,6 +270,7 @@ class LegacyWriter:
         return units
 
     def write_units(self, directory: str | os.PathLike, units: list[Unit], produce: Produce, rank: int) -> list:
+        records = []
         for unit in units:
             pp_rank = unit.meta["pp"]
             offset = layout.stage_layers(self.cfg.num_layers, pp_rank, self.pp).start
@@ -292,9 +293,12 @@ class LegacyWriter:
             }
             path = Path(directory) / unit.key
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_pt(blob, path)
+            with open(path, "wb") as f:  # hashed as written: the manifest does not re-read the file
+                stream = HashingWriter(f)
+                save_pt(blob, stream)
+            records.append(FileHash(unit.key, stream.digest.hexdigest()))
             del model, blob
-        return []
+        return records
 
     def _extra_state(self, pp_rank: int) -> dict[str, None]:
         """The ``_extra_state`` entries megatron's linear layers put in a state dict (None: no FP8 meta)."""
