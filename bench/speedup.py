@@ -48,9 +48,9 @@ from megastack.run.recipe import Recipe, load_recipe, planned_model  # noqa: E40
 from megastack.run.report import eval_curve, flops_to_reach, plot_loss_curves  # noqa: E402
 from megastack.run.stages import StageRunner, stage_configs  # noqa: E402
 
-DEPTH_OPERATORS = tuple(GROWTH_OPERATORS)
+DEPTH_OPERATORS = tuple(name for name, op in GROWTH_OPERATORS.items() if op.grows)
 # harness name -> growth operator (width dimension); learn's width maps are left out of the harness
-WIDTH_OPERATORS = {"width" if op == "stack" else f"width-{op}": op for op in GROWTH_OPERATORS if op != "learn"}
+WIDTH_OPERATORS = {"width" if op == "stack" else f"width-{op}": op for op in DEPTH_OPERATORS if op != "learn"}
 OPERATORS = DEPTH_OPERATORS + tuple(WIDTH_OPERATORS)
 
 # The smoke preset: a few iterations per stage, so the test suite runs the whole harness in about a minute.

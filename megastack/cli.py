@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--layer-map",
         help="source layers per target layer, e.g. '0-5,0-5' or '0,1,1,2', or a mergekit passthrough YAML (slices)",
     )
+    p.add_argument("--keep", help="--operator prune: the source layers kept, in order, e.g. '0-19,22-23'")
     p.add_argument(
         "--dimension",
         default="depth",

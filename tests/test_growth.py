@@ -682,3 +682,46 @@ def test_hf_grows_natively_into_hf_as_mergekit_passthrough_would(tmp_path):
     tokens = sample_tokens(cfg)
     with torch.no_grad():
         assert (hf(tokens).logits - stacked(tokens)).abs().max().item() < 1e-5
+
+
+def test_prune_keeps_the_named_layers_and_records_what_it_dropped(sources, tmp_path):
+    """--operator prune --keep: the target's layers are the kept source layers, in order (tensors equal, the
+    logits those of the reference with those layers), the history names kept and dropped layers."""
+    from megastack.ckpt.manifest import read_manifest
+
+    model = reference(small_config(num_layers=4))
+    src = write_checkpoint(model, tmp_path / "four")
+    proc = run_cli("grow", str(src), str(tmp_path / "pruned"), "--operator", "prune", "--keep", "0,1,3")
+    assert proc.returncode == 0, proc.stderr
+    a, b = open_checkpoint(src), open_checkpoint(tmp_path / "pruned")
+    assert b.cfg.num_layers == 3
+    for target, kept in enumerate([0, 1, 3]):
+        for kind in layout.LAYER_KINDS:
+            assert torch.equal(b.read(layout.layer_name(target, kind)), a.read(layout.layer_name(kept, kind)))
+    small = ReferenceLlama(replace(model.cfg, num_layers=3)).eval()
+    state = model.state_dict()
+    remap = {f"model.layers.{t}.": f"model.layers.{k}." for t, k in enumerate([0, 1, 3])}
+    small.load_state_dict(
+        {
+            k: state[next((k.replace(t, s, 1) for t, s in remap.items() if k.startswith(t)), k)]
+            for k in small.state_dict()
+        }
+    )
+    got = {n: b.read(n) for n in layout.logical_names(b.cfg)}
+    pruned = ReferenceLlama(b.cfg).eval()
+    pruned.load_state_dict(layout.hf_from_logical(got, b.cfg))
+    tokens = sample_tokens(model.cfg)
+    assert torch.equal(logits(pruned, tokens), logits(small, tokens))
+    event = read_manifest(resolve_iteration_dir(tmp_path / "pruned"))["history"][-1]
+    assert (event["operator"], event["kept"], event["dropped"]) == ("prune", [0, 1, 3], [2])
+    for flags, needle in [
+        ([], "needs --keep"),
+        (["--keep", "0,2,1"], "kept in order"),
+        (["--keep", "0,1,1"], "kept in order"),
+        (["--keep", "0-3"], "keeps all 4 layers"),
+        (["--keep", "0,7"], "layer 7"),
+        (["--keep", "0,1", "--factor", "2"], "not --factor"),
+    ]:
+        proc = run_cli("grow", str(src), str(tmp_path / "bad"), "--operator", "prune", *flags)
+        assert_one_line_error(proc, needle)
+        assert not (tmp_path / "bad").exists()

@@ -26,6 +26,7 @@ def spec_from_args(args: Any) -> GrowthSpec:
         learn_batch=args.learn_batch,
         learn_lr=args.learn_lr,
         carry_optimizer=args.carry_optimizer,
+        keep=args.keep,
     )
 
 

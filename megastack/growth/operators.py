@@ -25,7 +25,7 @@ from megastack import layout
 from megastack.config import ModelConfig
 from megastack.errors import UserError
 from megastack.growth.blocks import repeated_block, with_noise
-from megastack.growth.layer_map import check_zero_map, first_occurrences
+from megastack.growth.layer_map import check_zero_map, first_occurrences, parse_layer_map
 from megastack.growth.spec import DIMENSIONS, GrowthSpec, operator, resolve_layer_map
 from megastack.plan import Copy, Plan
 
@@ -74,6 +74,29 @@ def zero(source: ModelConfig, spec: GrowthSpec) -> Plan:
 
 def random(source: ModelConfig, spec: GrowthSpec) -> Plan:
     return depth_plan(source, spec)
+
+
+def prune(source: ModelConfig, spec: GrowthSpec) -> Plan:
+    """Depth pruning: the target is the source's ``--keep`` layers in their order (the inverse of depth
+    growth, on the same plan and executor; the history records what was kept and dropped)."""
+    if spec.dimension != "depth":
+        raise UserError("--operator prune drops layers: it is --dimension depth only")
+    if spec.factor is not None or spec.layer_map:
+        raise UserError("--operator prune takes --keep (the layers kept), not --factor or --layer-map")
+    if not spec.keep:
+        raise UserError(f"--operator prune needs --keep, the layers kept, e.g. --keep 0-{source.num_layers - 3}")
+    keep = parse_layer_map(spec.keep, source.num_layers, "--keep")
+    if keep != sorted(set(keep)):
+        raise UserError(
+            f"--keep {spec.keep}: layers must be kept in order, each once (pruning drops, it does not reorder)"
+        )
+    if len(keep) == source.num_layers:
+        raise UserError(f"--keep {spec.keep} keeps all {source.num_layers} layers; drop at least one")
+    plan = depth_plan(source, replace(spec, layer_map=",".join(map(str, keep)), keep=None))
+    plan.target = replace(plan.target, name=f"{source.name or 'model'}-pruned{len(keep)}L")
+    dropped = sorted(set(range(source.num_layers)) - set(keep))
+    plan.info |= {"operator": "prune", "kept": keep, "dropped": dropped}
+    return plan
 
 
 WIDTH_FLAGS = ("hidden", "ffn", "heads", "query_groups")

@@ -29,7 +29,8 @@ class GrowthSpec:
     learn_tokens: int = 65536
     learn_batch: int = 8  # sequences per step over all ranks
     learn_lr: float = 0.01
-    carry_optimizer: bool = False  # not built yet: the optimizer restarts after growth
+    carry_optimizer: bool = False  # Adam's state grown with the weights (torch_dist from megastack train)
+    keep: str | None = None  # prune: the source layers kept, in order (the --layer-map grammar)
     learned: Any = None  # G_learn's result: {kind: D as nested lists [L2][L1]} (set by growth.learn)
 
 
@@ -62,6 +63,7 @@ class Operator:
     width: str  # the planner for --dimension width and both
     needs_data: bool = False  # learns from --data before planning (G_learn)
     ramps_new_blocks: bool = False  # its new blocks start masked and training ramps them in (G_random)
+    grows: bool = True  # false for prune: the speedup harness compares growth operators only
 
     def planner(self, dimension: str) -> Callable[[Any, GrowthSpec], Any]:
         module, function = (self.depth if dimension == "depth" else self.width).split(":")
@@ -91,6 +93,13 @@ OPERATORS: dict[str, Operator] = {
             "megastack.growth.operators:random",
             _WIDTH,
             ramps_new_blocks=True,
+        ),
+        Operator(
+            "prune",
+            "depth pruning (Minitron-style): keep --keep's layers in order, drop the rest",
+            "megastack.growth.operators:prune",
+            "megastack.growth.operators:prune",
+            grows=False,
         ),
         Operator(
             "learn",
