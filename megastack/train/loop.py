@@ -509,7 +509,9 @@ def cli_train(args: Any) -> int:
     """``megastack train CONFIG``: under torchrun / deepspeed / srun / mpirun, or as one process."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     config = load_train_config(args.config)
-    train(config)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    try:
+        train(config)
+    finally:  # also after a refusal: a gloo group left alive at exit can abort ("terminate called ...")
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0

@@ -90,8 +90,8 @@ def init_adam_state(engine: Any, step: int) -> None:
     """Create AdamW's state (zero moments, ``step`` taken) so carried values can be set into it."""
     zero = engine.optimizer
     inner = getattr(zero, "optimizer", zero)
+    fused = any(group.get("fused") for group in inner.param_groups)  # fused AdamW keeps step on the device
     for flat in _flat_partitions(engine):
-        fused = any(flat is p and g.get("fused") for g in inner.param_groups for p in g["params"])
         inner.state[flat] = {
             "step": torch.tensor(float(step), dtype=torch.float32, device=flat.device if fused else "cpu"),
             "exp_avg": torch.zeros_like(flat),
