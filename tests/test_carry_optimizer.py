@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from reference_loop import reference_adamw, reference_steps
 
 from ckpt_factory import write_checkpoint
 from conftest import run_workers
@@ -74,7 +74,6 @@ def reference(tmp: Path):
     from megastack.model.reference import ReferenceLlama
     from megastack.train.config import OptimizerConfig
     from megastack.train.data import build_datasets, resolve_data
-    from megastack.train.engine import learning_rate
 
     cfg = ModelConfig(**MODEL)
     model = ReferenceLlama(cfg).init_weights(seed=11)
@@ -84,36 +83,10 @@ def reference(tmp: Path):
         prefixes, None, "98,2,0", tokenizer, cfg.seq_length, 1234, max(FIRST, SECOND) * GLOBAL_BATCH, 0, tmp / "ref"
     )
     opt_cfg = OptimizerConfig(**OPTIMIZER)
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.dim() <= 1]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": opt_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=opt_cfg.lr,
-        betas=tuple(opt_cfg.betas),
-        eps=opt_cfg.eps,
-        foreach=False,
-    )
+    opt = reference_adamw(model, opt_cfg)
 
     def run(iters: int) -> list[float]:
-        history = []
-        for step in range(iters):
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(step, opt_cfg, iters)
-            chunk = []
-            for start in range(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH, MICRO):
-                items = [data.train[i] for i in range(start, start + MICRO)]
-                tokens = torch.stack([x["tokens"] for x in items])
-                labels = torch.stack([x["labels"] for x in items])
-                mask = torch.stack([x["loss_mask"] for x in items]).float()
-                per_token = F.cross_entropy(model(tokens).flatten(0, 1), labels.flatten(), reduction="none")
-                chunk.append((per_token * mask.flatten()).sum() / mask.sum())
-            loss = torch.stack(chunk).mean()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.clip_grad)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            history.append(loss.item())
-        return history
+        return reference_steps(model, opt, opt_cfg, data, iters, GLOBAL_BATCH, MICRO)
 
     first = run(FIRST)
     snapshot = copy.deepcopy(model), {n: copy.deepcopy(opt.state[p]) for n, p in model.named_parameters()}
@@ -128,7 +101,6 @@ def grown_reference(snapshot, data, operator: str):
     from megastack.config import ModelConfig
     from megastack.model.reference import ReferenceLlama
     from megastack.train.config import OptimizerConfig
-    from megastack.train.engine import learning_rate
 
     small, small_state = snapshot
     layers = MODEL["num_layers"]
@@ -155,35 +127,10 @@ def grown_reference(snapshot, data, operator: str):
                 k: (torch.zeros_like(v) if zeroed(name) and k != "step" else v.clone()) for k, v in s.items()
             }
     opt_cfg = OptimizerConfig(**OPTIMIZER)
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.dim() <= 1]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": opt_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=opt_cfg.lr,
-        betas=tuple(opt_cfg.betas),
-        eps=opt_cfg.eps,
-        foreach=False,
-    )
+    opt = reference_adamw(model, opt_cfg)
     for name, param in model.named_parameters():
         opt.state[param] = state[name]
-    history = []
-    for step in range(SECOND):
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(step, opt_cfg, SECOND)
-        chunk = []
-        for start in range(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH, MICRO):
-            items = [data.train[i] for i in range(start, start + MICRO)]
-            tokens = torch.stack([x["tokens"] for x in items])
-            labels = torch.stack([x["labels"] for x in items])
-            mask = torch.stack([x["loss_mask"] for x in items]).float()
-            per_token = F.cross_entropy(model(tokens).flatten(0, 1), labels.flatten(), reduction="none")
-            chunk.append((per_token * mask.flatten()).sum() / mask.sum())
-        loss = torch.stack(chunk).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.clip_grad)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        history.append(loss.item())
+    history = reference_steps(model, opt, opt_cfg, data, SECOND, GLOBAL_BATCH, MICRO)
     return history, layout.logical_from_hf(model.state_dict(), cfg)
 
 

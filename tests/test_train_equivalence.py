@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from reference_loop import reference_adamw, reference_steps
 
 from ckpt_factory import write_checkpoint
 from conftest import WORKERS, run_workers
@@ -90,7 +90,6 @@ def reference_run(tmp: Path, model_fields: dict = MODEL) -> tuple[Path, list[flo
     from megastack.model.reference import ReferenceLlama
     from megastack.train.config import OptimizerConfig
     from megastack.train.data import build_datasets, resolve_data
-    from megastack.train.engine import learning_rate
 
     cfg = ModelConfig(**model_fields)
     torch.manual_seed(0)
@@ -101,33 +100,7 @@ def reference_run(tmp: Path, model_fields: dict = MODEL) -> tuple[Path, list[flo
         prefixes, None, "98,2,0", tokenizer, cfg.seq_length, 1234, ITERS * GLOBAL_BATCH, 0, tmp / "ref_cache"
     )
     opt_cfg = OptimizerConfig(**OPTIMIZER)
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.dim() <= 1]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": opt_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=opt_cfg.lr,
-        betas=tuple(opt_cfg.betas),
-        eps=opt_cfg.eps,
-        foreach=False,
-    )
-    history = []
-    for step in range(ITERS):
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(step, opt_cfg, ITERS)
-        chunk_losses = []
-        for start in range(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH, MICRO):
-            items = [data.train[i] for i in range(start, start + MICRO)]
-            tokens = torch.stack([x["tokens"] for x in items])
-            labels = torch.stack([x["labels"] for x in items])
-            mask = torch.stack([x["loss_mask"] for x in items]).float()
-            per_token = F.cross_entropy(model(tokens).flatten(0, 1), labels.flatten(), reduction="none")
-            chunk_losses.append((per_token * mask.flatten()).sum() / mask.sum())
-        loss = torch.stack(chunk_losses).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.clip_grad)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        history.append(loss.item())
+    history = reference_steps(model, reference_adamw(model, opt_cfg), opt_cfg, data, ITERS, GLOBAL_BATCH, MICRO)
     return init, history, layout.logical_from_hf(model.state_dict(), cfg)
 
 

@@ -80,10 +80,7 @@ def prepare(
     writer = make_writer(reader, plan, tp, pp, norm_names=norm_names, optimizer_states=states)
     manifest = growth_manifest(reader, plan, src) | {"format": writer.format}
     if states:  # the step Adam's bias correction continues from, as the source's trainer wrote it
-        manifest["optimizer"] = {
-            "step": (read_manifest(reader.path) or {})["optimizer"]["step"],
-            "states": list(states),
-        }
+        manifest["optimizer"] = {"step": step, "states": list(states)}
     return GrowthJob(src, reader, plan, writer, manifest)
 
 
