@@ -1,9 +1,12 @@
 """The plain-PyTorch training loop the trainer is compared against: ReferenceLlama, torch AdamW (weight
 decay on matrices only, as megastack's param groups), the trainer's LR schedule, the same GPTDataset
-batches, clipping, one optimizer step per global batch."""
+batches, clipping, one optimizer step per global batch; and the trainer's side: its stages launched on N
+ranks (tests/workers/train_stage.py) and their logged losses."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,3 +56,17 @@ def reference_steps(
         opt.zero_grad(set_to_none=True)
         history.append(loss.item())
     return history
+
+
+def launch_stages(tmp: Path, name: str, nprocs: int, runs: list[dict]) -> dict[str, dict]:
+    """Train each {"name", "config", "stop_at"?} of ``runs`` in one launch of ``nprocs`` ranks; results by name."""
+    from conftest import run_workers
+
+    job = tmp / f"{name}.json"
+    job.write_text(json.dumps({"runs": runs}))
+    return {r["name"]: r for r in run_workers("train_stage.py", nprocs, str(job), timeout=600)}
+
+
+def stage_losses(out: Path) -> list[float]:
+    """The train losses a stage logged, in order."""
+    return [r["loss"] for r in map(json.loads, (out / "train.jsonl").read_text().splitlines()) if r["type"] == "train"]

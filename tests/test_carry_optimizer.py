@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference_loop import reference_adamw, reference_steps
+from reference_loop import launch_stages, reference_adamw, reference_steps, stage_losses
 
 from ckpt_factory import write_checkpoint
-from conftest import run_workers
 
 MODEL = {
     "num_layers": 4,
@@ -55,16 +54,6 @@ def stage(out: Path, init: Path, iters: int, carried: bool, model: dict = MODEL,
         "data": {"cache_dir": str(out.parent / "cache")},
         "logging": {"tensorboard": False, "progress": "off"},
     }
-
-
-def launch(tmp: Path, name: str, nprocs: int, runs: list[dict]) -> dict[str, dict]:
-    job = tmp / f"{name}.json"
-    job.write_text(json.dumps({"runs": runs}))
-    return {r["name"]: r for r in run_workers("train_stage.py", nprocs, str(job), timeout=600)}
-
-
-def losses(out: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (out / "train.jsonl").read_text().splitlines()) if r["type"] == "train"]
 
 
 def reference(tmp: Path):
@@ -143,7 +132,7 @@ def carried(tmp_path_factory):
         {"name": "first", "config": stage(tmp / "first", init, FIRST, False)},
         {"name": "first_bf16", "config": stage(tmp / "first_bf16", init, FIRST, False, **bf16)},
     ]
-    small = launch(tmp, "first", 2, first_runs)
+    small = launch_stages(tmp, "first", 2, first_runs)
     layouts = {
         "zero0": {"zero_stage": 0},
         "zero2": {"zero_stage": 2},
@@ -170,13 +159,13 @@ def carried(tmp_path_factory):
     for n, p in grown_layouts.items():
         runs.append({"name": n, "config": stage(tmp / n, tmp / "grown_stack", SECOND, True, model=big, **p)})
     runs.append({"name": "g_zero", "config": stage(tmp / "g_zero", tmp / "grown_zero", SECOND, True, model=big)})
-    results = small | launch(tmp, "second", 2, runs)
+    results = small | launch_stages(tmp, "second", 2, runs)
     one = [
         {"name": "single", "config": stage(tmp / "single", tmp / "first", SECOND, True)},
         {"name": "no_state", "config": stage(tmp / "no_state", init, SECOND, True)},  # init has no Adam state
         {"name": "g_single", "config": stage(tmp / "g_single", tmp / "grown_stack", SECOND, True, model=big)},
     ]
-    results |= launch(tmp, "one", 1, one)
+    results |= launch_stages(tmp, "one", 1, one)
     return {"tmp": tmp, "first": first, "second": second, "weights": weights, "results": results, "grown": grown}
 
 
@@ -185,7 +174,7 @@ def test_first_stage_writes_adams_state_in_model_space(carried):
 
     result = carried["results"]["first"]
     assert "error" not in result, result
-    assert losses(carried["tmp"] / "first") == pytest.approx(carried["first"], rel=RTOL)
+    assert stage_losses(carried["tmp"] / "first") == pytest.approx(carried["first"], rel=RTOL)
     manifest = json.loads((Path(result["checkpoint"]) / "megastack.json").read_text())
     assert manifest["optimizer"] == {"step": FIRST, "states": ["exp_avg", "exp_avg_sq"]}
     assert open_checkpoint(result["checkpoint"]).optimizer_states() == ("exp_avg", "exp_avg_sq")
@@ -198,7 +187,7 @@ def test_carried_state_continues_adam_under_any_layout(carried, name):
 
     result = carried["results"][name]
     assert "error" not in result, result
-    got, expected = losses(carried["tmp"] / name), carried["second"]
+    got, expected = stage_losses(carried["tmp"] / name), carried["second"]
     assert len(got) == SECOND and all(abs(a - b) <= RTOL * abs(b) for a, b in zip(got, expected)), (got, expected)
     reader = open_checkpoint(result["checkpoint"])
     single = open_checkpoint(carried["results"]["single"]["checkpoint"])
@@ -215,7 +204,7 @@ def test_a_fresh_optimizer_does_not_match(carried):
     """The carried moments are what make the runs equal: a fresh AdamW from the same weights differs."""
     from megastack.ckpt.detect import open_checkpoint
 
-    got, expected = losses(carried["tmp"] / "fresh"), carried["second"]
+    got, expected = stage_losses(carried["tmp"] / "fresh"), carried["second"]
     assert got[0] == pytest.approx(expected[0], rel=RTOL)  # same weights, same first batch
     assert abs(got[-1] - expected[-1]) > 100 * RTOL * abs(expected[-1]), (got, expected)
     reader = open_checkpoint(carried["results"]["fresh"]["checkpoint"])
@@ -232,7 +221,7 @@ def test_bf16_carries_the_fp32_master_copy(carried):
     manifest = json.loads((Path(first["checkpoint"]) / "megastack.json").read_text())
     assert manifest["optimizer"]["states"] == ["fp32_param", "exp_avg", "exp_avg_sq"]
     assert open_checkpoint(first["checkpoint"]).optimizer_states() == ("fp32_param", "exp_avg", "exp_avg_sq")
-    got, expected = losses(carried["tmp"] / "bf16"), carried["second"]
+    got, expected = stage_losses(carried["tmp"] / "bf16"), carried["second"]
     assert "error" not in carried["results"]["bf16"] and len(got) == SECOND
     assert all(abs(a - b) <= 2e-2 * abs(b) for a, b in zip(got, expected)), (got, expected)
 
@@ -262,7 +251,7 @@ def test_growth_carries_adams_state(carried, name, operator):
     result = carried["results"][name]
     assert "error" not in result, result
     expected_losses, expected_weights = carried["grown"][operator]
-    got = losses(carried["tmp"] / name)
+    got = stage_losses(carried["tmp"] / name)
     assert len(got) == SECOND and all(abs(a - b) <= RTOL * abs(b) for a, b in zip(got, expected_losses)), (
         got,
         expected_losses,

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference_loop import reference_adamw, reference_steps
+from reference_loop import launch_stages, reference_adamw, reference_steps, stage_losses
 
 from ckpt_factory import write_checkpoint
-from conftest import WORKERS, run_workers
+from conftest import WORKERS
 
 MODEL = {
     "num_layers": 4,
@@ -50,17 +50,6 @@ def stage_config(out: Path, init: Path, model: dict = MODEL, **parallel) -> dict
         "data": {"cache_dir": str(out.parent / "cache")},
         "logging": {"tensorboard": False, "progress": "off"},
     }
-
-
-def launch(tmp: Path, name: str, nprocs: int, runs: list[dict]) -> dict[str, dict]:
-    job = tmp / f"{name}.json"
-    job.write_text(json.dumps({"runs": runs}))
-    results = run_workers("train_stage.py", nprocs, str(job), timeout=600)
-    return {r["name"]: r for r in results}
-
-
-def losses(out: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (out / "train.jsonl").read_text().splitlines()) if r["type"] == "train"]
 
 
 def checkpoint_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -112,7 +101,7 @@ def equivalence(tmp_path_factory):
     single = stage_config(tmp / "single", init)
     stopped = stage_config(tmp / "resumed", init)
     tied_single = stage_config(tmp / "tied_single", tied_init, TIED)
-    results = launch(
+    results = launch_stages(
         tmp,
         "one_rank",
         1,
@@ -137,12 +126,12 @@ def equivalence(tmp_path_factory):
         {"name": "dp2_zero0_stopped", "config": stage_config(tmp / "zero0_resumed", init, zero_stage=0), "stop_at": 5}
     )
     two.append({"name": "tied_pp2", "config": stage_config(tmp / "tied_pp2", tied_init, TIED, pipeline=2)})
-    results |= launch(tmp, "two_ranks", 2, two)
+    results |= launch_stages(tmp, "two_ranks", 2, two)
     four = [
         {"name": "tp2pp2", "config": stage_config(tmp / "tp2pp2", init, tensor=2, pipeline=2)},
         {"name": "tied_tp2pp2", "config": stage_config(tmp / "tied_tp2pp2", tied_init, TIED, tensor=2, pipeline=2)},
     ]
-    results |= launch(tmp, "four_ranks", 4, four)
+    results |= launch_stages(tmp, "four_ranks", 4, four)
     return {
         "tmp": tmp,
         "init": init,
@@ -156,7 +145,7 @@ def equivalence(tmp_path_factory):
 def assert_equals_reference(equivalence, name: str, expected: list[float], ref_weights: dict) -> None:
     result = equivalence["results"][name]
     assert "error" not in result, result
-    got = losses(equivalence["tmp"] / name)
+    got = stage_losses(equivalence["tmp"] / name)
     assert len(got) == ITERS
     assert expected[-1] < expected[0]
     for step, (a, b) in enumerate(zip(got, expected)):
@@ -183,13 +172,13 @@ def test_tied_embeddings_equal_plain_pytorch_under_pipeline_parallelism(equivale
     tied = equivalence["tied"]
     assert_equals_reference(equivalence, name, tied["losses"], tied["weights"])
     if name != "tied_single":  # and equal to the same model trained without pipeline parallelism
-        got, single = losses(equivalence["tmp"] / name), losses(equivalence["tmp"] / "tied_single")
+        got, single = stage_losses(equivalence["tmp"] / name), stage_losses(equivalence["tmp"] / "tied_single")
         assert all(abs(a - b) <= RTOL * abs(b) for a, b in zip(got, single)), (got, single)
 
 
 @pytest.mark.parametrize("name", ["bf16_zero2", "bf16_pp2"])
 def test_bf16_trains_close_to_fp32(equivalence, name):
-    got, expected = losses(equivalence["tmp"] / name), equivalence["ref_losses"]
+    got, expected = stage_losses(equivalence["tmp"] / name), equivalence["ref_losses"]
     assert len(got) == ITERS and got[-1] < got[0]
     assert all(abs(a - b) <= 2e-2 * abs(b) for a, b in zip(got, expected)), (got, expected)
 
@@ -201,11 +190,13 @@ def test_stop_and_resume_is_exact(equivalence):
     assert (tmp / "resumed" / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
     config = stage_config(tmp / "resumed", equivalence["init"])
     # the second run finds the stage finished (as a job killed after its last save would): it trains nothing
-    results = launch(tmp, "resume", 1, [{"name": "resumed", "config": config}, {"name": "again", "config": config}])
+    results = launch_stages(
+        tmp, "resume", 1, [{"name": "resumed", "config": config}, {"name": "again", "config": config}]
+    )
     result, again, single = results["resumed"], results["again"], equivalence["results"]["single"]
     assert result["iterations"] == again["iterations"] == ITERS
     assert result["final_train_loss"] == again["final_train_loss"] == single["final_train_loss"] is not None
-    assert losses(tmp / "resumed") == losses(tmp / "single")  # bit-identical, data order included
+    assert stage_losses(tmp / "resumed") == stage_losses(tmp / "single")  # bit-identical, data order included
     a, b = checkpoint_tensors(result["checkpoint"]), checkpoint_tensors(equivalence["results"]["single"]["checkpoint"])
     assert all(torch.equal(a[k], b[k]) for k in b)
     manifest = json.loads((Path(result["checkpoint"]) / "megastack.json").read_text())
@@ -232,11 +223,11 @@ def test_kill_during_save_resumes_from_last_complete_checkpoint(equivalence, tmp
     assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
     assert not (root / "iter_0000006").exists()
     assert (root / ".iter_0000006.partial").exists()  # the half-written save, never published
-    result = launch(tmp_path, "relaunch", 2, [{"name": "killed", "config": config}])["killed"]
+    result = launch_stages(tmp_path, "relaunch", 2, [{"name": "killed", "config": config}])["killed"]
     assert not (root / ".iter_0000006.partial").exists()
     assert result["iterations"] == ITERS
-    expected = losses(equivalence["tmp"] / "dp2_zero2")
-    got = losses(root)
+    expected = stage_losses(equivalence["tmp"] / "dp2_zero2")
+    got = stage_losses(root)
     assert len(got) == ITERS and all(math.isclose(a, b, rel_tol=0, abs_tol=0) for a, b in zip(got, expected))
     a = checkpoint_tensors(result["checkpoint"])
     b = checkpoint_tensors(equivalence["results"]["dp2_zero2"]["checkpoint"])
@@ -250,9 +241,9 @@ def test_zero0_stop_and_resume_is_exact(equivalence):
     tmp = equivalence["tmp"]
     assert equivalence["results"]["dp2_zero0_stopped"]["iterations"] == 5
     config = stage_config(tmp / "zero0_resumed", equivalence["init"], zero_stage=0)
-    result = launch(tmp, "zero0_resume", 2, [{"name": "resumed", "config": config}])["resumed"]
+    result = launch_stages(tmp, "zero0_resume", 2, [{"name": "resumed", "config": config}])["resumed"]
     assert result["iterations"] == ITERS
-    assert losses(tmp / "zero0_resumed") == losses(tmp / "dp2_zero0")
+    assert stage_losses(tmp / "zero0_resumed") == stage_losses(tmp / "dp2_zero0")
     a, b = (
         checkpoint_tensors(result["checkpoint"]),
         checkpoint_tensors(equivalence["results"]["dp2_zero0"]["checkpoint"]),
