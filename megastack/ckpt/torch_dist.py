@@ -136,7 +136,7 @@ class TorchDistReader:
         the end of a stage), each checked like the weights; () when it holds none."""
         keys = self.metadata.state_dict_metadata
         present = tuple(
-            state for state in layout.OPTIMIZER_STATES if f"{OPTIMIZER_KEY}{state}.{dcp_key('embedding')[0]}" in keys
+            state for state in layout.OPTIMIZER_STATES if dcp_key(layout.state_name(state, "embedding"))[0] in keys
         )
         for state in present:
             self._check_shapes([layout.state_name(state, n) for n in layout.logical_names(self.cfg)])

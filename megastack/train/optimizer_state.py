@@ -140,12 +140,13 @@ def carry_in(engine: Any, module: torch.nn.Module, cfg: ModelConfig, source: Pat
     every weight's moments (and fp32 master when the checkpoint has one). Returns the step carried."""
     from megatron.core import parallel_state as ps
 
+    from megastack.ckpt import formats
     from megastack.ckpt.detect import open_checkpoint
     from megastack.model.weights import param_logical_names
 
     step, states = optimizer_block(manifest, f"init_optimizer: carried: {source}")
     reader = open_checkpoint(source)
-    if not hasattr(reader, "optimizer_states"):
+    if not formats.get(reader.format).optimizer_state:  # the registry says which formats hold Adam's state
         raise UserError(f"init_optimizer: carried: {source} is {reader.format}; Adam's state is read from torch_dist")
     stored = reader.optimizer_states()
     missing = [s for s in states if s not in stored]
