@@ -106,6 +106,14 @@ PRESETS = {
         ("stack", "zero", "random", "learn", "width", "width-zero", "width-random"),
         note="configs/recipes/speedup-cpu.yaml: ~35-40 min on an idle 2-core machine",
     ),
+    "chinchilla": Preset(
+        "speedup-chinchilla",
+        (1, 2, 3),
+        ("stack", "zero", "random", "learn", "width", "width-zero", "width-random"),
+        learn_tokens=1 << 16,
+        note="configs/recipes/speedup-chinchilla.yaml: scratch at 20 tokens per parameter; ~25 min per "
+        "operator and seed on an idle 2-core machine, resumable (add operators or seeds to a finished run)",
+    ),
     "cluster": Preset(
         "llama-1.1b",
         (1,),
@@ -207,7 +215,12 @@ def run_seed(
     large_template, scratch = plan["large"].train, plan["scratch"]
     large_model = large_template.resolved_model()
     results: dict[str, Any] = {"small": runner.train("small", small_cfg, plan["small"].digest, verbose=False)}
-    data = list(recipe.data.prefixes) or resolve_data([], recipe.data.tokenizer, large_model.vocab_size)[0]
+    # scratch right after small: a run stopped part-way (or given fewer operators) already has its baseline
+    results["scratch"] = runner.train("scratch", scratch.train, scratch.digest, verbose=False)
+    data = (
+        list(recipe.data.prefixes)
+        or resolve_data([], recipe.data.tokenizer, large_model.vocab_size, recipe.data.demo_bytes)[0]
+    )
     if any(op in WIDTH_OPERATORS for op in options.operators):
         narrow = replace(small_cfg, model=narrow_model(large_model), out_dir=str(dirs.stage_dir("small-width")))
         results["small-width"] = runner.train("small-width", narrow, config_hash(asdict(narrow)), verbose=False)
@@ -245,7 +258,6 @@ def run_seed(
         results[f"large-{op}"] = runner.train(
             f"large-{op}", large, config_hash({"train": asdict(large), "after": grow_hash}), verbose=False
         )
-    results["scratch"] = runner.train("scratch", scratch.train, scratch.digest, verbose=False)
     return results
 
 
@@ -532,7 +544,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--preset",
         choices=sorted(PRESETS),
         default=None,
-        help="smoke (seconds), cpu (the 45-minute CPU run), cluster (the paper's 1.1B recipe)",
+        help="smoke (seconds), cpu (the 45-minute toy-budget CPU run), chinchilla (scratch at 20 tokens per "
+        "parameter: hours on a CPU), cluster (the paper's 1.1B recipe)",
     )
     parser.add_argument("--recipe", help="any megastack run recipe instead of a preset's")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")

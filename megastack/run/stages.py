@@ -192,7 +192,7 @@ def growth_data(recipe: Recipe) -> list[str]:
     from megastack.train.data import resolve_data
 
     vocab = recipe.chain()[0].model.vocab_size
-    return list(recipe.data.prefixes) or resolve_data([], recipe.data.tokenizer, vocab)[0]
+    return list(recipe.data.prefixes) or resolve_data([], recipe.data.tokenizer, vocab, recipe.data.demo_bytes)[0]
 
 
 def grow_stage(source: str, grown: Path, spec: GrowthSpec, comm: Any) -> dict[str, Any]:

@@ -41,9 +41,12 @@ class DataConfig:
     tokenizer: str | None = None  # sentencepiece .model; None: tokenizer.model next to the first prefix
     seed: int = 1234  # megatron's dataset shuffling seed
     cache_dir: str | None = None  # where GPTDataset caches its index files; None: OUT_DIR/data_cache
+    demo_bytes: int = 6_000_000  # the demo corpus's size when prefixes is empty (the whole filtered stdlib: ~10.6 MB)
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
+        if self.demo_bytes < 100_000:
+            problems.append(("demo_bytes", f"must be at least 100000 (a tokenizer needs text), got {self.demo_bytes}"))
         if self.weights is not None:
             if len(self.weights) != len(self.prefixes):
                 problems.append(

@@ -282,12 +282,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("MEGASTACK_CACHE", Path.home() / ".cache" / "megastack"))
 
 
-def demo_data(vocab_size: int = 1024) -> Path:
+def demo_data(vocab_size: int = 1024, max_bytes: int = DEMO_MAX_BYTES) -> Path:
     """The prepared demo corpus directory (tokenizer.model, corpus.bin/.idx), built once per machine.
 
     The cache key covers the file list and sizes, so a different Python gives a different directory;
     a lock file keeps two processes from building it at once."""
-    files = demo_corpus_files()
+    files = demo_corpus_files(max_bytes)
     key = hashlib.sha256(
         json.dumps(
             [DEMO_VERSION, vocab_size, sys.version_info[:2], [(str(p.name), p.stat().st_size) for p in files]]
@@ -351,10 +351,12 @@ def check_indexed(prefix: str) -> None:
         )
 
 
-def resolve_data(prefixes: list[str], tokenizer_path: str | None, vocab_size: int) -> tuple[list[str], Tokenizer]:
+def resolve_data(
+    prefixes: list[str], tokenizer_path: str | None, vocab_size: int, demo_bytes: int = DEMO_MAX_BYTES
+) -> tuple[list[str], Tokenizer]:
     """Dataset prefixes and tokenizer; the demo corpus when no prefixes are given. Checks files and vocab."""
     if not prefixes:
-        directory = demo_data(vocab_size if vocab_size >= 300 else 1024)
+        directory = demo_data(vocab_size if vocab_size >= 300 else 1024, demo_bytes)
         prefixes = [str(directory / CORPUS_PREFIX)]
         tokenizer_path = tokenizer_path or str(directory / TOKENIZER_FILE)
     for prefix in prefixes:

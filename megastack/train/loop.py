@@ -227,7 +227,7 @@ def check_inputs(config: TrainConfig) -> Inputs:
     if config.init_from and resume_from is None:
         checkpointing.check_source(config.init_from, cfg)
     prefixes, tokenizer = _on_rank0_first(
-        data.resolve_data, list(config.data.prefixes), config.data.tokenizer, cfg.vocab_size
+        data.resolve_data, list(config.data.prefixes), config.data.tokenizer, cfg.vocab_size, config.data.demo_bytes
     )
     if config.init_optimizer == "carried" and not config.init_from:
         raise UserError("init_optimizer: carried needs init_from (the checkpoint whose Adam state to carry)")
