@@ -102,8 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dimension",
         default="depth",
-        choices=["depth", "width", "both"],
-        help="depth (--factor/--layer-map), width (--hidden/--ffn/--heads/--query-groups) or both",
+        choices=["depth", "width", "both", "experts"],
+        help="depth (--factor/--layer-map), width (--hidden/--ffn/--heads/--query-groups), both, or experts "
+        "(dense -> mixture of experts: --experts/--topk)",
+    )
+    p.add_argument("--experts", type=positive, help="experts: experts per MoE layer, each a copy of the dense MLP")
+    p.add_argument("--topk", type=positive, help="experts: experts each token is routed to (default 2)")
+    p.add_argument(
+        "--granularity",
+        type=positive,
+        default=1,
+        help="experts: split the dense MLP into this many finer experts (granular upcycling; default 1)",
+    )
+    p.add_argument(
+        "--router-init",
+        choices=["random", "zero"],
+        default="random",
+        help="experts: router weights N(0, init_std) or zero; either keeps the dense function (default random)",
     )
     p.add_argument("--hidden", type=positive, help="width: target hidden size (a multiple of the head dim)")
     p.add_argument("--ffn", type=positive, help="width: target FFN hidden size")

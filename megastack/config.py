@@ -31,6 +31,7 @@ T = TypeVar("T")
 # is a typo or an attack that would build lists of billions before anything else is checked.
 MAX_LAYERS = 4096
 MAX_DIMENSION = 1 << 22  # widths, heads, vocabulary and sequence length: 4M is far beyond any real model
+MAX_EXPERTS = 4096  # experts per MoE layer (the largest public MoE models have a few hundred)
 
 
 class ConfigError(UserError):
@@ -68,6 +69,20 @@ class ModelConfig:
     dtype: DType = "fp32"
     init_std: float = 0.02
     name: str = ""
+    # Mixture of experts (megatron-core's MoE layer: a router, then each token through its top-k experts,
+    # dropless, softmax over the top-k logits); 0 experts: a dense MLP.
+    num_experts: int = 0
+    moe_topk: int = 2
+    moe_ffn_hidden_size: int | None = None  # each expert's MLP width; None: ffn_hidden_size
+    moe_aux_loss_coeff: float = 0.01  # megatron-core's load-balancing loss weight
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def expert_ffn_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     @property
     def query_groups(self) -> int:
@@ -82,15 +97,20 @@ class ModelConfig:
         """Rows of the fused QKV weight: all query heads plus one key and one value head per group."""
         return (self.num_attention_heads + 2 * self.query_groups) * self.head_dim
 
-    def layer_parameters(self) -> int:
+    def layer_parameters(self, active: bool = False) -> int:
+        """One block's parameters; ``active``: those a token uses (its top-k experts, not all of them)."""
         h = self.hidden_size
         attn = self.qkv_rows * h + h * self.num_attention_heads * self.head_dim
-        mlp = 3 * h * self.ffn_hidden_size
+        if self.is_moe:
+            experts = self.moe_topk if active else self.num_experts
+            mlp = experts * 3 * h * self.expert_ffn_size + self.num_experts * h  # experts + router
+        else:
+            mlp = 3 * h * self.ffn_hidden_size
         return attn + mlp + 2 * h
 
-    def non_embedding_parameters(self) -> int:
+    def non_embedding_parameters(self, active: bool = False) -> int:
         """Transformer-block parameters (Kaplan's N): what growth factors and scaling laws count."""
-        return self.num_layers * self.layer_parameters() + self.hidden_size
+        return self.num_layers * self.layer_parameters(active) + self.hidden_size
 
     def embedding_parameters(self) -> int:
         copies = 1 if self.tie_embeddings else 2
@@ -139,6 +159,20 @@ class ModelConfig:
         for name in ("rotary_base", "norm_epsilon", "init_std"):
             if getattr(self, name) <= 0:
                 problems.append((name, f"must be positive, got {getattr(self, name)}"))
+        return problems + self._check_experts()
+
+    def _check_experts(self) -> list[tuple[str, str]]:
+        if self.num_experts < 0 or self.num_experts > MAX_EXPERTS:
+            return [("num_experts", f"must be 0 (dense) to {MAX_EXPERTS}, got {self.num_experts}")]
+        if not self.is_moe:
+            return []
+        problems = []
+        if not 2 <= self.moe_topk <= self.num_experts:  # top-1 needs megatron's pre-softmax routing: not built
+            problems.append(("moe_topk", f"must be 2 to num_experts ({self.num_experts}), got {self.moe_topk}"))
+        if self.moe_ffn_hidden_size is not None and not 0 < self.moe_ffn_hidden_size <= MAX_DIMENSION:
+            problems.append(("moe_ffn_hidden_size", f"must be positive, got {self.moe_ffn_hidden_size}"))
+        if self.moe_aux_loss_coeff < 0:
+            problems.append(("moe_aux_loss_coeff", f"must be >= 0, got {self.moe_aux_loss_coeff}"))
         return problems
 
 

@@ -2,7 +2,8 @@
 
 Per trained token (forward + backward = 3 x forward, every matmul 2 FLOPs per multiply-add):
     6 * N                  N = transformer-block parameters + the output layer (the embedding lookup is
-                           not a matmul); Kaplan et al.'s 6ND with the LM head counted
+                           not a matmul); Kaplan et al.'s 6ND with the LM head counted; in a mixture of
+                           experts the parameters a token uses: its top-k experts and the router
     + 12 * L * s * d_attn  attention scores and weighted values (QK^T and AV: 2 x 2 s d_attn per layer,
                            forward), no causal discount, as in Megatron-LM's and PaLM's accounting
 MFU = achieved model FLOPs/s / (devices x peak FLOPs/s per device). Recomputation is not counted.
@@ -19,7 +20,7 @@ KNOWN_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "
 
 
 def flops_per_token(cfg: ModelConfig) -> float:
-    matmul_params = cfg.non_embedding_parameters() + cfg.vocab_size * cfg.hidden_size
+    matmul_params = cfg.non_embedding_parameters(active=True) + cfg.vocab_size * cfg.hidden_size
     attention = 12 * cfg.num_layers * cfg.seq_length * cfg.num_attention_heads * cfg.head_dim
     return float(6 * matmul_params + attention)
 

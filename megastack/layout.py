@@ -14,6 +14,10 @@ Logical tensors (canonical = megatron-core's TP=1 layout):
     layers.{i}.mlp_norm    [h]                            replicated
     layers.{i}.fc1         [2 ffn, h]  = [gate; up]       TP rank r holds [gate_r; up_r]
     layers.{i}.fc2         [h, ffn]                       TP: dim 1
+  in a mixture of experts, fc1 and fc2 are per expert e, with the router before them:
+    layers.{i}.router          [experts, h]               replicated
+    layers.{i}.expert_fc1.{e}  [2 expert_ffn, h]          as fc1
+    layers.{i}.expert_fc2.{e}  [h, expert_ffn]            as fc2
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from megastack.config import ModelConfig
 
 LAYER_KINDS = ("attn_norm", "qkv", "proj", "mlp_norm", "fc1", "fc2")
 GLOBAL_KINDS = ("embedding", "output", "final_norm")
+MOE_KINDS = ("attn_norm", "qkv", "proj", "mlp_norm", "router", "expert_fc1", "expert_fc2")
+EXPERT_KINDS = ("expert_fc1", "expert_fc2")  # one tensor per expert: layers.{i}.expert_fc1.{e}
 
 # How each kind is cut across TP ranks: "rows"/"cols" split one dim evenly, "glu" splits gate and up
 # halves separately (each rank holds [gate_r; up_r]), "replicated" is copied to every rank.
@@ -40,9 +46,12 @@ TP_RULE = {
     "mlp_norm": "replicated",
     "fc1": "glu",
     "fc2": "cols",
+    "router": "replicated",
+    "expert_fc1": "glu",
+    "expert_fc2": "cols",
 }
 
-_LAYER_NAME = re.compile(r"^layers\.(\d+)\.(\w+)$")
+_LAYER_NAME = re.compile(r"^layers\.(\d+)\.([a-z_0-9]+?)(?:\.(\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -80,15 +89,31 @@ def split_name(name: str) -> tuple[int | None, str]:
     return None, name
 
 
-def layer_name(layer: int, kind: str) -> str:
-    return f"layers.{layer}.{kind}"
+def expert_of(name: str) -> int | None:
+    """'layers.3.expert_fc1.5' -> 5; None for a tensor that is not one expert's."""
+    m = _LAYER_NAME.match(split_state(name)[1])
+    return int(m.group(3)) if m and m.group(3) is not None else None
+
+
+def layer_name(layer: int, kind: str, expert: int | None = None) -> str:
+    return f"layers.{layer}.{kind}" if expert is None else f"layers.{layer}.{kind}.{expert}"
+
+
+def block_tensors(cfg: ModelConfig) -> list[tuple[str, int | None]]:
+    """(kind, expert) of every tensor in one block, in a stable order: a dense block's six, or a mixture
+    of experts' norms, attention, router and each expert's fc1 and fc2."""
+    if not cfg.is_moe:
+        return [(kind, None) for kind in LAYER_KINDS]
+    dense = [(kind, None) for kind in MOE_KINDS if kind not in EXPERT_KINDS]
+    return dense + [(kind, e) for e in range(cfg.num_experts) for kind in EXPERT_KINDS]
 
 
 def logical_names(cfg: ModelConfig) -> list[str]:
     """All logical tensors of a model, in a stable order (embedding first, output last)."""
     names = ["embedding"]
+    block = block_tensors(cfg)
     for i in range(cfg.num_layers):
-        names += [layer_name(i, kind) for kind in LAYER_KINDS]
+        names += [layer_name(i, kind, expert) for kind, expert in block]
     names.append("final_norm")
     if not cfg.tie_embeddings:
         names.append("output")
@@ -108,6 +133,9 @@ def logical_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
         "proj": (h, cfg.num_attention_heads * cfg.head_dim),
         "fc1": (2 * cfg.ffn_hidden_size, h),
         "fc2": (h, cfg.ffn_hidden_size),
+        "router": (cfg.num_experts, h),
+        "expert_fc1": (2 * cfg.expert_ffn_size, h),
+        "expert_fc2": (h, cfg.expert_ffn_size),
     }[kind]
 
 
@@ -266,27 +294,51 @@ MCORE_EXTRA_STATE_MODULES = (
     "mlp.linear_fc2",
 )
 
-_MCORE_BY_SUFFIX = {v: k for k, v in MCORE_LAYER_LOCAL.items()} | {v: k for k, v in MCORE_LAYER_TE.items()}
+# A mixture of experts' MLP (megatron-core's MoELayer; SequentialMLP's local experts, numbered within the
+# expert-parallel rank); its norm is a separate module under both specs (TE fuses only a dense fc1's).
+MCORE_MOE = {
+    "mlp_norm": "pre_mlp_layernorm.weight",
+    "router": "mlp.router.weight",
+    "expert_fc1": "mlp.experts.local_experts.{e}.linear_fc1.weight",
+    "expert_fc2": "mlp.experts.local_experts.{e}.linear_fc2.weight",
+}
+
+_MCORE_BY_SUFFIX = (
+    {v: k for k, v in MCORE_LAYER_LOCAL.items()}
+    | {v: k for k, v in MCORE_LAYER_TE.items()}
+    | {MCORE_MOE["router"]: "router"}
+)
 _MCORE_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_MCORE_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight$")
 _MCORE_BY_GLOBAL = {v: k for k, v in MCORE_GLOBAL.items()}
 
 
-def logical_from_mcore_name(name: str, layer_offset: int = 0) -> str | None:
-    """'decoder.layers.1.mlp.linear_fc1.weight' (+ offset) -> 'layers.{1+offset}.fc1'; None if not a weight."""
+def logical_from_mcore_name(name: str, layer_offset: int = 0, expert_offset: int = 0) -> str | None:
+    """'decoder.layers.1.mlp.linear_fc1.weight' (+ offset) -> 'layers.{1+offset}.fc1'; None if not a weight.
+    A local expert's index plus ``expert_offset`` (its expert-parallel rank's first) is its global one."""
     if name in _MCORE_BY_GLOBAL:
         return _MCORE_BY_GLOBAL[name]
     m = _MCORE_LAYER.match(name)
-    if m and m.group(2) in _MCORE_BY_SUFFIX:
-        return layer_name(int(m.group(1)) + layer_offset, _MCORE_BY_SUFFIX[m.group(2)])
+    if not m:
+        return None
+    layer = int(m.group(1)) + layer_offset
+    expert = _MCORE_EXPERT.match(m.group(2))
+    if expert:
+        return layer_name(layer, f"expert_fc{expert.group(2)}", int(expert.group(1)) + expert_offset)
+    if m.group(2) in _MCORE_BY_SUFFIX:
+        return layer_name(layer, _MCORE_BY_SUFFIX[m.group(2)])
     return None
 
 
-def mcore_name(logical: str, layer_offset: int = 0, te_names: bool = True) -> str:
+def mcore_name(logical: str, layer_offset: int = 0, te_names: bool = True, moe: bool = False) -> str:
     """Inverse of ``logical_from_mcore_name``: the global index minus ``layer_offset`` is the local index."""
     layer, kind = split_name(logical)
     if layer is None:
         return MCORE_GLOBAL[kind]
-    suffix = (MCORE_LAYER_TE if te_names else MCORE_LAYER_LOCAL)[kind]
+    if moe and kind in MCORE_MOE:
+        suffix = MCORE_MOE[kind].format(e=expert_of(logical))
+    else:
+        suffix = (MCORE_LAYER_TE if te_names else MCORE_LAYER_LOCAL)[kind]
     return f"decoder.layers.{layer - layer_offset}.{suffix}"
 
 

@@ -20,7 +20,7 @@ import torch
 from megastack import layout, untrusted
 from megastack.config import ModelConfig
 from megastack.errors import NotBuiltError, UserError
-from megastack.layout import Piece, pieces_shape
+from megastack.layout import Piece, pieces_shape, take_pieces
 
 Read = Callable[[str, "list[Piece] | None"], torch.Tensor]
 
@@ -129,6 +129,83 @@ class Noisy:
         return self.base.sources(pieces)
 
 
+def _shifted(pieces, dim: int, offset: int):
+    return [Piece(p.dim, p.start + offset, p.length) if p.dim == dim else p for p in pieces]
+
+
+@dataclass(frozen=True)
+class ColumnSlice:
+    """target <- scale * source[:, start:start + target columns]: a granular expert's fc2 (its share of the
+    dense MLP's columns; ``scale`` undoes the router's split of the weight over the finer experts)."""
+
+    source: str
+    start: int
+    scale: float = 1.0
+
+    def _source_pieces(self, shape: tuple[int, ...], pieces) -> list[Piece]:
+        if not pieces:
+            return [Piece(1, self.start, shape[1])]
+        return _shifted(pieces, 1, self.start) if pieces[0].dim == 1 else list(pieces)
+
+    def produce(self, target: str, shape: tuple[int, ...], read: Read, pieces, dtype) -> torch.Tensor:
+        got = read(self.source, self._source_pieces(shape, pieces))
+        if pieces and pieces[0].dim == 0:  # row blocks: the source's full rows, narrowed to these columns
+            got = got.narrow(1, self.start, shape[1])
+        return got if self.scale == 1.0 else (got.float() * self.scale).to(dtype)
+
+    def sources(self, pieces) -> list[tuple[str, Any]]:
+        if pieces and pieces[0].dim == 0:
+            return [(self.source, list(pieces))]
+        return [(self.source, _shifted(pieces, 1, self.start) if pieces else None)]
+
+
+@dataclass(frozen=True)
+class GluSlice:
+    """target [gate; up] <- rows [start, start + half) of the source's gate and of its up half: a granular
+    expert's fc1, its share of the dense MLP's neurons."""
+
+    source: str
+    start: int
+    half: int  # the target's ffn (half its rows)
+    source_half: int  # the source's ffn (the row where its up half starts)
+
+    def _source_pieces(self, pieces) -> list[Piece]:
+        out = []
+        for p in pieces or [Piece(0, 0, 2 * self.half)]:
+            if p.dim != 0:
+                raise ValueError("GluSlice: fc1 is cut by rows only (TP and the writers' row blocks)")
+            h = self.half
+            for lo, hi, base in ((0, h, self.start), (h, 2 * h, self.source_half + self.start - h)):
+                a, b = max(p.start, lo), min(p.start + p.length, hi)
+                if a < b:
+                    out.append(Piece(0, base + a, b - a))
+        return out
+
+    def produce(self, target: str, shape: tuple[int, ...], read: Read, pieces, dtype) -> torch.Tensor:
+        return read(self.source, self._source_pieces(pieces))
+
+    def sources(self, pieces) -> list[tuple[str, Any]]:
+        return [(self.source, self._source_pieces(pieces))]
+
+
+@dataclass(frozen=True)
+class RouterInit:
+    """A fresh router: N(0, std^2) rows (or zeros), the same row for the ``group`` fine experts cut from one
+    copy of the dense MLP, so top-k picks whole copies and the upcycled layer is the dense one."""
+
+    std: float
+    seed: int
+    group: int = 1
+
+    def produce(self, target: str, shape: tuple[int, ...], read: Read, pieces, dtype) -> torch.Tensor:
+        copies = (shape[0] // self.group, *shape[1:])
+        rows = seeded_normal(copies, self.seed, target, None) * self.std
+        return take_pieces(rows.repeat_interleave(self.group, dim=0), pieces).to(dtype)
+
+    def sources(self, pieces) -> list[tuple[str, Any]]:
+        return []
+
+
 @dataclass(frozen=True)
 class AsWeight:
     """``base`` produced as if it were weight ``weight``: the fp32 master copy of a freshly drawn or noised
@@ -154,8 +231,13 @@ def state_recipe(recipe: Any, state: str, weight: str) -> Any:
         return Copy(layout.state_name(state, recipe.source))
     if isinstance(recipe, Zeros):
         return Zeros()
-    if isinstance(recipe, RandomInit):
+    if isinstance(recipe, (RandomInit, RouterInit)):
         return AsWeight(recipe, weight) if state == "fp32_param" else Zeros()
+    if isinstance(recipe, ColumnSlice):  # a weight scaled by s: exp_avg by s, exp_avg_sq by s^2
+        scale = recipe.scale**2 if state == "exp_avg_sq" else recipe.scale
+        return ColumnSlice(layout.state_name(state, recipe.source), recipe.start, scale)
+    if isinstance(recipe, GluSlice):
+        return GluSlice(layout.state_name(state, recipe.source), recipe.start, recipe.half, recipe.source_half)
     if isinstance(recipe, Noisy):
         base = state_recipe(recipe.base, state, weight)
         return AsWeight(Noisy(base, recipe.alpha, recipe.std, recipe.seed), weight) if state == "fp32_param" else base

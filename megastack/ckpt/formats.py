@@ -61,6 +61,7 @@ class Format:
     files_per_tensor: bool = True  # inspect lists each tensor's file (not for DCP's shards)
     iteration_dirs: bool = True  # lives in iter_NNNNNNN directories (its iteration from the name)
     optimizer_state: bool = False  # reads and writes Adam's state beside the weights (--carry-optimizer)
+    experts: bool = False  # reads and writes mixtures of experts (upcycled models)
 
 
 # (rank 0's state dict or common.pt, names of sharded entries, a description of the optimizer state or None)
@@ -238,6 +239,7 @@ FORMATS: dict[str, Format] = {  # in detection order
         saved_state=_td_state,
         files_per_tensor=False,
         optimizer_state=True,
+        experts=True,
     ),
     "hf": Format(
         "hf",
@@ -270,6 +272,16 @@ def get(name: str, flag: str = "--to") -> Format:
     return FORMATS[name]
 
 
+def check_experts(cfg: ModelConfig, name: str, doing: str) -> None:
+    """Mixtures of experts only where a format's reader and writer know their tensors."""
+    if cfg.is_moe and not get(name).experts:
+        able = ", ".join(f.name for f in FORMATS.values() if f.experts)
+        raise NotBuiltError(
+            f"{doing} a mixture of experts ({cfg.num_experts} experts) in {name} checkpoints is not built yet; "
+            f"use {able}"
+        )
+
+
 def detect_format(directory: Path) -> str:
     for fmt in FORMATS.values():
         if fmt.detect(directory):
@@ -297,6 +309,7 @@ def make_writer(
     from megastack.ckpt import megatron_args
 
     fmt = get(name)
+    check_experts(target, name, "writing")
     args, te_names = None, True
     if fmt.megatron:
         layout = (tp, pp) if fmt.cut_by_rank else (None, None)

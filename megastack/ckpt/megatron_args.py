@@ -63,6 +63,10 @@ FIELDS: dict[str, ArgField] = {
     "transformer_impl": ArgField(("transformer_impl",), str, "local or transformer_engine: the norm key names"),
     "tokenizer_type": ArgField(("tokenizer_type",), str, "kept from the source; HuggingFaceTokenizer from HF"),
     "tokenizer_model": ArgField(("tokenizer_model",), str, "kept; from HF: the source dir if it has a tokenizer"),
+    "num_experts": ArgField(("num_experts",), int, "experts per MoE layer (None or 0: dense)"),
+    "moe_router_topk": ArgField(("moe_router_topk",), int, "experts per token"),
+    "moe_ffn_hidden_size": ArgField(("moe_ffn_hidden_size",), int, "each expert's MLP width"),
+    "moe_aux_loss_coeff": ArgField(("moe_aux_loss_coeff",), float, "load-balancing loss weight"),
     "iteration": ArgField(("iteration",), int, "reset to 0 by grow"),
     "consumed_train_samples": ArgField(("consumed_train_samples",), int, "reset to 0 by grow (a new stage)"),
     "consumed_valid_samples": ArgField(("consumed_valid_samples",), int, "reset to 0 by grow"),
@@ -80,7 +84,18 @@ LLAMA: dict[str, Any] = {
     "rotary_interleaved": False,
     "apply_layernorm_1p": False,
     "qk_layernorm": False,
-    "num_experts": None,
+}
+# A mixture of experts megastack reads: megatron-core's MoE layer with the routing whose top-k softmax
+# lets upcycled copies compute the dense model's function (another router is another architecture).
+MOE: dict[str, Any] = {
+    "moe_router_pre_softmax": False,
+    "moe_router_score_function": "softmax",
+    "moe_router_topk_scaling_factor": None,
+    "moe_expert_capacity_factor": None,
+    "moe_shared_expert_intermediate_size": None,
+    "moe_layer_freq": 1,
+    "moe_router_num_groups": None,
+    "moe_router_enable_expert_bias": False,
 }
 
 # Fields grow sets for the new stage (Megatron-LM reads them on resume unless --finetune).
@@ -122,9 +137,10 @@ def model_config(args: Any, where: str) -> ModelConfig:
             f"{where}: no Megatron 'args' and no megastack.json, so the architecture is unknown; "
             "convert it with --model CONFIG naming the architecture"
         )
-    for name, want in LLAMA.items():
+    experts = get(args, "num_experts", where) or 0
+    for name, want in {**LLAMA, **(MOE if experts else {})}.items():
         have = _get_raw(args, name)
-        if have is not None and have != want and not (name == "num_experts" and have in (0, 1)):
+        if have is not None and have != want:
             raise UserError(
                 f"{where}: args field '{name}' is {have!r}; megastack reads Llama-style models "
                 f"({name}={want!r}), so this checkpoint is another architecture"
@@ -155,7 +171,19 @@ def model_config(args: Any, where: str) -> ModelConfig:
         )
     epsilon = get(args, "norm_epsilon", where)
     base = get(args, "rotary_base", where)
+    moe = {}
+    if experts > 1:  # Megatron-LM's num_experts 1 is one expert: its dense MLP under another name, refused
+        coeff = get(args, "moe_aux_loss_coeff", where)
+        moe = {
+            "num_experts": experts,
+            "moe_topk": get(args, "moe_router_topk", where) or 2,
+            "moe_ffn_hidden_size": get(args, "moe_ffn_hidden_size", where),
+            "moe_aux_loss_coeff": coeff if coeff is not None else 0.0,
+        }
+    elif experts == 1:
+        raise UserError(f"{where}: args give num_experts=1 (a one-expert MoE layer); megastack reads dense or >= 2")
     return ModelConfig(
+        **moe,
         num_layers=required["num_layers"],
         hidden_size=required["hidden_size"],
         num_attention_heads=heads,
@@ -176,6 +204,7 @@ def fresh_args(cfg: ModelConfig) -> argparse.Namespace:
     default, i.e. a different model)."""
     return argparse.Namespace(
         **LLAMA,
+        num_experts=None,
         make_vocab_size_divisible_by=128,
         tokenizer_type="SentencePieceTokenizer",
         # as Megatron-LM's own saves of a RoPE Llama hold them (its loader compares add_position_embedding
@@ -233,7 +262,15 @@ def output_args(
         "params_dtype": dtype,
         "iteration": iteration,
         "transformer_impl": "transformer_engine" if te_names else "local",
+        "num_experts": cfg.num_experts or None,
     }
+    if cfg.is_moe:  # megatron-core's MoE layer as megastack builds it: dropless, top-k softmax routing
+        changed |= MOE | {
+            "moe_router_topk": cfg.moe_topk,
+            "moe_ffn_hidden_size": cfg.expert_ffn_size,
+            "moe_aux_loss_coeff": cfg.moe_aux_loss_coeff,
+            "moe_router_load_balancing_type": "aux_loss",
+        }
     if source is None or (getattr(args, "max_position_embeddings", None) or 0) < cfg.seq_length:
         changed["max_position_embeddings"] = cfg.seq_length
     if source is None or getattr(args, "vocab_size", None) is None:

@@ -51,21 +51,58 @@ DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.floa
 OPTIMIZER_KEY = "optimizer.state."  # megatron-core's model-space optimizer keys: optimizer.state.<state>.<key>
 
 
-def dcp_key(name: str) -> tuple[str, int | None]:
+# A mixture of experts' tensors as megatron-core stores them: the experts of a layer on a second leading
+# axis (SequentialMLP's sharded_state_dict; its global expert index), the norm as TE's MoE spec names it.
+MOE_KEYS = {
+    "mlp_norm": "decoder.layers.pre_mlp_layernorm.weight",
+    "router": "decoder.layers.mlp.router.weight",
+    "expert_fc1": "decoder.layers.mlp.experts.experts.linear_fc1.weight",
+    "expert_fc2": "decoder.layers.mlp.experts.experts.linear_fc2.weight",
+}
+EXPERT_MODULES = ("mlp.experts.experts.linear_fc1", "mlp.experts.experts.linear_fc2")
+
+
+def dcp_key(name: str, moe: bool = False) -> tuple[str, int | None]:
     """Logical name -> (DCP key, layer index on the leading axis or None); Adam's state of a weight
     ('exp_avg/layers.3.qkv') is the weight's key under optimizer.state.exp_avg."""
     state, _ = layout.split_state(name)
     layer, kind = layout.split_name(name)
-    key = layout.MCORE_GLOBAL[kind] if layer is None else "decoder.layers." + layout.MCORE_LAYER_TE[kind]
+    if layer is None:
+        key = layout.MCORE_GLOBAL[kind]
+    elif moe and kind in MOE_KEYS:
+        key = MOE_KEYS[kind]
+    else:
+        key = "decoder.layers." + layout.MCORE_LAYER_TE[kind]
     return (f"{OPTIMIZER_KEY}{state}.{key}" if state else key), layer
 
 
-def extra_state_keys(num_layers: int) -> list[str]:
-    """The per-layer ``_extra_state`` objects megatron-core expects even in a non-strict load."""
-    return [
-        f"decoder.layers.{module}._extra_state/shard_{i}_{num_layers}"
-        for module in layout.MCORE_EXTRA_STATE_MODULES
-        for i in range(num_layers)
+def leading(cfg: ModelConfig, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Where a logical tensor sits on its key's leading axes, and their sizes: () for a global tensor,
+    (layer,) of (num_layers,) for a block's, (layer, expert) of (num_layers, num_experts) for an expert's."""
+    layer, _ = layout.split_name(name)
+    if layer is None:
+        return (), ()
+    expert = layout.expert_of(name)
+    if expert is None:
+        return (layer,), (cfg.num_layers,)
+    return (layer, expert), (cfg.num_layers, cfg.num_experts)
+
+
+def extra_state_keys(cfg: ModelConfig) -> list[str]:
+    """The per-layer (and per-expert) ``_extra_state`` objects megatron-core expects even in a non-strict
+    load."""
+    n = cfg.num_layers
+    keys = [
+        f"decoder.layers.{module}._extra_state/shard_{i}_{n}" for module in layout.MCORE_EXTRA_STATE_MODULES for i in range(n)
+    ]
+    if not cfg.is_moe:
+        return keys
+    attention = [k for k in keys if ".self_attention." in k]
+    return attention + [
+        f"decoder.layers.{module}._extra_state/shard_{i}.{e}_{n}.{cfg.num_experts}"
+        for module in EXPERT_MODULES
+        for i in range(n)
+        for e in range(cfg.num_experts)
     ]
 
 
@@ -136,7 +173,9 @@ class TorchDistReader:
         the end of a stage), each checked like the weights; () when it holds none."""
         keys = self.metadata.state_dict_metadata
         present = tuple(
-            state for state in layout.OPTIMIZER_STATES if dcp_key(layout.state_name(state, "embedding"))[0] in keys
+            state
+            for state in layout.OPTIMIZER_STATES
+            if dcp_key(layout.state_name(state, "embedding"), self.cfg.is_moe)[0] in keys
         )
         for state in present:
             self._check_shapes([layout.state_name(state, n) for n in layout.logical_names(self.cfg)])
@@ -146,15 +185,14 @@ class TorchDistReader:
         sd = self.metadata.state_dict_metadata
         checked: set[str] = set()
         for name in names or layout.logical_names(self.cfg):
-            key, layer = dcp_key(name)
+            key, _ = dcp_key(name, self.cfg.is_moe)
             if key not in sd or not isinstance(sd[key], TensorStorageMetadata):
+                experts = f", {self.cfg.num_experts} experts" if self.cfg.is_moe else ""
                 raise UserError(
                     f"{self.path}: tensor '{key}' is missing; the checkpoint does not match the "
-                    f"model config ({self.cfg.num_layers} layers, tied={self.cfg.tie_embeddings})"
+                    f"model config ({self.cfg.num_layers} layers{experts}, tied={self.cfg.tie_embeddings})"
                 )
-            expected = layout.logical_shape(self.cfg, name)
-            if layer is not None:
-                expected = (self.cfg.num_layers, *expected)
+            expected = (*leading(self.cfg, name)[1], *layout.logical_shape(self.cfg, name))
             if tuple(sd[key].size) != expected:
                 raise UserError(
                     f"{self.path}: tensor '{key}' has shape {tuple(sd[key].size)} but the model "
@@ -212,14 +250,14 @@ class TorchDistReader:
             )
 
     def dtype(self, name: str) -> torch.dtype:
-        return self.metadata.state_dict_metadata[dcp_key(name)[0]].properties.dtype
+        return self.metadata.state_dict_metadata[dcp_key(name, self.cfg.is_moe)[0]].properties.dtype
 
     def _regions(self, name: str, pieces: list[Piece] | None) -> tuple[str, list[tuple[list[int], list[int]]], int]:
         """DCP key, [(offsets, sizes)] in the stored tensor, and the concat dim in the result."""
-        key, layer = dcp_key(name)
+        key, _ = dcp_key(name, self.cfg.is_moe)
         shape = layout.logical_shape(self.cfg, name)
-        lead = [] if layer is None else [layer]
-        lead_size = [] if layer is None else [1]
+        lead = list(leading(self.cfg, name)[0])
+        lead_size = [1] * len(lead)
         if not pieces:
             return key, [(lead + [0] * len(shape), lead_size + list(shape))], 0
         regions = []
@@ -327,7 +365,7 @@ class TorchDistReader:
         """The requested region. A region that is exactly one stored chunk is that chunk's tensor, shared
         with the chunk cache (no copy): callers must not modify what they get in place."""
         key, regions, cat_dim = self._regions(name, pieces)
-        layered = layout.split_name(name)[0] is not None  # stored with a leading layer dim, dropped here
+        lead = len(leading(self.cfg, name)[0])  # leading layer (and expert) dims, dropped here
         parts = []
         for offsets, sizes in regions:
             overlaps = list(self._overlaps(key, offsets, sizes))
@@ -336,7 +374,9 @@ class TorchDistReader:
                 region = self._load_chunk(key, chunk)  # the whole stored chunk: no copy
             else:
                 region = self._assemble(key, offsets, sizes, overlaps, self.dtype(name))
-            parts.append(region[0] if layered else region)
+            for _ in range(lead):
+                region = region[0]
+            parts.append(region)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=cat_dim)
 
 
@@ -461,7 +501,7 @@ class TorchDistWriter:
             stream = HashingWriter(f)
             for unit in units:
                 if unit.meta.get("objects"):
-                    for key in extra_state_keys(self.cfg.num_layers):
+                    for key in extra_state_keys(self.cfg):
                         offset = stream.tell()
                         torch.save([None], stream)
                         records.append(ObjectRecord(key, relative, offset, stream.tell() - offset))
@@ -481,7 +521,7 @@ class TorchDistWriter:
     def _write_chunk(
         self, stream: HashingWriter, relative: str, name: str, tensor: torch.Tensor, pieces: list[Piece] | None
     ) -> ChunkRecord:
-        key, layer = dcp_key(name)
+        key, _ = dcp_key(name, self.cfg.is_moe)
         shape = layout.logical_shape(self.cfg, name)
         expected = pieces_shape(shape, pieces)
         if tuple(tensor.shape) != expected:
@@ -491,11 +531,10 @@ class TorchDistWriter:
         offsets = [0] * len(shape)
         if pieces:
             offsets[pieces[0].dim] = pieces[0].start
-        global_size = shape
-        if layer is not None:
+        lead, lead_size = leading(self.cfg, name)
+        for _ in lead:
             tensor = tensor.unsqueeze(0)
-            global_size, offsets = (self.cfg.num_layers, *shape), [layer, *offsets]
-        offsets = tuple(offsets)
+        global_size, offsets = (*lead_size, *shape), (*lead, *offsets)
         if tensor.untyped_storage().nbytes() != tensor.nbytes:
             tensor = tensor.clone()  # torch.save writes whole storages; never a view's parent
         offset = stream.tell()

@@ -133,6 +133,18 @@ def apply() -> bool:
     return True
 
 
+def moe_without_te() -> bool:
+    """megatron-core 0.16's router reads ``te_general_gemm``, which moe_utils.py defines only when Transformer
+    Engine imports (a NameError otherwise); without TE it means "no TE GEMM": torch.mm, its own fallback.
+    Needed wherever TE is absent (CPU always); inert where TE is installed. Returns True if it patched."""
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    if getattr(moe_utils, "HAVE_TE", False) or hasattr(moe_utils, "te_general_gemm"):
+        return False
+    moe_utils.te_general_gemm = None
+    return True
+
+
 def prepare_deepspeed() -> bool:
     """DeepSpeed on CPU without hidden C++ builds. Returns True if the CPU settings were applied.
 

@@ -17,7 +17,7 @@ from megastack.config import ModelConfig
 from megastack.plan import Noisy, RandomInit, Zeros
 
 BLOCK_NORM_KINDS = ("attn_norm", "mlp_norm")
-OUTPUT_KINDS = ("proj", "fc2")  # the residual-branch outputs G_zero zeroes
+OUTPUT_KINDS = ("proj", "fc2", "expert_fc2")  # the residual-branch outputs G_zero zeroes
 
 
 def repeated_block(operator: str, kind: str, copied: Any, target: ModelConfig, seed: int) -> Any:

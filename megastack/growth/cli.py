@@ -27,6 +27,10 @@ def spec_from_args(args: Any) -> GrowthSpec:
         learn_lr=args.learn_lr,
         carry_optimizer=args.carry_optimizer,
         keep=args.keep,
+        experts=args.experts,
+        topk=args.topk,
+        granularity=args.granularity,
+        router_init=args.router_init,
     )
 
 
@@ -45,6 +49,9 @@ def cli_grow(args: Any) -> int:
             f"grew {args.src} ({plan.source.num_layers} layers) into {args.dst} ({plan.target.num_layers} layers, "
             f"{plan.info['operator']}, {job.writer.format}); new layers: {plan.info['new_layers'] or 'none'}"
         )
+        if plan.info.get("dimension") == "experts":
+            t = plan.target
+            print(f"experts: {t.num_experts} per layer, top {t.moe_topk}, expert MLP width {t.expert_ffn_size}")
         if "width" in plan.info:
             s, t = plan.source, plan.target
             print(

@@ -23,7 +23,7 @@ from dataclasses import replace
 
 from megastack import layout
 from megastack.config import ModelConfig
-from megastack.errors import UserError
+from megastack.errors import NotBuiltError, UserError
 from megastack.growth.blocks import repeated_block, with_noise
 from megastack.growth.layer_map import check_zero_map, first_occurrences, parse_layer_map
 from megastack.growth.spec import DIMENSIONS, GrowthSpec, operator, resolve_layer_map
@@ -43,12 +43,12 @@ def depth_plan(source: ModelConfig, spec: GrowthSpec) -> Plan:
     originals = set(first_occurrences(mapping))
     recipes: dict[str, object] = _global_copies(source)
     for position, src in enumerate(mapping):
-        for kind in layout.LAYER_KINDS:
-            recipe = Copy(layout.layer_name(src, kind))
+        for kind, expert in layout.block_tensors(source):
+            recipe = Copy(layout.layer_name(src, kind, expert))
             if position not in originals:
                 recipe = repeated_block(spec.operator, kind, recipe, target, spec.seed)
             recipe = with_noise(recipe, kind, spec.noise, source.init_std, spec.seed)
-            recipes[layout.layer_name(position, kind)] = recipe
+            recipes[layout.layer_name(position, kind, expert)] = recipe
     info = {
         "operator": spec.operator,
         "dimension": "depth",
@@ -118,5 +118,15 @@ def make_plan(source: ModelConfig, spec: GrowthSpec) -> Plan:
     if spec.dimension == "width" and (spec.factor is not None or spec.layer_map):
         raise UserError("--factor/--layer-map grow depth; use --dimension both to grow depth and width together")
     if spec.dimension not in DIMENSIONS:
-        raise UserError(f"--dimension {spec.dimension!r} is unknown; choose depth, width or both")
+        raise UserError(f"--dimension {spec.dimension!r} is unknown; choose {', '.join(DIMENSIONS)}")
+    moe_flags = spec.experts is not None or spec.topk is not None or spec.granularity != 1
+    if moe_flags and spec.dimension != "experts":
+        raise UserError("--experts/--topk/--granularity upcycle the MLP into experts: they need --dimension experts")
+    if spec.dimension == "experts" and (spec.factor is not None or spec.layer_map):
+        raise UserError("--dimension experts keeps the depth; grow depth (--factor/--layer-map) in a separate step")
+    if source.is_moe and (spec.dimension != "depth" or operator(spec.operator).needs_data):
+        raise NotBuiltError(
+            f"growing a mixture of experts ({source.num_experts} experts) by --dimension {spec.dimension} "
+            f"--operator {spec.operator} is not built yet; depth growth by stack, zero, random or prune is"
+        )
     return planner(source, spec)

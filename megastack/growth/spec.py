@@ -10,7 +10,7 @@ from typing import Any
 from megastack.errors import UserError
 from megastack.growth.layer_map import check_depth, parse_layer_map, stack_map
 
-DIMENSIONS = ("depth", "width", "both")  # both: depth and width in one step
+DIMENSIONS = ("depth", "width", "both", "experts")  # both: depth and width in one step; experts: MoE upcycling
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,10 @@ class GrowthSpec:
     learn_lr: float = 0.01
     carry_optimizer: bool = False  # Adam's state grown with the weights (torch_dist from megastack train)
     keep: str | None = None  # prune: the source layers kept, in order (the --layer-map grammar)
+    experts: int | None = None  # --dimension experts: experts per MoE layer
+    topk: int | None = None  # experts per token (None: 2, or the granularity's multiple of it)
+    granularity: int = 1  # each expert 1/granularity of the dense MLP (granular upcycling)
+    router_init: str = "random"  # random (N(0, init_std)) or zero
     learned: Any = None  # G_learn's result: {kind: D as nested lists [L2][L1]} (set by growth.learn)
 
 
@@ -61,11 +65,18 @@ class Operator:
     summary: str
     depth: str  # the planner for --dimension depth
     width: str  # the planner for --dimension width and both
+    experts: str | None = None  # the planner for --dimension experts (upcycling), if the operator has one
     needs_data: bool = False  # learns from --data before planning (G_learn)
     ramps_new_blocks: bool = False  # its new blocks start masked and training ramps them in (G_random)
     grows: bool = True  # false for prune: the speedup harness compares growth operators only
 
     def planner(self, dimension: str) -> Callable[[Any, GrowthSpec], Any]:
+        if dimension == "experts":
+            if self.experts is None:
+                able = ", ".join(op.name for op in OPERATORS.values() if op.experts)
+                raise UserError(f"--dimension experts: --operator {self.name} does not upcycle; use {able}")
+            module, function = self.experts.split(":")
+            return getattr(importlib.import_module(module), function)
         module, function = (self.depth if dimension == "depth" else self.width).split(":")
         return getattr(importlib.import_module(module), function)
 
@@ -80,6 +91,7 @@ OPERATORS: dict[str, Operator] = {
             "G_stack: each target layer copies a source layer (the paper's best)",
             "megastack.growth.operators:stack",
             _WIDTH,
+            experts="megastack.growth.upcycle:upcycle",  # every expert a copy of the dense MLP
         ),
         Operator(
             "zero",

@@ -110,15 +110,54 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, kernels: Kern
         gradient_accumulation_fusion=kernels.gradient_accumulation_fusion,
         bias_dropout_fusion=False,
         persist_layer_norm=False,
+        **moe_config(cfg, machine),
     )
 
 
-def layer_spec(kernels: Kernels):
+def moe_config(cfg: ModelConfig, machine: Machine) -> dict:
+    """megatron-core's MoE fields: dropless top-k softmax routing (upcycled copies then compute the dense
+    model's function), the load-balancing aux loss, one expert-parallel rank (the whole expert set per rank:
+    DeepSpeed's ZeRO would average different experts' gradients across an expert-parallel group). The
+    all-to-all token dispatcher needs CUDA streams; with one expert-parallel rank all-gather is equivalent."""
+    if not cfg.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=cfg.num_experts,
+        moe_router_topk=cfg.moe_topk,
+        moe_ffn_hidden_size=cfg.expert_ffn_size,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        moe_router_pre_softmax=False,
+        moe_token_dispatcher_type="alltoall" if machine.cuda else "allgather",
+        moe_grouped_gemm=False,
+        expert_model_parallel_size=1,
+    )
+
+
+def layer_spec(kernels: Kernels, cfg: ModelConfig | None = None):
     from megatron.core.models.gpt import gpt_layer_specs
 
+    experts = cfg.num_experts if cfg is not None and cfg.is_moe else None
     if kernels.spec == "transformer_engine":
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(num_experts=experts)
+    return gpt_layer_specs.get_gpt_layer_local_spec(num_experts=experts, normalization="RMSNorm")
+
+
+# The local spec saves a MoE layer's norm under the name TE gives a dense layer's fused norm; TE's MoE spec
+# (what Megatron-LM runs on GPUs) saves it as pre_mlp_layernorm. megastack's torch_dist files use TE's.
+_LOCAL_MOE_NORM = "decoder.layers.mlp.linear_fc1.layer_norm_weight"
+_TE_MOE_NORM = "decoder.layers.pre_mlp_layernorm.weight"
+
+
+def checkpoint_state(model, cfg: ModelConfig) -> dict:
+    """The model's sharded state dict under the torch_dist names megastack reads and writes (the same on
+    CPU and GPU): megatron-core's own, with a local-spec MoE norm renamed as TE's MoE spec names it."""
+    state = model.sharded_state_dict()
+    if cfg.is_moe:
+        for entry in state.values():
+            if getattr(entry, "key", None) == _LOCAL_MOE_NORM:
+                entry.key = _TE_MOE_NORM
+    return state
 
 
 def build_model(
@@ -137,7 +176,9 @@ def build_model(
     ):
         raise RuntimeError("parallel_state was initialised with a different TP/PP than the config")
     kernels = select_kernels(machine, main_grad_buffers=main_grad_buffers)
-    spec = layer_spec(kernels)
+    if cfg.is_moe:
+        cpu.moe_without_te()
+    spec = layer_spec(kernels, cfg)
     rotary_base = int(cfg.rotary_base) if float(cfg.rotary_base).is_integer() else cfg.rotary_base
     with cpu.device_mode():
         model = GPTModel(

@@ -27,11 +27,16 @@ def _position() -> tuple[int, int, int, int]:
 
 def param_logical_names(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, str]:
     """Local parameter name -> logical tensor name, for this rank's model."""
+    from megatron.core import parallel_state as ps
+
     _, _, pp_rank, pp_size = _position()
     offset = layout.stage_layers(cfg.num_layers, pp_rank, pp_size).start
+    first_expert = 0
+    if cfg.is_moe:  # this expert-parallel rank's experts are numbered from 0 in the module
+        first_expert = ps.get_expert_model_parallel_rank() * (cfg.num_experts // ps.get_expert_model_parallel_world_size())
     names = {}
     for name, _ in model.named_parameters():
-        logical = layout.logical_from_mcore_name(name, offset)
+        logical = layout.logical_from_mcore_name(name, offset, first_expert)
         if logical is None:
             raise ValueError(f"parameter {name} has no logical tensor; the model is not Llama-style")
         if logical == "output" and cfg.tie_embeddings:

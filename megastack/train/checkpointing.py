@@ -50,6 +50,9 @@ ARCH_FIELDS = (
     "rotary_base",
     "norm_epsilon",
     "tie_embeddings",
+    "num_experts",
+    "moe_topk",
+    "expert_ffn_size",
 )
 FAULT_ENV = "MEGASTACK_FAULT_KILL_IN_SAVE"  # tests only: "ITERATION:RANK" kills that rank mid-save
 
@@ -185,6 +188,7 @@ def save(
     root: str | os.PathLike,
     iteration: int,
     engine: Any,
+    cfg: ModelConfig,
     zero_stage: int,
     manifest: dict[str, Any],
     client_state: dict[str, Any],
@@ -194,6 +198,8 @@ def save(
     """Write iteration ``iteration`` (collective: every rank calls it). Returns the published directory.
     ``optimizer_states``: Adam's state also written in the model's sharded space (train/optimizer_state.py)."""
     from megatron.core import dist_checkpointing
+
+    from megastack.model.build import checkpoint_state
 
     root = Path(root)
     rank, _ = _rank_world()
@@ -209,7 +215,7 @@ def save(
     _barrier()
     module = engine.module
     with _model_state(module, zero_stage):
-        state = module.sharded_state_dict()
+        state = checkpoint_state(module, cfg)
         if optimizer_states:
             from megastack.train.optimizer_state import export_entries
 
