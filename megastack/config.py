@@ -182,6 +182,7 @@ class ParallelConfig:
 
     tensor: int = 1
     pipeline: int = 1
+    expert: int = 1  # expert parallelism: each rank of an expert-parallel group holds experts / expert
     data: int | None = None  # None: whatever the world size leaves after tensor x pipeline
     zero_stage: Literal[0, 1, 2, 3] = 1
     micro_batch_size: int = 1
@@ -190,7 +191,7 @@ class ParallelConfig:
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
-        for name in ("tensor", "pipeline", "micro_batch_size"):
+        for name in ("tensor", "pipeline", "expert", "micro_batch_size"):
             if getattr(self, name) <= 0:
                 problems.append((name, f"must be a positive integer, got {getattr(self, name)}"))
         for name in ("data", "global_batch_size"):
@@ -234,6 +235,12 @@ class ParallelConfig:
             problems.append(("tensor", f"({tp}) must divide ffn_hidden_size ({model.ffn_hidden_size})"))
         if model.num_layers % pp:
             problems.append(("pipeline", f"({pp}) must divide num_layers ({model.num_layers})"))
+        if model.is_moe and model.expert_ffn_size % tp:
+            problems.append(("tensor", f"({tp}) must divide the experts' ffn ({model.expert_ffn_size})"))
+        if self.expert > 1 and not model.is_moe:
+            problems.append(("expert", f"({self.expert}) needs a mixture of experts; this model is dense"))
+        elif model.is_moe and model.num_experts % self.expert:
+            problems.append(("expert", f"({self.expert}) must divide num_experts ({model.num_experts})"))
         return problems
 
     def data_parallel_size(self, world_size: int) -> int:
@@ -246,6 +253,11 @@ class ParallelConfig:
                 f"{model_parallel} processes"
             )
         dp = world_size // model_parallel
+        if dp % self.expert:
+            raise UserError(
+                f"parallel.expert ({self.expert}) must divide the data parallel size ({dp}: {world_size} "
+                f"processes over tensor x pipeline {model_parallel}); expert ranks are carved out of data ranks"
+            )
         if self.data is not None and self.data != dp:
             raise UserError(
                 f"parallel.data is {self.data} but {world_size} processes with tensor x "

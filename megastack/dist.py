@@ -130,8 +130,8 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     return denv
 
 
-def init_model_parallel(tensor: int, pipeline: int, seed: int = 1234) -> None:
-    """(Re)initialise megatron's parallel_state and its RNG trackers for a TP x PP layout."""
+def init_model_parallel(tensor: int, pipeline: int, seed: int = 1234, expert: int = 1) -> None:
+    """(Re)initialise megatron's parallel_state and its RNG trackers for a TP x PP (x EP) layout."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -140,7 +140,9 @@ def init_model_parallel(tensor: int, pipeline: int, seed: int = 1234) -> None:
     cpu.apply()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline)
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline, expert_model_parallel_size=expert
+    )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

@@ -93,7 +93,9 @@ def extra_state_keys(cfg: ModelConfig) -> list[str]:
     load."""
     n = cfg.num_layers
     keys = [
-        f"decoder.layers.{module}._extra_state/shard_{i}_{n}" for module in layout.MCORE_EXTRA_STATE_MODULES for i in range(n)
+        f"decoder.layers.{module}._extra_state/shard_{i}_{n}"
+        for module in layout.MCORE_EXTRA_STATE_MODULES
+        for i in range(n)
     ]
     if not cfg.is_moe:
         return keys

@@ -124,7 +124,7 @@ def make_plan(source: ModelConfig, spec: GrowthSpec) -> Plan:
         raise UserError("--experts/--topk/--granularity upcycle the MLP into experts: they need --dimension experts")
     if spec.dimension == "experts" and (spec.factor is not None or spec.layer_map):
         raise UserError("--dimension experts keeps the depth; grow depth (--factor/--layer-map) in a separate step")
-    if source.is_moe and (spec.dimension != "depth" or operator(spec.operator).needs_data):
+    if source.is_moe and (spec.dimension in ("width", "both") or operator(spec.operator).needs_data):
         raise NotBuiltError(
             f"growing a mixture of experts ({source.num_experts} experts) by --dimension {spec.dimension} "
             f"--operator {spec.operator} is not built yet; depth growth by stack, zero, random or prune is"

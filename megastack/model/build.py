@@ -110,15 +110,14 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, kernels: Kern
         gradient_accumulation_fusion=kernels.gradient_accumulation_fusion,
         bias_dropout_fusion=False,
         persist_layer_norm=False,
-        **moe_config(cfg, machine),
+        **moe_config(cfg, parallel, machine),
     )
 
 
-def moe_config(cfg: ModelConfig, machine: Machine) -> dict:
+def moe_config(cfg: ModelConfig, parallel: ParallelConfig, machine: Machine) -> dict:
     """megatron-core's MoE fields: dropless top-k softmax routing (upcycled copies then compute the dense
-    model's function), the load-balancing aux loss, one expert-parallel rank (the whole expert set per rank:
-    DeepSpeed's ZeRO would average different experts' gradients across an expert-parallel group). The
-    all-to-all token dispatcher needs CUDA streams; with one expert-parallel rank all-gather is equivalent."""
+    model's function) and the load-balancing aux loss. The all-to-all token dispatcher needs CUDA streams;
+    on CPU the all-gather one does the same routing."""
     if not cfg.is_moe:
         return {}
     return dict(
@@ -130,7 +129,7 @@ def moe_config(cfg: ModelConfig, machine: Machine) -> dict:
         moe_router_pre_softmax=False,
         moe_token_dispatcher_type="alltoall" if machine.cuda else "allgather",
         moe_grouped_gemm=False,
-        expert_model_parallel_size=1,
+        expert_model_parallel_size=parallel.expert,
     )
 
 
@@ -170,11 +169,12 @@ def build_model(
     machine = machine or Machine.detect()
     check_precision(parallel.precision, machine)
     cpu.apply()
-    if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) != (
-        parallel.tensor,
-        parallel.pipeline,
-    ):
-        raise RuntimeError("parallel_state was initialised with a different TP/PP than the config")
+    if (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_expert_model_parallel_world_size(),
+    ) != (parallel.tensor, parallel.pipeline, parallel.expert):
+        raise RuntimeError("parallel_state was initialised with a different TP/PP/EP than the config")
     kernels = select_kernels(machine, main_grad_buffers=main_grad_buffers)
     if cfg.is_moe:
         cpu.moe_without_te()

@@ -33,7 +33,9 @@ def param_logical_names(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, s
     offset = layout.stage_layers(cfg.num_layers, pp_rank, pp_size).start
     first_expert = 0
     if cfg.is_moe:  # this expert-parallel rank's experts are numbered from 0 in the module
-        first_expert = ps.get_expert_model_parallel_rank() * (cfg.num_experts // ps.get_expert_model_parallel_world_size())
+        first_expert = ps.get_expert_model_parallel_rank() * (
+            cfg.num_experts // ps.get_expert_model_parallel_world_size()
+        )
     names = {}
     for name, _ in model.named_parameters():
         logical = layout.logical_from_mcore_name(name, offset, first_expert)

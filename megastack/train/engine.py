@@ -171,6 +171,18 @@ def check_layout(parallel: ParallelConfig, model: ModelConfig) -> None:
             "pipeline schedule interleaves across micro-batches; use zero_stage 1 with pipeline > 1 "
             "(as Megatron-DeepSpeed does)"
         )
+    if model.is_moe and parallel.tensor > 1:
+        raise NotBuiltError(
+            f"parallel.tensor {parallel.tensor} with a mixture of experts is not built in the trainer yet "
+            "(megatron-core trains MoE layers under TP only with sequence parallelism, which megastack does not "
+            "enable yet); train it with pipeline or data parallelism (it loads under any TP)"
+        )
+    if parallel.expert > 1:
+        raise NotBuiltError(
+            f"parallel.expert {parallel.expert}: expert parallelism is not built in the trainer yet (DeepSpeed's "
+            "ZeRO would average different experts' gradients over the data-parallel group); train with "
+            "parallel.expert 1 (every rank holds every expert; megatron-core loads the checkpoint under any EP)"
+        )
     if parallel.precision == "fp16" and parallel.pipeline > 1:
         raise NotBuiltError(
             "precision fp16 with pipeline parallelism is not built in the trainer yet (DeepSpeed's "

@@ -415,7 +415,15 @@ class Stage:
             manifest["optimizer"] = {"step": optimizer_state.adam_step(self.engine), "states": list(states)}
         client = {"iteration": iteration, "consumed_samples": self.consumed_samples}
         path = checkpointing.save(
-            self.out, iteration, self.engine, self.cfg, self.par.zero_stage, manifest, client, self.sched.keep_last, states
+            self.out,
+            iteration,
+            self.engine,
+            self.cfg,
+            self.par.zero_stage,
+            manifest,
+            client,
+            self.sched.keep_last,
+            states,
         )
         self.checkpoint = str(path)
         self.logs.record("save", iteration=iteration, path=str(path))

@@ -1,6 +1,6 @@
 """Worker: load checkpoints in megatron-core under several TP/PP layouts and save the logits.
 
-argv: JOB.json. The job lists {"name", "path", "layouts": [[tp, pp], ...], "how"} entries and a "tokens"
+argv: JOB.json. The job lists {"name", "path", "layouts": [[tp, pp(, ep)], ...], "how"} entries and a "tokens"
 file and an "out" directory; "how" is "dist" (torch_dist via megatron's dist_checkpointing, strict),
 "legacy" (each rank loads its own model_optim_rng.pt with load_state_dict(strict=True); the layout must be
 the checkpoint's) or "reader" (megastack's reader + load_logical). Writes OUT/<name>_tp<T>pp<P>.pt on the
@@ -44,7 +44,7 @@ def main() -> None:
     from megastack.ckpt.safe_load import load_pt
     from megastack.config import ParallelConfig
     from megastack.dist import init_distributed, init_model_parallel
-    from megastack.model.build import build_model
+    from megastack.model.build import build_model, checkpoint_state
     from megastack.model.forward import forward_logits
     from megastack.model.weights import load_logical
 
@@ -55,13 +55,15 @@ def main() -> None:
     for entry in job["checkpoints"]:
         reader = open_checkpoint(entry["path"])
         cfg = reader.cfg
-        for tp, pp in entry["layouts"]:
-            init_model_parallel(tp, pp)
-            model = build_model(cfg, ParallelConfig(tensor=tp, pipeline=pp))
+        for tp, pp, *ep in entry["layouts"]:
+            ep = ep[0] if ep else 1
+            init_model_parallel(tp, pp, expert=ep)
+            model = build_model(cfg, ParallelConfig(tensor=tp, pipeline=pp, expert=ep))
             if entry["how"] == "dist":
-                # As Megatron-LM's load_checkpoint does: the model under "model", common.pt's keys beside it.
+                # As Megatron-LM's load_checkpoint does: the model under "model", common.pt's keys beside it
+                # (checkpoint_state: megatron-core's sharded state dict, a MoE norm under TE's name).
                 loaded = dist_checkpointing.load(
-                    {"model": model.sharded_state_dict()}, str(reader.path), strict=StrictHandling.RAISE_ALL
+                    {"model": checkpoint_state(model, cfg)}, str(reader.path), strict=StrictHandling.RAISE_ALL
                 )
                 assert isinstance(loaded["iteration"], int) and loaded["args"].num_layers == reader.cfg.num_layers
                 model.load_state_dict(loaded["model"], strict=True)
@@ -71,10 +73,11 @@ def main() -> None:
                 load_logical(model, cfg, reader.read)
             result = forward_logits(model, tokens)
             if result is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
-                path = out / f"{entry['name']}_tp{tp}pp{pp}.pt"
+                path = out / f"{entry['name']}_tp{tp}pp{pp}ep{ep}.pt"
                 torch.save(result, path)
                 print(
-                    "RESULT " + json.dumps({"name": entry["name"], "tp": tp, "pp": pp, "file": str(path)}), flush=True
+                    "RESULT " + json.dumps({"name": entry["name"], "tp": tp, "pp": pp, "ep": ep, "file": str(path)}),
+                    flush=True,
                 )
             torch.distributed.barrier()
     torch.distributed.destroy_process_group()
