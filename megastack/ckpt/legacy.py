@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from megastack import layout
-from megastack.ckpt import formats, megatron_args
+from megastack.ckpt import megatron_args
 from megastack.ckpt.base import FileHash, HashingWriter, Produce, Request, Unit
 from megastack.ckpt.safe_load import load_pt, save_pt
 from megastack.config import ModelConfig
-from megastack.errors import UserError
+from megastack.errors import NotBuiltError, UserError
 from megastack.layout import Piece, pieces_shape, take_pieces
 
 FILE_NAME = "model_optim_rng.pt"
@@ -83,7 +83,11 @@ class LegacyReader:
         self.saved_args = first.get("args")
         self.iteration = megatron_args.saved_iteration(first, where)
         self.cfg = cfg or megatron_args.model_config(self.saved_args, where)
-        formats.check_experts(self.cfg, "legacy", "reading")
+        if self.cfg.is_moe:
+            raise NotBuiltError(
+                f"{where}: reading a mixture of experts ({self.cfg.num_experts} experts) from legacy checkpoints "
+                "is not built yet; have Megatron-LM save it as torch_dist (--ckpt-convert-format torch_dist --ckpt-convert-save DIR)"
+            )
         if self.cfg.num_layers % self.pp:
             raise UserError(f"{self.path}: PP={self.pp} does not divide num_layers={self.cfg.num_layers}")
         self._check_shapes()
