@@ -86,7 +86,8 @@ class LegacyReader:
         if self.cfg.is_moe:
             raise NotBuiltError(
                 f"{where}: reading a mixture of experts ({self.cfg.num_experts} experts) from legacy checkpoints "
-                "is not built yet; have Megatron-LM save it as torch_dist (--ckpt-convert-format torch_dist --ckpt-convert-save DIR)"
+                "is not built yet; have Megatron-LM save it as torch_dist (--ckpt-convert-format torch_dist "
+                "--ckpt-convert-save DIR)"
             )
         if self.cfg.num_layers % self.pp:
             raise UserError(f"{self.path}: PP={self.pp} does not divide num_layers={self.cfg.num_layers}")
