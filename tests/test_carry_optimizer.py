@@ -29,6 +29,8 @@ MODEL = {
     "seq_length": 32,
     "name": "carry",
 }
+UPCYCLE = {"experts": 4, "topk": 2, "granularity": 2}
+MOE = {**MODEL, "num_experts": 4, "moe_topk": 2, "moe_ffn_hidden_size": MODEL["ffn_hidden_size"] // 2}
 FIRST, SECOND, GLOBAL_BATCH, MICRO = 4, 4, 8, 2
 OPTIMIZER = {"lr": 2e-3, "warmup_iters": 2, "clip_grad": 0.5, "weight_decay": 0.1}
 RTOL = 1e-5
@@ -159,6 +161,9 @@ def carried(tmp_path_factory):
     for n, p in grown_layouts.items():
         runs.append({"name": n, "config": stage(tmp / n, tmp / "grown_stack", SECOND, True, model=big, **p)})
     runs.append({"name": "g_zero", "config": stage(tmp / "g_zero", tmp / "grown_zero", SECOND, True, model=big)})
+    # upcycling with the optimizer: 4 granular experts (2 copies of the MLP cut in halves), top 2
+    grow(tmp / "first", tmp / "upcycled", GrowthSpec(dimension="experts", **UPCYCLE, carry_optimizer=True), comm=Comm())
+    runs.append({"name": "u_carried", "config": stage(tmp / "u_carried", tmp / "upcycled", SECOND, True, model=MOE)})
     results = small | launch_stages(tmp, "second", 2, runs)
     one = [
         {"name": "single", "config": stage(tmp / "single", tmp / "first", SECOND, True)},
@@ -272,3 +277,28 @@ def test_growth_carries_adams_state(carried, name, operator):
 def zeroed_by_g_zero() -> set[str]:
     layers = MODEL["num_layers"]
     return {f"layers.{i}.{kind}" for i in range(layers, 2 * layers) for kind in ("proj", "fc2")}
+
+
+def test_upcycling_carries_adams_state(carried):
+    """grow --dimension experts --carry-optimizer: each granular expert's moments are its slice of the dense
+    MLP's (fc2's exp_avg x G, exp_avg_sq x G^2, as its weight x G), the router's zero; the carried MoE stage
+    starts at the dense model's loss (the same function) and trains."""
+    from megastack.ckpt.detect import open_checkpoint
+
+    dense, moe = open_checkpoint(carried["tmp"] / "first"), open_checkpoint(carried["tmp"] / "upcycled")
+    assert moe.optimizer_states() == ("exp_avg", "exp_avg_sq")
+    f = MODEL["ffn_hidden_size"] // 2
+    for state, scale in (("exp_avg", 2.0), ("exp_avg_sq", 4.0)):
+        fc1, fc2 = dense.read(f"{state}/layers.1.fc1"), dense.read(f"{state}/layers.1.fc2")
+        gate, up = fc1.chunk(2)
+        for e in range(4):
+            s = e % 2
+            want1 = torch.cat([gate[s * f : (s + 1) * f], up[s * f : (s + 1) * f]])
+            assert torch.equal(moe.read(f"{state}/layers.1.expert_fc1.{e}"), want1)
+            assert torch.equal(moe.read(f"{state}/layers.1.expert_fc2.{e}"), scale * fc2[:, s * f : (s + 1) * f])
+        assert not moe.read(f"{state}/layers.1.router").any()
+        assert torch.equal(moe.read(f"{state}/layers.2.qkv"), dense.read(f"{state}/layers.2.qkv"))
+    result = carried["results"]["u_carried"]
+    assert "error" not in result, result
+    losses = stage_losses(carried["tmp"] / "u_carried")
+    assert len(losses) == SECOND and losses[0] == pytest.approx(carried["second"][0], rel=1e-5)
