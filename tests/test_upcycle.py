@@ -35,8 +35,16 @@ def upcycled(tmp_path_factory):
     for name, flags in UPCYCLED.items():
         proc = run_cli("grow", str(tmp / "dense"), str(tmp / name), "--dimension", "experts", *flags)
         assert proc.returncode == 0, proc.stderr
-    proc = run_cli("grow", str(tmp / "moe4"), str(tmp / "moe4_zero_x2"), "--operator", "zero", "--factor", "2")
-    assert proc.returncode == 0, proc.stderr
+    more = [
+        ("grow", "moe4", "moe4_zero_x2", "--operator", "zero", "--factor", "2"),
+        ("convert", "dense", "dense_hf", "--to", "hf"),
+        ("convert", "moe8_granular2", "mixtral_granular", "--to", "hf"),  # Mixtral from torch_dist
+        ("grow", "dense_hf", "mixtral", "--dimension", "experts", "--experts", "4", "--topk", "3"),  # HF -> HF
+        ("convert", "mixtral", "from_mixtral", "--to", "torch_dist"),
+    ]
+    for command, src, dst, *flags in more:
+        proc = run_cli(command, str(tmp / src), str(tmp / dst), *flags)
+        assert proc.returncode == 0, proc.stderr
     return tmp, dense
 
 
@@ -51,6 +59,7 @@ def test_upcycled_checkpoint_loads_in_megatron_core_moe_with_the_dense_logits(up
         "moe4_zero_router": [[2, 1], [1, 2, 2]],
         "moe8_granular2": [[1, 1], [2, 2], [1, 2, 2]],
         "moe4_zero_x2": [[1, 1], [2, 2]],  # G_zero on the experts: new blocks are the identity
+        "from_mixtral": [[2, 1, 2]],  # upcycled HF -> HF, then converted
     }
     checkpoints = [{"name": n, "path": str(tmp / n), "how": "dist", "layouts": ls} for n, ls in layouts.items()]
     (tmp / "job.json").write_text(
@@ -98,6 +107,25 @@ def test_upcycled_tensors_are_the_dense_mlp_and_megatron_args_describe_the_moe(u
     four = open_checkpoint(tmp / "moe4")
     assert torch.equal(grown.read("layers.5.expert_fc1.3"), four.read("layers.1.expert_fc1.3"))
     assert not grown.read("layers.5.expert_fc2.3").any()  # G_zero: the repeated block's outputs are zero
+
+
+def test_mixtral_export_computes_the_dense_model_in_transformers(upcycled):
+    """The Hugging Face output of an upcycled model is a Mixtral (MixtralForCausalLM) that transformers loads
+    strictly, with the dense model's logits: from torch_dist (granular experts) and grown HF -> HF."""
+    from transformers import AutoModelForCausalLM
+
+    tmp, dense = upcycled
+    tokens = sample_tokens(dense.cfg)
+    expected = logits(dense, tokens)
+    for name, experts, topk in (("mixtral_granular", 8, 4), ("mixtral", 4, 3)):
+        config = json.loads((tmp / name / "config.json").read_text())
+        assert config["architectures"] == ["MixtralForCausalLM"]
+        assert (config["num_local_experts"], config["num_experts_per_tok"]) == (experts, topk)
+        model, info = AutoModelForCausalLM.from_pretrained(tmp / name, dtype=torch.float32, output_loading_info=True)
+        assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
+        with torch.no_grad():
+            got = model.eval()(tokens).logits
+        assert (got - expected).abs().max().item() <= 1e-5, name
 
 
 def test_upcycle_noise_breaks_the_copies_apart():

@@ -250,6 +250,7 @@ FORMATS: dict[str, Format] = {  # in detection order
         _hf_stored,
         _hf_layout,
         iteration_dirs=False,
+        experts=True,  # Mixtral
     ),
     "legacy": Format(
         "legacy",

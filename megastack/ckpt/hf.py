@@ -40,6 +40,7 @@ ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 CFG_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+MIXTRAL = {"router": "block_sparse_moe.gate.weight", "expert_fc1": None, "expert_fc2": None}
 # Tensors some Llama exports carry that hold no weights (recomputed by every implementation).
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -65,6 +66,14 @@ def hf_parts(cfg: ModelConfig, name: str) -> list[tuple[str, tuple[int, ...]]]:
             (p + "mlp.gate_proj.weight", (cfg.ffn_hidden_size, h)),
             (p + "mlp.up_proj.weight", (cfg.ffn_hidden_size, h)),
         ]
+    if kind in MIXTRAL:  # Mixtral's sparse MoE block, as transformers saves it (w1 gate, w3 up, w2 down)
+        expert = f"{p}block_sparse_moe.experts.{layout.expert_of(name)}."
+        f = cfg.expert_ffn_size
+        if kind == "expert_fc1":
+            return [(expert + "w1.weight", (f, h)), (expert + "w3.weight", (f, h))]
+        if kind == "expert_fc2":
+            return [(expert + "w2.weight", (h, f))]
+        return [(p + MIXTRAL[kind], layout.logical_shape(cfg, name))]
     return [(p + layout.HF_LAYER[kind], layout.logical_shape(cfg, name))]
 
 
@@ -74,7 +83,7 @@ def split_logical(cfg: ModelConfig, name: str, tensor: torch.Tensor) -> list[tup
     _, kind = layout.split_name(name)
     if kind == "qkv":
         return list(zip(names, layout.split_qkv(tensor, cfg)))
-    if kind == "fc1":
+    if kind in ("fc1", "expert_fc1"):
         return list(zip(names, layout.split_glu(tensor)))
     return [(names[0], tensor)]
 
@@ -141,11 +150,16 @@ def config_from_hf(hc: Any, where: Path) -> ModelConfig:
         raise UserError(f"{where}: must hold a JSON object")
     archs = hc.get("architectures") or []
     model_type = hc.get("model_type")
-    if model_type != "llama" or (archs and archs != ["LlamaForCausalLM"]):
+    if model_type not in ARCHITECTURES or (archs and archs != [ARCHITECTURES[model_type]]):
         shown = ", ".join(map(str, archs)) or "none"
         raise UserError(
             f"{where}: model_type '{model_type}' (architectures: {shown}) is not supported; only "
-            "Llama checkpoints (model_type 'llama', LlamaForCausalLM) convert"
+            "Llama (model_type 'llama', LlamaForCausalLM) and Mixtral (MixtralForCausalLM) checkpoints convert"
+        )
+    if model_type == "mixtral" and hc.get("sliding_window") is not None:
+        raise UserError(
+            f"{where}: field 'sliding_window' is {hc['sliding_window']!r}; megatron's attention is full causal, "
+            "so only Mixtral configs without a sliding window convert exactly"
         )
     for field_name in ("attention_bias", "mlp_bias"):
         if hc.get(field_name):
@@ -172,6 +186,7 @@ def config_from_hf(hc: Any, where: Path) -> ModelConfig:
         tie_embeddings=_field(hc, "tie_word_embeddings", bool, where, False),
         dtype=CFG_DTYPES.get(str(dtype_name).replace("torch.", ""), "fp32"),
         init_std=_field(hc, "initializer_range", float, where, 0.02),
+        **(_mixtral_fields(hc, where) if model_type == "mixtral" else {}),
     )
     for field_name, problem in cfg.check():
         raise UserError(f"{where}: {field_name} {problem}")
@@ -184,14 +199,39 @@ def config_from_hf(hc: Any, where: Path) -> ModelConfig:
     return cfg
 
 
-def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """config.json for LlamaForCausalLM, readable by transformers 4 (rope_theta, torch_dtype) and 5
-    (rope_parameters, dtype)."""
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
+
+
+def _mixtral_fields(hc: dict[str, Any], where: Path) -> dict[str, Any]:
+    """Mixtral's experts: softmax over all router logits, top-k, renormalised: the same weights as
+    megatron-core's softmax over the top-k logits. ``intermediate_size`` is each expert's width."""
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "num_experts": _field(hc, "num_local_experts", int, where),
+        "moe_topk": _field(hc, "num_experts_per_tok", int, where, 2),
+        "moe_aux_loss_coeff": _field(hc, "router_aux_loss_coef", float, where, 0.001),
+    }
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """config.json for LlamaForCausalLM (MixtralForCausalLM for a mixture of experts), readable by
+    transformers 4 (rope_theta, torch_dtype) and 5 (rope_parameters, dtype)."""
+    moe = {}
+    if cfg.is_moe:
+        moe = {
+            "num_local_experts": cfg.num_experts,
+            "num_experts_per_tok": cfg.moe_topk,
+            "router_aux_loss_coef": cfg.moe_aux_loss_coeff,
+            "router_jitter_noise": 0.0,
+            "output_router_logits": False,
+            "sliding_window": None,
+        }
+    model_type = "mixtral" if cfg.is_moe else "llama"
+    return {
+        "architectures": [ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        **moe,
         "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.ffn_hidden_size,
+        "intermediate_size": cfg.expert_ffn_size if cfg.is_moe else cfg.ffn_hidden_size,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.query_groups,
@@ -289,7 +329,8 @@ def read_header(path: Path) -> dict[str, Entry]:
 
 
 class HFReader:
-    """Logical-tensor slices of a Hugging Face Llama checkpoint, fusing q/k/v and gate/up on the fly."""
+    """Logical-tensor slices of a Hugging Face Llama (or Mixtral) checkpoint, fusing q/k/v and gate/up on the
+    fly."""
 
     format = "hf"
 
@@ -458,10 +499,10 @@ class HFReader:
             self._fill(block.narrow(0, per_group * d, d), k, (g0 + i) * d)
             self._fill(block.narrow(0, (per_group + 1) * d, d), v, (g0 + i) * d)
 
-    def _fill_fc1(self, dst: torch.Tensor, layer: int, piece: Piece) -> None:
-        """Rows of [gate; up]: the gate part and the up part of the range, each read into place."""
-        ffn = self.cfg.ffn_hidden_size
-        (gate, _), (up, _) = hf_parts(self.cfg, layout.layer_name(layer, "fc1"))
+    def _fill_fc1(self, dst: torch.Tensor, name: str, piece: Piece) -> None:
+        """Rows of [gate; up] (a dense fc1 or an expert's): the gate part and the up part of the range,
+        each read into place."""
+        (gate, (ffn, _)), (up, _) = hf_parts(self.cfg, name)
         lo, hi = piece.start, piece.start + piece.length
         gate_rows = max(0, min(hi, ffn) - lo)
         if gate_rows:
@@ -481,8 +522,8 @@ class HFReader:
             dst = out.narrow(0, row, piece.length)
             if kind == "qkv":
                 self._fill_qkv(dst, layer, piece)
-            elif kind == "fc1":
-                self._fill_fc1(dst, layer, piece)
+            elif kind in ("fc1", "expert_fc1"):
+                self._fill_fc1(dst, name, piece)
             else:
                 self._fill(dst, hf_parts(self.cfg, name)[0][0], piece.start)
             row += piece.length
@@ -507,9 +548,9 @@ class HFReader:
 
 
 class HFWriter:
-    """LlamaForCausalLM safetensors files of at most ``max_shard_bytes`` each (a tensor larger than that
-    gets a file of its own), with ``model.safetensors.index.json`` when there is more than one. A unit
-    is one file, streamed: it holds one logical tensor at a time."""
+    """LlamaForCausalLM (MixtralForCausalLM) safetensors files of at most ``max_shard_bytes`` each (a tensor
+    larger than that gets a file of its own), with ``model.safetensors.index.json`` when there is more than
+    one. A unit is one file, streamed: it holds one logical tensor at a time."""
 
     format = "hf"
 

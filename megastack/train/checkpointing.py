@@ -96,12 +96,16 @@ def remove_stale_partials(root: Path) -> None:
 
 
 def architecture(cfg: ModelConfig) -> dict[str, Any]:
-    return {name: getattr(cfg, name) for name in ARCH_FIELDS}
+    """What makes two configs one model; a mixture of experts has no dense MLP (its ffn_hidden_size only
+    defaults the experts' width, so a Mixtral export, which stores the experts' width alone, matches)."""
+    return {name: getattr(cfg, name) for name in ARCH_FIELDS if not (cfg.is_moe and name == "ffn_hidden_size")}
 
 
 def check_architecture(found: ModelConfig, expected: ModelConfig, where: str) -> None:
     a, b = architecture(found), architecture(expected)
-    diffs = [f"{k} {a[k]} (model config: {b[k]})" for k in ARCH_FIELDS if a[k] != b[k]]
+    diffs = [
+        f"{k} {a.get(k)} (model config: {b.get(k)})" for k in ARCH_FIELDS if a.get(k, b.get(k)) != b.get(k, a.get(k))
+    ]
     if diffs:
         raise UserError(
             f"{where}: checkpoint of another architecture: {', '.join(diffs)}; point init_from at a "
