@@ -131,6 +131,7 @@ class Options:
     learn_tokens: int
     learn_batch: int = 8
     learn_lr: float = 0.01
+    upcycle: tuple[int, int, int] | None = None  # (experts, topk, granularity): the upcycling comparison
 
 
 # ----------------------------------------------------------------------------- setup
@@ -258,6 +259,42 @@ def run_seed(
         results[f"large-{op}"] = runner.train(
             f"large-{op}", large, config_hash({"train": asdict(large), "after": grow_hash}), verbose=False
         )
+    if options.upcycle is not None:
+        results |= run_upcycle(
+            recipe, seed, dirs, runner, results["small"]["checkpoint"], small_cfg, large_template, options
+        )
+    return results
+
+
+def upcycle_configs(small_cfg: Any, large_template: Any, options: Options, seed: int, world: int):
+    """(the upcycling spec, dense continued, the MoE stage before its paths): the small model trained on for the
+    large stage's schedule, against the small model upcycled into experts and trained for the same FLOPs
+    (its top-k experts cost more per token unless granular experts keep the dense width active)."""
+    from megastack.growth.spec import GrowthSpec
+    from megastack.run.stages import stage_flops
+
+    experts, topk, granularity = options.upcycle
+    spec = GrowthSpec(dimension="experts", experts=experts, topk=topk, granularity=granularity, seed=seed)
+    dense = replace(large_template, model=small_cfg.resolved_model())
+    moe = replace(dense, model=planned_model(small_cfg.resolved_model(), spec))
+    per_iter_dense, total_dense = stage_flops(dense, world)
+    iters = max(1, round(total_dense / stage_flops(moe, world)[0]))
+    moe = replace(moe, schedule=replace(moe.schedule, train_iters=iters, train_tokens=None))
+    return spec, dense, moe
+
+
+def run_upcycle(recipe, seed, dirs, runner, small_checkpoint, small_cfg, large_template, options) -> dict[str, Any]:
+    world = runner.comm.world
+    spec, dense, moe = upcycle_configs(small_cfg, large_template, options, seed, world)
+    dense = replace(dense, out_dir=str(dirs.stage_dir("dense-continued")), init_from=small_checkpoint)
+    results = {"dense-continued": runner.train("dense-continued", dense, config_hash(asdict(dense)), verbose=False)}
+    grown = dirs.stage_dir("grown-upcycle")
+    grow_hash = config_hash({"spec": asdict(spec), "after": config_hash(asdict(small_cfg))})
+    results["grow-upcycle"] = runner.grow("grow-upcycle", grow_hash, small_checkpoint, grown, spec)
+    moe = replace(moe, out_dir=str(dirs.stage_dir("large-upcycle")), init_from=str(grown))
+    results["large-upcycle"] = runner.train(
+        "large-upcycle", moe, config_hash({"train": asdict(moe), "after": grow_hash}), verbose=False
+    )
     return results
 
 
@@ -276,7 +313,7 @@ def _spread(values: list[float]) -> dict[str, Any]:
     }
 
 
-def analyse_seed(out: Path, seed: int, operators: tuple[str, ...]) -> dict[str, Any]:
+def analyse_seed(out: Path, seed: int, operators: tuple[str, ...], upcycle: bool = False) -> dict[str, Any]:
     """Per operator: curves, loss right after growth, final loss, FLOPs to reach scratch's final loss."""
     dirs = RunDirs(out / f"seed-{seed}")
     scratch = eval_curve(dirs.stage_dir("scratch"))
@@ -309,7 +346,29 @@ def analyse_seed(out: Path, seed: int, operators: tuple[str, ...]) -> dict[str, 
             "learn": grow_marker.get("learn"),
             "wall_seconds": {"small": walls[0], "grow": walls[1], "large": walls[2]},
         }
+    if upcycle:
+        row["upcycle"] = analyse_upcycle(dirs)
     return row
+
+
+def analyse_upcycle(dirs: RunDirs) -> dict[str, Any] | None:
+    """Dense continued vs upcycled at equal FLOPs: both final losses, and the FLOPs the MoE needed to reach
+    the dense run's final loss (both count the small stage they start from)."""
+    dense, moe = eval_curve(dirs.stage_dir("dense-continued")), eval_curve(dirs.stage_dir("large-upcycle"))
+    if not dense or not moe:
+        return None
+    reached = flops_to_reach(moe, dense[-1][1])
+    return {
+        "dense_curve": dense,
+        "curve": moe,
+        "dense_final_valid_loss": dense[-1][1],
+        "dense_flops": dense[-1][0],
+        "loss_after_growth": moe[0][1],
+        "final_valid_loss": moe[-1][1],
+        "flops": moe[-1][0],
+        "flops_to_dense_loss": reached,
+        "saving": dense[-1][0] / reached - 1 if reached else None,
+    }
 
 
 def aggregate(runs: dict[int, dict[str, Any]], operators: tuple[str, ...]) -> dict[str, Any]:
@@ -334,6 +393,12 @@ def aggregate(runs: dict[int, dict[str, Any]], operators: tuple[str, ...]) -> di
                 "reached": f"{len(speedups)}/{len(rows)}",
             }
         table[name] = entry
+    upcycled = [r["upcycle"] for r in runs.values() if r.get("upcycle")]
+    if upcycled:
+        table["upcycle"] = {
+            key: _spread([u[key] for u in upcycled if u[key] is not None])
+            for key in ("dense_final_valid_loss", "final_valid_loss", "loss_after_growth", "flops", "saving")
+        } | {"saving_per_seed": [u["saving"] for u in upcycled]}
     return table
 
 
@@ -348,6 +413,28 @@ def _pm(s: dict[str, Any], spec: str, scale: float = 1.0, suffix: str = "") -> s
 
 def _pct(value: float | None) -> str:
     return "not reached" if value is None else f"{value:+.1%}"
+
+
+def upcycle_markdown(report: dict[str, Any]) -> list[str]:
+    u = report["table"].get("upcycle")
+    if not u:
+        return []
+    experts, topk, granularity = report["options"]["upcycle"]
+    per_seed = ", ".join(_pct(v) for v in u["saving_per_seed"])
+    return [
+        "",
+        f"Upcycling: the small model trained on dense for the large stage's schedule, against it upcycled into "
+        f"{experts} experts (top {topk}, granularity {granularity}) and trained for the same FLOPs (both from "
+        "the small checkpoint, fresh AdamW, warmup + cosine):",
+        "",
+        "| run | final valid loss | loss right after upcycling | total FLOPs | saving to the dense run's final "
+        "loss (FLOPs_dense / FLOPs_moe - 1) | per seed |",
+        "|---|---|---|---|---|---|",
+        f"| dense continued | {_pm(u['dense_final_valid_loss'], '.4f')} | - | - | 0 (baseline) | - |",
+        f"| upcycled | {_pm(u['final_valid_loss'], '.4f')} | {_pm(u['loss_after_growth'], '.4f')} | "
+        f"{_pm(u['flops'], '.3e')} | "
+        f"{'not reached' if u['saving']['mean'] is None else _pm(u['saving'], '.1f', 100, '%')} | {per_seed} |",
+    ]
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -406,6 +493,7 @@ def report_markdown(report: dict[str, Any]) -> str:
             f"- learn: LiGO maps trained on {report['options']['learn_tokens']:,} tokens of the training "
             "data before the large stage, counted as 6N FLOPs per token of the grown model."
         )
+    lines += upcycle_markdown(report)
     lines += [
         "",
         "Per seed (valid loss right after growth -> final; wall seconds of small / grow / large):",
@@ -457,6 +545,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 **faint,
             }
             curves.append((name if i == 0 else None, points, style))
+        upcycled = run.get("upcycle")
+        if upcycled:
+            for name, points, fmt, color in (
+                ("dense continued", upcycled["dense_curve"], "^:", "gray"),
+                ("upcycled", upcycled["curve"], "d-", "purple"),
+            ):
+                curves.append(
+                    (name if i == 0 else None, [tuple(p) for p in points], {"fmt": fmt, "color": color, **faint})
+                )
     top = max(starts) + 0.4 if starts else None
     ylim = (min(lows) - 0.05, top) if lows and top else None
     seeds = ", ".join(str(s) for s in report["runs"])
@@ -472,7 +569,7 @@ def write_report(
 ) -> dict[str, Any]:
     from megastack.run.stages import stage_flops
 
-    runs = {seed: analyse_seed(out, seed, options.operators) for seed in options.seeds}
+    runs = {seed: analyse_seed(out, seed, options.operators, options.upcycle is not None) for seed in options.seeds}
     dirs = RunDirs(out / f"seed-{options.seeds[0]}")
     configs = {stage.name: stage.train for stage in stage_configs(recipe, dirs, world)}
     small, large, scratch = configs["small"], configs["large"], configs["scratch"]
@@ -512,6 +609,7 @@ def write_report(
         "seeds": list(options.seeds),
         "operators": list(options.operators),
         "options": {
+            "upcycle": list(options.upcycle) if options.upcycle else None,
             "learn_tokens": options.learn_tokens,
             "learn_batch": options.learn_batch,
             "learn_lr": options.learn_lr,
@@ -551,6 +649,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
     parser.add_argument("--operators", help=f"comma-separated, from {', '.join(OPERATORS)} (default: the preset's)")
     parser.add_argument("--learn-tokens", type=int, help="G_learn's map training tokens (default: the preset's)")
+    parser.add_argument(
+        "--upcycle",
+        help="EXPERTS,TOPK[,GRANULARITY]: also compare the small model continued dense with it upcycled into "
+        "experts, at equal FLOPs (e.g. 8,2,2: 8 half-width experts, top 2, the dense FLOPs per token)",
+    )
     parser.add_argument("--out", help="output directory (default: runs/speedup-<preset or recipe>)")
     parser.add_argument("--nproc", type=int, default=2, help="local ranks to start without a launcher")
     parser.add_argument("--json", help="also copy speedup.json here (for bench/run_all.py)")
@@ -579,7 +682,23 @@ def resolve(args: argparse.Namespace) -> tuple[Recipe, Options, Path]:
         raise UserError(f"--nproc must be positive, got {args.nproc}")
     name = args.preset or (Path(args.recipe).stem if args.recipe else "cpu")
     out = Path(args.out) if args.out else Path("runs") / f"speedup-{name}"
-    return recipe, Options(seeds, operators, learn_tokens), out
+    upcycle = None
+    if args.upcycle:
+        try:
+            values = tuple(int(v) for v in args.upcycle.split(","))
+        except ValueError:
+            values = ()
+        if len(values) not in (2, 3) or min(values) < 1:
+            raise UserError(f"--upcycle takes EXPERTS,TOPK[,GRANULARITY] like 8,2,2, got {args.upcycle!r}")
+        upcycle = (*values, 1)[:3] if len(values) == 2 else values
+        from megastack.growth.spec import GrowthSpec
+
+        experts, topk, granularity = upcycle
+        planned_model(  # a bad combination is refused before anything trains
+            recipe.small.resolved_model(),
+            GrowthSpec(dimension="experts", experts=experts, topk=topk, granularity=granularity),
+        )
+    return recipe, Options(seeds, operators, learn_tokens, upcycle=upcycle), out
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:

@@ -46,7 +46,7 @@ def first_reach(points: list[tuple[int, float, float]], target: float) -> float 
 @pytest.mark.timeout(900)
 def test_smoke_preset_end_to_end(tmp_path):
     out = tmp_path / "speedup"
-    proc = speedup("--preset", "smoke", "--out", str(out), "--json", str(tmp_path / "copy.json"))
+    proc = speedup("--preset", "smoke", "--out", str(out), "--json", str(tmp_path / "copy.json"), "--upcycle", "4,2,2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "speedup.json").read_text())
     assert json.loads((tmp_path / "copy.json").read_text()) == report
@@ -88,10 +88,23 @@ def test_smoke_preset_end_to_end(tmp_path):
     # identical stacking, different operators: both grown runs start from the same small checkpoint
     assert row["stack"]["small_final_valid_loss"] == row["zero"]["small_final_valid_loss"]
 
+    # upcycling: the small model continued dense vs upcycled into 4 half-width experts (top 2: the dense
+    # FLOPs per token, plus the router) for the same FLOPs; the MoE starts at the small model's loss
+    dense, moe = evals(seed / "dense-continued"), evals(seed / "large-upcycle")
+    u = row["upcycle"]
+    assert dense[0][1] == pytest.approx(small[-1][1]) and moe[0][1] == pytest.approx(small[-1][1])
+    assert u["loss_after_growth"] == pytest.approx(moe[0][2]) and moe[0][2] == pytest.approx(small[-1][2], abs=1e-4)
+    dense_flops, moe_flops = dense[-1][1] - small[-1][1], moe[-1][1] - small[-1][1]
+    assert abs(moe_flops - dense_flops) <= moe_flops / moe[-1][0]  # FLOP-matched to within an iteration
+    reached = first_reach(moe, dense[-1][2])
+    assert u["saving"] == (None if reached is None else pytest.approx(dense[-1][1] / reached - 1))
+    assert "| upcycled |" in md and "4 experts (top 2, granularity 2)" in md
+
     # re-running the same command skips every finished run and reports the same numbers
-    again = speedup("--preset", "smoke", "--out", str(out))
+    again = speedup("--preset", "smoke", "--out", str(out), "--upcycle", "4,2,2")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    for stage in ("small", "grow-stack", "large-stack", "grow-zero", "large-zero", "scratch"):
+    stages = ("small", "grow-stack", "large-stack", "grow-zero", "large-zero", "scratch", "dense-continued")
+    for stage in (*stages, "grow-upcycle", "large-upcycle"):
         assert f"{stage}: finished earlier, skipped" in again.stdout, again.stdout
     assert json.loads((out / "speedup.json").read_text())["table"] == report["table"]
 
@@ -104,6 +117,8 @@ def test_smoke_preset_end_to_end(tmp_path):
         (["--seeds", "1,x"], "--seeds"),
         (["--learn-tokens", "0"], "--learn-tokens"),
         (["--recipe", "no-such-recipe"], "no-such-recipe"),
+        (["--upcycle", "4"], "--upcycle"),
+        (["--upcycle", "4,1"], "--topk 1"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, args, needle):
