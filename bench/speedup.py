@@ -217,7 +217,8 @@ def run_seed(
     large_model = large_template.resolved_model()
     results: dict[str, Any] = {"small": runner.train("small", small_cfg, plan["small"].digest, verbose=False)}
     # scratch right after small: a run stopped part-way (or given fewer operators) already has its baseline
-    results["scratch"] = runner.train("scratch", scratch.train, scratch.digest, verbose=False)
+    if options.operators:  # (none: only the upcycling comparison, which has its own baseline)
+        results["scratch"] = runner.train("scratch", scratch.train, scratch.digest, verbose=False)
     data = (
         list(recipe.data.prefixes)
         or resolve_data([], recipe.data.tokenizer, large_model.vocab_size, recipe.data.demo_bytes)[0]
@@ -397,7 +398,14 @@ def aggregate(runs: dict[int, dict[str, Any]], operators: tuple[str, ...]) -> di
     if upcycled:
         table["upcycle"] = {
             key: _spread([u[key] for u in upcycled if u[key] is not None])
-            for key in ("dense_final_valid_loss", "final_valid_loss", "loss_after_growth", "flops", "saving")
+            for key in (
+                "dense_final_valid_loss",
+                "dense_flops",
+                "final_valid_loss",
+                "loss_after_growth",
+                "flops",
+                "saving",
+            )
         } | {"saving_per_seed": [u["saving"] for u in upcycled]}
     return table
 
@@ -430,7 +438,8 @@ def upcycle_markdown(report: dict[str, Any]) -> list[str]:
         "| run | final valid loss | loss right after upcycling | total FLOPs | saving to the dense run's final "
         "loss (FLOPs_dense / FLOPs_moe - 1) | per seed |",
         "|---|---|---|---|---|---|",
-        f"| dense continued | {_pm(u['dense_final_valid_loss'], '.4f')} | - | - | 0 (baseline) | - |",
+        f"| dense continued | {_pm(u['dense_final_valid_loss'], '.4f')} | - | {_pm(u['dense_flops'], '.3e')} | "
+        "0 (baseline) | - |",
         f"| upcycled | {_pm(u['final_valid_loss'], '.4f')} | {_pm(u['loss_after_growth'], '.4f')} | "
         f"{_pm(u['flops'], '.3e')} | "
         f"{'not reached' if u['saving']['mean'] is None else _pm(u['saving'], '.1f', 100, '%')} | {per_seed} |",
@@ -447,6 +456,11 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"{report.get('measured') or report['date']}: {report['stage_wall_seconds'] / 60:.1f} min summed over "
         f"the stages' own wall times (report written {report['date']}, this invocation "
         f"{report['wall_seconds'] / 60:.1f} min).",
+    ]
+    if not report["operators"]:  # --operators none: the upcycling comparison alone
+        small = f"Small `{setup['small_model']}` {setup['small_iters']} iterations ({setup['small_tokens']:,} tokens)."
+        return "\n".join([*lines, "", small, *upcycle_markdown(report)]) + "\n"
+    lines += [
         "",
         f"Small `{setup['small_model']}` {setup['small_iters']} iterations ({setup['small_tokens']:,} tokens), "
         f"grown x{setup['factor']} into `{setup['large_model']}`, {setup['large_iters']} iterations "
@@ -647,7 +661,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--recipe", help="any megastack run recipe instead of a preset's")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
-    parser.add_argument("--operators", help=f"comma-separated, from {', '.join(OPERATORS)} (default: the preset's)")
+    parser.add_argument(
+        "--operators",
+        help=f"comma-separated, from {', '.join(OPERATORS)} (default: the preset's); none: with --upcycle, only the "
+        "upcycling comparison (no scratch run)",
+    )
     parser.add_argument("--learn-tokens", type=int, help="G_learn's map training tokens (default: the preset's)")
     parser.add_argument(
         "--upcycle",
@@ -670,10 +688,12 @@ def resolve(args: argparse.Namespace) -> tuple[Recipe, Options, Path]:
     if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
         raise UserError(f"--seeds needs distinct non-negative integers, got {args.seeds!r}")
     operators = tuple(o.strip() for o in args.operators.split(",") if o.strip()) if args.operators else preset.operators
+    if operators == ("none",) and args.upcycle:
+        operators = ()  # the upcycling comparison alone
     for op in operators:
         if op not in OPERATORS:
             raise UserError(f"--operators {op!r} is unknown; choose from {', '.join(OPERATORS)}")
-    if not operators or len(set(operators)) != len(operators):
+    if (not operators and not args.upcycle) or len(set(operators)) != len(operators):
         raise UserError(f"--operators needs distinct operator names, got {args.operators!r}")
     learn_tokens = args.learn_tokens if args.learn_tokens is not None else preset.learn_tokens
     if learn_tokens <= 0:
