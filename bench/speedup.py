@@ -32,7 +32,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +225,7 @@ def run_seed(
     )
     if any(op in WIDTH_OPERATORS for op in options.operators):
         narrow = replace(small_cfg, model=narrow_model(large_model), out_dir=str(dirs.stage_dir("small-width")))
-        results["small-width"] = runner.train("small-width", narrow, config_hash(asdict(narrow)), verbose=False)
+        results["small-width"] = runner.train("small-width", narrow, config_hash(narrow), verbose=False)
     for op in options.operators:
         source_stage = "small-width" if op in WIDTH_OPERATORS else "small"
         source_cfg = (results[source_stage], small_cfg if source_stage == "small" else narrow)
@@ -244,9 +244,9 @@ def run_seed(
             )
         grow_hash = config_hash(
             {
-                "spec": asdict(replace(spec, learn_data=())),
+                "spec": replace(spec, learn_data=()),
                 "learn": [options.learn_tokens, options.learn_batch, options.learn_lr] if op == "learn" else None,
-                "after": config_hash(asdict(source_cfg[1])),
+                "after": config_hash(source_cfg[1]),
             }
         )
         grown_dir = dirs.stage_dir(f"grown-{op}")
@@ -258,7 +258,7 @@ def run_seed(
             init_from=str(grown_dir),
         )
         results[f"large-{op}"] = runner.train(
-            f"large-{op}", large, config_hash({"train": asdict(large), "after": grow_hash}), verbose=False
+            f"large-{op}", large, config_hash({"train": large, "after": grow_hash}), verbose=False
         )
     if options.upcycle is not None:
         results |= run_upcycle(
@@ -288,13 +288,13 @@ def run_upcycle(recipe, seed, dirs, runner, small_checkpoint, small_cfg, large_t
     world = runner.comm.world
     spec, dense, moe = upcycle_configs(small_cfg, large_template, options, seed, world)
     dense = replace(dense, out_dir=str(dirs.stage_dir("dense-continued")), init_from=small_checkpoint)
-    results = {"dense-continued": runner.train("dense-continued", dense, config_hash(asdict(dense)), verbose=False)}
+    results = {"dense-continued": runner.train("dense-continued", dense, config_hash(dense), verbose=False)}
     grown = dirs.stage_dir("grown-upcycle")
-    grow_hash = config_hash({"spec": asdict(spec), "after": config_hash(asdict(small_cfg))})
+    grow_hash = config_hash({"spec": spec, "after": config_hash(small_cfg)})
     results["grow-upcycle"] = runner.grow("grow-upcycle", grow_hash, small_checkpoint, grown, spec)
     moe = replace(moe, out_dir=str(dirs.stage_dir("large-upcycle")), init_from=str(grown))
     results["large-upcycle"] = runner.train(
-        "large-upcycle", moe, config_hash({"train": asdict(moe), "after": grow_hash}), verbose=False
+        "large-upcycle", moe, config_hash({"train": moe, "after": grow_hash}), verbose=False
     )
     return results
 

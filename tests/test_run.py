@@ -435,3 +435,30 @@ def test_recipe_carries_adams_state_through_growth(tmp_path):
         "states": ["exp_avg", "exp_avg_sq"],
     }
     assert "Adam's state carried (step 6)" in proc.stdout
+
+
+def test_stage_hash_ignores_fields_left_at_their_defaults():
+    """A field a later megastack adds (at its default) leaves every finished stage's hash as it was, so a run
+    resumes across the upgrade; a field set differently is a different stage."""
+    from dataclasses import dataclass, field
+
+    from megastack.run.dirs import config_hash
+
+    @dataclass(frozen=True)
+    class Inner:
+        a: int = 1
+
+    @dataclass(frozen=True)
+    class Before:
+        lr: float
+        inner: Inner = field(default_factory=Inner)
+
+    @dataclass(frozen=True)
+    class After:
+        lr: float
+        inner: Inner = field(default_factory=Inner)
+        experts: int = 0  # new in the upgrade
+
+    assert config_hash({"train": Before(0.1), "after": "x"}) == config_hash({"train": After(0.1), "after": "x"})
+    assert config_hash(After(0.1, experts=4)) != config_hash(Before(0.1))
+    assert config_hash(After(0.1, Inner(2))) != config_hash(After(0.1))

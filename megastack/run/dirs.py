@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -33,8 +34,33 @@ class RunDirs:
         return self.markers / f"{stage}.json"
 
 
+def settings(obj: Any) -> Any:
+    """What a config asks for: its dataclasses as mappings of the fields that differ from their defaults
+    (recursively), so a field a later megastack adds, left at its default, changes no stage's hash and a
+    finished run resumes across the upgrade."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = dataclasses.MISSING
+            if value != default:
+                out[f.name] = settings(value)
+        return out
+    if isinstance(obj, dict):
+        return {k: settings(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [settings(v) for v in obj]
+    return obj
+
+
 def config_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A stage's identity: the hash of its config's settings (dataclasses anywhere inside ``obj``)."""
+    return hashlib.sha256(json.dumps(settings(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def read_marker(dirs: RunDirs, stage: str) -> dict[str, Any] | None:

@@ -79,7 +79,7 @@ def stage_configs(recipe: Recipe, dirs: RunDirs, world: int) -> list[Stage]:
     for i, link in enumerate(links):
         init_from = None
         if link.growth is not None:
-            digest = config_hash({"growth": asdict(link.growth), "after": out[-1].digest})
+            digest = config_hash({"growth": link.growth, "after": out[-1].digest})
             out.append(Stage(link.growth_name, digest, growth=link.growth, source=out[-1].name))
             init_from = str(dirs.stage_dir(link.growth_name))
         schedule = None
@@ -89,7 +89,7 @@ def stage_configs(recipe: Recipe, dirs: RunDirs, world: int) -> list[Stage]:
             schedule = replace(link.stage.schedule, train_iters=None, train_tokens=d)
         carried = link.growth is not None and link.growth.carry_optimizer  # Adam's state through the growth
         cfg = stage_train_config(recipe, link.name, link.stage, link.model, dirs, init_from, schedule, carried)
-        digest = config_hash(asdict(cfg) if not out else {"train": asdict(cfg), "after": out[-1].digest})
+        digest = config_hash(cfg if not out else {"train": cfg, "after": out[-1].digest})
         out.append(Stage(link.name, digest, train=cfg))
     scratch_recipe = recipe.scratch_stage(links[-1].model)
     if scratch_recipe is not None:
@@ -98,7 +98,7 @@ def stage_configs(recipe: Recipe, dirs: RunDirs, world: int) -> list[Stage]:
             budget = sum(stage_flops(s.train, world)[1] for s in out if s.train is not None)
             iterations = max(1, math.ceil(budget / stage_flops(scratch, world)[0]))
             scratch = replace(scratch, schedule=replace(scratch.schedule, train_iters=iterations, train_tokens=None))
-        out.append(Stage("scratch", config_hash(asdict(scratch)), train=scratch))
+        out.append(Stage("scratch", config_hash(scratch), train=scratch))
     return out
 
 
