@@ -96,6 +96,9 @@ class Preset:
     operators: tuple[str, ...]
     learn_tokens: int = 16384
     note: str = ""
+    sweep_d: tuple[int, ...] = ()
+    sweep_g: tuple[int, ...] = ()
+    upcycle: tuple[int, int, int] | None = None
 
 
 PRESETS = {
@@ -111,8 +114,11 @@ PRESETS = {
         (1, 2, 3),
         ("stack", "zero", "random", "learn", "width", "width-zero", "width-random"),
         learn_tokens=1 << 16,
-        note="configs/recipes/speedup-chinchilla.yaml: scratch at 20 tokens per parameter; ~25 min per "
-        "operator and seed on an idle 2-core machine, resumable (add operators or seeds to a finished run)",
+        note="configs/recipes/speedup-chinchilla.yaml: scratch at 20 tokens per parameter; ~10 min per large "
+        "run on an idle 2-core machine (hours in all), resumable (add operators, sweeps or seeds later)",
+        sweep_d=(125, 250, 1000, 2000),  # 0.5M-8M small-stage tokens around the recipe's 2M
+        sweep_g=(2, 8),  # with the recipe's 4: small models of 4, 2 and 1 layers
+        upcycle=(8, 2, 2),  # mini-small -> 8 half-width experts, top 2: the dense FLOPs per token
     ),
     "cluster": Preset(
         "llama-1.1b",
@@ -132,6 +138,8 @@ class Options:
     learn_batch: int = 8
     learn_lr: float = 0.01
     upcycle: tuple[int, int, int] | None = None  # (experts, topk, granularity): the upcycling comparison
+    sweep_d: tuple[int, ...] = ()  # growth timing: small-stage iterations, each grown by stack
+    sweep_g: tuple[int, ...] = ()  # growth factor: small models of large layers / g, each stacked g times
 
 
 # ----------------------------------------------------------------------------- setup
@@ -260,9 +268,46 @@ def run_seed(
         results[f"large-{op}"] = runner.train(
             f"large-{op}", large, config_hash({"train": large, "after": grow_hash}), verbose=False
         )
+    results |= run_sweeps(recipe, seed, dirs, runner, small_cfg, large_template, options)
     if options.upcycle is not None:
         results |= run_upcycle(
             recipe, seed, dirs, runner, results["small"]["checkpoint"], small_cfg, large_template, options
+        )
+    return results
+
+
+def sweep_points(options: Options, small_cfg: Any, factor: int | None) -> list[tuple[str, str, int]]:
+    """(sweep, stage suffix, value) of every sweep point; the recipe's own d and g are the stack run's."""
+    base_d, points = small_cfg.schedule.train_iters, []
+    points += [("d", f"d{d}", d) for d in options.sweep_d if d != base_d]
+    points += [("g", f"g{g}", g) for g in options.sweep_g if g != factor]
+    return points
+
+
+def run_sweeps(recipe, seed, dirs, runner, small_cfg, large_template, options) -> dict[str, Any]:
+    """Growth timing d (the small stage's length) and factor g (small models of L / g layers, stacked g times),
+    every point grown by stack and trained with the large stage's schedule, against the same scratch run."""
+    from megastack.growth.spec import GrowthSpec
+
+    large_model, results = large_template.resolved_model(), {}
+    for sweep, tag, value in sweep_points(options, small_cfg, recipe.growth.factor):
+        if sweep == "d":
+            schedule = replace(small_cfg.schedule, train_iters=value, train_tokens=None)
+            source = replace(small_cfg, schedule=schedule, out_dir=str(dirs.stage_dir(f"small-{tag}")))
+            spec = GrowthSpec(operator="stack", factor=recipe.growth.factor, seed=seed)
+        else:
+            model = replace(large_model, num_layers=large_model.num_layers // value, name=f"{large_model.name}-{tag}")
+            source = replace(small_cfg, model=model, out_dir=str(dirs.stage_dir(f"small-{tag}")))
+            spec = GrowthSpec(operator="stack", factor=value, seed=seed)
+        results[f"small-{tag}"] = runner.train(f"small-{tag}", source, config_hash(source), verbose=False)
+        grown = dirs.stage_dir(f"grown-{tag}")
+        grow_hash = config_hash({"spec": spec, "after": config_hash(source)})
+        results[f"grow-{tag}"] = runner.grow(
+            f"grow-{tag}", grow_hash, results[f"small-{tag}"]["checkpoint"], grown, spec
+        )
+        large = replace(large_template, out_dir=str(dirs.stage_dir(f"large-{tag}")), init_from=str(grown))
+        results[f"large-{tag}"] = runner.train(
+            f"large-{tag}", large, config_hash({"train": large, "after": grow_hash}), verbose=False
         )
     return results
 
@@ -278,7 +323,7 @@ def upcycle_configs(small_cfg: Any, large_template: Any, options: Options, seed:
     spec = GrowthSpec(dimension="experts", experts=experts, topk=topk, granularity=granularity, seed=seed)
     dense = replace(large_template, model=small_cfg.resolved_model())
     moe = replace(dense, model=planned_model(small_cfg.resolved_model(), spec))
-    per_iter_dense, total_dense = stage_flops(dense, world)
+    _, total_dense = stage_flops(dense, world)
     iters = max(1, round(total_dense / stage_flops(moe, world)[0]))
     moe = replace(moe, schedule=replace(moe.schedule, train_iters=iters, train_tokens=None))
     return spec, dense, moe
@@ -314,8 +359,10 @@ def _spread(values: list[float]) -> dict[str, Any]:
     }
 
 
-def analyse_seed(out: Path, seed: int, operators: tuple[str, ...], upcycle: bool = False) -> dict[str, Any]:
-    """Per operator: curves, loss right after growth, final loss, FLOPs to reach scratch's final loss."""
+def analyse_seed(out: Path, seed: int, options: Options, small_cfg: Any, factor: int | None) -> dict[str, Any]:
+    """Per operator and sweep point: curves, loss right after growth, final loss, FLOPs to reach scratch's
+    final loss; the upcycling comparison."""
+    operators = options.operators
     dirs = RunDirs(out / f"seed-{seed}")
     scratch = eval_curve(dirs.stage_dir("scratch"))
     marker = read_marker(dirs, "scratch") or {}
@@ -327,29 +374,36 @@ def analyse_seed(out: Path, seed: int, operators: tuple[str, ...], upcycle: bool
             "wall_seconds": marker.get("wall_seconds"),
         }
     }
-    target, f_scratch = row["scratch"]["final_valid_loss"], row["scratch"]["flops"]
     for op in operators:
         small_stage = "small-width" if op in WIDTH_OPERATORS else "small"
-        small, large = eval_curve(dirs.stage_dir(small_stage)), eval_curve(dirs.stage_dir(f"large-{op}"))
-        reached = flops_to_reach(large, target) if target is not None and large else None
-        walls = [(read_marker(dirs, s) or {}).get("wall_seconds") for s in (small_stage, f"grow-{op}", f"large-{op}")]
-        grow_marker = read_marker(dirs, f"grow-{op}") or {}
-        row[op] = {
-            "curve": small + large,
-            "small_final_valid_loss": small[-1][1] if small else None,
-            "loss_after_growth": large[0][1] if large else None,
-            "final_valid_loss": large[-1][1] if large else None,
-            "flops": large[-1][0] if large else None,
-            "small_flops": small[-1][0] if small else None,
-            "growth_flops": grow_marker.get("growth_flops", 0.0),
-            "flops_to_scratch_loss": reached,
-            "speedup": f_scratch / reached - 1 if reached and f_scratch else None,
-            "learn": grow_marker.get("learn"),
-            "wall_seconds": {"small": walls[0], "grow": walls[1], "large": walls[2]},
-        }
-    if upcycle:
+        row[op] = grown_row(dirs, row["scratch"], small_stage, f"grow-{op}", f"large-{op}")
+    for _, tag, _ in sweep_points(options, small_cfg, factor):
+        row[tag] = grown_row(dirs, row["scratch"], f"small-{tag}", f"grow-{tag}", f"large-{tag}")
+    if options.upcycle is not None:
         row["upcycle"] = analyse_upcycle(dirs)
     return row
+
+
+def grown_row(dirs: RunDirs, scratch: dict[str, Any], small_stage: str, grow: str, large_stage: str) -> dict[str, Any]:
+    """One grown run: its curves, loss right after growth, final loss, FLOPs to reach scratch's final loss."""
+    target, f_scratch = scratch["final_valid_loss"], scratch["flops"]
+    small, large = eval_curve(dirs.stage_dir(small_stage)), eval_curve(dirs.stage_dir(large_stage))
+    reached = flops_to_reach(large, target) if target is not None and large else None
+    walls = [(read_marker(dirs, s) or {}).get("wall_seconds") for s in (small_stage, grow, large_stage)]
+    grow_marker = read_marker(dirs, grow) or {}
+    return {
+        "curve": small + large,
+        "small_final_valid_loss": small[-1][1] if small else None,
+        "loss_after_growth": large[0][1] if large else None,
+        "final_valid_loss": large[-1][1] if large else None,
+        "flops": large[-1][0] if large else None,
+        "small_flops": small[-1][0] if small else None,
+        "growth_flops": grow_marker.get("growth_flops", 0.0),
+        "flops_to_scratch_loss": reached,
+        "speedup": f_scratch / reached - 1 if reached and f_scratch else None,
+        "learn": grow_marker.get("learn"),
+        "wall_seconds": {"small": walls[0], "grow": walls[1], "large": walls[2]},
+    }
 
 
 def analyse_upcycle(dirs: RunDirs) -> dict[str, Any] | None:
@@ -421,6 +475,73 @@ def _pm(s: dict[str, Any], spec: str, scale: float = 1.0, suffix: str = "") -> s
 
 def _pct(value: float | None) -> str:
     return "not reached" if value is None else f"{value:+.1%}"
+
+
+def sweep_setup(options: Options, configs: dict[str, Any], factor: int | None, world: int) -> dict[str, Any]:
+    """Each sweep's points in order (the recipe's own point is the stack run), and for d the growth timing
+    Du et al.'s fit predicts for this target and budget (``megastack plan``'s formula)."""
+    from megastack.planner import growth_timing
+
+    small, scratch = configs["small"], configs["scratch"]
+    par = small.parallel
+    tokens_per_iter = par.micro_batch_size * par.data_parallel_size(world) * par.gradient_accumulation_steps(world)
+    tokens_per_iter *= small.resolved_model().seq_length
+    base_d, out = small.schedule.iterations(tokens_per_iter), {}
+    if options.sweep_d:
+        params = configs["large"].resolved_model().total_parameters()
+        tokens = scratch.schedule.iterations(tokens_per_iter) * tokens_per_iter
+        values = sorted({*options.sweep_d, base_d})
+        out["d"] = {
+            "points": [
+                {"value": d, "run": "stack" if d == base_d else f"d{d}", "tokens": d * tokens_per_iter} for d in values
+            ],
+            "small_parameters": small.resolved_model().total_parameters(),
+            "predicted_tokens": growth_timing(params, tokens),
+            "prediction": f"Du et al.'s fit at N = {params:,} parameters, D = {tokens:,} tokens (scratch)",
+        }
+    if options.sweep_g:
+        values = sorted({*options.sweep_g, factor})
+        out["g"] = {"points": [{"value": g, "run": "stack" if g == factor else f"g{g}"} for g in values]}
+    return out
+
+
+def sweep_markdown(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for sweep, info in report.get("sweeps", {}).items():
+        title = "growth timing d (small-stage iterations)" if sweep == "d" else "growth factor g (layers / g, x g)"
+        lines += [
+            "",
+            f"Sweep: {title}, every point grown by stack and trained with the large stage's schedule, "
+            "against the same scratch run:",
+            "",
+        ]
+        head = "| d (iterations) | d tokens | small tokens/param |" if sweep == "d" else "| g |"
+        lines += [
+            head + " final valid loss | total FLOPs | FLOPs to scratch's final loss | speedup | per seed |",
+            "|---" * (6 if sweep == "d" else 4) + "|---|---|",
+        ]
+        for point in info["points"]:
+            t = report["table"].get(point["run"])
+            if t is None:
+                lines.append(f"| {point['value']} | not measured (the recipe's own point needs stack in --operators) |")
+                continue
+            sp = t["speedup"]
+            speed = "not reached" if sp["mean"] is None else _pm(sp, ".1f", 100, "%")
+            first = f"| {point['value']} |"
+            if sweep == "d":
+                first += f" {point['tokens']:,} | {point['tokens'] / info['small_parameters']:.1f} |"
+            lines.append(
+                f"{first} {_pm(t['final_valid_loss'], '.4f')} | {_pm(t['flops'], '.3e')} | "
+                f"{_pm(t['flops_to_scratch_loss'], '.3e')} | {speed} | "
+                f"{', '.join(_pct(v) for v in t['speedup_per_seed'])} |"
+            )
+        if sweep == "d":
+            lines += [
+                "",
+                f"Predicted d: {info['predicted_tokens']:.3g} tokens ({info['prediction']}; the fit was made "
+                "at 410M-7B targets, so a gap here is a finding about its range, not a failure).",
+            ]
+    return lines
 
 
 def upcycle_markdown(report: dict[str, Any]) -> list[str]:
@@ -507,6 +628,7 @@ def report_markdown(report: dict[str, Any]) -> str:
             f"- learn: LiGO maps trained on {report['options']['learn_tokens']:,} tokens of the training "
             "data before the large stage, counted as 6N FLOPs per token of the grown model."
         )
+    lines += sweep_markdown(report)
     lines += upcycle_markdown(report)
     lines += [
         "",
@@ -574,6 +696,44 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plot_loss_curves(curves, path, f"{report['recipe']}: validation loss vs FLOPs (seeds {seeds})", ylim=ylim)
 
 
+def plot_sweeps(report: dict[str, Any], path: Path) -> None:
+    """Speedup (mean and spread over seeds) against d and against g, one panel per sweep; for d, the growth
+    timing Du et al.'s fit predicts. Points whose runs never reached scratch's final loss are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweeps = report.get("sweeps") or {}
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4.2), squeeze=False)
+    for ax, (sweep, info) in zip(axes[0], sweeps.items()):
+        xs, means, sds = [], [], []
+        for point in info["points"]:
+            speedup = (report["table"].get(point["run"]) or {}).get("speedup") or {}
+            if speedup.get("mean") is not None:
+                xs.append(point["tokens"] if sweep == "d" else point["value"])
+                means.append(100 * speedup["mean"])
+                sds.append(100 * (speedup["sd"] or 0.0))
+        ax.errorbar(xs, means, yerr=sds, fmt="o-", capsize=3, color="tab:blue")
+        ax.axhline(0.0, color="gray", linewidth=0.8)
+        if sweep == "d":
+            ax.set_xscale("log")
+            ax.set_xlabel("growth timing d (tokens the small model trains)")
+            predicted = info["predicted_tokens"]
+            ax.set_title(f"speedup vs d (fit predicts d = {predicted:.2g} tokens)")
+        else:
+            ax.set_xlabel("growth factor g (layers x g)")
+            ax.set_title("speedup vs g")
+        ax.set_ylabel("speedup, % (FLOPs_scratch / FLOPs_op - 1)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{report['recipe']}: seeds {', '.join(map(str, report['seeds']))}")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def _marker_texts(markers: Path) -> list[str]:
     return [p.read_text() for p in sorted(markers.glob("*.json"))] if markers.is_dir() else []
 
@@ -583,9 +743,12 @@ def write_report(
 ) -> dict[str, Any]:
     from megastack.run.stages import stage_flops
 
-    runs = {seed: analyse_seed(out, seed, options.operators, options.upcycle is not None) for seed in options.seeds}
     dirs = RunDirs(out / f"seed-{options.seeds[0]}")
     configs = {stage.name: stage.train for stage in stage_configs(recipe, dirs, world)}
+    factor = recipe.growth.factor
+    runs = {seed: analyse_seed(out, seed, options, configs["small"], factor) for seed in options.seeds}
+    points = sweep_points(options, configs["small"], factor)
+    sweeps = sweep_setup(options, configs, factor, world)
     small, large, scratch = configs["small"], configs["large"], configs["scratch"]
     par = small.parallel
     global_batch = par.micro_batch_size * par.data_parallel_size(world) * par.gradient_accumulation_steps(world)
@@ -629,7 +792,8 @@ def write_report(
             "learn_lr": options.learn_lr,
         },
         "setup": setup,
-        "table": aggregate(runs, options.operators),
+        "table": aggregate(runs, (*options.operators, *(tag for _, tag, _ in points))),
+        "sweeps": sweeps,
         "not_measured": not_measured,
         "runs": {str(k): v for k, v in runs.items()},
         "wall_seconds": wall,
@@ -644,6 +808,8 @@ def write_report(
     atomic_write_json(out / "speedup.json", report)
     atomic_write_text(out / "speedup.md", report_markdown(report))
     plot(report, out / "speedup.png")
+    if report["sweeps"]:
+        plot_sweeps(report, out / "sweeps.png")
     return report
 
 
@@ -668,9 +834,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--learn-tokens", type=int, help="G_learn's map training tokens (default: the preset's)")
     parser.add_argument(
+        "--sweep-d",
+        help="growth timing: comma-separated small-stage iterations, each grown by stack (the recipe's own is "
+        "stack's); none: no sweep (default: the preset's)",
+    )
+    parser.add_argument(
+        "--sweep-g",
+        help="growth factor: comma-separated g dividing the large model's layers (small = layers / g, stacked x g); "
+        "none: no sweep (default: the preset's)",
+    )
+    parser.add_argument(
         "--upcycle",
         help="EXPERTS,TOPK[,GRANULARITY]: also compare the small model continued dense with it upcycled into "
-        "experts, at equal FLOPs (e.g. 8,2,2: 8 half-width experts, top 2, the dense FLOPs per token)",
+        "experts, at equal FLOPs (e.g. 8,2,2: 8 half-width experts, top 2, the dense FLOPs per token); none: no "
+        "comparison (default: the preset's)",
     )
     parser.add_argument("--out", help="output directory (default: runs/speedup-<preset or recipe>)")
     parser.add_argument("--nproc", type=int, default=2, help="local ranks to start without a launcher")
@@ -687,13 +864,14 @@ def resolve(args: argparse.Namespace) -> tuple[Recipe, Options, Path]:
         raise UserError(f"--seeds takes comma-separated integers like 1,2,3, got {args.seeds!r}") from None
     if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
         raise UserError(f"--seeds needs distinct non-negative integers, got {args.seeds!r}")
+    upcycle = _upcycle(args.upcycle, recipe) if args.upcycle is not None else preset.upcycle
     operators = tuple(o.strip() for o in args.operators.split(",") if o.strip()) if args.operators else preset.operators
-    if operators == ("none",) and args.upcycle:
+    if operators == ("none",) and upcycle:
         operators = ()  # the upcycling comparison alone
     for op in operators:
         if op not in OPERATORS:
             raise UserError(f"--operators {op!r} is unknown; choose from {', '.join(OPERATORS)}")
-    if (not operators and not args.upcycle) or len(set(operators)) != len(operators):
+    if (not operators and not upcycle) or len(set(operators)) != len(operators):
         raise UserError(f"--operators needs distinct operator names, got {args.operators!r}")
     learn_tokens = args.learn_tokens if args.learn_tokens is not None else preset.learn_tokens
     if learn_tokens <= 0:
@@ -702,23 +880,44 @@ def resolve(args: argparse.Namespace) -> tuple[Recipe, Options, Path]:
         raise UserError(f"--nproc must be positive, got {args.nproc}")
     name = args.preset or (Path(args.recipe).stem if args.recipe else "cpu")
     out = Path(args.out) if args.out else Path("runs") / f"speedup-{name}"
-    upcycle = None
-    if args.upcycle:
-        try:
-            values = tuple(int(v) for v in args.upcycle.split(","))
-        except ValueError:
-            values = ()
-        if len(values) not in (2, 3) or min(values) < 1:
-            raise UserError(f"--upcycle takes EXPERTS,TOPK[,GRANULARITY] like 8,2,2, got {args.upcycle!r}")
-        upcycle = (*values, 1)[:3] if len(values) == 2 else values
-        from megastack.growth.spec import GrowthSpec
+    sweep_d = _counts(args.sweep_d, "--sweep-d") if args.sweep_d is not None else preset.sweep_d
+    sweep_g = _counts(args.sweep_g, "--sweep-g") if args.sweep_g is not None else preset.sweep_g
+    layers = recipe.large.resolved_model().num_layers
+    for g in sweep_g:
+        if layers % g or g < 2:
+            raise UserError(f"--sweep-g {g}: g must be at least 2 and divide the large model's {layers} layers")
+    options = Options(seeds, operators, learn_tokens, upcycle=upcycle, sweep_d=sweep_d, sweep_g=sweep_g)
+    return recipe, options, out
 
-        experts, topk, granularity = upcycle
-        planned_model(  # a bad combination is refused before anything trains
-            recipe.small.resolved_model(),
-            GrowthSpec(dimension="experts", experts=experts, topk=topk, granularity=granularity),
-        )
-    return recipe, Options(seeds, operators, learn_tokens, upcycle=upcycle), out
+
+def _upcycle(text: str, recipe: Recipe) -> tuple[int, int, int] | None:
+    """--upcycle EXPERTS,TOPK[,GRANULARITY] (none: no upcycling comparison), checked against the small model."""
+    from megastack.growth.spec import GrowthSpec
+
+    if text == "none":
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (2, 3) or min(values) < 1:
+        raise UserError(f"--upcycle takes EXPERTS,TOPK[,GRANULARITY] like 8,2,2 (or none), got {text!r}")
+    experts, topk, granularity = (*values, 1)[:3]
+    spec = GrowthSpec(dimension="experts", experts=experts, topk=topk, granularity=granularity)
+    planned_model(recipe.small.resolved_model(), spec)  # a bad combination is refused before anything trains
+    return experts, topk, granularity
+
+
+def _counts(text: str | None, flag: str) -> tuple[int, ...]:
+    if not text or text == "none":
+        return ()
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated positive integers, got {text!r}") from None
+    if min(values) < 1 or len(set(values)) != len(values):
+        raise UserError(f"{flag} takes distinct positive integers, got {text!r}")
+    return values
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:

@@ -46,7 +46,8 @@ def first_reach(points: list[tuple[int, float, float]], target: float) -> float 
 @pytest.mark.timeout(900)
 def test_smoke_preset_end_to_end(tmp_path):
     out = tmp_path / "speedup"
-    proc = speedup("--preset", "smoke", "--out", str(out), "--json", str(tmp_path / "copy.json"), "--upcycle", "4,2,2")
+    extra = ("--upcycle", "4,2,2", "--sweep-d", "3", "--sweep-g", "2")
+    proc = speedup("--preset", "smoke", "--out", str(out), "--json", str(tmp_path / "copy.json"), *extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "speedup.json").read_text())
     assert json.loads((tmp_path / "copy.json").read_text()) == report
@@ -100,11 +101,26 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert u["saving"] == (None if reached is None else pytest.approx(dense[-1][1] / reached - 1))
     assert "| upcycled |" in md and "4 experts (top 2, granularity 2)" in md
 
+    # sweeps: growth timing d = 3 small iterations and factor g = 2 (a 4-layer small model), each stacked and
+    # trained like the stack run, measured against the same scratch run; the recipe's own point is stack's
+    for tag, small_layers in (("d3", 2), ("g2", 4)):
+        small_run, large = evals(seed / f"small-{tag}"), evals(seed / f"large-{tag}")
+        assert large[0][1] == pytest.approx(small_run[-1][1])
+        reached = first_reach(large, target)
+        r = row[tag]
+        assert r["speedup"] == (None if reached is None else pytest.approx(f_scratch / reached - 1))
+        grown = json.loads((seed / f"grown-{tag}" / "iter_0000000" / "megastack.json").read_text())
+        assert grown["history"][-1]["source_layers"] == small_layers and grown["model"]["num_layers"] == 8
+    assert [p["run"] for p in report["sweeps"]["d"]["points"]] == ["d3", "stack"]
+    assert [p["run"] for p in report["sweeps"]["g"]["points"]] == ["g2", "stack"]
+    assert report["sweeps"]["d"]["predicted_tokens"] > 0 and "Predicted d" in md
+    assert (out / "sweeps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
     # re-running the same command skips every finished run and reports the same numbers
-    again = speedup("--preset", "smoke", "--out", str(out), "--upcycle", "4,2,2")
+    again = speedup("--preset", "smoke", "--out", str(out), *extra)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     stages = ("small", "grow-stack", "large-stack", "grow-zero", "large-zero", "scratch", "dense-continued")
-    for stage in (*stages, "grow-upcycle", "large-upcycle"):
+    for stage in (*stages, "grow-upcycle", "large-upcycle", "small-d3", "large-d3", "small-g2", "large-g2"):
         assert f"{stage}: finished earlier, skipped" in again.stdout, again.stdout
     assert json.loads((out / "speedup.json").read_text())["table"] == report["table"]
 
@@ -119,6 +135,8 @@ def test_smoke_preset_end_to_end(tmp_path):
         (["--recipe", "no-such-recipe"], "no-such-recipe"),
         (["--upcycle", "4"], "--upcycle"),
         (["--upcycle", "4,1"], "--topk 1"),
+        (["--sweep-g", "3"], "--sweep-g 3"),
+        (["--sweep-d", "0"], "--sweep-d"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, args, needle):
