@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=positive, help="output tensor-parallel size (legacy output; default: the input's)")
     p.add_argument("--pp", type=positive, help="output pipeline-parallel size (legacy output; default: the input's)")
     p.add_argument(
+        "--ep",
+        type=positive,
+        help="output expert-parallel size (legacy output of a mixture of experts; default: the input's)",
+    )
+    p.add_argument(
         "--norm-names",
         choices=["te", "local"],
         help="legacy output: norm keys for Megatron-LM's "
@@ -162,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=list(FORMATS))
     p.add_argument("--tp", type=positive, help="output tensor-parallel size (legacy; default: the input's, else 1)")
     p.add_argument("--pp", type=positive, help="output pipeline-parallel size (legacy; default: the input's, else 1)")
+    p.add_argument("--ep", type=positive, help="output expert-parallel size (legacy MoE; default: the input's, else 1)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="output dtype (default: the input's)")
     p.add_argument("--model", help="model config (YAML or shipped name) for a source without its architecture")
     p.add_argument(

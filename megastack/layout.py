@@ -330,13 +330,16 @@ def logical_from_mcore_name(name: str, layer_offset: int = 0, expert_offset: int
     return None
 
 
-def mcore_name(logical: str, layer_offset: int = 0, te_names: bool = True, moe: bool = False) -> str:
-    """Inverse of ``logical_from_mcore_name``: the global index minus ``layer_offset`` is the local index."""
+def mcore_name(
+    logical: str, layer_offset: int = 0, te_names: bool = True, moe: bool = False, expert_offset: int = 0
+) -> str:
+    """Inverse of ``logical_from_mcore_name``: the global index minus ``layer_offset`` is the local index
+    (an expert's minus ``expert_offset``, the first expert of its expert-parallel rank)."""
     layer, kind = split_name(logical)
     if layer is None:
         return MCORE_GLOBAL[kind]
     if moe and kind in MCORE_MOE:
-        suffix = MCORE_MOE[kind].format(e=expert_of(logical))
+        suffix = MCORE_MOE[kind].format(e=(expert_of(logical) or 0) - expert_offset)
     else:
         suffix = (MCORE_LAYER_TE if te_names else MCORE_LAYER_LOCAL)[kind]
     return f"decoder.layers.{layer - layer_offset}.{suffix}"

@@ -41,6 +41,9 @@ def upcycled(tmp_path_factory):
         ("convert", "moe8_granular2", "mixtral_granular", "--to", "hf"),  # Mixtral from torch_dist
         ("grow", "dense_hf", "mixtral", "--dimension", "experts", "--experts", "4", "--topk", "3"),  # HF -> HF
         ("convert", "mixtral", "from_mixtral", "--to", "torch_dist"),
+        ("convert", "moe4", "moe4_legacy_pp2ep2", "--to", "legacy", "--pp", "2", "--ep", "2"),
+        ("convert", "moe8_granular2", "moe8_legacy_ep4", "--to", "legacy", "--ep", "4"),
+        ("convert", "moe4", "moe4_legacy_tp2pp2ep2", "--to", "legacy", "--tp", "2", "--pp", "2", "--ep", "2"),
     ]
     for command, src, dst, *flags in more:
         proc = run_cli(command, str(tmp / src), str(tmp / dst), *flags)
@@ -62,6 +65,21 @@ def test_upcycled_checkpoint_loads_in_megatron_core_moe_with_the_dense_logits(up
         "from_mixtral": [[2, 1, 2]],  # upcycled HF -> HF, then converted
     }
     checkpoints = [{"name": n, "path": str(tmp / n), "how": "dist", "layouts": ls} for n, ls in layouts.items()]
+    checkpoints += [  # Megatron-LM's legacy rank files (mp_rank_TT[_PPP]_EEE), each rank's own file, strictly
+        {
+            "name": "moe4_legacy_pp2ep2",
+            "path": str(tmp / "moe4_legacy_pp2ep2"),
+            "how": "legacy",
+            "layouts": [[1, 2, 2]],
+        },
+        {"name": "moe8_legacy_ep4", "path": str(tmp / "moe8_legacy_ep4"), "how": "legacy", "layouts": [[1, 1, 4]]},
+        {
+            "name": "moe4_legacy_tp2pp2ep2",
+            "path": str(tmp / "moe4_legacy_tp2pp2ep2"),
+            "how": "reader",
+            "layouts": [[1, 1]],
+        },
+    ]
     (tmp / "job.json").write_text(
         json.dumps({"tokens": str(tmp / "tokens.pt"), "out": str(tmp), "checkpoints": checkpoints})
     )
@@ -195,6 +213,10 @@ def test_upcycle_refusals_are_one_line(upcycled, tmp_path):
         in_process("grow", str(tmp / "moe4"), str(tmp_path / "out"), "--dimension", "experts", "--experts", "8"),
         "already has 4 experts",
     )
-    proc = in_process("convert", str(tmp / "moe4"), str(tmp_path / "out"), "--to", "legacy")
-    assert proc.returncode == 2 and "not built yet" in proc.stderr
+    for flags, needle in (
+        (["--to", "legacy", "--ep", "3"], "--ep 3: must divide num_experts (4)"),
+        (["--to", "hf", "--ep", "2"], "--ep applies to legacy output only"),
+    ):
+        assert_one_line_error(in_process("convert", str(tmp / "moe4"), str(tmp_path / "out"), *flags), needle)
+    assert_one_line_error(in_process("convert", dense, str(tmp_path / "out"), "--to", "legacy", "--ep", "2"), "dense")
     assert not (tmp_path / "out").exists()

@@ -54,6 +54,7 @@ def prepare(
     model: ModelConfig | None = None,
     hf_shard_bytes: int | None = None,
     norm_names: str | None = None,
+    ep: int | None = None,
 ) -> Conversion:
     """Open the source, check the target layout and build writer + manifest; reads metadata only."""
     formats.get(to)
@@ -61,7 +62,9 @@ def prepare(
     cfg = reader.cfg
     if formats.get(to).cut_by_rank and tp is None and pp is None and reader.format == to:
         tp, pp = reader.tp, reader.pp  # legacy -> legacy keeps the layout unless asked to reshard
+        ep = ep or getattr(reader, "ep", 1)
     tp, pp = formats.check_layout(cfg, to, tp, pp)
+    ep = formats.check_expert_layout(cfg, to, ep)
     out_dtype = DTYPES[dtype] if dtype else reader.dtype("embedding")
     if out_dtype not in DTYPE_KEYS:
         raise UserError(f"{src}: weights are {out_dtype}; pass --dtype fp32, bf16 or fp16 for the output")
@@ -81,6 +84,7 @@ def prepare(
         iteration=iteration,
         norm_names=norm_names,
         shard_bytes=hf_shard_bytes,
+        ep=ep,
     )
     event = {
         "event": "convert",
@@ -157,7 +161,7 @@ def describe_dry_run(job: Conversion, plans: list, as_json: bool) -> str:
     }
     if as_json:
         return json.dumps(summary, indent=2, sort_keys=True)
-    layout_text = f" TP={job.tp} x PP={job.pp}" if formats.get(job.writer.format).cut_by_rank else ""
+    layout_text = _layout_text(job) if formats.get(job.writer.format).cut_by_rank else ""
     lines = [
         f"convert: {job.reader.format} -> {job.writer.format}{layout_text}, {DTYPE_KEYS[job.dtype]}, "
         f"{job.plan.target.total_parameters():,} parameters, {len(plans)} rank(s)",
@@ -165,10 +169,15 @@ def describe_dry_run(job: Conversion, plans: list, as_json: bool) -> str:
     return "\n".join([*lines, *plan_table(rows)])
 
 
+def _layout_text(job: Conversion) -> str:
+    ep = getattr(job.writer, "ep", 1)
+    return f" TP={job.tp} x PP={job.pp}" + (f" x EP={ep}" if ep > 1 else "")
+
+
 def cli_convert(args: Any) -> int:
     model = load_model_config(args.model) if getattr(args, "model", None) else None
     if getattr(args, "dry_run", False):
-        job = prepare(args.src, args.to, args.tp, args.pp, args.dtype, model, norm_names=args.norm_names)
+        job = prepare(args.src, args.to, args.tp, args.pp, args.dtype, model, norm_names=args.norm_names, ep=args.ep)
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1)
         print(
             describe_dry_run(
@@ -177,11 +186,11 @@ def cli_convert(args: Any) -> int:
         )
         return 0
     check_paths(args.src, args.dst)
-    job = prepare(args.src, args.to, args.tp, args.pp, args.dtype, model, norm_names=args.norm_names)
+    job = prepare(args.src, args.to, args.tp, args.pp, args.dtype, model, norm_names=args.norm_names, ep=args.ep)
     comm = comm_from_launcher()
     run(job, args.dst, comm, progress=True)
     if comm.rank == 0:
-        layout_text = f" TP={job.tp} x PP={job.pp}" if formats.get(args.to).cut_by_rank else ""
+        layout_text = _layout_text(job) if formats.get(args.to).cut_by_rank else ""
         print(
             f"converted {args.src} ({job.reader.format}) -> {args.dst} ({args.to}{layout_text}, "
             f"{DTYPE_KEYS[job.dtype]})"

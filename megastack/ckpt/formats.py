@@ -37,6 +37,7 @@ class WriteOptions:
 
     tp: int = 1
     pp: int = 1
+    ep: int = 1  # legacy: expert-parallel rank files of a mixture of experts
     iteration: int = 0
     args: Any = None  # Megatron-LM's args for the output (megatron_args.for_output)
     te_names: bool = True  # legacy: Transformer Engine norm key names
@@ -183,7 +184,14 @@ def _legacy_writer(cfg: ModelConfig, dtype: torch.dtype, options: WriteOptions) 
     from megastack.ckpt.legacy import LegacyWriter
 
     return LegacyWriter(
-        cfg, options.tp, options.pp, dtype, iteration=options.iteration, te_names=options.te_names, args=options.args
+        cfg,
+        options.tp,
+        options.pp,
+        dtype,
+        iteration=options.iteration,
+        te_names=options.te_names,
+        args=options.args,
+        ep=options.ep,
     )
 
 
@@ -194,14 +202,17 @@ def _legacy_stored(directory: Path) -> tuple[ModelConfig, list[Stored], dict[str
 
     reader = LegacyReader(directory, model_from_manifest(directory))
     tensors = []
-    for pp_rank in range(reader.pp):
-        for tp_rank in range(reader.tp):
-            model = reader._file(tp_rank, pp_rank)["model"]
-            rel = rank_dir(tp_rank, pp_rank, reader.pp)
-            for key in sorted(model, key=natural_key):
-                if isinstance(model[key], torch.Tensor):
-                    tensors.append((key, tuple(model[key].shape), model[key].dtype, rel))
-    return reader.cfg, tensors, {"tp": reader.tp, "pp": reader.pp, "iteration": reader.iteration}
+    files = [(p, t, e) for p in range(reader.pp) for t in range(reader.tp) for e in range(reader.ep)]
+    for pp_rank, tp_rank, ep_rank in files:
+        model = reader._file(tp_rank, pp_rank, ep_rank)["model"]
+        rel = rank_dir(tp_rank, pp_rank, reader.pp, ep_rank, reader.ep)
+        for key in sorted(model, key=natural_key):
+            if isinstance(model[key], torch.Tensor):
+                tensors.append((key, tuple(model[key].shape), model[key].dtype, rel))
+    shape = {"tp": reader.tp, "pp": reader.pp, "iteration": reader.iteration} | (
+        {"ep": reader.ep} if reader.ep > 1 else {}
+    )
+    return reader.cfg, tensors, shape
 
 
 # ----------------------------------------------------------------------------- the registry
@@ -211,7 +222,8 @@ def _legacy_state(directory: Path) -> SavedState:
     from megastack.ckpt.legacy import FILE_NAME, rank_dir, scan_layout
     from megastack.ckpt.safe_load import load_pt
 
-    first = directory / rank_dir(0, 0, scan_layout(directory)[1])
+    _, pp, ep = scan_layout(directory)
+    first = directory / rank_dir(0, 0, pp, 0, ep)
     blob = load_pt(first / FILE_NAME, mmap=True)
     blob = blob if isinstance(blob, dict) else {}
     optimizer = None
@@ -263,6 +275,7 @@ FORMATS: dict[str, Format] = {  # in detection order
         cut_by_rank=True,
         megatron=True,
         saved_state=_legacy_state,
+        experts=True,
     ),
 }
 
@@ -304,6 +317,7 @@ def make_writer(
     norm_names: str | None = None,
     shard_bytes: int | None = None,
     optimizer_states: tuple[str, ...] = (),
+    ep: int = 1,
 ) -> Writer:
     """The ``name`` writer for ``target``. Megatron outputs carry ``reader``'s Megatron-LM args with the new
     shape, layout and dtype (``new_stage``: the counters of a new training stage), or fresh args."""
@@ -315,13 +329,21 @@ def make_writer(
     if fmt.megatron:
         layout = (tp, pp) if fmt.cut_by_rank else (None, None)
         args, te_names = megatron_args.for_output(
-            reader, target, *layout, dtype, iteration=iteration, new_stage=new_stage, norm_names=norm_names
+            reader,
+            target,
+            *layout,
+            dtype,
+            iteration=iteration,
+            new_stage=new_stage,
+            norm_names=norm_names,
+            ep=ep if fmt.cut_by_rank else None,
         )
     if optimizer_states and not fmt.optimizer_state:
         raise NotBuiltError(f"writing Adam's state in {name} checkpoints is not built yet; write torch_dist")
     options = WriteOptions(
         tp=tp,
         pp=pp,
+        ep=ep,
         iteration=iteration,
         args=args,
         te_names=te_names,
@@ -329,6 +351,17 @@ def make_writer(
         optimizer_states=tuple(optimizer_states),
     )
     return fmt.writer(target, dtype, options)
+
+
+def check_expert_layout(cfg: ModelConfig, to: str, ep: int | None) -> int:
+    """The output EP (legacy rank files of a mixture of experts), refused in one line when it cannot cut it."""
+    if ep is None or ep == 1:
+        return 1
+    if not get(to).cut_by_rank:
+        raise UserError(f"--ep applies to legacy output only; a {to} checkpoint loads under any expert parallelism")
+    for _, problem in ParallelConfig(expert=ep).check_model(cfg):
+        raise UserError(f"--ep {ep}: {problem.split(' ', 1)[1]}")
+    return ep
 
 
 def check_layout(cfg: ModelConfig, to: str, tp: int | None, pp: int | None) -> tuple[int, int]:

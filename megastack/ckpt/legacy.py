@@ -24,50 +24,61 @@ from megastack.ckpt import megatron_args
 from megastack.ckpt.base import FileHash, HashingWriter, Produce, Request, Unit
 from megastack.ckpt.safe_load import load_pt, save_pt
 from megastack.config import ModelConfig
-from megastack.errors import NotBuiltError, UserError
+from megastack.errors import UserError
 from megastack.layout import Piece, pieces_shape, take_pieces
 
 FILE_NAME = "model_optim_rng.pt"
-_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
-def rank_dir(tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_dir(tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> str:
+    """Megatron-LM's get_checkpoint_name: mp_rank_TT, _PPP with pipeline parallelism, _EEE with expert
+    parallelism."""
+    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return name if ep_size == 1 else f"{name}_{ep_rank:03d}"
 
 
 def is_legacy(directory: Path) -> bool:
     return directory.is_dir() and any(_RANK_DIR.match(p.name) for p in directory.iterdir())
 
 
-def scan_layout(directory: Path) -> tuple[int, int]:
-    """(TP, PP) from the mp_rank_* directories; a UserError if the set is incomplete or mixed."""
-    ranks = set()
-    with_pp = without_pp = False
+def scan_layout(directory: Path) -> tuple[int, int, int]:
+    """(TP, PP, EP) from the mp_rank_* directories; a UserError if the set is incomplete or mixed. One suffix
+    is a PP rank or an EP rank (Megatron-LM names both alike): the args of the first file say which."""
+    found = []
     for p in directory.iterdir():
         m = _RANK_DIR.match(p.name)
-        if not m:
-            continue
-        if m.group(2) is None:
-            without_pp = True
-        else:
-            with_pp = True
-        ranks.add((int(m.group(1)), int(m.group(2) or 0)))
-    if with_pp and without_pp:
+        if m:
+            found.append(tuple(int(g) if g is not None else None for g in m.groups()))
+    suffixes = {sum(g is not None for g in f[1:]) for f in found}
+    if len(suffixes) > 1:
         raise UserError(
-            f"{directory}: mixes mp_rank_TT and mp_rank_TT_PPP directories; the checkpoint is "
-            "from two different layouts; keep one"
+            f"{directory}: mixes mp_rank_TT, mp_rank_TT_PPP and mp_rank_TT_PPP_EEE directories; the checkpoint "
+            "is from two different layouts; keep one"
         )
-    tp = 1 + max(t for t, _ in ranks)
-    pp = 1 + max(p for _, p in ranks)
-    missing = sorted({(t, p) for t in range(tp) for p in range(pp)} - ranks)
+    ranks = {(t, a or 0, b or 0) for t, a, b in found}
+    if suffixes == {1} and _expert_parallel_only(directory):
+        ranks = {(t, 0, a) for t, a, _ in ranks}
+    tp, pp, ep = (1 + max(r[i] for r in ranks) for i in range(3))
+    missing = sorted({(t, p, e) for t in range(tp) for p in range(pp) for e in range(ep)} - ranks)
     if missing:
-        t, p = missing[0]
+        t, p, e = missing[0]
         raise UserError(
-            f"{directory}: shard {rank_dir(t, p, pp)} is missing (expected TP={tp} x PP={pp} "
+            f"{directory}: shard {rank_dir(t, p, pp, e, ep)} is missing (expected TP={tp} x PP={pp} x EP={ep} "
             "shards); the checkpoint is incomplete"
         )
-    return tp, pp
+    return tp, pp, ep
+
+
+def _expert_parallel_only(directory: Path) -> bool:
+    """Whether mp_rank_TT_NNN names expert-parallel ranks (PP 1, EP > 1), from the first file's args."""
+    blob = load_pt(directory / "mp_rank_00_000" / FILE_NAME, mmap=True)
+    args = blob.get("args") if isinstance(blob, dict) else None
+    where = str(directory / "mp_rank_00_000" / FILE_NAME)
+    ep = megatron_args.get(args, "expert_model_parallel_size", where) or 1
+    pp = megatron_args.get(args, "pipeline_model_parallel_size", where) or 1
+    return ep > 1 and pp == 1
 
 
 class LegacyReader:
@@ -75,43 +86,41 @@ class LegacyReader:
 
     def __init__(self, directory: str | os.PathLike, cfg: ModelConfig | None = None, open_files: int = 4):
         self.path = Path(directory)
-        self.tp, self.pp = scan_layout(self.path)
-        self._cache: OrderedDict[tuple[int, int], dict] = OrderedDict()
+        self.tp, self.pp, self.ep = scan_layout(self.path)
+        self._cache: OrderedDict[tuple[int, int, int], dict] = OrderedDict()
         self._open_files = open_files
         first = self._file(0, 0)
         where = str(self._file_path(0, 0))
         self.saved_args = first.get("args")
         self.iteration = megatron_args.saved_iteration(first, where)
         self.cfg = cfg or megatron_args.model_config(self.saved_args, where)
-        if self.cfg.is_moe:
-            raise NotBuiltError(
-                f"{where}: reading a mixture of experts ({self.cfg.num_experts} experts) from legacy checkpoints "
-                "is not built yet; have Megatron-LM save it as torch_dist (--ckpt-convert-format torch_dist "
-                "--ckpt-convert-save DIR)"
+        if self.ep > 1 and (not self.cfg.is_moe or self.cfg.num_experts % self.ep):
+            raise UserError(
+                f"{self.path}: EP={self.ep} rank directories, but the model has {self.cfg.num_experts} experts "
+                "(expert parallelism cuts a mixture of experts evenly); the checkpoint does not match its args"
             )
         if self.cfg.num_layers % self.pp:
             raise UserError(f"{self.path}: PP={self.pp} does not divide num_layers={self.cfg.num_layers}")
         self._check_shapes()
 
-    def _file_path(self, tp_rank: int, pp_rank: int) -> Path:
-        return self.path / rank_dir(tp_rank, pp_rank, self.pp) / FILE_NAME
+    def _file_path(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> Path:
+        return self.path / rank_dir(tp_rank, pp_rank, self.pp, ep_rank, self.ep) / FILE_NAME
 
-    def _file(self, tp_rank: int, pp_rank: int) -> dict:
-        key = (tp_rank, pp_rank)
+    def _file(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict:
+        key = (tp_rank, pp_rank, ep_rank)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        data = load_pt(self._file_path(tp_rank, pp_rank), mmap=True)
+        path = self._file_path(tp_rank, pp_rank, ep_rank)
+        data = load_pt(path, mmap=True)
         if isinstance(data, dict) and "model" not in data and isinstance(data.get("model0"), dict):
             raise UserError(
-                f"{self._file_path(tp_rank, pp_rank)}: saved with virtual pipeline parallelism "
+                f"{path}: saved with virtual pipeline parallelism "
                 "(model0, model1, ...); reshard it to a plain pipeline with Megatron-LM's "
                 "tools/checkpoint/convert.py first"
             )
         if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-            raise UserError(
-                f"{self._file_path(tp_rank, pp_rank)}: no 'model' state dict; not a Megatron-LM checkpoint file"
-            )
+            raise UserError(f"{path}: no 'model' state dict; not a Megatron-LM checkpoint file")
         self._cache[key] = data
         while len(self._cache) > self._open_files:
             self._cache.popitem(last=False)
@@ -123,17 +132,29 @@ class LegacyReader:
                 return pp_rank
         raise KeyError(name)
 
-    def _local_tensor(self, name: str, tp_rank: int) -> torch.Tensor:
+    def _expert_rank(self, name: str) -> tuple[int, int]:
+        """(EP rank whose file holds ``name``, the first global expert of that rank): an expert's own rank;
+        rank 0 for every other tensor (each EP rank's file holds a copy)."""
+        expert = layout.expert_of(name)
+        if expert is None:
+            return 0, 0
+        per_rank = self.cfg.num_experts // self.ep
+        return expert // per_rank, (expert // per_rank) * per_rank
+
+    def _local_tensor(self, name: str, tp_rank: int, ep_rank: int | None = None) -> torch.Tensor:
         pp_rank = self._stage(name)
         offset = layout.stage_layers(self.cfg.num_layers, pp_rank, self.pp).start
-        model = self._file(tp_rank, pp_rank)["model"]
+        own_rank, first_expert = self._expert_rank(name)
+        ep_rank = own_rank if ep_rank is None else ep_rank
+        model = self._file(tp_rank, pp_rank, ep_rank)["model"]
         for te_names in (True, False):
-            key = layout.mcore_name(name, offset, te_names)
+            key = layout.mcore_name(name, offset, te_names, self.cfg.is_moe, first_expert)
             if key in model:
                 return model[key]
         raise UserError(
-            f"{self._file_path(tp_rank, pp_rank)}: tensor for '{name}' "
-            f"({layout.mcore_name(name, offset)}) is missing; the shard does not match the model"
+            f"{self._file_path(tp_rank, pp_rank, ep_rank)}: tensor for '{name}' "
+            f"({layout.mcore_name(name, offset, True, self.cfg.is_moe, first_expert)}) is missing; the shard "
+            "does not match the model"
         )
 
     @property
@@ -152,16 +173,22 @@ class LegacyReader:
         }
         for pp_rank in range(self.pp):
             names = [n for n in expected if layout.stage_holds(n, self.cfg, pp_rank, self.pp)]
-            for tp_rank in range(self.tp):
-                for name in names:
-                    tensor = self._local_tensor(name, tp_rank)
-                    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != expected[name]:
-                        got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                        raise UserError(
-                            f"{self._file_path(tp_rank, pp_rank)}: '{name}' has shard shape {got} but "
-                            f"the model config with TP={self.tp} gives {expected[name]}; the checkpoint "
-                            "does not match its args (or pass the matching model config)"
-                        )
+            held = [  # each EP rank's file: its own experts and a copy of everything else
+                (t, e, n)
+                for t in range(self.tp)
+                for e in range(self.ep)
+                for n in names
+                if layout.expert_of(n) is None or self._expert_rank(n)[0] == e
+            ]
+            for tp_rank, ep_rank, name in held:
+                tensor = self._local_tensor(name, tp_rank, ep_rank)
+                if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != expected[name]:
+                    got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                    raise UserError(
+                        f"{self._file_path(tp_rank, pp_rank, ep_rank)}: '{name}' has shard shape {got} but "
+                        f"the model config with TP={self.tp} gives {expected[name]}; the checkpoint "
+                        "does not match its args (or pass the matching model config)"
+                    )
 
     def dtype(self, name: str) -> torch.dtype:
         return self._local_tensor(name, 0).dtype
@@ -207,7 +234,7 @@ class LegacyReader:
         size = DTYPE_BYTES.get(self.dtype(name), 4)
         out: dict[str, int] = {}
         for r, local_pieces in self._plan_read(name, pieces)[0]:
-            rel = str(self._file_path(r, pp_rank).relative_to(self.path))
+            rel = str(self._file_path(r, pp_rank, self._expert_rank(name)[0]).relative_to(self.path))
             numel = 1
             for s in pieces_shape(shard_shape, local_pieces):
                 numel *= s
@@ -223,8 +250,9 @@ class LegacyReader:
 
 
 class LegacyWriter:
-    """One unit per (TP rank, PP stage) file. A unit holds that file's tensors while it is written
-    (torch.save needs the whole dict), i.e. 1/(TP x PP) of the model, as Megatron-LM itself does."""
+    """One unit per (TP rank, PP stage, EP rank) file. A unit holds that file's tensors while it is written
+    (torch.save needs the whole dict), i.e. 1/(TP x PP) of the model, as Megatron-LM itself does. Under expert
+    parallelism each EP rank's file holds its experts (numbered from 0) and a copy of everything else."""
 
     format = "legacy"
 
@@ -237,49 +265,56 @@ class LegacyWriter:
         iteration: int = 0,
         te_names: bool = True,
         args: argparse.Namespace | None = None,
+        ep: int = 1,
     ):
         """``args``: Megatron-LM's args to store (``megatron_args.output_args``); fresh ones when None."""
         self.cfg, self.tp, self.pp, self.dtype, self.iteration = cfg, tp, pp, dtype, iteration
+        self.ep = ep
         self.te_names = te_names
         self.args = (
             args
             if args is not None
             else megatron_args.output_args(
-                None, cfg, tp, pp, dtype, iteration=iteration, new_stage=False, te_names=te_names
+                None, cfg, tp, pp, dtype, iteration=iteration, new_stage=False, te_names=te_names, ep=ep
             )
         )
 
+    def _first_expert(self, ep_rank: int) -> int:
+        return ep_rank * (self.cfg.num_experts // self.ep) if self.cfg.is_moe else 0
+
+    def _holds(self, name: str, ep_rank: int) -> bool:
+        expert = layout.expert_of(name)
+        return expert is None or self._first_expert(ep_rank) <= expert < self._first_expert(ep_rank + 1)
+
     def units(self) -> list[Unit]:
-        units = []
-        for pp_rank in range(self.pp):
-            for tp_rank in range(self.tp):
-                requests, nbytes = [], 0
-                for name in layout.logical_names(self.cfg):
-                    if not layout.stage_holds(name, self.cfg, pp_rank, self.pp):
-                        continue
-                    _, kind = layout.split_name(name)
-                    shape = layout.logical_shape(self.cfg, name)
-                    pieces = tuple(layout.tp_pieces(kind, shape, tp_rank, self.tp))
-                    requests.append(Request(name, pieces))
-                    numel = 1
-                    for s in layout.tp_shard_shape(kind, shape, self.tp):
-                        numel *= s
-                    nbytes += numel * DTYPE_BYTES[self.dtype]
-                units.append(
-                    Unit(
-                        key=f"{rank_dir(tp_rank, pp_rank, self.pp)}/{FILE_NAME}",
-                        nbytes=nbytes,
-                        requests=requests,
-                        meta={"tp": tp_rank, "pp": pp_rank},
-                    )
-                )
-        return units
+        files = [(p, t, e) for p in range(self.pp) for t in range(self.tp) for e in range(self.ep)]
+        return [self._unit(pp_rank, tp_rank, ep_rank) for pp_rank, tp_rank, ep_rank in files]
+
+    def _unit(self, pp_rank: int, tp_rank: int, ep_rank: int) -> Unit:
+        requests, nbytes = [], 0
+        for name in layout.logical_names(self.cfg):
+            if not layout.stage_holds(name, self.cfg, pp_rank, self.pp) or not self._holds(name, ep_rank):
+                continue
+            _, kind = layout.split_name(name)
+            shape = layout.logical_shape(self.cfg, name)
+            requests.append(Request(name, tuple(layout.tp_pieces(kind, shape, tp_rank, self.tp))))
+            numel = 1
+            for s in layout.tp_shard_shape(kind, shape, self.tp):
+                numel *= s
+            nbytes += numel * DTYPE_BYTES[self.dtype]
+        return Unit(
+            key=f"{rank_dir(tp_rank, pp_rank, self.pp, ep_rank, self.ep)}/{FILE_NAME}",
+            nbytes=nbytes,
+            requests=requests,
+            meta={"tp": tp_rank, "pp": pp_rank, "ep": ep_rank},
+        )
 
     def write_units(self, directory: str | os.PathLike, units: list[Unit], produce: Produce, rank: int) -> list:
         records = []
         for unit in units:
             pp_rank = unit.meta["pp"]
             offset = layout.stage_layers(self.cfg.num_layers, pp_rank, self.pp).start
+            first_expert = self._first_expert(unit.meta["ep"])
             model: dict[str, torch.Tensor] = {}
             for request in unit.requests:
                 tensor = produce(request.name, list(request.pieces)).to(self.dtype).contiguous()
@@ -289,7 +324,7 @@ class LegacyWriter:
                     model[layout.mcore_name("output")] = tensor  # megatron's last-stage copy of the tied weight
                     if pp_rank != 0:
                         continue
-                model[layout.mcore_name(request.name, offset, self.te_names)] = tensor
+                model[layout.mcore_name(request.name, offset, self.te_names, self.cfg.is_moe, first_expert)] = tensor
             model.update(self._extra_state(pp_rank))
             blob = {
                 "model": model,
@@ -308,10 +343,15 @@ class LegacyWriter:
 
     def _extra_state(self, pp_rank: int) -> dict[str, None]:
         """The ``_extra_state`` entries megatron's linear layers put in a state dict (None: no FP8 meta)."""
+        modules = list(layout.MCORE_EXTRA_STATE_MODULES)
+        if self.cfg.is_moe:  # the experts' linears instead of the dense MLP's (numbered within the EP rank)
+            local = self.cfg.num_experts // self.ep
+            modules = [m for m in modules if not m.startswith("mlp.")]
+            modules += [f"mlp.experts.local_experts.{k}.linear_fc{i}" for k in range(local) for i in (1, 2)]
         keys = [
             f"decoder.layers.{j}.{module}._extra_state"
             for j in range(self.cfg.num_layers // self.pp)
-            for module in layout.MCORE_EXTRA_STATE_MODULES
+            for module in modules
         ]
         if pp_rank == self.pp - 1:
             keys.append("output_layer._extra_state")

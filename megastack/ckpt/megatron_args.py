@@ -57,6 +57,7 @@ FIELDS: dict[str, ArgField] = {
     "params_dtype": ArgField(("params_dtype",), torch.dtype, "weights dtype (written with bf16/fp16)"),
     "tensor_model_parallel_size": ArgField(("tensor_model_parallel_size",), int, "TP of the files (legacy)"),
     "pipeline_model_parallel_size": ArgField(("pipeline_model_parallel_size",), int, "PP of the files (legacy)"),
+    "expert_model_parallel_size": ArgField(("expert_model_parallel_size",), int, "EP of the files (legacy MoE)"),
     "virtual_pipeline_model_parallel_size": ArgField(
         ("virtual_pipeline_model_parallel_size",), int, "interleaved PP chunks (megastack reads none)"
     ),
@@ -232,9 +233,10 @@ def output_args(
     new_stage: bool,
     te_names: bool,
     where: str = "source",
+    ep: int | None = None,
 ) -> argparse.Namespace:
     """The args to write: the source's (a copy; fresh when it has none) with only what changed changed.
-    ``tp``/``pp`` None (torch_dist output, which loads under any layout) keeps the source's."""
+    ``tp``/``pp``/``ep`` None (torch_dist output, which loads under any layout) keeps the source's."""
     if source is None:
         args = fresh_args(cfg)
     elif isinstance(source, argparse.Namespace):
@@ -264,6 +266,8 @@ def output_args(
         "transformer_impl": "transformer_engine" if te_names else "local",
         "num_experts": cfg.num_experts or None,
     }
+    if ep is not None:
+        changed["expert_model_parallel_size"] = ep
     if cfg.is_moe:  # megatron-core's MoE layer as megastack builds it: dropless, top-k softmax routing
         changed |= MOE | {
             "moe_router_topk": cfg.moe_topk,
@@ -310,12 +314,22 @@ def for_output(
     iteration: int,
     new_stage: bool,
     norm_names: str | None = None,
+    ep: int | None = None,
 ) -> tuple[argparse.Namespace, bool]:
     """(args, te_names) for a Megatron output made from ``reader``'s checkpoint."""
     te_names = output_te_names(reader, norm_names)
     source = getattr(reader, "saved_args", None)
     args = output_args(
-        source, cfg, tp, pp, dtype, iteration=iteration, new_stage=new_stage, te_names=te_names, where=str(reader.path)
+        source,
+        cfg,
+        tp,
+        pp,
+        dtype,
+        iteration=iteration,
+        new_stage=new_stage,
+        te_names=te_names,
+        where=str(reader.path),
+        ep=ep,
     )
     if source is None and getattr(reader, "format", None) == "hf":
         tokenizer_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")

@@ -51,6 +51,7 @@ def prepare(
     norm_names: str | None = None,
     comm: Comm | None = None,
     dry_run: bool = False,
+    ep: int | None = None,
 ) -> GrowthJob:
     """Open and plan. G_learn learns its maps here (data parallel over ``comm``), except in a dry run,
     which plans with the maps at their initial value and reads no data."""
@@ -77,7 +78,7 @@ def prepare(
     plan = make_plan(reader.cfg, spec)
     if states:
         plan = with_optimizer_state(plan, states)
-    writer = make_writer(reader, plan, tp, pp, norm_names=norm_names, optimizer_states=states)
+    writer = make_writer(reader, plan, tp, pp, norm_names=norm_names, optimizer_states=states, ep=ep)
     manifest = growth_manifest(reader, plan, src) | {"format": writer.format}
     if states:  # the step Adam's bias correction continues from, as the source's trainer wrote it
         manifest["optimizer"] = {"step": step, "states": list(states)}
@@ -109,11 +110,12 @@ def grow(
     norm_names: str | None = None,
     comm: Comm | None = None,
     progress: bool = False,
+    ep: int | None = None,
 ) -> GrowthJob:
     """Grow checkpoint ``src`` into ``dst`` (collective: every rank of ``comm`` calls it). DST appears only
     when complete; bad input is a one-line UserError with nothing written."""
     check_paths(src, dst)
-    job = prepare(src, spec, tp=tp, pp=pp, norm_names=norm_names, comm=comm)
+    job = prepare(src, spec, tp=tp, pp=pp, norm_names=norm_names, comm=comm, ep=ep)
     # the process group starts after the source is open, as convert's does: started before it, one rank in
     # three aborted at exit with "terminate called without an active exception" (tests/test_reliability.py)
     comm = comm or comm_from_launcher()
@@ -143,8 +145,9 @@ def make_writer(
     fmt: str | None = None,
     norm_names: str | None = None,
     optimizer_states: tuple[str, ...] = (),
+    ep: int | None = None,
 ):
-    """Writer for the target in the source's format (legacy may change TP/PP). The output's Megatron-LM
+    """Writer for the target in the source's format (legacy may change TP/PP/EP). The output's Megatron-LM
     args are the source's with the new shape and a new stage's counters (iteration 0, no samples seen)."""
     out = formats.get(fmt or reader.format)
     if not out.cut_by_rank and (tp is not None or pp is not None or norm_names is not None):
@@ -154,7 +157,9 @@ def make_writer(
         )
     if out.cut_by_rank:  # the source's layout unless asked to change it
         tp, pp = tp or getattr(reader, "tp", 1), pp or getattr(reader, "pp", 1)
+        ep = ep or getattr(reader, "ep", 1)
     tp, pp = formats.check_layout(plan.target, out.name, tp, pp)
+    ep = formats.check_expert_layout(plan.target, out.name, ep)
     return formats.make_writer(
         out.name,
         plan.target,
@@ -166,6 +171,7 @@ def make_writer(
         new_stage=True,
         norm_names=norm_names,
         optimizer_states=optimizer_states,
+        ep=ep,
     )
 
 

@@ -23,8 +23,9 @@ def load_legacy_strict(model, reader, cfg) -> None:
     from megastack.ckpt.safe_load import load_pt
 
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    pp = ps.get_pipeline_model_parallel_world_size()
-    state = load_pt(Path(reader.path) / rank_dir(tp_rank, pp_rank, pp) / "model_optim_rng.pt")["model"]
+    pp, ep = ps.get_pipeline_model_parallel_world_size(), ps.get_expert_model_parallel_world_size()
+    name = rank_dir(tp_rank, pp_rank, pp, ps.get_expert_model_parallel_rank(), ep)
+    state = load_pt(Path(reader.path) / name / "model_optim_rng.pt")["model"]
     renamed = {}
     for key, value in state.items():
         for kind in ("attn_norm", "mlp_norm"):
