@@ -22,7 +22,8 @@ import torch
 from megastack import layout
 from megastack.ckpt import megatron_args
 from megastack.ckpt.base import FileHash, HashingWriter, Produce, Request, Unit
-from megastack.ckpt.safe_load import load_pt, save_pt
+from megastack.ckpt.safe_load import load_pt
+from megastack.ckpt.torch_zip import LazyTensor, save_streaming
 from megastack.config import ModelConfig
 from megastack.errors import UserError
 from megastack.layout import Piece, pieces_shape, take_pieces
@@ -250,9 +251,9 @@ class LegacyReader:
 
 
 class LegacyWriter:
-    """One unit per (TP rank, PP stage, EP rank) file. A unit holds that file's tensors while it is written
-    (torch.save needs the whole dict), i.e. 1/(TP x PP) of the model, as Megatron-LM itself does. Under expert
-    parallelism each EP rank's file holds its experts (numbered from 0) and a copy of everything else."""
+    """One unit per (TP rank, PP stage, EP rank) file, written in torch.save's format one tensor at a time
+    (ckpt/torch_zip.py: torch.save itself would hold the whole file). Under expert parallelism each EP rank's
+    file holds its experts (numbered from 0) and a copy of everything else."""
 
     format = "legacy"
 
@@ -315,11 +316,9 @@ class LegacyWriter:
             pp_rank = unit.meta["pp"]
             offset = layout.stage_layers(self.cfg.num_layers, pp_rank, self.pp).start
             first_expert = self._first_expert(unit.meta["ep"])
-            model: dict[str, torch.Tensor] = {}
+            model: dict[str, Any] = {}
             for request in unit.requests:
-                tensor = produce(request.name, list(request.pieces)).to(self.dtype).contiguous()
-                if tensor.untyped_storage().nbytes() != tensor.nbytes:
-                    tensor = tensor.clone()
+                tensor = self._lazy(request, produce)
                 if request.name == "embedding" and pp_rank == self.pp - 1 and self.cfg.tie_embeddings and self.pp > 1:
                     model[layout.mcore_name("output")] = tensor  # megatron's last-stage copy of the tied weight
                     if pp_rank != 0:
@@ -336,10 +335,16 @@ class LegacyWriter:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "wb") as f:  # hashed as written: the manifest does not re-read the file
                 stream = HashingWriter(f)
-                save_pt(blob, stream)
+                save_streaming(blob, stream)  # torch.save's format, one tensor in memory at a time
             records.append(FileHash(unit.key, stream.digest.hexdigest()))
             del model, blob
         return records
+
+    def _lazy(self, request: Request, produce: Produce) -> LazyTensor:
+        """The request's tensor, produced when the file writer reaches its record."""
+        pieces = list(request.pieces)
+        shape = pieces_shape(layout.logical_shape(self.cfg, request.name), pieces)
+        return LazyTensor(shape, self.dtype, lambda: produce(request.name, pieces))
 
     def _extra_state(self, pp_rank: int) -> dict[str, None]:
         """The ``_extra_state`` entries megatron's linear layers put in a state dict (None: no FP8 meta)."""
