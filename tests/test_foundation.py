@@ -307,3 +307,16 @@ def test_an_installed_wheel_finds_the_shipped_configs(tmp_path):
     assert run.returncode == 0, run.stderr
     where, layers, recipe = run.stdout.split()
     assert where.startswith(str(site)) and layers == "32" and recipe.startswith(str(site))
+
+
+@pytest.mark.timeout(300)
+def test_reinitialising_model_parallel_releases_its_process_groups():
+    """Each training stage re-initialises megatron's parallel_state; megatron's destroy_model_parallel only
+    drops references, so without megastack's release every stage leaked ~13 gloo groups (two threads each)."""
+    from conftest import run_workers
+
+    results = run_workers("process_groups.py", 2)
+    assert len(results) == 2
+    for r in results:
+        first, *later = r["threads"]
+        assert max(later) <= first, r  # the sixth layout costs no more threads than the first

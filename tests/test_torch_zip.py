@@ -1,0 +1,66 @@
+"""The streaming torch.save-format writer (megastack/ckpt/torch_zip.py) against torch's own loader."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import struct
+import zipfile
+
+import torch
+
+from megastack.ckpt.base import HashingWriter
+from megastack.ckpt.safe_load import load_pt
+from megastack.ckpt.torch_zip import ALIGNMENT, LazyTensor, save_streaming
+
+
+def test_streamed_file_is_what_torch_load_reads(tmp_path):
+    tensors = {
+        "w": torch.randn(33, 7),
+        "b16": torch.randn(5, 3).to(torch.bfloat16),
+        "h": torch.randn(1000).half(),
+        "scalar_row": torch.randn(1, 1),
+    }
+    produced: list[tuple[str, int]] = []  # (name, bytes written before it was produced)
+    path = tmp_path / "model_optim_rng.pt"
+    with open(path, "wb") as f:
+        stream = HashingWriter(f)
+
+        def lazy(name: str) -> LazyTensor:
+            def fill() -> torch.Tensor:
+                produced.append((name, stream.tell()))
+                return tensors[name]
+
+            return LazyTensor(tensors[name].shape, tensors[name].dtype, fill)
+
+        shared = lazy("w")
+        blob = {
+            "model": {"a.weight": shared, "tied.weight": shared, "x._extra_state": None}
+            | {name: lazy(name) for name in ("b16", "h", "scalar_row")},
+            "args": argparse.Namespace(num_layers=2, params_dtype=torch.bfloat16),
+            "iteration": 7,
+        }
+        save_streaming(blob, stream)
+    assert stream.digest.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()  # hashed as written
+    # each tensor produced once, after the pickle and the records before it were written
+    assert [n for n, _ in produced] == ["w", "b16", "h", "scalar_row"] and produced[0][1] > 0
+    assert all(a < b for (_, a), (_, b) in zip(produced, produced[1:]))
+    for mmap in (False, True):
+        loaded = torch.load(path, weights_only=False, mmap=mmap)
+        assert loaded["iteration"] == 7 and loaded["args"].num_layers == 2
+        assert loaded["model"]["x._extra_state"] is None
+        assert torch.equal(loaded["model"]["a.weight"], tensors["w"])
+        assert loaded["model"]["tied.weight"].untyped_storage().data_ptr() == (
+            loaded["model"]["a.weight"].untyped_storage().data_ptr()
+        )  # one storage, as torch.save writes a tensor saved twice
+        for name in ("b16", "h", "scalar_row"):
+            assert (
+                torch.equal(loaded["model"][name], tensors[name]) and loaded["model"][name].dtype == tensors[name].dtype
+            )
+    assert load_pt(path)["model"]["h"].dtype == torch.float16  # megastack's weights-only loader reads it too
+    raw = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None  # every CRC right
+        for info in archive.infolist():  # every record's data starts on torch's 64-byte boundary
+            name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
+            assert (info.header_offset + 30 + name_len + extra_len) % ALIGNMENT == 0, info.filename
