@@ -58,10 +58,10 @@ def test_upcycled_checkpoint_loads_in_megatron_core_moe_with_the_dense_logits(up
     tokens = sample_tokens(dense.cfg, batch=4)
     torch.save(tokens, tmp / "tokens.pt")
     layouts = {
-        "moe4": [[1, 1], [2, 2], [1, 4], [1, 1, 2], [2, 1, 2], [1, 1, 4]],
-        "moe4_zero_router": [[2, 1], [1, 2, 2]],
-        "moe8_granular2": [[1, 1], [2, 2], [1, 2, 2]],
-        "moe4_zero_x2": [[1, 1], [2, 2]],  # G_zero on the experts: new blocks are the identity
+        "moe4": [[2, 2], [1, 4], [2, 1, 2], [1, 1, 4]],
+        "moe4_zero_router": [[1, 2, 2]],
+        "moe8_granular2": [[2, 2], [1, 2, 2]],
+        "moe4_zero_x2": [[2, 2]],  # G_zero on the experts: new blocks are the identity
         "from_mixtral": [[2, 1, 2]],  # upcycled HF -> HF, then converted
     }
     checkpoints = [{"name": n, "path": str(tmp / n), "how": "dist", "layouts": ls} for n, ls in layouts.items()]

@@ -150,7 +150,11 @@ def config_from_hf(hc: Any, where: Path) -> ModelConfig:
         raise UserError(f"{where}: must hold a JSON object")
     archs = hc.get("architectures") or []
     model_type = hc.get("model_type")
-    if model_type not in ARCHITECTURES or (archs and archs != [ARCHITECTURES[model_type]]):
+    if (
+        not isinstance(model_type, str)
+        or model_type not in ARCHITECTURES
+        or (archs and archs != [ARCHITECTURES[model_type]])
+    ):
         shown = ", ".join(map(str, archs)) or "none"
         raise UserError(
             f"{where}: model_type '{model_type}' (architectures: {shown}) is not supported; only "
