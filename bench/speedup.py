@@ -257,22 +257,22 @@ def run_seed(
                 "after": config_hash(source_cfg[1]),
             }
         )
-        grown_dir = dirs.stage_dir(f"grown-{op}")
-        results[f"grow-{op}"] = runner.grow(f"grow-{op}", grow_hash, source_cfg[0]["checkpoint"], grown_dir, spec)
-        large = replace(
-            large_template,
-            model=replace(large_model, norm_epsilon=target.norm_epsilon),
-            out_dir=str(dirs.stage_dir(f"large-{op}")),
-            init_from=str(grown_dir),
-        )
-        results[f"large-{op}"] = runner.train(
-            f"large-{op}", large, config_hash({"train": large, "after": grow_hash}), verbose=False
-        )
+        large = replace(large_template, model=replace(large_model, norm_epsilon=target.norm_epsilon))
+        results |= grow_then_train(runner, dirs, op, source_cfg[0]["checkpoint"], spec, grow_hash, large)
     results |= run_sweeps(recipe, seed, dirs, runner, small_cfg, large_template, options)
     if options.upcycle is not None:
-        results |= run_upcycle(
-            recipe, seed, dirs, runner, results["small"]["checkpoint"], small_cfg, large_template, options
-        )
+        results |= run_upcycle(seed, dirs, runner, results["small"]["checkpoint"], small_cfg, large_template, options)
+    return results
+
+
+def grow_then_train(runner, dirs, tag, checkpoint, spec, grow_hash, large) -> dict[str, Any]:
+    """Stages grow-TAG (``checkpoint`` grown by ``spec`` into grown-TAG) and large-TAG (``large`` trained from
+    it), as every grown run of the harness is made."""
+    grown = dirs.stage_dir(f"grown-{tag}")
+    results = {f"grow-{tag}": runner.grow(f"grow-{tag}", grow_hash, checkpoint, grown, spec)}
+    large = replace(large, out_dir=str(dirs.stage_dir(f"large-{tag}")), init_from=str(grown))
+    digest = config_hash({"train": large, "after": grow_hash})
+    results[f"large-{tag}"] = runner.train(f"large-{tag}", large, digest, verbose=False)
     return results
 
 
@@ -300,15 +300,9 @@ def run_sweeps(recipe, seed, dirs, runner, small_cfg, large_template, options) -
             source = replace(small_cfg, model=model, out_dir=str(dirs.stage_dir(f"small-{tag}")))
             spec = GrowthSpec(operator="stack", factor=value, seed=seed)
         results[f"small-{tag}"] = runner.train(f"small-{tag}", source, config_hash(source), verbose=False)
-        grown = dirs.stage_dir(f"grown-{tag}")
         grow_hash = config_hash({"spec": spec, "after": config_hash(source)})
-        results[f"grow-{tag}"] = runner.grow(
-            f"grow-{tag}", grow_hash, results[f"small-{tag}"]["checkpoint"], grown, spec
-        )
-        large = replace(large_template, out_dir=str(dirs.stage_dir(f"large-{tag}")), init_from=str(grown))
-        results[f"large-{tag}"] = runner.train(
-            f"large-{tag}", large, config_hash({"train": large, "after": grow_hash}), verbose=False
-        )
+        checkpoint = results[f"small-{tag}"]["checkpoint"]
+        results |= grow_then_train(runner, dirs, tag, checkpoint, spec, grow_hash, large_template)
     return results
 
 
@@ -329,19 +323,12 @@ def upcycle_configs(small_cfg: Any, large_template: Any, options: Options, seed:
     return spec, dense, moe
 
 
-def run_upcycle(recipe, seed, dirs, runner, small_checkpoint, small_cfg, large_template, options) -> dict[str, Any]:
-    world = runner.comm.world
-    spec, dense, moe = upcycle_configs(small_cfg, large_template, options, seed, world)
+def run_upcycle(seed, dirs, runner, small_checkpoint, small_cfg, large_template, options) -> dict[str, Any]:
+    spec, dense, moe = upcycle_configs(small_cfg, large_template, options, seed, runner.comm.world)
     dense = replace(dense, out_dir=str(dirs.stage_dir("dense-continued")), init_from=small_checkpoint)
     results = {"dense-continued": runner.train("dense-continued", dense, config_hash(dense), verbose=False)}
-    grown = dirs.stage_dir("grown-upcycle")
     grow_hash = config_hash({"spec": spec, "after": config_hash(small_cfg)})
-    results["grow-upcycle"] = runner.grow("grow-upcycle", grow_hash, small_checkpoint, grown, spec)
-    moe = replace(moe, out_dir=str(dirs.stage_dir("large-upcycle")), init_from=str(grown))
-    results["large-upcycle"] = runner.train(
-        "large-upcycle", moe, config_hash({"train": moe, "after": grow_hash}), verbose=False
-    )
-    return results
+    return results | grow_then_train(runner, dirs, "upcycle", small_checkpoint, spec, grow_hash, moe)
 
 
 # ----------------------------------------------------------------------------- the analysis (rank 0)

@@ -351,6 +351,18 @@ def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> range:
     return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
 
 
+def rank_experts(cfg: ModelConfig, ep_rank: int, ep_size: int) -> range:
+    """Global experts held by expert-parallel rank ``ep_rank`` (an even split, as megatron-core does); a
+    dense model's ranks hold none."""
+    per_rank = cfg.num_experts // ep_size
+    return range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
+
+
+def expert_rank(cfg: ModelConfig, expert: int, ep_size: int) -> int:
+    """The expert-parallel rank holding global expert ``expert``."""
+    return expert // (cfg.num_experts // ep_size)
+
+
 def stage_holds(name: str, cfg: ModelConfig, pp_rank: int, pp_size: int) -> bool:
     """Does pipeline stage ``pp_rank`` hold logical tensor ``name``?"""
     layer, kind = split_name(name)

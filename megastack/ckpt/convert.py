@@ -63,8 +63,7 @@ def prepare(
     if formats.get(to).cut_by_rank and tp is None and pp is None and reader.format == to:
         tp, pp = reader.tp, reader.pp  # legacy -> legacy keeps the layout unless asked to reshard
         ep = ep or getattr(reader, "ep", 1)
-    tp, pp = formats.check_layout(cfg, to, tp, pp)
-    ep = formats.check_expert_layout(cfg, to, ep)
+    tp, pp, ep = formats.check_layout(cfg, to, tp, pp, ep)
     out_dtype = DTYPES[dtype] if dtype else reader.dtype("embedding")
     if out_dtype not in DTYPE_KEYS:
         raise UserError(f"{src}: weights are {out_dtype}; pass --dtype fp32, bf16 or fp16 for the output")

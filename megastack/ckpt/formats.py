@@ -353,30 +353,28 @@ def make_writer(
     return fmt.writer(target, dtype, options)
 
 
-def check_expert_layout(cfg: ModelConfig, to: str, ep: int | None) -> int:
-    """The output EP (legacy rank files of a mixture of experts), refused in one line when it cannot cut it."""
-    if ep is None or ep == 1:
-        return 1
-    if not get(to).cut_by_rank:
-        raise UserError(f"--ep applies to legacy output only; a {to} checkpoint loads under any expert parallelism")
-    for _, problem in ParallelConfig(expert=ep).check_model(cfg):
-        raise UserError(f"--ep {ep}: {problem.split(' ', 1)[1]}")
-    return ep
-
-
-def check_layout(cfg: ModelConfig, to: str, tp: int | None, pp: int | None) -> tuple[int, int]:
-    """The output TP/PP, refused in one line when it cannot cut this model."""
+def check_layout(
+    cfg: ModelConfig, to: str, tp: int | None, pp: int | None, ep: int | None = None
+) -> tuple[int, int, int]:
+    """The output TP/PP/EP (EP: legacy rank files of a mixture of experts), refused in one line when it cannot
+    cut this model."""
+    if (ep or 1) != 1:
+        if not get(to).cut_by_rank:
+            raise UserError(f"--ep applies to legacy output only; a {to} checkpoint loads under any expert parallelism")
+        for _, problem in ParallelConfig(expert=ep).check_model(cfg):
+            raise UserError(f"--ep {ep}: {problem.split(' ', 1)[1]}")
+    ep = ep or 1
     if not get(to).cut_by_rank:
         if (tp or 1) != 1 or (pp or 1) != 1:
             raise UserError(
                 f"--tp/--pp apply to legacy output only; a {to} checkpoint is not cut by rank "
                 "(torch_dist loads under any TP/PP)"
             )
-        return 1, 1
+        return 1, 1, ep
     tp, pp = tp or 1, pp or 1
     if tp < 1 or pp < 1:
         raise UserError(f"--tp {tp} --pp {pp}: both must be positive")
     for field_name, problem in ParallelConfig(tensor=tp, pipeline=pp).check_model(cfg):
         flag, value = ("--tp", tp) if field_name == "tensor" else ("--pp", pp)
         raise UserError(f"{flag} {value}: {problem.split(' ', 1)[1]}; choose a {flag} that divides it")
-    return tp, pp
+    return tp, pp, ep

@@ -139,8 +139,8 @@ class LegacyReader:
         expert = layout.expert_of(name)
         if expert is None:
             return 0, 0
-        per_rank = self.cfg.num_experts // self.ep
-        return expert // per_rank, (expert // per_rank) * per_rank
+        rank = layout.expert_rank(self.cfg, expert, self.ep)
+        return rank, layout.rank_experts(self.cfg, rank, self.ep).start
 
     def _local_tensor(self, name: str, tp_rank: int, ep_rank: int | None = None) -> torch.Tensor:
         pp_rank = self._stage(name)
@@ -280,12 +280,9 @@ class LegacyWriter:
             )
         )
 
-    def _first_expert(self, ep_rank: int) -> int:
-        return ep_rank * (self.cfg.num_experts // self.ep) if self.cfg.is_moe else 0
-
     def _holds(self, name: str, ep_rank: int) -> bool:
         expert = layout.expert_of(name)
-        return expert is None or self._first_expert(ep_rank) <= expert < self._first_expert(ep_rank + 1)
+        return expert is None or expert in layout.rank_experts(self.cfg, ep_rank, self.ep)
 
     def units(self) -> list[Unit]:
         files = [(p, t, e) for p in range(self.pp) for t in range(self.tp) for e in range(self.ep)]
@@ -315,7 +312,7 @@ class LegacyWriter:
         for unit in units:
             pp_rank = unit.meta["pp"]
             offset = layout.stage_layers(self.cfg.num_layers, pp_rank, self.pp).start
-            first_expert = self._first_expert(unit.meta["ep"])
+            first_expert = layout.rank_experts(self.cfg, unit.meta["ep"], self.ep).start
             model: dict[str, Any] = {}
             for request in unit.requests:
                 tensor = self._lazy(request, produce)
@@ -350,7 +347,7 @@ class LegacyWriter:
         """The ``_extra_state`` entries megatron's linear layers put in a state dict (None: no FP8 meta)."""
         modules = list(layout.MCORE_EXTRA_STATE_MODULES)
         if self.cfg.is_moe:  # the experts' linears instead of the dense MLP's (numbered within the EP rank)
-            local = self.cfg.num_experts // self.ep
+            local = len(layout.rank_experts(self.cfg, 0, self.ep))
             modules = [m for m in modules if not m.startswith("mlp.")]
             modules += [f"mlp.experts.local_experts.{k}.linear_fc{i}" for k in range(local) for i in (1, 2)]
         keys = [

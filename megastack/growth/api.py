@@ -158,8 +158,7 @@ def make_writer(
     if out.cut_by_rank:  # the source's layout unless asked to change it
         tp, pp = tp or getattr(reader, "tp", 1), pp or getattr(reader, "pp", 1)
         ep = ep or getattr(reader, "ep", 1)
-    tp, pp = formats.check_layout(plan.target, out.name, tp, pp)
-    ep = formats.check_expert_layout(plan.target, out.name, ep)
+    tp, pp, ep = formats.check_layout(plan.target, out.name, tp, pp, ep)
     return formats.make_writer(
         out.name,
         plan.target,

@@ -31,11 +31,9 @@ def param_logical_names(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, s
 
     _, _, pp_rank, pp_size = _position()
     offset = layout.stage_layers(cfg.num_layers, pp_rank, pp_size).start
-    first_expert = 0
-    if cfg.is_moe:  # this expert-parallel rank's experts are numbered from 0 in the module
-        first_expert = ps.get_expert_model_parallel_rank() * (
-            cfg.num_experts // ps.get_expert_model_parallel_world_size()
-        )
+    # this expert-parallel rank's experts are numbered from 0 in the module
+    ep_rank, ep_size = ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
+    first_expert = layout.rank_experts(cfg, ep_rank, ep_size).start
     names = {}
     for name, _ in model.named_parameters():
         logical = layout.logical_from_mcore_name(name, offset, first_expert)
