@@ -98,6 +98,7 @@ class Preset:
     note: str = ""
     sweep_d: tuple[int, ...] = ()
     sweep_g: tuple[int, ...] = ()
+    sweep_seeds: tuple[int, ...] | None = None  # the seeds the sweeps run for (None: every seed)
     upcycle: tuple[int, int, int] | None = None
 
 
@@ -118,6 +119,7 @@ PRESETS = {
         "run on an idle 2-core machine (hours in all), resumable (add operators, sweeps or seeds later)",
         sweep_d=(125, 250, 1000, 2000),  # 0.5M-8M small-stage tokens around the recipe's 2M
         sweep_g=(2, 8),  # with the recipe's 4: small models of 4, 2 and 1 layers
+        sweep_seeds=(1,),  # each sweep point is a full large run: one seed, the operators have three
         upcycle=(8, 2, 2),  # mini-small -> 8 half-width experts, top 2: the dense FLOPs per token
     ),
     "cluster": Preset(
@@ -140,6 +142,10 @@ class Options:
     upcycle: tuple[int, int, int] | None = None  # (experts, topk, granularity): the upcycling comparison
     sweep_d: tuple[int, ...] = ()  # growth timing: small-stage iterations, each grown by stack
     sweep_g: tuple[int, ...] = ()  # growth factor: small models of large layers / g, each stacked g times
+    sweep_seeds: tuple[int, ...] | None = None  # the seeds the sweeps run for (None: every seed)
+
+    def sweeps_for(self, seed: int) -> bool:
+        return self.sweep_seeds is None or seed in self.sweep_seeds
 
 
 # ----------------------------------------------------------------------------- setup
@@ -259,7 +265,8 @@ def run_seed(
         )
         large = replace(large_template, model=replace(large_model, norm_epsilon=target.norm_epsilon))
         results |= grow_then_train(runner, dirs, op, source_cfg[0]["checkpoint"], spec, grow_hash, large)
-    results |= run_sweeps(recipe, seed, dirs, runner, small_cfg, large_template, options)
+    if options.sweeps_for(seed):
+        results |= run_sweeps(recipe, seed, dirs, runner, small_cfg, large_template, options)
     if options.upcycle is not None:
         results |= run_upcycle(seed, dirs, runner, results["small"]["checkpoint"], small_cfg, large_template, options)
     return results
@@ -364,7 +371,7 @@ def analyse_seed(out: Path, seed: int, options: Options, small_cfg: Any, factor:
     for op in operators:
         small_stage = "small-width" if op in WIDTH_OPERATORS else "small"
         row[op] = grown_row(dirs, row["scratch"], small_stage, f"grow-{op}", f"large-{op}")
-    for _, tag, _ in sweep_points(options, small_cfg, factor):
+    for _, tag, _ in sweep_points(options, small_cfg, factor) if options.sweeps_for(seed) else ():
         row[tag] = grown_row(dirs, row["scratch"], f"small-{tag}", f"grow-{tag}", f"large-{tag}")
     if options.upcycle is not None:
         row["upcycle"] = analyse_upcycle(dirs)
@@ -464,6 +471,9 @@ def _pct(value: float | None) -> str:
     return "not reached" if value is None else f"{value:+.1%}"
 
 
+SWEEP_BASE = "stack (sweep seeds)"
+
+
 def sweep_setup(options: Options, configs: dict[str, Any], factor: int | None, world: int) -> dict[str, Any]:
     """Each sweep's points in order (the recipe's own point is the stack run), and for d the growth timing
     Du et al.'s fit predicts for this target and budget (``megastack plan``'s formula)."""
@@ -474,13 +484,14 @@ def sweep_setup(options: Options, configs: dict[str, Any], factor: int | None, w
     tokens_per_iter = par.micro_batch_size * par.data_parallel_size(world) * par.gradient_accumulation_steps(world)
     tokens_per_iter *= small.resolved_model().seq_length
     base_d, out = small.schedule.iterations(tokens_per_iter), {}
+    base = "stack" if options.sweep_seeds is None else SWEEP_BASE  # the recipe's own point, over the sweep seeds
     if options.sweep_d:
         params = configs["large"].resolved_model().total_parameters()
         tokens = scratch.schedule.iterations(tokens_per_iter) * tokens_per_iter
         values = sorted({*options.sweep_d, base_d})
         out["d"] = {
             "points": [
-                {"value": d, "run": "stack" if d == base_d else f"d{d}", "tokens": d * tokens_per_iter} for d in values
+                {"value": d, "run": base if d == base_d else f"d{d}", "tokens": d * tokens_per_iter} for d in values
             ],
             "small_parameters": small.resolved_model().total_parameters(),
             "predicted_tokens": growth_timing(params, tokens),
@@ -488,7 +499,7 @@ def sweep_setup(options: Options, configs: dict[str, Any], factor: int | None, w
         }
     if options.sweep_g:
         values = sorted({*options.sweep_g, factor})
-        out["g"] = {"points": [{"value": g, "run": "stack" if g == factor else f"g{g}"} for g in values]}
+        out["g"] = {"points": [{"value": g, "run": base if g == factor else f"g{g}"} for g in values]}
     return out
 
 
@@ -499,7 +510,7 @@ def sweep_markdown(report: dict[str, Any]) -> list[str]:
         lines += [
             "",
             f"Sweep: {title}, every point grown by stack and trained with the large stage's schedule, "
-            "against the same scratch run:",
+            f"against the same scratch run (seeds {', '.join(map(str, report['options']['sweep_seeds']))}):",
             "",
         ]
         head = "| d (iterations) | d tokens | small tokens/param |" if sweep == "d" else "| g |"
@@ -760,6 +771,10 @@ def write_report(
     if any(op in WIDTH_OPERATORS for op in options.operators):
         setup["narrow_model"] = narrow_model(large.resolved_model()).name
     not_measured = {op: "not requested (--operators)" for op in OPERATORS if op not in options.operators}
+    table = aggregate(runs, (*options.operators, *(tag for _, tag, _ in points)))
+    if sweeps and options.sweep_seeds is not None and "stack" in options.operators:
+        subset = {seed: runs[seed] for seed in options.sweep_seeds}
+        table[SWEEP_BASE] = aggregate(subset, ("stack",))["stack"]
     markers = [json.loads(t) for seed in options.seeds for t in _marker_texts(out / f"seed-{seed}" / "stages")]
     stage_wall = sum(float(m.get("wall_seconds") or 0.0) for m in markers)
     finished = sorted(m["finished"] for m in markers if m.get("finished"))
@@ -777,9 +792,10 @@ def write_report(
             "learn_tokens": options.learn_tokens,
             "learn_batch": options.learn_batch,
             "learn_lr": options.learn_lr,
+            "sweep_seeds": list(options.sweep_seeds) if options.sweep_seeds is not None else list(options.seeds),
         },
         "setup": setup,
-        "table": aggregate(runs, (*options.operators, *(tag for _, tag, _ in points))),
+        "table": table,
         "sweeps": sweeps,
         "not_measured": not_measured,
         "runs": {str(k): v for k, v in runs.items()},
@@ -831,6 +847,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "none: no sweep (default: the preset's)",
     )
     parser.add_argument(
+        "--sweep-seeds",
+        help="comma-separated seeds the sweeps run for (default: the preset's; chinchilla: 1; else every seed)",
+    )
+    parser.add_argument(
         "--upcycle",
         help="EXPERTS,TOPK[,GRANULARITY]: also compare the small model continued dense with it upcycled into "
         "experts, at equal FLOPs (e.g. 8,2,2: 8 half-width experts, top 2, the dense FLOPs per token); none: no "
@@ -845,12 +865,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def resolve(args: argparse.Namespace) -> tuple[Recipe, Options, Path]:
     preset = PRESETS[args.preset or ("cpu" if args.recipe is None else "smoke")]
     recipe = resolve_recipe(args.recipe or preset.recipe)
-    try:
-        seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else preset.seeds
-    except ValueError:
-        raise UserError(f"--seeds takes comma-separated integers like 1,2,3, got {args.seeds!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
-        raise UserError(f"--seeds needs distinct non-negative integers, got {args.seeds!r}")
+    seeds = _seeds(args.seeds, "--seeds") if args.seeds else preset.seeds
     upcycle = _upcycle(args.upcycle, recipe) if args.upcycle is not None else preset.upcycle
     operators = tuple(o.strip() for o in args.operators.split(",") if o.strip()) if args.operators else preset.operators
     if operators == ("none",) and upcycle:
@@ -869,11 +884,19 @@ def resolve(args: argparse.Namespace) -> tuple[Recipe, Options, Path]:
     out = Path(args.out) if args.out else Path("runs") / f"speedup-{name}"
     sweep_d = _counts(args.sweep_d, "--sweep-d") if args.sweep_d is not None else preset.sweep_d
     sweep_g = _counts(args.sweep_g, "--sweep-g") if args.sweep_g is not None else preset.sweep_g
+    if args.sweep_seeds:
+        sweep_seeds = _seeds(args.sweep_seeds, "--sweep-seeds")
+        if not set(sweep_seeds) <= set(seeds):
+            raise UserError(f"--sweep-seeds {args.sweep_seeds}: each must be one of the seeds run ({seeds})")
+    else:  # the preset's, within the seeds run
+        sweep_seeds = preset.sweep_seeds and (tuple(s for s in preset.sweep_seeds if s in seeds) or seeds[:1])
     layers = recipe.large.resolved_model().num_layers
     for g in sweep_g:
         if layers % g or g < 2:
             raise UserError(f"--sweep-g {g}: g must be at least 2 and divide the large model's {layers} layers")
-    options = Options(seeds, operators, learn_tokens, upcycle=upcycle, sweep_d=sweep_d, sweep_g=sweep_g)
+    options = Options(
+        seeds, operators, learn_tokens, upcycle=upcycle, sweep_d=sweep_d, sweep_g=sweep_g, sweep_seeds=sweep_seeds
+    )
     return recipe, options, out
 
 
@@ -893,6 +916,16 @@ def _upcycle(text: str, recipe: Recipe) -> tuple[int, int, int] | None:
     spec = GrowthSpec(dimension="experts", experts=experts, topk=topk, granularity=granularity)
     planned_model(recipe.small.resolved_model(), spec)  # a bad combination is refused before anything trains
     return experts, topk, granularity
+
+
+def _seeds(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated integers like 1,2,3, got {text!r}") from None
+    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise UserError(f"{flag} needs distinct non-negative integers, got {text!r}")
+    return seeds
 
 
 def _counts(text: str | None, flag: str) -> tuple[int, ...]:
