@@ -155,7 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--carry-optimizer",
         action="store_true",
-        help="grow Adam's state with the weights (a torch_dist checkpoint megastack train wrote; depth operators)",
+        help="grow Adam's state with the weights (from megastack train's torch_dist checkpoints or Megatron-LM's "
+        "optimizer state, legacy or torch_dist; written as torch_dist)",
+    )
+    p.add_argument(
+        "--to",
+        choices=list(FORMATS),
+        help="output format (default: the source's; --carry-optimizer from legacy needs torch_dist)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the per-rank plan (reads, writes, peak memory) only")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")

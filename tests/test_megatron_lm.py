@@ -8,6 +8,7 @@ Megatron-LM's source, which CI does not have).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -382,3 +383,111 @@ def test_convert_keeps_a_torch_dist_saves_iteration(tmp_path):
     assert in_process("convert", str(FIXTURES / "torch_dist"), str(tmp_path / "l"), "--to", "legacy").returncode == 0
     assert (tmp_path / "l" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     assert saved_args(tmp_path / "l").iteration == 2
+
+
+# ----------------------------------------------------------------------------- Adam's state (--carry-optimizer)
+
+CARRIED_SAVES = ("legacy", "legacy_distopt", "torch_dist")  # torch_dist_distopt: dp_reshardable, refused
+
+
+def dcp_tensors(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Every DCP entry under ``prefix``, read by torch.distributed.checkpoint's own loader."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+
+    reader = FileSystemReader(str(directory))
+    entries = reader.read_metadata().state_dict_metadata
+    out = {
+        key: torch.empty(md.size, dtype=md.properties.dtype)
+        for key, md in entries.items()
+        if key.startswith(prefix) and hasattr(md, "size")
+    }
+    load(out, storage_reader=reader, no_dist=True)
+    return out
+
+
+@pytest.mark.parametrize("name", CARRIED_SAVES)
+def test_megatron_lms_adam_state_grows_with_the_weights(name, tmp_path):
+    """Megatron-LM's moments (legacy: by parameter index; distributed optimizer: flat buffers; torch_dist:
+    named entries) through G_stack x2. The reference is Megatron-LM's own torch_dist save, which names each
+    moment by its weight, stacked by hand along the layer axis; the three saves come from the same 2 steps,
+    so the mapping of indices and buffer offsets onto weights must reproduce it exactly."""
+    dst = tmp_path / "grown"
+    proc = in_process(
+        "grow", str(FIXTURES / name), str(dst), "--factor", "2", "--carry-optimizer", "--to", "torch_dist"
+    )
+    assert proc.returncode == 0, proc.stderr
+    want = dcp_tensors(resolve_iteration_dir(FIXTURES / "torch_dist"), "optimizer.state.")
+    got = dcp_tensors(resolve_iteration_dir(dst), "optimizer.state.")
+    assert set(got) == set(want) and len(want) == 18
+    for key, ref in want.items():
+        expected = torch.cat([ref, ref]) if ".decoder.layers." in key else ref  # layer i <- i mod 4
+        assert torch.equal(got[key], expected), key
+    manifest = json.loads((resolve_iteration_dir(dst) / "megastack.json").read_text())
+    assert manifest["optimizer"] == {"step": 2, "states": ["exp_avg", "exp_avg_sq"]}
+
+
+def test_megatron_lms_distributed_optimizer_buffer_layout(tmp_path):
+    """distrib_optim.pt's flat param buffer, cut by the layout megastack infers (reverse module order, starts
+    padded to 64), holds each weight's own values: the fp32 master copy equals the saved weight."""
+    from megastack.ckpt.megatron_optim import MOMENTS, legacy_rank_states
+
+    path = resolve_iteration_dir(FIXTURES / "legacy_distopt") / "mp_rank_00" / "model_optim_rng.pt"
+    blob = load_pt(path)
+    states, step = legacy_rank_states(blob, path)
+    assert step == 2 and set(states) == {k for k in blob["model"] if not k.endswith("_extra_state")}
+    assert all(set(s) == set(MOMENTS) for s in states.values())
+    flat = load_pt(path.parent / "distrib_optim.pt")[0][(torch.float32, torch.float32)]["param"]
+    covered = 0
+    for key, moments in states.items():  # views into the buffer: the same offsets give the master weight
+        offset = moments["exp_avg"].storage_offset()
+        numel = blob["model"][key].numel()
+        assert torch.equal(flat[offset : offset + numel].view_as(blob["model"][key]), blob["model"][key]), key
+        covered += numel
+    assert covered == sum(v.numel() for k, v in blob["model"].items() if not k.endswith("_extra_state"))
+
+
+def _edit_rank_file(src: Path, dst: Path, edit) -> None:
+    shutil.copytree(src, dst)
+    path = resolve_iteration_dir(dst) / "mp_rank_00" / "model_optim_rng.pt"
+    blob = load_pt(path)
+    edit(blob)
+    save_pt(blob, path)
+
+
+@pytest.mark.parametrize(
+    "case, needles, code",
+    [
+        ("group size", ("param group lists 17", "the optimizer does not match the model"), 1),
+        ("step differs", ("Adam's step differs",), 1),
+        ("moment shape", ("optimizer.state[2].exp_avg", "is (32, 32) float32", "needs (64, 32)"), 1),
+        ("custom lr_mult", ("lr_mult=2.0", "custom parameter groups"), 2),
+        ("torch_dist distributed", ("dp_reshardable", "not read yet"), 2),
+        ("no optimizer", ("holds no optimizer state",), 1),
+    ],
+)
+def test_megatron_optimizer_state_refusals(case, needles, code, tmp_path):
+    """Each inconsistency of a Megatron-LM optimizer state is one line naming the file and field, exit 1
+    (bad input) or 2 (a layout not read yet), nothing written."""
+    src, dst = tmp_path / "src", tmp_path / "grown"
+
+    def edit(blob):
+        opt = blob["optimizer"]
+        if case == "group size":
+            opt["param_groups"][0]["params"] = opt["param_groups"][0]["params"][:-1]
+        elif case == "step differs":
+            opt["state"][3]["step"] = torch.tensor(5.0)
+        elif case == "moment shape":
+            opt["state"][2]["exp_avg"] = torch.zeros(32, 32)
+        elif case == "custom lr_mult":
+            opt["param_groups"][1]["lr_mult"] = 2.0
+
+    if case == "torch_dist distributed":
+        src = FIXTURES / "torch_dist_distopt"
+    elif case == "no optimizer":
+        src = FIXTURES / "legacy_tp2pp2"
+    else:
+        _edit_rank_file(FIXTURES / "legacy", src, edit)
+    proc = in_process("grow", str(src), str(dst), "--factor", "2", "--carry-optimizer", "--to", "torch_dist")
+    assert proc.returncode == code
+    assert_one_line_error(proc, *needles)
+    assert not dst.exists()

@@ -61,7 +61,8 @@ class Format:
     saved_state: Callable[[Path], SavedState] | None = None
     files_per_tensor: bool = True  # inspect lists each tensor's file (not for DCP's shards)
     iteration_dirs: bool = True  # lives in iter_NNNNNNN directories (its iteration from the name)
-    optimizer_state: bool = False  # reads and writes Adam's state beside the weights (--carry-optimizer)
+    reads_optimizer: bool = False  # reads Adam's state beside the weights (--carry-optimizer)
+    writes_optimizer: bool = False  # writes it (torch_dist: optimizer.state.* in the model's space)
     experts: bool = False  # reads and writes mixtures of experts (upcycled models)
 
 
@@ -250,7 +251,8 @@ FORMATS: dict[str, Format] = {  # in detection order
         megatron=True,
         saved_state=_td_state,
         files_per_tensor=False,
-        optimizer_state=True,
+        reads_optimizer=True,
+        writes_optimizer=True,
         experts=True,
     ),
     "hf": Format(
@@ -275,6 +277,7 @@ FORMATS: dict[str, Format] = {  # in detection order
         cut_by_rank=True,
         megatron=True,
         saved_state=_legacy_state,
+        reads_optimizer=True,  # Megatron-LM's (megatron_optim); written only as torch_dist
         experts=True,
     ),
 }
@@ -338,8 +341,10 @@ def make_writer(
             norm_names=norm_names,
             ep=ep if fmt.cut_by_rank else None,
         )
-    if optimizer_states and not fmt.optimizer_state:
-        raise NotBuiltError(f"writing Adam's state in {name} checkpoints is not built yet; write torch_dist")
+    if optimizer_states and not fmt.writes_optimizer:
+        raise NotBuiltError(
+            f"writing Adam's state in {name} checkpoints is not built yet; write torch_dist (grow --to torch_dist)"
+        )
     options = WriteOptions(
         tp=tp,
         pp=pp,

@@ -3,7 +3,8 @@
 Each file holds one (TP rank, PP stage)'s ``model`` state dict with stage-local layer numbering, plus
 ``args`` (Megatron-LM's argparse.Namespace, see ``megatron_args``), ``checkpoint_version`` and ``iteration``;
 Megatron-LM's training saves add ``optimizer``, ``opt_param_scheduler``, ``rng_state`` (and
-``distrib_optim.pt`` beside the file), which megastack reads past and does not carry.
+``distrib_optim.pt`` beside the file); growth reads past them, except Adam's moments under
+``--carry-optimizer`` (``megatron_optim``: each rank's state mapped onto its weights, then read like them).
 Files are opened with ``torch.load(mmap=True, weights_only=True)``: tensors stay on disk until a slice is
 copied out, so reading one logical tensor touches only the shards that hold the requested rows.
 """
@@ -20,12 +21,12 @@ from typing import Any
 import torch
 
 from megastack import layout
-from megastack.ckpt import megatron_args
+from megastack.ckpt import megatron_args, megatron_optim
 from megastack.ckpt.base import FileHash, HashingWriter, Produce, Request, Unit
 from megastack.ckpt.safe_load import load_pt
 from megastack.ckpt.torch_zip import LazyTensor, save_streaming
 from megastack.config import ModelConfig
-from megastack.errors import UserError
+from megastack.errors import NotBuiltError, UserError
 from megastack.layout import Piece, pieces_shape, take_pieces
 
 FILE_NAME = "model_optim_rng.pt"
@@ -89,6 +90,9 @@ class LegacyReader:
         self.path = Path(directory)
         self.tp, self.pp, self.ep = scan_layout(self.path)
         self._cache: OrderedDict[tuple[int, int, int], dict] = OrderedDict()
+        self._states: dict[tuple[int, int, int], megatron_optim.RankStates] = {}  # views into the rank files
+        self._step: int | None = None  # Adam's step, once optimizer_step() has read the state
+        self._scanned = False
         self._open_files = open_files
         first = self._file(0, 0)
         where = str(self._file_path(0, 0))
@@ -143,6 +147,7 @@ class LegacyReader:
         return rank, layout.rank_experts(self.cfg, rank, self.ep).start
 
     def _local_tensor(self, name: str, tp_rank: int, ep_rank: int | None = None) -> torch.Tensor:
+        state, name = layout.split_state(name)
         pp_rank = self._stage(name)
         offset = layout.stage_layers(self.cfg.num_layers, pp_rank, self.pp).start
         own_rank, first_expert = self._expert_rank(name)
@@ -151,12 +156,42 @@ class LegacyReader:
         for te_names in (True, False):
             key = layout.mcore_name(name, offset, te_names, self.cfg.is_moe, first_expert)
             if key in model:
-                return model[key]
+                return model[key] if state is None else self._states[(tp_rank, pp_rank, ep_rank)][key][state]
         raise UserError(
             f"{self._file_path(tp_rank, pp_rank, ep_rank)}: tensor for '{name}' "
             f"({layout.mcore_name(name, offset, True, self.cfg.is_moe, first_expert)}) is missing; the shard "
             "does not match the model"
         )
+
+    def optimizer_states(self) -> tuple[str, ...]:
+        """Adam's moments when every rank file holds Megatron-LM's optimizer state (mapped onto the weights,
+        each checked against its weight's shape), () when none does."""
+        return megatron_optim.MOMENTS if self.optimizer_step() is not None else ()
+
+    def optimizer_step(self) -> int | None:
+        """Adam's step of Megatron-LM's optimizer state (the same in every rank file), None without one."""
+        if self._step is None and not self._scanned:
+            self._scanned = True
+            if self.cfg.is_moe:
+                raise NotBuiltError(
+                    f"{self.path}: Megatron-LM's optimizer state of a mixture of experts is not read yet; "
+                    + megatron_optim.FIX
+                )
+            found = {
+                (t, p, 0): megatron_optim.legacy_rank_states(self._file(t, p), self._file_path(t, p))
+                for t in range(self.tp)
+                for p in range(self.pp)
+            }
+            if all(v is None for v in found.values()):
+                return None
+            missing = [str(self._file_path(t, p)) for (t, p, _), v in found.items() if v is None]
+            if missing:
+                raise UserError(
+                    f"{missing[0]}: no optimizer state while other rank files have it; the checkpoint is mixed"
+                )
+            self._states = {rank: states for rank, (states, _) in found.items()}
+            self._step = megatron_optim.one_step([step for _, step in found.values()], str(self.path))
+        return self._step
 
     @property
     def te_names(self) -> bool:

@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from megastack import layout
-from megastack.ckpt import megatron_args
+from megastack.ckpt import megatron_args, megatron_optim
 from megastack.ckpt.base import FileHash, HashingWriter, Produce, Request, Unit
 from megastack.ckpt.safe_load import load_pt, read_dcp_metadata, save_pt
 from megastack.config import ModelConfig
@@ -169,6 +169,11 @@ class TorchDistReader:
                     f"{path}: truncated ({path.stat().st_size} bytes, the metadata needs {end}); the "
                     "checkpoint is incomplete or corrupt"
                 )
+
+    def optimizer_step(self) -> int | None:
+        """Adam's step as Megatron-LM saved it in common.pt (None: no Megatron-LM optimizer state; megastack's
+        own checkpoints keep theirs in megastack.json)."""
+        return megatron_optim.torch_dist_step(self.common, str(self.path / "common.pt"))
 
     def optimizer_states(self) -> tuple[str, ...]:
         """Which of Adam's states this checkpoint holds for every weight (megastack's trainer writes them at

@@ -52,9 +52,11 @@ def prepare(
     comm: Comm | None = None,
     dry_run: bool = False,
     ep: int | None = None,
+    to: str | None = None,
 ) -> GrowthJob:
-    """Open and plan. G_learn learns its maps here (data parallel over ``comm``), except in a dry run,
-    which plans with the maps at their initial value and reads no data."""
+    """Open and plan (written as ``to``, default the source's format). G_learn learns its maps here (data
+    parallel over ``comm``), except in a dry run, which plans with the maps at their initial value and reads no
+    data."""
     src = str(src)
     reader = open_checkpoint(src, check_files=not dry_run)
     step, states = carried_state(reader, src) if spec.carry_optimizer else (0, ())
@@ -78,7 +80,7 @@ def prepare(
     plan = make_plan(reader.cfg, spec)
     if states:
         plan = with_optimizer_state(plan, states)
-    writer = make_writer(reader, plan, tp, pp, norm_names=norm_names, optimizer_states=states, ep=ep)
+    writer = make_writer(reader, plan, tp, pp, fmt=to, norm_names=norm_names, optimizer_states=states, ep=ep)
     manifest = growth_manifest(reader, plan, src) | {"format": writer.format}
     if states:  # the step Adam's bias correction continues from, as the source's trainer wrote it
         manifest["optimizer"] = {"step": step, "states": list(states)}
@@ -86,14 +88,24 @@ def prepare(
 
 
 def carried_state(reader: Any, src: str) -> tuple[int, tuple[str, ...]]:
-    """(step, Adam's states) ``src`` holds for every weight (megastack's trainer writes them at a stage's
-    end)."""
-    if not formats.get(reader.format).optimizer_state:
+    """(step, Adam's states) ``src`` holds for every weight: megastack's trainer writes them at a stage's end
+    (its step in megastack.json); Megatron-LM's trainer in its own files (``ckpt.megatron_optim``)."""
+    if not formats.get(reader.format).reads_optimizer:
         raise NotBuiltError(
-            f"--carry-optimizer from {reader.format} checkpoints is not built yet (Megatron-LM's optimizer "
-            "files); grow a torch_dist checkpoint written by megastack train, or grow without it"
+            f"--carry-optimizer from {reader.format} checkpoints is not built yet; grow a Megatron-LM or "
+            "megastack checkpoint (torch_dist or legacy), or grow without it"
         )
-    step, states = optimizer_block(read_manifest(reader.path) or {}, f"--carry-optimizer: {src}")
+    manifest = read_manifest(reader.path)
+    if manifest is None:  # Megatron-LM's checkpoint: its optimizer files say
+        step = reader.optimizer_step()
+        stored = reader.optimizer_states()
+        if step is None or not stored:
+            raise UserError(
+                f"--carry-optimizer: {src} holds no optimizer state (saved by Megatron-LM with --no-save-optim, "
+                "or a converted checkpoint); grow without --carry-optimizer (Adam restarts)"
+            )
+        return step, stored
+    step, states = optimizer_block(manifest, f"--carry-optimizer: {src}")
     stored = reader.optimizer_states()
     if tuple(states) != stored:
         raise UserError(f"{src}: megastack.json lists Adam's states {list(states)} but the files hold {list(stored)}")
@@ -111,11 +123,12 @@ def grow(
     comm: Comm | None = None,
     progress: bool = False,
     ep: int | None = None,
+    to: str | None = None,
 ) -> GrowthJob:
     """Grow checkpoint ``src`` into ``dst`` (collective: every rank of ``comm`` calls it). DST appears only
     when complete; bad input is a one-line UserError with nothing written."""
     check_paths(src, dst)
-    job = prepare(src, spec, tp=tp, pp=pp, norm_names=norm_names, comm=comm, ep=ep)
+    job = prepare(src, spec, tp=tp, pp=pp, norm_names=norm_names, comm=comm, ep=ep, to=to)
     # the process group starts after the source is open, as convert's does: started before it, one rank in
     # three aborted at exit with "terminate called without an active exception" (tests/test_reliability.py)
     comm = comm or comm_from_launcher()

@@ -36,7 +36,7 @@ def spec_from_args(args: Any) -> GrowthSpec:
 
 def cli_grow(args: Any) -> int:
     spec = spec_from_args(args)
-    layout = {"tp": args.tp, "pp": args.pp, "norm_names": args.norm_names, "ep": args.ep}
+    layout = {"tp": args.tp, "pp": args.pp, "norm_names": args.norm_names, "ep": args.ep, "to": args.to}
     if args.dry_run:
         job = prepare(args.src, spec, dry_run=True, **layout)
         world = args.ranks or int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1)

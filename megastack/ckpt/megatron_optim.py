@@ -1,0 +1,197 @@
+"""Megatron-LM's Adam state, read in model space: each weight's moments from the files Megatron-LM's trainer
+saves, so ``grow --carry-optimizer`` continues a Megatron-LM run instead of restarting Adam.
+
+Where Megatron-LM (core 0.16) keeps it, per (TP rank, PP stage) file of a legacy checkpoint:
+- ``model_optim_rng.pt['optimizer']`` of the plain optimizer (fp32 training): torch's Adam state dict, the
+  state by parameter index. The index order is Megatron's parameter groups (``_get_param_groups``): the
+  weight-decayed parameters, then the 1-D ones and biases (``wd_mult`` 0), each in the module's order, which
+  is the order of the file's own ``model`` dict (``state_dict`` and ``named_parameters`` walk the modules
+  alike). The file's group sizes and ``wd_mult`` check that split.
+- ``distrib_optim.pt`` of the distributed optimizer (``dp_zero`` save, buckets coalesced): flat fp32
+  ``param``/``exp_avg``/``exp_avg_sq`` of the gradient buffer, where DDP lays the parameters out in REVERSE
+  module order, each start padded to a multiple of 64 elements (``_ParamAndGradBuffer``); the walk must end
+  exactly at the saved ``numel_unpadded``. The step is the param groups' ``step``.
+torch_dist needs nothing here: the plain optimizer's ``optimizer.state.<state>.<weight key>`` entries are
+the keys megastack's own trainer writes (the torch_dist reader reads them), its step ``common.pt``'s
+``optimizer.state.common_step``.
+
+Not read yet (each refused in one line): fp16/bf16 training's fp32 master copies in legacy files, the
+distributed optimizer's torch_dist buckets (``dp_reshardable``), several buckets or gradient buffers (MoE,
+overlapped reductions), custom parameter groups (lr_mult, decoupled LR, a no-weight-decay condition).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megastack import untrusted
+from megastack.errors import NotBuiltError, UserError
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+PARAM_ALIGN = 64  # megatron-core pads each parameter's start in a distributed optimizer's buffer to this
+DISTRIB_FILE = "distrib_optim.pt"
+FIX = "grow without --carry-optimizer (Adam restarts), or from a checkpoint saved with Adam's state"
+
+RankStates = dict[str, dict[str, torch.Tensor]]  # model key -> {state: tensor of the weight's shard shape}
+
+
+def parameter_keys(model: dict[str, Any]) -> list[str]:
+    """The file's parameters in module order (``_extra_state`` entries are not parameters)."""
+    return [k for k, v in model.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")]
+
+
+def param_groups_order(model: dict[str, Any], keys: list[str]) -> list[list[str]]:
+    """Megatron's default parameter groups: weight-decayed vs not (1-D tensors and biases), in order of
+    first appearance, each in module order."""
+    groups: dict[bool, list[str]] = {}
+    for key in keys:
+        groups.setdefault(key.endswith(".bias") or model[key].dim() == 1, []).append(key)
+    return list(groups.values())
+
+
+def _check_groups(saved: Any, groups: list[list[str]], model: dict[str, Any], where: str) -> list[dict]:
+    """The file's param groups agree with the default split (count and wd_mult of each), else refused."""
+    saved = untrusted.typed(saved, list, where, "field 'param_groups'", FIX)
+    if len(saved) != len(groups) or not all(isinstance(g, dict) for g in saved):
+        raise NotBuiltError(
+            f"{where}: {len(saved)} optimizer param groups where Megatron's default split has {len(groups)} "
+            "(custom lr_mult, decoupled LR or no-weight-decay rules are not read yet); " + FIX
+        )
+    for group, keys in zip(saved, groups):
+        no_wd = keys[0].endswith(".bias") or model[keys[0]].dim() == 1
+        if group.get("wd_mult") != (0.0 if no_wd else 1.0) or group.get("lr_mult", 1.0) != 1.0:
+            raise NotBuiltError(
+                f"{where}: optimizer param group with wd_mult={group.get('wd_mult')!r}, "
+                f"lr_mult={group.get('lr_mult')!r} (custom parameter groups are not read yet); " + FIX
+            )
+    return saved
+
+
+def _step(value: Any, where: str, field: str) -> int:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    step = untrusted.typed(value, float, where, f"field '{field}'", FIX, minimum=0)
+    if step != int(step):
+        raise UserError(f"{where}: field '{field}' is {step}, not a whole number of steps; the file is corrupt")
+    return int(step)
+
+
+def one_step(steps: list[int], where: str) -> int:
+    if not steps or len(set(steps)) != 1:
+        raise UserError(f"{where}: Adam's step differs between parameters ({sorted(set(steps))[:4]}); " + FIX)
+    return steps[0]
+
+
+def _moment(value: Any, shape: torch.Size, where: str, field: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.shape != shape or value.dtype != torch.float32:
+        got = type(value).__name__
+        if isinstance(value, torch.Tensor):
+            got = f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+        raise UserError(f"{where}: {field} is {got}, the weight needs {tuple(shape)} float32; the file is corrupt")
+    return value
+
+
+def legacy_rank_states(blob: dict[str, Any], path: Path) -> tuple[RankStates, int] | None:
+    """(each weight's Adam moments, the step) of one legacy rank file (``path``), from its ``optimizer`` or
+    the ``distrib_optim.pt`` beside it; None when it holds no optimizer state."""
+    where = str(path)
+    optimizer = blob.get("optimizer")
+    if optimizer is None:
+        return None
+    optimizer = untrusted.typed(optimizer, dict, where, "field 'optimizer'", FIX)
+    model = blob["model"]
+    keys = parameter_keys(model)
+    groups = param_groups_order(model, keys)
+    if "state" in optimizer:  # the plain optimizer in fp32: torch's Adam state dict
+        return _plain_states(optimizer, model, groups, where)
+    inner = optimizer.get("optimizer")
+    if "fp32_from_fp16_params" in optimizer:
+        raise NotBuiltError(
+            f"{where}: Megatron's mixed-precision optimizer state (fp16/bf16 training) is not read yet; " + FIX
+        )
+    if isinstance(inner, dict) and set(inner) == {"param_groups"}:  # the distributed optimizer
+        distrib = path.parent / DISTRIB_FILE
+        if not distrib.is_file():
+            raise UserError(f"{distrib}: missing (the distributed optimizer's state); the checkpoint is incomplete")
+        saved = _check_groups(inner["param_groups"], groups, model, where)
+        step = one_step([_step(g.get("step"), where, "param_groups.step") for g in saved], where)
+        return _distrib_states(distrib, model, keys), step
+    raise UserError(f"{where}: field 'optimizer' has keys {sorted(map(str, optimizer))[:6]}, not Megatron-LM's; " + FIX)
+
+
+def _plain_states(optimizer: dict, model: dict, groups: list[list[str]], where: str) -> tuple[RankStates, int]:
+    saved = _check_groups(optimizer.get("param_groups"), groups, model, where)
+    state = untrusted.typed(optimizer["state"], dict, where, "field 'optimizer.state'", FIX)
+    out: RankStates = {}
+    steps: list[int] = []
+    for group, keys in zip(saved, groups):
+        ids = group.get("params")
+        if not isinstance(ids, list) or len(ids) != len(keys):
+            raise UserError(
+                f"{where}: an optimizer param group lists {len(ids) if isinstance(ids, list) else ids!r} "
+                f"parameters, the model has {len(keys)} in it; the optimizer does not match the model"
+            )
+        for index, key in zip(ids, keys):
+            entry = state.get(index) if isinstance(index, int) else None
+            if not isinstance(entry, dict):
+                raise UserError(f"{where}: no Adam state for parameter {index!r} ({key}); " + FIX)
+            field = f"optimizer.state[{index}]"
+            out[key] = {m: _moment(entry.get(m), model[key].shape, where, f"{field}.{m} ({key})") for m in MOMENTS}
+            steps.append(_step(entry.get("step"), where, f"{field}.step"))
+    return out, one_step(steps, where)
+
+
+def _distrib_states(path: Path, model: dict, keys: list[str]) -> RankStates:
+    """The flat buffers of ``distrib_optim.pt`` cut into each parameter's moments (views, no copies)."""
+    from megastack.ckpt.safe_load import load_pt
+
+    where = str(path)
+    blob = untrusted.typed(load_pt(path, mmap=True), dict, where, "the file", FIX)
+    buffers = [k for k in blob if k != "buckets_coalesced"]
+    if blob.get("buckets_coalesced") is not True or buffers != [0]:
+        raise NotBuiltError(
+            f"{where}: holds gradient buffers {buffers[:4]} (coalesced={blob.get('buckets_coalesced')!r}); only "
+            "one coalesced buffer (a dense model's, Megatron-LM >= core 0.8) is read yet; " + FIX
+        )
+    by_dtype = untrusted.typed(blob[0], dict, where, "buffer 0", FIX)
+    if len(by_dtype) != 1:
+        raise NotBuiltError(f"{where}: {len(by_dtype)} dtypes in the gradient buffer, one is read yet; " + FIX)
+    flat = untrusted.typed(next(iter(by_dtype.values())), dict, where, "buffer 0's tensors", FIX)
+    numel = untrusted.typed(flat.get("numel_unpadded"), int, where, "field 'numel_unpadded'", FIX, minimum=0)
+    for name in MOMENTS:
+        t = flat.get(name)
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != numel or t.dtype != torch.float32:
+            raise UserError(f"{where}: '{name}' is not a float32 vector of numel_unpadded={numel}; the file is corrupt")
+    start, spans = 0, {}
+    for key in reversed(keys):  # DDP's buffer order: the module's parameters backwards
+        start = math.ceil(start / PARAM_ALIGN) * PARAM_ALIGN
+        spans[key] = (start, start + model[key].numel())
+        start += model[key].numel()
+    if start != numel:
+        raise NotBuiltError(
+            f"{where}: the parameters laid out as megatron-core's buffer end at {start}, the file holds {numel} "
+            "elements (several buckets, e.g. --overlap-grad-reduce, or a layout not read yet); " + FIX
+        )
+    return {key: {m: flat[m][a:b].view(model[key].shape) for m in MOMENTS} for key, (a, b) in spans.items()}
+
+
+def torch_dist_step(common: dict[str, Any], where: str) -> int | None:
+    """Adam's step of a Megatron-LM torch_dist checkpoint (common.pt), None when it saved no optimizer."""
+    optimizer = common.get("optimizer")
+    if optimizer is None:
+        return None
+    optimizer = untrusted.typed(optimizer, dict, where, "field 'optimizer'", FIX)
+    if "param_state_sharding_type" in optimizer:
+        kind = optimizer["param_state_sharding_type"]
+        raise NotBuiltError(
+            f"{where}: the distributed optimizer's torch_dist state ({kind!r}) is not read yet (save with "
+            "Megatron-LM's plain optimizer, or legacy --ckpt-format torch); " + FIX
+        )
+    state = optimizer.get("state")
+    if not isinstance(state, dict) or "common_step" not in state:
+        raise UserError(f"{where}: field 'optimizer.state.common_step' (Adam's step) is missing; " + FIX)
+    return _step(state["common_step"], where, "optimizer.state.common_step")
