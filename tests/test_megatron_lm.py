@@ -83,6 +83,7 @@ def test_inspect_cli_names_what_it_will_not_carry():
     assert "layernorm_epsilon field" in proc.stdout and "distrib_optim.pt" in proc.stdout
     assert "not carried by grow/convert: optimizer, opt_param_scheduler, rng_state" in proc.stdout
     assert "--no-load-optim --no-load-rng" in proc.stdout
+    assert "except by grow --carry-optimizer --to torch_dist" in proc.stdout
 
 
 @pytest.mark.parametrize("name", TRAINING_SAVES)
@@ -424,6 +425,14 @@ def test_megatron_lms_adam_state_grows_with_the_weights(name, tmp_path):
         assert torch.equal(got[key], expected), key
     manifest = json.loads((resolve_iteration_dir(dst) / "megastack.json").read_text())
     assert manifest["optimizer"] == {"step": 2, "states": ["exp_avg", "exp_avg_sq"]}
+    # what Megatron-LM's load_checkpoint needs beside them to resume WITH the optimizer: its param groups
+    # (as its own torch_dist save writes them: no 'params', no 'step'), Adam's step, the scheduler (a new stage)
+    common = load_pt(resolve_iteration_dir(dst) / "common.pt")
+    own = load_pt(resolve_iteration_dir(FIXTURES / "torch_dist") / "common.pt")
+    assert common["optimizer"]["param_groups"] == own["optimizer"]["param_groups"]
+    assert common["optimizer"]["state"] == {"common_step": torch.tensor(2.0)}
+    assert common["opt_param_scheduler"] == {**own["opt_param_scheduler"], "num_steps": 0}
+    assert common["iteration"] == 0
 
 
 def test_megatron_lms_distributed_optimizer_buffer_layout(tmp_path):

@@ -43,6 +43,7 @@ class WriteOptions:
     te_names: bool = True  # legacy: Transformer Engine norm key names
     shard_bytes: int | None = None  # hf: the largest safetensors file (None: the format's default)
     optimizer_states: tuple[str, ...] = ()  # torch_dist: Adam's states written beside the weights
+    resume_state: dict[str, Any] | None = None  # torch_dist: Megatron-LM's optimizer/scheduler for common.pt
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,12 @@ def _td_writer(cfg: ModelConfig, dtype: torch.dtype, options: WriteOptions) -> W
     from megastack.ckpt.torch_dist import TorchDistWriter
 
     return TorchDistWriter(
-        cfg, dtype, args=options.args, iteration=options.iteration, optimizer_states=options.optimizer_states
+        cfg,
+        dtype,
+        args=options.args,
+        iteration=options.iteration,
+        optimizer_states=options.optimizer_states,
+        resume_state=options.resume_state,
     )
 
 
@@ -321,6 +327,7 @@ def make_writer(
     shard_bytes: int | None = None,
     optimizer_states: tuple[str, ...] = (),
     ep: int = 1,
+    resume_state: dict[str, Any] | None = None,
 ) -> Writer:
     """The ``name`` writer for ``target``. Megatron outputs carry ``reader``'s Megatron-LM args with the new
     shape, layout and dtype (``new_stage``: the counters of a new training stage), or fresh args."""
@@ -354,6 +361,7 @@ def make_writer(
         te_names=te_names,
         shard_bytes=shard_bytes,
         optimizer_states=tuple(optimizer_states),
+        resume_state=resume_state,
     )
     return fmt.writer(target, dtype, options)
 

@@ -226,6 +226,11 @@ def describe(info: dict[str, Any]) -> str:
                 f"           not carried by grow/convert: {', '.join(mlm['not_carried'])} (resume the "
                 "output in Megatron-LM with --no-load-optim --no-load-rng)"
             )
+        if mlm["optimizer"] and "dp_reshardable" not in mlm["optimizer"]:
+            lines.append(
+                "           except by grow --carry-optimizer --to torch_dist: Adam's moments, param groups and "
+                "step (Megatron-LM resumes that output without --no-load-optim)"
+            )
     if info["history"]:
         lines.append("history:")
         lines += [f"  {i + 1}. {_event(e)}" for i, e in enumerate(info["history"])]

@@ -193,6 +193,12 @@ class LegacyReader:
             self._step = megatron_optim.one_step([step for _, step in found.values()], str(self.path))
         return self._step
 
+    def megatron_resume_state(self, step: int) -> dict[str, Any]:
+        """common.pt's optimizer and scheduler entries for a torch_dist output Megatron-LM resumes with Adam's
+        state (``megatron_optim.resume_state``), from the first rank file."""
+        blob, where = self._file(0, 0), str(self._file_path(0, 0))
+        return megatron_optim.resume_state(blob.get("optimizer"), blob.get("opt_param_scheduler"), step, where)
+
     @property
     def te_names(self) -> bool:
         """Whether the files name norms the Transformer Engine way (``linear_qkv.layer_norm_weight``) or

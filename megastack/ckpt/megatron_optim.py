@@ -179,6 +179,30 @@ def _distrib_states(path: Path, model: dict, keys: list[str]) -> RankStates:
     return {key: {m: flat[m][a:b].view(model[key].shape) for m in MOMENTS} for key, (a, b) in spans.items()}
 
 
+def resume_state(optimizer: Any, scheduler: Any, step: int, where: str) -> dict[str, Any]:
+    """What Megatron-LM's load_checkpoint needs beside the sharded moments to resume a grown torch_dist
+    checkpoint WITH its optimizer (common.pt): the source's param groups (hyperparameters; the grown model's
+    parameters fall in the same groups) and Adam's step, and its LR scheduler at step 0 (a new stage warms up
+    again, as megastack's trainer does; Megatron-LM checks its values against the new run's flags unless
+    --override-opt_param-scheduler)."""
+    optimizer = untrusted.typed(optimizer, dict, where, "field 'optimizer'", FIX)
+    if isinstance(optimizer.get("optimizer"), dict):  # the distributed optimizer's (legacy)
+        optimizer = optimizer["optimizer"]
+    groups = untrusted.typed(optimizer.get("param_groups"), list, where, "field 'optimizer.param_groups'", FIX)
+    if not all(isinstance(g, dict) for g in groups):
+        raise UserError(f"{where}: field 'optimizer.param_groups' holds a non-dict; the file is corrupt")
+    out: dict[str, Any] = {
+        "optimizer": {
+            "param_groups": [{k: v for k, v in g.items() if k not in ("params", "step")} for g in groups],
+            "state": {"common_step": torch.tensor(float(step))},
+        }
+    }
+    if scheduler is not None:
+        scheduler = untrusted.typed(scheduler, dict, where, "field 'opt_param_scheduler'", FIX)
+        out["opt_param_scheduler"] = {**scheduler, "num_steps": 0}
+    return out
+
+
 def torch_dist_step(common: dict[str, Any], where: str) -> int | None:
     """Adam's step of a Megatron-LM torch_dist checkpoint (common.pt), None when it saved no optimizer."""
     optimizer = common.get("optimizer")

@@ -175,6 +175,12 @@ class TorchDistReader:
         own checkpoints keep theirs in megastack.json)."""
         return megatron_optim.torch_dist_step(self.common, str(self.path / "common.pt"))
 
+    def megatron_resume_state(self, step: int) -> dict[str, Any]:
+        """common.pt's optimizer and scheduler entries for a grown output Megatron-LM resumes with Adam's state
+        (``megatron_optim.resume_state``)."""
+        common, where = self.common, str(self.path / "common.pt")
+        return megatron_optim.resume_state(common.get("optimizer"), common.get("opt_param_scheduler"), step, where)
+
     def optimizer_states(self) -> tuple[str, ...]:
         """Which of Adam's states this checkpoint holds for every weight (megastack's trainer writes them at
         the end of a stage), each checked like the weights; () when it holds none."""
@@ -452,10 +458,13 @@ class TorchDistWriter:
         args: Any = None,
         iteration: int = 0,
         optimizer_states: tuple[str, ...] = (),
+        resume_state: dict[str, Any] | None = None,
     ):
         """``args``: Megatron-LM's args for ``common.pt`` (``megatron_args.output_args``; fresh when None).
-        ``optimizer_states``: Adam's states written beside the weights (fp32, optimizer.state.* keys)."""
+        ``optimizer_states``: Adam's states written beside the weights (fp32, optimizer.state.* keys).
+        ``resume_state``: common.pt's optimizer and scheduler entries, so Megatron-LM resumes with them."""
         self.cfg = cfg
+        self.resume_state = dict(resume_state or {})
         self.dtype = dtype
         self.optimizer_states = tuple(optimizer_states)
         self.chunk_bytes = chunk_bytes
@@ -589,4 +598,5 @@ class TorchDistWriter:
     def common_state(self) -> dict[str, Any]:
         """What Megatron-LM's ``save_checkpoint`` puts in ``common.pt`` and its ``load_checkpoint`` needs to
         resume (``iteration``: without it Megatron-LM exits without training unless --finetune)."""
-        return {"args": self.args, "checkpoint_version": megatron_args.CHECKPOINT_VERSION, "iteration": self.iteration}
+        common = {"args": self.args, "checkpoint_version": megatron_args.CHECKPOINT_VERSION, "iteration": self.iteration}
+        return common | self.resume_state

@@ -59,7 +59,7 @@ def prepare(
     data."""
     src = str(src)
     reader = open_checkpoint(src, check_files=not dry_run)
-    step, states = carried_state(reader, src) if spec.carry_optimizer else (0, ())
+    step, states, resume = carried_state(reader, src) if spec.carry_optimizer else (0, (), None)
     if operator(spec.operator).needs_data:
         from megastack.growth.learn import initial_learned, learn_maps
 
@@ -80,16 +80,19 @@ def prepare(
     plan = make_plan(reader.cfg, spec)
     if states:
         plan = with_optimizer_state(plan, states)
-    writer = make_writer(reader, plan, tp, pp, fmt=to, norm_names=norm_names, optimizer_states=states, ep=ep)
+    writer = make_writer(
+        reader, plan, tp, pp, fmt=to, norm_names=norm_names, optimizer_states=states, ep=ep, resume_state=resume
+    )
     manifest = growth_manifest(reader, plan, src) | {"format": writer.format}
     if states:  # the step Adam's bias correction continues from, as the source's trainer wrote it
         manifest["optimizer"] = {"step": step, "states": list(states)}
     return GrowthJob(src, reader, plan, writer, manifest)
 
 
-def carried_state(reader: Any, src: str) -> tuple[int, tuple[str, ...]]:
-    """(step, Adam's states) ``src`` holds for every weight: megastack's trainer writes them at a stage's end
-    (its step in megastack.json); Megatron-LM's trainer in its own files (``ckpt.megatron_optim``)."""
+def carried_state(reader: Any, src: str) -> tuple[int, tuple[str, ...], dict[str, Any] | None]:
+    """(step, Adam's states, Megatron-LM's resume entries or None) ``src`` holds for every weight: megastack's
+    trainer writes them at a stage's end (its step in megastack.json); Megatron-LM's trainer in its own files
+    (``ckpt.megatron_optim``), whose param groups and scheduler go on into the output's common.pt."""
     if not formats.get(reader.format).reads_optimizer:
         raise NotBuiltError(
             f"--carry-optimizer from {reader.format} checkpoints is not built yet; grow a Megatron-LM or "
@@ -104,12 +107,12 @@ def carried_state(reader: Any, src: str) -> tuple[int, tuple[str, ...]]:
                 f"--carry-optimizer: {src} holds no optimizer state (saved by Megatron-LM with --no-save-optim, "
                 "or a converted checkpoint); grow without --carry-optimizer (Adam restarts)"
             )
-        return step, stored
+        return step, stored, reader.megatron_resume_state(step)
     step, states = optimizer_block(manifest, f"--carry-optimizer: {src}")
     stored = reader.optimizer_states()
     if tuple(states) != stored:
         raise UserError(f"{src}: megastack.json lists Adam's states {list(states)} but the files hold {list(stored)}")
-    return step, stored
+    return step, stored, None
 
 
 def grow(
@@ -159,6 +162,7 @@ def make_writer(
     norm_names: str | None = None,
     optimizer_states: tuple[str, ...] = (),
     ep: int | None = None,
+    resume_state: dict[str, Any] | None = None,
 ):
     """Writer for the target in the source's format (legacy may change TP/PP/EP). The output's Megatron-LM
     args are the source's with the new shape and a new stage's counters (iteration 0, no samples seen)."""
@@ -184,6 +188,7 @@ def make_writer(
         norm_names=norm_names,
         optimizer_states=optimizer_states,
         ep=ep,
+        resume_state=resume_state,
     )
 
 
