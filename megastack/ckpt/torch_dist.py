@@ -598,5 +598,5 @@ class TorchDistWriter:
     def common_state(self) -> dict[str, Any]:
         """What Megatron-LM's ``save_checkpoint`` puts in ``common.pt`` and its ``load_checkpoint`` needs to
         resume (``iteration``: without it Megatron-LM exits without training unless --finetune)."""
-        common = {"args": self.args, "checkpoint_version": megatron_args.CHECKPOINT_VERSION, "iteration": self.iteration}
-        return common | self.resume_state
+        version = megatron_args.CHECKPOINT_VERSION
+        return {"args": self.args, "checkpoint_version": version, "iteration": self.iteration} | self.resume_state
