@@ -225,8 +225,8 @@ def state_recipe(recipe: Any, state: str, weight: str) -> Any:
     """What Adam's ``state`` of target weight ``weight`` is made of, given the weight's recipe. Moments:
     copied where the weight is copied (stack, and G_zero's first copies), zero where the weight is zero or
     freshly drawn (G_zero's zeroed outputs, G_random's new blocks), as copied under noise (the noise is
-    the weight's, not its history's). The fp32 master copy: the weight's own recipe, read from the
-    source's master copies."""
+    the weight's, not its history's), scaled with the weight (a weight scaled by s: exp_avg by s, exp_avg_sq
+    by s^2). The fp32 master copy: the weight's own recipe, read from the source's master copies."""
     if isinstance(recipe, Copy):
         return Copy(layout.state_name(state, recipe.source))
     if isinstance(recipe, Zeros):
@@ -241,6 +241,8 @@ def state_recipe(recipe: Any, state: str, weight: str) -> Any:
     if isinstance(recipe, Noisy):
         base = state_recipe(recipe.base, state, weight)
         return AsWeight(Noisy(base, recipe.alpha, recipe.std, recipe.seed), weight) if state == "fp32_param" else base
+    if hasattr(recipe, "for_state"):  # a recipe of a higher layer (width growth) that knows its own rule
+        return recipe.for_state(state, weight)
     raise NotBuiltError(
         f"carrying Adam's state through {type(recipe).__name__} recipes (width or learned growth) is not built "
         "yet; grow depth with stack, zero or random, or grow without --carry-optimizer"

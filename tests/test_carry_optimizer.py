@@ -30,6 +30,7 @@ MODEL = {
     "name": "carry",
 }
 UPCYCLE = {"experts": 4, "topk": 2, "granularity": 2}
+WIDE = {**MODEL, "hidden_size": 128, "num_attention_heads": 8, "num_query_groups": 4, "ffn_hidden_size": 192}
 MOE = {**MODEL, "num_experts": 4, "moe_topk": 2, "moe_ffn_hidden_size": MODEL["ffn_hidden_size"] // 2}
 FIRST, SECOND, GLOBAL_BATCH, MICRO = 4, 4, 8, 2
 OPTIMIZER = {"lr": 2e-3, "warmup_iters": 2, "clip_grad": 0.5, "weight_decay": 0.1}
@@ -164,6 +165,10 @@ def carried(tmp_path_factory):
     # upcycling with the optimizer: 4 granular experts (2 copies of the MLP cut in halves), top 2
     grow(tmp / "first", tmp / "upcycled", GrowthSpec(dimension="experts", **UPCYCLE, carry_optimizer=True), comm=Comm())
     runs.append({"name": "u_carried", "config": stage(tmp / "u_carried", tmp / "upcycled", SECOND, True, model=MOE)})
+    # width with the optimizer: direct (function-preserving duplication) to hidden 128, ffn 192
+    widen = GrowthSpec(dimension="width", hidden=WIDE["hidden_size"], ffn=WIDE["ffn_hidden_size"], carry_optimizer=True)
+    grow(tmp / "first", tmp / "widened", widen, comm=Comm())
+    runs.append({"name": "w_carried", "config": stage(tmp / "w_carried", tmp / "widened", SECOND, True, model=WIDE)})
     results = small | launch_stages(tmp, "second", 2, runs)
     one = [
         {"name": "single", "config": stage(tmp / "single", tmp / "first", SECOND, True)},
@@ -302,3 +307,34 @@ def test_upcycling_carries_adams_state(carried):
     assert "error" not in result, result
     losses = stage_losses(carried["tmp"] / "u_carried")
     assert len(losses) == SECOND and losses[0] == pytest.approx(carried["second"][0], rel=1e-5)
+
+
+def test_width_growth_carries_adams_state(carried):
+    """grow --dimension width --carry-optimizer: each target entry copies a source entry times a factor s
+    (duplicated FFN neurons and heads split their outgoing columns), and its moments copy that entry's
+    times s and s^2. Checked without the maps: (exp_avg / W, exp_avg_sq / W^2) of every target entry is the
+    pair of some source entry of the same weight. The carried stage starts at the small model's loss (direct
+    width keeps the function) and trains."""
+    from megastack import layout
+    from megastack.ckpt.detect import open_checkpoint
+
+    small, wide = open_checkpoint(carried["tmp"] / "first"), open_checkpoint(carried["tmp"] / "widened")
+    assert wide.optimizer_states() == ("exp_avg", "exp_avg_sq") and wide.cfg.hidden_size == WIDE["hidden_size"]
+    for name in layout.logical_names(wide.cfg):
+        w, m, v = (small.read(n).double().flatten() for n in (name, f"exp_avg/{name}", f"exp_avg_sq/{name}"))
+        w2, m2, v2 = (wide.read(n).double().flatten() for n in (name, f"exp_avg/{name}", f"exp_avg_sq/{name}"))
+        assert w2.numel() > w.numel() or name.endswith("norm"), name
+        keep, keep2 = w.abs() > 1e-6, w2.abs() > 1e-6
+        r1, r2 = (m / w)[keep], (v / w**2)[keep]
+        order = r1.argsort()
+        t1, t2 = (m2 / w2)[keep2], (v2 / w2**2)[keep2]
+        at = torch.searchsorted(r1[order], t1)
+        ok = torch.zeros(len(t1), dtype=torch.bool)
+        for guess in (order[at.clamp(max=len(order) - 1)], order[(at - 1).clamp(min=0)]):  # either side
+            ok |= ((r1[guess] - t1).abs() <= 1e-6 * t1.abs() + 1e-12) & ((r2[guess] - t2).abs() <= 1e-6 * t2.abs())
+        assert bool(ok.all()), f"{name}: {int((~ok).sum())} entries whose moments are not a source entry's, scaled"
+    result = carried["results"]["w_carried"]
+    assert "error" not in result, result
+    losses = stage_losses(carried["tmp"] / "w_carried")
+    assert len(losses) == SECOND and losses[0] == pytest.approx(carried["second"][0], rel=1e-5)
+    assert losses[-1] < losses[0]

@@ -63,7 +63,7 @@ from megastack.growth.blocks import BLOCK_NORM_KINDS, OUTPUT_KINDS, repeated_blo
 from megastack.growth.layer_map import check_zero_map, first_occurrences
 from megastack.growth.spec import operator, resolve_layer_map
 from megastack.layout import Piece, pieces_shape
-from megastack.plan import Plan, Read, seeded_normal
+from megastack.plan import AsWeight, Plan, Read, seeded_normal
 
 WIDTH_OPERATORS = {"stack": "direct", "zero": "zero", "random": "random"}
 
@@ -152,6 +152,9 @@ class Axis:
         index = torch.where(fresh, torch.full_like(index, -1), index)
         scale = torch.ones(len(index), dtype=torch.float64) if scale is None else scale.to(torch.float64)
         return Axis(index, fresh, scale)
+
+    def squared(self) -> Axis:
+        return Axis(self.index, self.fresh, self.scale**2)
 
 
 def round_robin(size: int, target: int) -> torch.Tensor:
@@ -362,6 +365,18 @@ class WidthCopy:
     std: float = 0.0
     seed: int = 0
     value: float = 0.0
+
+    def for_state(self, state: str, weight: str) -> Any:
+        """Adam's ``state`` of this weight: moments copied with the same maps, scaled by the weight's factor
+        (exp_avg) or its square (exp_avg_sq), zero where the weight is new (it has no history); the fp32
+        master copy made like the weight from the source's master copies, fresh values seeded as the weight's."""
+        source = layout.state_name(state, self.source)
+        if state == "fp32_param":
+            return AsWeight(replace(self, source=source), weight)
+        if state == "exp_avg_sq":
+            cols = self.cols.squared() if self.cols is not None else None
+            return replace(self, source=source, rows=self.rows.squared(), cols=cols, fill="zero", value=0.0)
+        return replace(self, source=source, fill="zero", value=0.0)
 
     def _source_pieces(self, pieces: list[Piece] | None) -> tuple[list[Piece] | None, torch.Tensor, int]:
         """The source pieces to read (along the target pieces' dim), the source indices they hold, the dim."""

@@ -146,7 +146,7 @@ def carry_in(engine: Any, module: torch.nn.Module, cfg: ModelConfig, source: Pat
 
     step, states = optimizer_block(manifest, f"init_optimizer: carried: {source}")
     reader = open_checkpoint(source)
-    if not formats.get(reader.format).optimizer_state:  # the registry says which formats hold Adam's state
+    if not formats.get(reader.format).reads_optimizer:  # the registry says which formats hold Adam's state
         raise UserError(f"init_optimizer: carried: {source} is {reader.format}; Adam's state is read from torch_dist")
     stored = reader.optimizer_states()
     missing = [s for s in states if s not in stored]
