@@ -472,6 +472,7 @@ def _edit_rank_file(src: Path, dst: Path, edit) -> None:
         ("custom lr_mult", ("lr_mult=2.0", "custom parameter groups"), 2),
         ("torch_dist distributed", ("dp_reshardable", "not read yet"), 2),
         ("no optimizer", ("holds no optimizer state",), 1),
+        ("buffer order", ("distrib_optim.pt", "master weights at", "not megatron-core's"), 1),
     ],
 )
 def test_megatron_optimizer_state_refusals(case, needles, code, tmp_path):
@@ -490,7 +491,14 @@ def test_megatron_optimizer_state_refusals(case, needles, code, tmp_path):
         elif case == "custom lr_mult":
             opt["param_groups"][1]["lr_mult"] = 2.0
 
-    if case == "torch_dist distributed":
+    if case == "buffer order":  # two same-shaped weights swapped in the model dict: the buffer no longer matches
+        shutil.copytree(FIXTURES / "legacy_distopt", src)
+        path = resolve_iteration_dir(src) / "mp_rank_00" / "model_optim_rng.pt"
+        blob = load_pt(path)
+        a, b = "decoder.layers.0.mlp.linear_fc1.weight", "decoder.layers.1.mlp.linear_fc1.weight"
+        blob["model"][a], blob["model"][b] = blob["model"][b], blob["model"][a]
+        save_pt(blob, path)
+    elif case == "torch_dist distributed":
         src = FIXTURES / "torch_dist_distopt"
     elif case == "no optimizer":
         src = FIXTURES / "legacy_tp2pp2"

@@ -10,7 +10,9 @@ Where Megatron-LM (core 0.16) keeps it, per (TP rank, PP stage) file of a legacy
 - ``distrib_optim.pt`` of the distributed optimizer (``dp_zero`` save, buckets coalesced): flat fp32
   ``param``/``exp_avg``/``exp_avg_sq`` of the gradient buffer, where DDP lays the parameters out in REVERSE
   module order, each start padded to a multiple of 64 elements (``_ParamAndGradBuffer``); the walk must end
-  exactly at the saved ``numel_unpadded``. The step is the param groups' ``step``.
+  exactly at the saved ``numel_unpadded``, and the buffer's own fp32 master ``param`` must hold each weight
+  where the layout puts it (a wrong order cannot pass: same-shaped weights hold different values). The step is
+  the param groups' ``step``.
 torch_dist needs nothing here: the plain optimizer's ``optimizer.state.<state>.<weight key>`` entries are
 the keys megastack's own trainer writes (the torch_dist reader reads them), its step ``common.pt``'s
 ``optimizer.state.common_step``.
@@ -32,6 +34,7 @@ from megastack import untrusted
 from megastack.errors import NotBuiltError, UserError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+CHECKED = 64  # elements at each end of every weight compared with the buffer's master copy
 PARAM_ALIGN = 64  # megatron-core pads each parameter's start in a distributed optimizer's buffer to this
 DISTRIB_FILE = "distrib_optim.pt"
 FIX = "grow without --carry-optimizer (Adam restarts), or from a checkpoint saved with Adam's state"
@@ -176,6 +179,17 @@ def _distrib_states(path: Path, model: dict, keys: list[str]) -> RankStates:
             f"{where}: the parameters laid out as megatron-core's buffer end at {start}, the file holds {numel} "
             "elements (several buckets, e.g. --overlap-grad-reduce, or a layout not read yet); " + FIX
         )
+    param = flat.get("param")
+    if isinstance(param, torch.Tensor) and param.shape == (numel,):  # the master weights: the layout's proof
+        for key, (a, b) in spans.items():
+            weight = model[key].reshape(-1)
+            ends = [slice(0, min(CHECKED, len(weight))), slice(max(0, len(weight) - CHECKED), len(weight))]
+            if not all(torch.equal(param[a:b][e].to(weight.dtype), weight[e]) for e in ends):
+                raise UserError(
+                    f"{where}: the distributed optimizer's master weights at {key}'s offset are not that weight; "
+                    "the buffer's parameter order is not megatron-core's (or the files are from different "
+                    "steps); " + FIX
+                )
     return {key: {m: flat[m][a:b].view(model[key].shape) for m in MOMENTS} for key, (a, b) in spans.items()}
 
 
