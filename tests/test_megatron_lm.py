@@ -388,7 +388,7 @@ def test_convert_keeps_a_torch_dist_saves_iteration(tmp_path):
 
 # ----------------------------------------------------------------------------- Adam's state (--carry-optimizer)
 
-CARRIED_SAVES = ("legacy", "legacy_distopt", "torch_dist")  # torch_dist_distopt: dp_reshardable, refused
+CARRIED_SAVES = TRAINING_SAVES  # plain and distributed optimizer, legacy and torch_dist (dp_reshardable)
 
 
 def dcp_tensors(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
@@ -408,8 +408,8 @@ def dcp_tensors(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name", CARRIED_SAVES)
 def test_megatron_lms_adam_state_grows_with_the_weights(name, tmp_path):
-    """Megatron-LM's moments (legacy: by parameter index; distributed optimizer: flat buffers; torch_dist:
-    named entries) through G_stack x2. The reference is Megatron-LM's own torch_dist save, which names each
+    """Megatron-LM's moments (legacy: by parameter index; distributed optimizer: flat buffers, legacy and
+    torch_dist; torch_dist: named entries) through G_stack x2. The reference is Megatron-LM's own torch_dist save, which names each
     moment by its weight, stacked by hand along the layer axis; the three saves come from the same 2 steps,
     so the mapping of indices and buffer offsets onto weights must reproduce it exactly."""
     dst = tmp_path / "grown"
@@ -470,7 +470,7 @@ def _edit_rank_file(src: Path, dst: Path, edit) -> None:
         ("step differs", ("Adam's step differs",), 1),
         ("moment shape", ("optimizer.state[2].exp_avg", "is (32, 32) float32", "needs (64, 32)"), 1),
         ("custom lr_mult", ("lr_mult=2.0", "custom parameter groups"), 2),
-        ("torch_dist distributed", ("dp_reshardable", "not read yet"), 2),
+        ("torch_dist fully_reshardable", ("'fully_reshardable' is not read yet",), 2),
         ("no optimizer", ("holds no optimizer state",), 1),
         ("buffer order", ("distrib_optim.pt", "master weights at", "not megatron-core's"), 1),
     ],
@@ -498,8 +498,12 @@ def test_megatron_optimizer_state_refusals(case, needles, code, tmp_path):
         a, b = "decoder.layers.0.mlp.linear_fc1.weight", "decoder.layers.1.mlp.linear_fc1.weight"
         blob["model"][a], blob["model"][b] = blob["model"][b], blob["model"][a]
         save_pt(blob, path)
-    elif case == "torch_dist distributed":
-        src = FIXTURES / "torch_dist_distopt"
+    elif case == "torch_dist fully_reshardable":  # another sharding type of the distributed optimizer
+        shutil.copytree(FIXTURES / "torch_dist_distopt", src)
+        path = resolve_iteration_dir(src) / "common.pt"
+        common = load_pt(path)
+        common["optimizer"]["param_state_sharding_type"] = "fully_reshardable"
+        save_pt(common, path)
     elif case == "no optimizer":
         src = FIXTURES / "legacy_tp2pp2"
     else:

@@ -11,8 +11,8 @@ Where Megatron-LM (core 0.16) keeps it, per (TP rank, PP stage) file of a legacy
   ``param``/``exp_avg``/``exp_avg_sq`` of the gradient buffer, where DDP lays the parameters out in REVERSE
   module order, each start padded to a multiple of 64 elements (``_ParamAndGradBuffer``); the walk must end
   exactly at the saved ``numel_unpadded``, and the buffer's own fp32 master ``param`` must hold each weight
-  where the layout puts it (a wrong order cannot pass: same-shaped weights hold different values). The step is
-  the param groups' ``step``.
+  where the layout puts it (first and last rows compared: a wrong order cannot pass, same-shaped weights hold
+  different values). The step is the param groups' ``step``.
 torch_dist needs nothing here: the plain optimizer's ``optimizer.state.<state>.<weight key>`` entries are
 the keys megastack's own trainer writes (the torch_dist reader reads them), its step ``common.pt``'s
 ``optimizer.state.common_step``.
@@ -25,6 +25,7 @@ overlapped reductions), custom parameter groups (lr_mult, decoupled LR, a no-wei
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,17 @@ from megastack import untrusted
 from megastack.errors import NotBuiltError, UserError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
-CHECKED = 64  # elements at each end of every weight compared with the buffer's master copy
 PARAM_ALIGN = 64  # megatron-core pads each parameter's start in a distributed optimizer's buffer to this
 DISTRIB_FILE = "distrib_optim.pt"
 FIX = "grow without --carry-optimizer (Adam restarts), or from a checkpoint saved with Adam's state"
+
+# A GPTModel layer's parameters in module order, per transformer implementation: the distributed optimizer's
+# torch_dist buckets follow it, and its names do not say which; the buckets' own master weights prove one.
+LAYER_ORDERS = (
+    ("attn_norm", "proj", "qkv", "mlp_norm", "fc1", "fc2"),  # local spec (separate norm modules first)
+    ("proj", "attn_norm", "qkv", "mlp_norm", "fc1", "fc2"),  # TE: LayerNormLinear's norm weight first
+    ("proj", "qkv", "attn_norm", "fc1", "mlp_norm", "fc2"),  # TE: its norm weight after the weight
+)
 
 RankStates = dict[str, dict[str, torch.Tensor]]  # model key -> {state: tensor of the weight's shard shape}
 
@@ -74,7 +82,7 @@ def _check_groups(saved: Any, groups: list[list[str]], model: dict[str, Any], wh
     return saved
 
 
-def _step(value: Any, where: str, field: str) -> int:
+def step_of(value: Any, where: str, field: str) -> int:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     step = untrusted.typed(value, float, where, f"field '{field}'", FIX, minimum=0)
@@ -96,6 +104,40 @@ def _moment(value: Any, shape: torch.Size, where: str, field: str) -> torch.Tens
             got = f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
         raise UserError(f"{where}: {field} is {got}, the weight needs {tuple(shape)} float32; the file is corrupt")
     return value
+
+
+def buffer_spans(numels: list[tuple[str, int]], bucket_sizes: list[int]) -> dict[str, tuple[int, int, int]] | None:
+    """Where megatron-core's DDP puts each parameter (``numels`` in module order) in its gradient buffer:
+    name -> (bucket, start, end) within the bucket's saved (unpadded) tensor. Parameters go in backwards,
+    each start padded to 64 elements; a bucket closes exactly at its saved size (its end padding is not
+    saved). None when the parameters do not fill the buckets exactly: the layout is not this one."""
+    spans, bucket, start = {}, 0, 0
+    for name, numel in reversed(numels):
+        if bucket >= len(bucket_sizes):
+            return None
+        start = math.ceil(start / PARAM_ALIGN) * PARAM_ALIGN
+        spans[name] = (bucket, start, start + numel)
+        start += numel
+        if start == bucket_sizes[bucket]:
+            bucket, start = bucket + 1, 0
+        elif start > bucket_sizes[bucket]:
+            return None
+    return spans if bucket == len(bucket_sizes) and start == 0 else None
+
+
+def master_matches(
+    read_master: Callable[[int, int], torch.Tensor], first: torch.Tensor, last: torch.Tensor, numel: int
+) -> bool:
+    """A flat fp32 master copy (``read_master(lo, hi)``: its elements lo..hi) holds the weight whose first and
+    last rows are ``first`` and ``last`` (a 1-D weight: itself twice): both ends compared, enough to tell
+    any two weights apart without reading the whole buffer again."""
+    first, last = first.reshape(-1), last.reshape(-1)
+    head, tail = read_master(0, first.numel()), read_master(numel - last.numel(), numel)
+    return torch.equal(head.to(first.dtype), first) and torch.equal(tail.to(last.dtype), last)
+
+
+def ends(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (weight, weight) if weight.dim() < 2 else (weight[0], weight[-1])
 
 
 def legacy_rank_states(blob: dict[str, Any], path: Path) -> tuple[RankStates, int] | None:
@@ -121,7 +163,7 @@ def legacy_rank_states(blob: dict[str, Any], path: Path) -> tuple[RankStates, in
         if not distrib.is_file():
             raise UserError(f"{distrib}: missing (the distributed optimizer's state); the checkpoint is incomplete")
         saved = _check_groups(inner["param_groups"], groups, model, where)
-        step = one_step([_step(g.get("step"), where, "param_groups.step") for g in saved], where)
+        step = one_step([step_of(g.get("step"), where, "param_groups.step") for g in saved], where)
         return _distrib_states(distrib, model, keys), step
     raise UserError(f"{where}: field 'optimizer' has keys {sorted(map(str, optimizer))[:6]}, not Megatron-LM's; " + FIX)
 
@@ -144,7 +186,7 @@ def _plain_states(optimizer: dict, model: dict, groups: list[list[str]], where: 
                 raise UserError(f"{where}: no Adam state for parameter {index!r} ({key}); " + FIX)
             field = f"optimizer.state[{index}]"
             out[key] = {m: _moment(entry.get(m), model[key].shape, where, f"{field}.{m} ({key})") for m in MOMENTS}
-            steps.append(_step(entry.get("step"), where, f"{field}.step"))
+            steps.append(step_of(entry.get("step"), where, f"{field}.step"))
     return out, one_step(steps, where)
 
 
@@ -169,28 +211,31 @@ def _distrib_states(path: Path, model: dict, keys: list[str]) -> RankStates:
         t = flat.get(name)
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != numel or t.dtype != torch.float32:
             raise UserError(f"{where}: '{name}' is not a float32 vector of numel_unpadded={numel}; the file is corrupt")
-    start, spans = 0, {}
-    for key in reversed(keys):  # DDP's buffer order: the module's parameters backwards
-        start = math.ceil(start / PARAM_ALIGN) * PARAM_ALIGN
-        spans[key] = (start, start + model[key].numel())
-        start += model[key].numel()
-    if start != numel:
+    spans = buffer_spans([(key, model[key].numel()) for key in keys], [numel])
+    if spans is None:
         raise NotBuiltError(
-            f"{where}: the parameters laid out as megatron-core's buffer end at {start}, the file holds {numel} "
-            "elements (several buckets, e.g. --overlap-grad-reduce, or a layout not read yet); " + FIX
+            f"{where}: the parameters laid out as megatron-core's buffer do not fill the file's {numel} elements "
+            "(several buckets, e.g. --overlap-grad-reduce, or a layout not read yet); " + FIX
         )
     param = flat.get("param")
     if isinstance(param, torch.Tensor) and param.shape == (numel,):  # the master weights: the layout's proof
-        for key, (a, b) in spans.items():
-            weight = model[key].reshape(-1)
-            ends = [slice(0, min(CHECKED, len(weight))), slice(max(0, len(weight) - CHECKED), len(weight))]
-            if not all(torch.equal(param[a:b][e].to(weight.dtype), weight[e]) for e in ends):
+        for key, (_, a, b) in spans.items():
+            if not master_matches(lambda lo, hi, a=a: param[a + lo : a + hi], *ends(model[key]), b - a):
                 raise UserError(
                     f"{where}: the distributed optimizer's master weights at {key}'s offset are not that weight; "
                     "the buffer's parameter order is not megatron-core's (or the files are from different "
                     "steps); " + FIX
                 )
-    return {key: {m: flat[m][a:b].view(model[key].shape) for m in MOMENTS} for key, (a, b) in spans.items()}
+    return {key: {m: flat[m][a:b].view(model[key].shape) for m in MOMENTS} for key, (_, a, b) in spans.items()}
+
+
+def module_order(cfg: Any, kinds: tuple[str, ...]) -> list[str]:
+    """A dense GPTModel's parameters (logical names) in module order: embedding, the layers, final norm,
+    output layer (absent when tied)."""
+    from megastack import layout
+
+    names = ["embedding"] + [layout.layer_name(i, k) for i in range(cfg.num_layers) for k in kinds]
+    return names + ["final_norm"] + ([] if cfg.tie_embeddings else ["output"])
 
 
 def resume_state(optimizer: Any, scheduler: Any, step: int, where: str) -> dict[str, Any]:
@@ -217,19 +262,27 @@ def resume_state(optimizer: Any, scheduler: Any, step: int, where: str) -> dict[
     return out
 
 
-def torch_dist_step(common: dict[str, Any], where: str) -> int | None:
-    """Adam's step of a Megatron-LM torch_dist checkpoint (common.pt), None when it saved no optimizer."""
+def torch_dist_sharding(common: dict[str, Any], where: str) -> str | None:
+    """How a Megatron-LM torch_dist checkpoint saved Adam's state: 'plain' (its plain optimizer's
+    optimizer.state.* entries), 'dp_reshardable' (the distributed optimizer's buckets), None (no optimizer)."""
     optimizer = common.get("optimizer")
     if optimizer is None:
         return None
     optimizer = untrusted.typed(optimizer, dict, where, "field 'optimizer'", FIX)
-    if "param_state_sharding_type" in optimizer:
-        kind = optimizer["param_state_sharding_type"]
+    kind = optimizer.get("param_state_sharding_type", "plain")
+    if kind not in ("plain", "dp_reshardable"):
         raise NotBuiltError(
-            f"{where}: the distributed optimizer's torch_dist state ({kind!r}) is not read yet (save with "
-            "Megatron-LM's plain optimizer, or legacy --ckpt-format torch); " + FIX
+            f"{where}: the distributed optimizer's torch_dist state {kind!r} is not read yet (dp_reshardable, "
+            "Megatron-LM's default, is; or save with the plain optimizer); " + FIX
         )
-    state = optimizer.get("state")
+    return kind
+
+
+def torch_dist_step(common: dict[str, Any], where: str) -> int | None:
+    """Adam's step of a Megatron-LM torch_dist checkpoint's plain optimizer (common.pt), None without one."""
+    if torch_dist_sharding(common, where) is None:
+        return None
+    state = common["optimizer"].get("state")
     if not isinstance(state, dict) or "common_step" not in state:
         raise UserError(f"{where}: field 'optimizer.state.common_step' (Adam's step) is missing; " + FIX)
-    return _step(state["common_step"], where, "optimizer.state.common_step")
+    return step_of(state["common_step"], where, "optimizer.state.common_step")

@@ -146,16 +146,17 @@ _REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
 
 
-def load_pt(path: str | os.PathLike, *, mmap: bool = False) -> Any:
+def load_pt(path: str | os.PathLike, *, mmap: bool = False, data: Any = None) -> Any:
     """``torch.load`` with ``weights_only=True`` plus the few objects Megatron-LM pickles (its args
     Namespace, numpy/python rng state, its enums and optimizer config as inert stand-ins).
 
     A file whose pickle would import anything else is refused with one line naming the global, never
-    executed."""
+    executed. ``data``: a file-like object to read instead of ``path`` (which then only names it in errors,
+    e.g. an object stored inside a DCP file)."""
     path = Path(path)
     try:
         _allow_megatron_globals()
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path if data is None else data, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found; the checkpoint is incomplete") from None
     except pickle.UnpicklingError as exc:

@@ -16,6 +16,7 @@ import bisect
 import functools
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +32,13 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from megastack import layout
+from megastack import layout, untrusted
 from megastack.ckpt import megatron_args, megatron_optim
 from megastack.ckpt.base import FileHash, HashingWriter, Produce, Request, Unit
 from megastack.ckpt.safe_load import load_pt, read_dcp_metadata, save_pt
 from megastack.config import ModelConfig
-from megastack.errors import UserError
-from megastack.layout import Piece, pieces_shape
+from megastack.errors import NotBuiltError, UserError
+from megastack.layout import Piece, pieces_shape, take_pieces
 
 METADATA_JSON = {
     "sharded_backend": "torch_dist",
@@ -48,6 +49,8 @@ METADATA_JSON = {
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float64: 8}
 
 
+DISTRIBUTED_KEY = "optimizer.distributed.dp_group_idx_0."  # the distributed optimizer's (one TP x PP domain)
+MAX_OBJECT_BYTES = 64 << 20  # a stored object (param groups, bucket sizes) is a few KB; refuse a huge one
 OPTIMIZER_KEY = "optimizer.state."  # megatron-core's model-space optimizer keys: optimizer.state.<state>.<key>
 
 
@@ -171,19 +174,120 @@ class TorchDistReader:
                 )
 
     def optimizer_step(self) -> int | None:
-        """Adam's step as Megatron-LM saved it in common.pt (None: no Megatron-LM optimizer state; megastack's
-        own checkpoints keep theirs in megastack.json)."""
+        """Adam's step as Megatron-LM saved it (None: no Megatron-LM optimizer state; megastack's own
+        checkpoints keep theirs in megastack.json)."""
+        if self._distributed is not None:
+            return self._distributed[1]
         return megatron_optim.torch_dist_step(self.common, str(self.path / "common.pt"))
+
+    @functools.cached_property
+    def _distributed(self) -> tuple[dict[str, tuple[str, int, int]], int, Any] | None:
+        """Megatron-LM's distributed optimizer state (dp_reshardable: flat buckets) mapped onto the weights:
+        ({state name: (bucket key, start, end)}, step, its param-groups object); None without one."""
+        where = str(self.path / "common.pt")
+        if megatron_optim.torch_dist_sharding(self.common, where) != "dp_reshardable":
+            return None
+        for field in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            if (megatron_args.get(self.saved_args, field, where) or 1) != 1 or self.cfg.is_moe:
+                raise NotBuiltError(
+                    f"{self.path}: the distributed optimizer's torch_dist buckets are read for TP1 PP1 dense "
+                    "saves only yet (one bucket domain); " + megatron_optim.FIX
+                )
+        sizes = self._stored_object(DISTRIBUTED_KEY + "per_bucket_numel_unpadded/shard_0_1")
+        try:  # [[{(param dtype, grad dtype): [bucket sizes]}]]: one model chunk, one gradient buffer
+            ((by_dtype,),) = sizes
+            ((dtype_key, bucket_sizes),) = by_dtype.items()
+            bucket_sizes = [int(n) for n in bucket_sizes]
+        except (TypeError, ValueError, AttributeError):
+            raise NotBuiltError(
+                f"{self.path}: the distributed optimizer's bucket sizes {str(sizes)[:80]} are not one dense "
+                "buffer's; " + megatron_optim.FIX
+            ) from None
+
+        def key(bucket: int, state: str) -> str:
+            return f"{DISTRIBUTED_KEY}gbuf_idx_0.dtype_{dtype_key}.bucket_idx_{bucket}.{state}"
+
+        sd = self.metadata.state_dict_metadata
+        for b, n in enumerate(bucket_sizes):
+            for state in ("param", *megatron_optim.MOMENTS):
+                md = sd.get(key(b, state))
+                if not isinstance(md, TensorStorageMetadata) or tuple(md.size) != (n,):
+                    raise UserError(f"{self.path}: '{key(b, state)}' is missing or not {n} elements; it is corrupt")
+        numels = {n: math.prod(layout.logical_shape(self.cfg, n)) for n in layout.logical_names(self.cfg)}
+        for kinds in megatron_optim.LAYER_ORDERS:  # the module order whose layout the master weights prove
+            spans = megatron_optim.buffer_spans(
+                [(n, numels[n]) for n in megatron_optim.module_order(self.cfg, kinds)], bucket_sizes
+            )
+            if spans is not None and all(
+                megatron_optim.master_matches(
+                    lambda lo, hi, b=b, a=a: self._flat(key(b, "param"), a + lo, a + hi), *self._weight_ends(n), e - a
+                )
+                for n, (b, a, e) in spans.items()
+            ):
+                break
+        else:
+            raise NotBuiltError(
+                f"{self.path}: the distributed optimizer's buckets ({bucket_sizes} elements) do not hold the weights "
+                "in any parameter order megatron-core's GPTModel has (local or Transformer Engine spec); "
+                + megatron_optim.FIX
+            )
+        groups = self._stored_object(DISTRIBUTED_KEY + "optimizer/shard_0_1")
+        groups = groups[0] if isinstance(groups, list) and len(groups) == 1 else groups
+        where = f"{self.path} ({DISTRIBUTED_KEY}optimizer)"
+        saved = untrusted.typed(groups, dict, where, "the object", megatron_optim.FIX).get("param_groups")
+        saved = untrusted.typed(saved, list, where, "field 'param_groups'", megatron_optim.FIX)
+        step = megatron_optim.one_step(
+            [
+                megatron_optim.step_of(g.get("step") if isinstance(g, dict) else g, where, "param_groups.step")
+                for g in saved
+            ],
+            where,
+        )
+        mapping = {
+            layout.state_name(m, n): (key(b, m), a, e) for n, (b, a, e) in spans.items() for m in megatron_optim.MOMENTS
+        }
+        return mapping, step, groups
+
+    def _flat(self, key: str, start: int, end: int) -> torch.Tensor:
+        return self._assemble(
+            key, [start], [end - start], list(self._overlaps(key, [start], [end - start])), torch.float32
+        )
+
+    def _weight_ends(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = layout.logical_shape(self.cfg, name)
+        if len(shape) < 2:
+            weight = self.read(name)
+            return weight, weight
+        return self.read(name, [Piece(0, 0, 1)]), self.read(name, [Piece(0, shape[0] - 1, 1)])
+
+    def _stored_object(self, key: str) -> Any:
+        """A non-tensor DCP entry (megatron-core's ShardedObject: torch.save bytes), loaded weights-only."""
+        md = self.metadata.state_dict_metadata.get(key)
+        if not isinstance(md, BytesStorageMetadata):
+            raise UserError(f"{self.path}: entry '{key}' is missing; the distributed optimizer's state is incomplete")
+        info = self.metadata.storage_data.get(MetadataIndex(key))
+        if info is None or info.length > MAX_OBJECT_BYTES:
+            raise UserError(f"{self.path}: entry '{key}' has no storage or is over 64 MiB; the metadata is corrupt")
+        path = self.path / info.relative_path
+        if not path.is_file() or path.stat().st_size < info.offset + info.length:
+            raise UserError(f"{path}: missing or truncated (entry '{key}'); the checkpoint is incomplete")
+        with open(path, "rb") as f:
+            f.seek(info.offset)
+            raw = f.read(info.length)
+        return load_pt(path, data=io.BytesIO(raw))
 
     def megatron_resume_state(self, step: int) -> dict[str, Any]:
         """common.pt's optimizer and scheduler entries for a grown output Megatron-LM resumes with Adam's state
         (``megatron_optim.resume_state``)."""
         common, where = self.common, str(self.path / "common.pt")
-        return megatron_optim.resume_state(common.get("optimizer"), common.get("opt_param_scheduler"), step, where)
+        optimizer = self._distributed[2] if self._distributed is not None else common.get("optimizer")
+        return megatron_optim.resume_state(optimizer, common.get("opt_param_scheduler"), step, where)
 
     def optimizer_states(self) -> tuple[str, ...]:
         """Which of Adam's states this checkpoint holds for every weight (megastack's trainer writes them at
         the end of a stage), each checked like the weights; () when it holds none."""
+        if self._distributed is not None:  # Megatron-LM's distributed optimizer: mapped and proven above
+            return megatron_optim.MOMENTS
         keys = self.metadata.state_dict_metadata
         present = tuple(
             state
@@ -263,6 +367,8 @@ class TorchDistReader:
             )
 
     def dtype(self, name: str) -> torch.dtype:
+        if layout.split_state(name)[0] and self._flat_span(name) is not None:
+            return torch.float32
         return self.metadata.state_dict_metadata[dcp_key(name, self.cfg.is_moe)[0]].properties.dtype
 
     def _regions(self, name: str, pieces: list[Piece] | None) -> tuple[str, list[tuple[list[int], list[int]]], int]:
@@ -301,7 +407,12 @@ class TorchDistReader:
     def sources(self, name: str, pieces: list[Piece] | None = None) -> dict[str, int]:
         """Bytes of the requested region in each file (what a reader with the chunk cache reads when
         the request follows the stored chunking)."""
-        key, regions, _ = self._regions(name, pieces)
+        flat = self._flat_span(name) if layout.split_state(name)[0] else None
+        if flat is not None:
+            key, start, end = flat
+            regions = [([start], [end - start])]
+        else:
+            key, regions, _ = self._regions(name, pieces)
         size = self.dtype(name).itemsize
         out: dict[str, int] = {}
         for offsets, sizes in regions:
@@ -374,9 +485,17 @@ class TorchDistReader:
             )
         return out
 
+    def _flat_span(self, name: str) -> tuple[str, int, int] | None:
+        """Where Adam's state ``name`` lies in the distributed optimizer's buckets (None: not there)."""
+        return self._distributed[0].get(name) if self._distributed is not None else None
+
     def read(self, name: str, pieces: list[Piece] | None = None) -> torch.Tensor:
         """The requested region. A region that is exactly one stored chunk is that chunk's tensor, shared
         with the chunk cache (no copy): callers must not modify what they get in place."""
+        flat = self._flat_span(name) if layout.split_state(name)[0] else None
+        if flat is not None:  # one parameter's slice of a bucket, in its (TP1) shape
+            shape = layout.logical_shape(self.cfg, name)
+            return take_pieces(self._flat(*flat).view(shape), pieces)
         key, regions, cat_dim = self._regions(name, pieces)
         lead = len(leading(self.cfg, name)[0])  # leading layer (and expert) dims, dropped here
         parts = []
