@@ -408,10 +408,11 @@ def dcp_tensors(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name", CARRIED_SAVES)
 def test_megatron_lms_adam_state_grows_with_the_weights(name, tmp_path):
-    """Megatron-LM's moments (legacy: by parameter index; distributed optimizer: flat buffers, legacy and
-    torch_dist; torch_dist: named entries) through G_stack x2. The reference is Megatron-LM's own torch_dist save, which names each
-    moment by its weight, stacked by hand along the layer axis; the three saves come from the same 2 steps,
-    so the mapping of indices and buffer offsets onto weights must reproduce it exactly."""
+    """Megatron-LM's moments (legacy: by parameter index; the distributed optimizer's flat buffers, legacy and
+    torch_dist; torch_dist: named entries) through G_stack x2. The reference is Megatron-LM's own torch_dist
+    save, which names each moment by its weight, stacked by hand along the layer axis; the four saves come
+    from the same 2 steps, so the mapping of indices and buffer offsets onto weights must reproduce it
+    exactly."""
     dst = tmp_path / "grown"
     proc = in_process(
         "grow", str(FIXTURES / name), str(dst), "--factor", "2", "--carry-optimizer", "--to", "torch_dist"
