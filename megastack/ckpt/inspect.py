@@ -226,7 +226,7 @@ def describe(info: dict[str, Any]) -> str:
                 f"           not carried by grow/convert: {', '.join(mlm['not_carried'])} (resume the "
                 "output in Megatron-LM with --no-load-optim --no-load-rng)"
             )
-        if mlm["optimizer"] and "dp_reshardable" not in mlm["optimizer"]:
+        if mlm["optimizer"]:
             lines.append(
                 "           except by grow --carry-optimizer --to torch_dist: Adam's moments, param groups and "
                 "step (Megatron-LM resumes that output without --no-load-optim)"
