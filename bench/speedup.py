@@ -51,7 +51,12 @@ from megastack.run.stages import StageRunner, stage_configs  # noqa: E402
 DEPTH_OPERATORS = tuple(name for name, op in GROWTH_OPERATORS.items() if op.grows)
 # harness name -> growth operator (width dimension); learn's width maps are left out of the harness
 WIDTH_OPERATORS = {"width" if op == "stack" else f"width-{op}": op for op in DEPTH_OPERATORS if op != "learn"}
-OPERATORS = DEPTH_OPERATORS + tuple(WIDTH_OPERATORS)
+# operator+variant: the same growth with Adam's state carried through it (the large stage continues the small
+# stage's moments and step instead of a fresh AdamW), or with the paper's noise (W <- 0.8 W + 0.2 eps)
+VARIANTS = {"carried": "Adam's state carried through the growth", "noise": "--noise 0.2 on the grown weights"}
+VARIANT_OPERATORS = ("stack+carried", "zero+carried", "stack+noise")
+OPERATORS = DEPTH_OPERATORS + tuple(WIDTH_OPERATORS) + VARIANT_OPERATORS
+PAPER_NOISE = 0.2
 
 # The smoke preset: a few iterations per stage, so the test suite runs the whole harness in about a minute.
 SMOKE = {
@@ -113,7 +118,7 @@ PRESETS = {
     "chinchilla": Preset(
         "speedup-chinchilla",
         (1, 2, 3),
-        ("stack", "zero", "random", "learn", "width", "width-zero", "width-random"),
+        ("stack", "zero", *VARIANT_OPERATORS, "random", "learn", "width", "width-zero", "width-random"),
         learn_tokens=1 << 16,
         note="configs/recipes/speedup-chinchilla.yaml: scratch at 20 tokens per parameter; ~10 min per large "
         "run on an idle 2-core machine (hours in all), resumable (add operators, sweeps or seeds later)",
@@ -195,6 +200,10 @@ def growth_spec(op: str, recipe: Recipe, large: ModelConfig, seed: int):
     from megastack.growth.spec import GrowthSpec
 
     g = recipe.growth
+    op, _, variant = op.partition("+")
+    if variant:
+        spec = growth_spec(op, recipe, large, seed)
+        return replace(spec, carry_optimizer=True) if variant == "carried" else replace(spec, noise=PAPER_NOISE)
     if op in WIDTH_OPERATORS:
         return GrowthSpec(
             operator=WIDTH_OPERATORS[op],
@@ -264,6 +273,8 @@ def run_seed(
             }
         )
         large = replace(large_template, model=replace(large_model, norm_epsilon=target.norm_epsilon))
+        if spec.carry_optimizer:  # the large stage continues the small stage's Adam (its own LR schedule)
+            large = replace(large, init_optimizer="carried")
         results |= grow_then_train(runner, dirs, op, source_cfg[0]["checkpoint"], spec, grow_hash, large)
     if options.sweeps_for(seed):
         results |= run_sweeps(recipe, seed, dirs, runner, small_cfg, large_template, options)
@@ -626,6 +637,10 @@ def report_markdown(report: dict[str, Any]) -> str:
             f"- learn: LiGO maps trained on {report['options']['learn_tokens']:,} tokens of the training "
             "data before the large stage, counted as 6N FLOPs per token of the grown model."
         )
+    for op in report["operators"]:
+        if "+" in op:
+            base, _, variant = op.partition("+")
+            lines.append(f"- `{op}`: `{base}` with {VARIANTS[variant]}, from the same small checkpoint.")
     lines += sweep_markdown(report)
     lines += upcycle_markdown(report)
     lines += [

@@ -46,12 +46,13 @@ def first_reach(points: list[tuple[int, float, float]], target: float) -> float 
 @pytest.mark.timeout(900)
 def test_smoke_preset_end_to_end(tmp_path):
     out = tmp_path / "speedup"
-    extra = ("--upcycle", "4,2,2", "--sweep-d", "3", "--sweep-g", "2")
+    extra = ("--upcycle", "4,2,2", "--sweep-d", "3", "--sweep-g", "2", "--operators", "stack,zero,stack+carried")
     proc = speedup("--preset", "smoke", "--out", str(out), "--json", str(tmp_path / "copy.json"), *extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "speedup.json").read_text())
     assert json.loads((tmp_path / "copy.json").read_text()) == report
-    assert report["world"] == 2 and report["seeds"] == [1] and report["operators"] == ["stack", "zero"]
+    assert report["world"] == 2 and report["seeds"] == [1]
+    assert report["operators"] == ["stack", "zero", "stack+carried"]
     assert set(report["not_measured"]) >= {"random", "learn", "width"}
     png = (out / "speedup.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -88,6 +89,13 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert row["zero"]["loss_after_growth"] == pytest.approx(small[-1][2], abs=1e-4)
     # identical stacking, different operators: both grown runs start from the same small checkpoint
     assert row["stack"]["small_final_valid_loss"] == row["zero"]["small_final_valid_loss"]
+    # stack+carried: the same grown weights (the same loss right after growth), then Adam continued from the
+    # small stage's moments and step instead of a fresh AdamW: a different run from there on
+    carried = json.loads((seed / "grown-stack+carried" / "iter_0000000" / "megastack.json").read_text())
+    assert carried["optimizer"]["step"] == setup["small_iters"]
+    assert row["stack+carried"]["loss_after_growth"] == pytest.approx(row["stack"]["loss_after_growth"], rel=1e-6)
+    assert row["stack+carried"]["final_valid_loss"] != row["stack"]["final_valid_loss"]
+    assert "`stack+carried`: `stack` with Adam's state carried" in md
 
     # upcycling: the small model continued dense vs upcycled into 4 half-width experts (top 2: the dense
     # FLOPs per token, plus the router) for the same FLOPs; the MoE starts at the small model's loss
