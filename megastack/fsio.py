@@ -7,6 +7,7 @@ directory. ``publish_dir`` is how checkpoints appear; ``atomic_write_*`` is how 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -185,3 +186,37 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
         fsync_dir(root)
     os.rename(tmp, final)
     fsync_dir(final.parent)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_DONTNEED = 4  # Linux
+
+
+@functools.cache
+def _madvise() -> Any:
+    """libc's madvise, or None where there is none (then pages stay until the kernel reclaims them)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    if not sys.platform.startswith("linux") or not hasattr(libc, "madvise"):
+        return None
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc.madvise
+
+
+def release_mapped_pages(tensor: Any) -> None:
+    """Drop the resident pages behind ``tensor``, a view into a file torch.load mapped PRIVATELY (mmap=True)
+    and never written: the kernel maps the file again on the next touch, so the bytes are unchanged, and a
+    reader that copies slices out of a large mapped file holds only what it copied, not every page it read.
+    Only for read-only file mappings: on anonymous memory this would zero the data."""
+    madvise = _madvise()
+    nbytes = tensor.numel() * tensor.element_size()
+    if madvise is None or nbytes < _PAGE:
+        return
+    start = tensor.data_ptr() // _PAGE * _PAGE
+    end = -(-(tensor.data_ptr() + nbytes) // _PAGE) * _PAGE
+    madvise(start, end - start, _MADV_DONTNEED)

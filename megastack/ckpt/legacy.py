@@ -27,6 +27,7 @@ from megastack.ckpt.safe_load import load_pt
 from megastack.ckpt.torch_zip import LazyTensor, save_streaming
 from megastack.config import ModelConfig
 from megastack.errors import NotBuiltError, UserError
+from megastack.fsio import release_mapped_pages
 from megastack.layout import Piece, pieces_shape, take_pieces
 
 FILE_NAME = "model_optim_rng.pt"
@@ -285,7 +286,11 @@ class LegacyReader:
 
     def read(self, name: str, pieces: list[Piece] | None = None) -> torch.Tensor:
         plan, merge = self._plan_read(name, pieces)
-        parts = [take_pieces(self._local_tensor(name, r), local).clone() for r, local in plan]
+        parts = []
+        for r, local in plan:
+            source = self._local_tensor(name, r)
+            parts.append(take_pieces(source, local).clone())
+            release_mapped_pages(source)  # the file's pages read for this copy leave the resident set
         if merge:
             return layout.tp_merge(layout.split_name(name)[1], parts)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=plan[0][1][0].dim)
