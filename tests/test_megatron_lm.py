@@ -8,6 +8,7 @@ Megatron-LM's source, which CI does not have).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -513,3 +514,29 @@ def test_megatron_optimizer_state_refusals(case, needles, code, tmp_path):
     assert proc.returncode == code
     assert_one_line_error(proc, *needles)
     assert not dst.exists()
+
+
+def test_dry_run_reports_adams_bytes_per_rank():
+    """--dry-run with --carry-optimizer: each rank's bytes of Adam's state among its writes (two fp32 moments
+    of every grown weight in all), and the weights' own bytes beside them."""
+    proc = in_process(
+        "grow",
+        str(FIXTURES / "legacy"),
+        "unused",
+        "--factor",
+        "2",
+        "--carry-optimizer",
+        "--to",
+        "torch_dist",
+        "--dry-run",
+        "--json",
+        "--ranks",
+        "2",
+    )
+    assert proc.returncode == 0, proc.stderr
+    ranks = json.loads(proc.stdout)["ranks"]
+    source = open_checkpoint(FIXTURES / "legacy").cfg
+    params = dataclasses.replace(source, num_layers=2 * source.num_layers).total_parameters()  # fp32 weights
+    adam = sum(r["optimizer_write_bytes"] for r in ranks)
+    assert len(ranks) == 2 and all(r["optimizer_write_bytes"] > 0 for r in ranks)
+    assert adam == 2 * 4 * params and sum(r["write_bytes"] for r in ranks) == adam + 4 * params

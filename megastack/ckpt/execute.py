@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megastack import layout
 from megastack.ckpt.base import Produce, Reader, Unit, Writer
 from megastack.ckpt.manifest import MANIFEST, iter_dir_name, write_manifest, write_tracker
 from megastack.errors import UserError
@@ -95,6 +96,7 @@ class RankPlan:
     read_bytes: int
     reads: dict[str, int] = field(default_factory=dict)
     peak_bytes: int = 0
+    optimizer_bytes: int = 0  # of write_bytes: Adam's state carried with the weights (--carry-optimizer)
 
 
 def plan_rows(plans: list[RankPlan]) -> list[dict[str, Any]]:
@@ -107,6 +109,7 @@ def plan_rows(plans: list[RankPlan]) -> list[dict[str, Any]]:
             "read_bytes": p.read_bytes,
             "read_files": len(p.reads),
             "predicted_peak_bytes": p.peak_bytes,
+            "optimizer_write_bytes": p.optimizer_bytes,
             "reads": p.reads,
         }
         for p in plans
@@ -116,11 +119,14 @@ def plan_rows(plans: list[RankPlan]) -> list[dict[str, Any]]:
 def plan_table(rows: list[dict[str, Any]]) -> list[str]:
     """The dry run's per-rank table, one line a rank, in GiB."""
     gib = 1 << 30
-    lines = [f"{'rank':>4} {'units':>6} {'read GiB':>9} {'files':>6} {'write GiB':>10} {'peak GiB':>9}"]
+    adam = any(r["optimizer_write_bytes"] for r in rows)  # a column only when Adam's state is carried
+    head = f"{'rank':>4} {'units':>6} {'read GiB':>9} {'files':>6} {'write GiB':>10} {'peak GiB':>9}"
+    lines = [head + (f" {'of which Adam GiB':>17}" if adam else "")]
     for r in rows:
         lines.append(
             f"{r['rank']:>4} {r['units']:>6} {r['read_bytes'] / gib:>9.3f} {r['read_files']:>6} "
             f"{r['write_bytes'] / gib:>10.3f} {r['predicted_peak_bytes'] / gib:>9.3f}"
+            + (f" {r['optimizer_write_bytes'] / gib:>17.3f}" if adam else "")
         )
     return lines
 
@@ -156,6 +162,7 @@ def dry_run(
                 sum(reads.values()),
                 dict(sorted(reads.items())),
                 peak,
+                sum(u.nbytes for u in units if any(layout.split_state(r.name)[0] for r in u.requests)),
             )
         )
     return plans
