@@ -1,14 +1,16 @@
 """Benchmark: `megastack grow` on a real-size checkpoint against the I/O bound of the same disk.
 
-Writes a 6-layer checkpoint of the paper's 1.1B shape (bf16, random weights) with megastack's torch_dist
-writer, grows it to 24 layers with `megastack grow --factor 4` on 1 and 2 ranks, and measures in the
-same run:
+Writes a 6-layer checkpoint of the paper's 1.1B shape (or, with --shape 7b, an 8-layer one of the 7B
+shape; bf16, random weights) with megastack's torch_dist (or --format legacy: Megatron-LM's TP1 rank file)
+writer, grows it x4 (to 24 or 32 layers) with `megastack grow --factor 4` on 1 and 2 ranks, and measures
+in the same run:
 - wall time of the growth (median of --repeats), each rank a separate process as users run it;
 - the I/O bound: reading every source byte once and writing the grown checkpoint's bytes once (fsync'd)
   on the same filesystem, with no compute;
 - peak RSS of the growing process (ru_maxrss of the rank), against the largest single tensor.
 
-Usage: python bench/grow.py [--workdir DIR] [--repeats 3] [--json OUT.json]
+Usage: python bench/grow.py [--shape 1.1b|7b] [--format torch_dist|legacy] [--workdir DIR] [--repeats 3]
+       [--json OUT.json]          (disk: ~6 GB at 1.1B, ~32 GB at 7B)
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from pathlib import Path
 import torch
 
 from megastack import layout
+from megastack.ckpt import formats
 from megastack.ckpt.execute import Comm, execute
 from megastack.ckpt.manifest import resolve_iteration_dir
-from megastack.ckpt.torch_dist import TorchDistWriter
 from megastack.config import load_model_config, to_dict
 from megastack.plan import seeded_normal
 
@@ -47,16 +49,19 @@ print("BENCH", time.monotonic() - start, peak, peak - base, rc, flush=True)
 """
 
 
-def write_source(path: Path, layers: int) -> tuple[int, int]:
-    """A bf16 torch_dist checkpoint of the 1.1B shape with ``layers`` layers; returns (bytes, largest tensor)."""
-    cfg = replace(load_model_config("llama-1.1b"), num_layers=layers, name="bench-1.1b-small")
+SHAPES = {"1.1b": ("llama-1.1b", 6), "7b": ("llama-7b", 8)}  # model, source layers (grown x4)
+
+
+def write_source(path: Path, shape: str, fmt: str) -> tuple[int, int]:
+    """A bf16 checkpoint of ``shape`` with its source layer count in ``fmt``; returns (bytes, largest tensor)."""
+    model, layers = SHAPES[shape]
+    cfg = replace(load_model_config(model), num_layers=layers, name=f"bench-{shape}-small")
 
     def produce(name, pieces):
         return (seeded_normal(layout.logical_shape(cfg, name), 0, name, pieces) * 0.02).to(torch.bfloat16)
 
-    execute(
-        TorchDistWriter(cfg, torch.bfloat16), produce, path, Comm(), {"format": "torch_dist", "model": to_dict(cfg)}
-    )
+    writer = formats.make_writer(fmt, cfg, torch.bfloat16, None)
+    execute(writer, produce, path, Comm(), {"format": fmt, "model": to_dict(cfg)}, iteration=0)
     largest = max(torch.Size(layout.logical_shape(cfg, n)).numel() * 2 for n in layout.logical_names(cfg))
     return dir_bytes(path), largest
 
@@ -108,7 +113,9 @@ def grow_once(src: Path, dst: Path, ranks: int) -> tuple[float, int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", help="where to write (default: a temp dir; needs ~6 GB)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1.1b", help="model shape (default 1.1b)")
+    parser.add_argument("--format", choices=["torch_dist", "legacy"], default="torch_dist", help="source and output")
+    parser.add_argument("--workdir", help="where to write (default: a temp dir; ~6 GB at 1.1B, ~32 GB at 7B)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
@@ -117,8 +124,15 @@ def main() -> None:
     src = work / "src"
     if src.exists():
         shutil.rmtree(src)
-    src_bytes, largest = write_source(src, layers=6)
-    results: dict = {"source_bytes": src_bytes, "largest_tensor_bytes": largest, "runs": {}}
+    src_bytes, largest = write_source(src, args.shape, args.format)
+    results: dict = {
+        "shape": args.shape,
+        "format": args.format,
+        "source_layers": SHAPES[args.shape][1],
+        "source_bytes": src_bytes,
+        "largest_tensor_bytes": largest,
+        "runs": {},
+    }
     for ranks in (1, 2):
         walls, peaks, grown, bounds = [], [], [], []
         for i in range(args.repeats):
