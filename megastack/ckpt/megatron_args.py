@@ -328,7 +328,7 @@ def for_output(
         iteration=iteration,
         new_stage=new_stage,
         te_names=te_names,
-        where=str(reader.path),
+        where=str(getattr(reader, "path", "the new checkpoint")),  # no reader: fresh args
         ep=ep,
     )
     if source is None and getattr(reader, "format", None) == "hf":
