@@ -382,6 +382,18 @@ def pieces_shape(full_shape: tuple[int, ...], pieces: list[Piece] | tuple[Piece,
     return tuple(shape)
 
 
+def narrow_pieces(pieces: list[Piece], start: int, stop: int) -> list[Piece]:
+    """Rows ``[start, stop)`` of the tensor the dim-0 ``pieces`` cut out (their concatenation), as pieces of the
+    full tensor: how a writer produces a large tensor a block of rows at a time."""
+    out, offset = [], 0
+    for p in pieces:
+        lo, hi = max(start, offset), min(stop, offset + p.length)
+        if hi > lo:
+            out.append(Piece(p.dim, p.start + lo - offset, hi - lo))
+        offset += p.length
+    return out
+
+
 def take_pieces(full: torch.Tensor, pieces: list[Piece] | tuple[Piece, ...] | None) -> torch.Tensor:
     """Cut ``pieces`` out of a full tensor (a view when there is one piece)."""
     if not pieces:

@@ -12,9 +12,11 @@ copied out, so reading one logical tensor touches only the shards that hold the 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from megastack.layout import Piece, pieces_shape, take_pieces
 FILE_NAME = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+BLOCK_BYTES = 32 << 20  # the largest piece of one tensor the writer produces at once
 
 
 def rank_dir(tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> str:
@@ -384,10 +387,20 @@ class LegacyWriter:
         return records
 
     def _lazy(self, request: Request, produce: Produce) -> LazyTensor:
-        """The request's tensor, produced when the file writer reaches its record."""
+        """The request's tensor, produced when the file writer reaches its record: in blocks of rows of at
+        most BLOCK_BYTES when it is cut by rows (a 7B embedding is 250 MiB), else whole."""
         pieces = list(request.pieces)
         shape = pieces_shape(layout.logical_shape(self.cfg, request.name), pieces)
-        return LazyTensor(shape, self.dtype, lambda: produce(request.name, pieces))
+        row_bytes = math.prod(shape[1:]) * DTYPE_BYTES[self.dtype]
+        if pieces[0].dim != 0 or shape[0] * row_bytes <= BLOCK_BYTES:
+            return LazyTensor(shape, self.dtype, lambda: produce(request.name, pieces))
+        rows = max(1, BLOCK_BYTES // row_bytes)
+
+        def blocks() -> Iterator[torch.Tensor]:
+            for start in range(0, shape[0], rows):
+                yield produce(request.name, layout.narrow_pieces(pieces, start, min(shape[0], start + rows)))
+
+        return LazyTensor(shape, self.dtype, lambda: produce(request.name, pieces), blocks)
 
     def _extra_state(self, pp_rank: int) -> dict[str, None]:
         """The ``_extra_state`` entries megatron's linear layers put in a state dict (None: no FP8 meta)."""

@@ -16,7 +16,7 @@ import collections
 import io
 import sys
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,8 +46,16 @@ class LazyTensor:
     """A tensor to be written later: pickled as a contiguous tensor of ``shape`` and ``dtype`` whose storage
     is record ``key``; ``fill`` produces its values when that record is written."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, fill: Callable[[], torch.Tensor]):
-        self.shape, self.dtype, self.fill = tuple(shape), dtype, fill
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        fill: Callable[[], torch.Tensor],
+        blocks: Callable[[], Iterator[torch.Tensor]] | None = None,
+    ):
+        """``blocks``: the same values as consecutive blocks of rows, produced one at a time as the record is
+        written (a large tensor then never exists whole in memory); ``fill`` is used when it is None."""
+        self.shape, self.dtype, self.fill, self.blocks = tuple(shape), dtype, fill, blocks
         self.storage: _Storage | None = None
 
     def __reduce_ex__(self, protocol: int):
@@ -133,12 +141,17 @@ def save_streaming(obj: Any, f: Any) -> None:
 
 
 def _tensor_bytes(lazy: LazyTensor):
-    tensor = lazy.fill()
-    if tuple(tensor.shape) != lazy.shape:
-        raise RuntimeError(f"produced a tensor of shape {tuple(tensor.shape)}, the file's pickle has {lazy.shape}")
-    data = memoryview(tensor.to(lazy.dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
-    for start in range(0, len(data), CHUNK):
-        yield data[start : start + CHUNK]
+    rows = 0
+    for block in lazy.blocks() if lazy.blocks is not None else [lazy.fill()]:
+        if tuple(block.shape[1:]) != lazy.shape[1:] or (lazy.blocks is None and tuple(block.shape) != lazy.shape):
+            raise RuntimeError(f"produced a tensor of shape {tuple(block.shape)}, the file's pickle has {lazy.shape}")
+        rows += block.shape[0] if block.dim() else 1
+        data = memoryview(block.to(lazy.dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
+        for start in range(0, len(data), CHUNK):
+            yield data[start : start + CHUNK]
+        del block, data
+    if rows != (lazy.shape[0] if lazy.shape else 1):
+        raise RuntimeError(f"produced {rows} rows, the file's pickle has {lazy.shape}")
 
 
 def _record(archive: zipfile.ZipFile, name: str, chunks) -> None:
