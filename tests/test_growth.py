@@ -364,13 +364,16 @@ def test_destination_rules(sources):
 
 
 def test_carry_optimizer_needs_adams_state(sources):
-    """--carry-optimizer (tests/test_carry_optimizer.py grows real training checkpoints): a checkpoint without
-    Adam's state is one line (exit 1); from legacy files it is not built yet (exit 2). Nothing is written."""
-    proc = run_cli("grow", str(sources / "td"), str(sources / "o"), "--factor", "2", "--carry-optimizer")
-    assert proc.returncode == 1 and "has no Adam state" in proc.stderr and len(proc.stderr.splitlines()) == 1
-    proc = run_cli("grow", str(sources / "legacy"), str(sources / "o"), "--factor", "2", "--carry-optimizer")
-    assert proc.returncode == 2 and "not built yet" in proc.stderr, proc.stderr
-    assert not (sources / "o").exists()
+    """--carry-optimizer (tests/test_carry_optimizer.py and test_megatron_lm.py grow real training checkpoints):
+    a checkpoint without Adam's state is one line (exit 1), torch_dist or legacy; writing the state into legacy
+    files is not built yet (exit 2: --to torch_dist). Nothing is written."""
+    for src in ("td", "legacy"):
+        proc = run_cli("grow", str(sources / src), str(sources / "o"), "--factor", "2", "--carry-optimizer")
+        assert proc.returncode == 1 and "has no Adam state" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    megatron_lm = Path(__file__).parent / "fixtures" / "megatron_lm" / "legacy"  # Megatron-LM's, with Adam's state
+    proc = run_cli("grow", str(megatron_lm), str(sources / "o"), "--factor", "2", "--carry-optimizer")
+    assert proc.returncode == 2 and "not built yet; write torch_dist (grow --to torch_dist)" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and not (sources / "o").exists()
 
 
 def test_multi_rank_grow_equals_single_rank(sources):
