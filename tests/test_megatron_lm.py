@@ -407,30 +407,37 @@ def dcp_tensors(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("name", CARRIED_SAVES)
+@pytest.mark.parametrize("name", [*CARRIED_SAVES, *(f"bf16/{n}" for n in CARRIED_SAVES)])
 def test_megatron_lms_adam_state_grows_with_the_weights(name, tmp_path):
     """Megatron-LM's moments (legacy: by parameter index; the distributed optimizer's flat buffers, legacy and
     torch_dist; torch_dist: named entries) through G_stack x2. The reference is Megatron-LM's own torch_dist
     save, which names each moment by its weight, stacked by hand along the layer axis; the four saves come
     from the same 2 steps, so the mapping of indices and buffer offsets onto weights must reproduce it
-    exactly."""
+    exactly. In bf16 (Megatron's mixed-precision optimizer) the fp32 master copies come along the same way
+    (legacy fp32_from_fp16_params, the distributed optimizer's param buffer, torch_dist fp32_param)."""
     dst = tmp_path / "grown"
+    bf16 = name.startswith("bf16/")
+    reference = FIXTURES / ("bf16/torch_dist" if bf16 else "torch_dist")
     proc = in_process(
         "grow", str(FIXTURES / name), str(dst), "--factor", "2", "--carry-optimizer", "--to", "torch_dist"
     )
     assert proc.returncode == 0, proc.stderr
-    want = dcp_tensors(resolve_iteration_dir(FIXTURES / "torch_dist"), "optimizer.state.")
+    want = dcp_tensors(resolve_iteration_dir(reference), "optimizer.state.")
     got = dcp_tensors(resolve_iteration_dir(dst), "optimizer.state.")
-    assert set(got) == set(want) and len(want) == 18
+    assert set(got) == set(want) and len(want) == (27 if bf16 else 18)
     for key, ref in want.items():
         expected = torch.cat([ref, ref]) if ".decoder.layers." in key else ref  # layer i <- i mod 4
         assert torch.equal(got[key], expected), key
     manifest = json.loads((resolve_iteration_dir(dst) / "megastack.json").read_text())
-    assert manifest["optimizer"] == {"step": 2, "states": ["exp_avg", "exp_avg_sq"]}
+    states = ["fp32_param", "exp_avg", "exp_avg_sq"] if bf16 else ["exp_avg", "exp_avg_sq"]
+    assert manifest["optimizer"] == {"step": 2, "states": states}
     # what Megatron-LM's load_checkpoint needs beside them to resume WITH the optimizer: its param groups
     # (as its own torch_dist save writes them: no 'params', no 'step'), Adam's step, the scheduler (a new stage)
     common = load_pt(resolve_iteration_dir(dst) / "common.pt")
-    own = load_pt(resolve_iteration_dir(FIXTURES / "torch_dist") / "common.pt")
+    own = load_pt(resolve_iteration_dir(reference) / "common.pt")
+    if bf16:  # the mixed-precision optimizer nests torch's state one level down, as its own save does
+        assert set(common["optimizer"]) == set(own["optimizer"]) == {"optimizer"}
+        common["optimizer"], own["optimizer"] = common["optimizer"]["optimizer"], own["optimizer"]["optimizer"]
     assert common["optimizer"]["param_groups"] == own["optimizer"]["param_groups"]
     assert common["optimizer"]["state"] == {"common_step": torch.tensor(2.0)}
     assert common["opt_param_scheduler"] == {**own["opt_param_scheduler"], "num_steps": 0}

@@ -170,7 +170,9 @@ class LegacyReader:
     def optimizer_states(self) -> tuple[str, ...]:
         """Adam's moments when every rank file holds Megatron-LM's optimizer state (mapped onto the weights,
         each checked against its weight's shape), () when none does."""
-        return megatron_optim.MOMENTS if self.optimizer_step() is not None else ()
+        if self.optimizer_step() is None:
+            return ()
+        return tuple(s for s in layout.OPTIMIZER_STATES if s in next(iter(next(iter(self._states.values())).values())))
 
     def optimizer_step(self) -> int | None:
         """Adam's step of Megatron-LM's optimizer state (the same in every rank file), None without one."""
@@ -201,7 +203,8 @@ class LegacyReader:
         """common.pt's optimizer and scheduler entries for a torch_dist output Megatron-LM resumes with Adam's
         state (``megatron_optim.resume_state``), from the first rank file."""
         blob, where = self._file(0, 0), str(self._file_path(0, 0))
-        return megatron_optim.resume_state(blob.get("optimizer"), blob.get("opt_param_scheduler"), step, where)
+        mixed = self.dtype("embedding") != torch.float32
+        return megatron_optim.resume_state(blob.get("optimizer"), blob.get("opt_param_scheduler"), step, where, mixed)
 
     @property
     def te_names(self) -> bool:

@@ -35,6 +35,7 @@ from megastack import untrusted
 from megastack.errors import NotBuiltError, UserError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+MASTER = "fp32_param"  # bf16/fp16 training's fp32 master copy of a weight (Megatron's and megastack's name)
 PARAM_ALIGN = 64  # megatron-core pads each parameter's start in a distributed optimizer's buffer to this
 DISTRIB_FILE = "distrib_optim.pt"
 FIX = "grow without --carry-optimizer (Adam restarts), or from a checkpoint saved with Adam's state"
@@ -154,10 +155,10 @@ def legacy_rank_states(blob: dict[str, Any], path: Path) -> tuple[RankStates, in
     if "state" in optimizer:  # the plain optimizer in fp32: torch's Adam state dict
         return _plain_states(optimizer, model, groups, where)
     inner = optimizer.get("optimizer")
-    if "fp32_from_fp16_params" in optimizer:
-        raise NotBuiltError(
-            f"{where}: Megatron's mixed-precision optimizer state (fp16/bf16 training) is not read yet; " + FIX
-        )
+    if "fp32_from_fp16_params" in optimizer and isinstance(inner, dict) and "state" in inner:  # bf16/fp16 training
+        if optimizer.get("grad_scaler") is not None:
+            raise NotBuiltError(f"{where}: fp16 training's loss scaler state is not carried yet; " + FIX)
+        return _plain_states(inner, model, groups, where, optimizer["fp32_from_fp16_params"])
     if isinstance(inner, dict) and set(inner) == {"param_groups"}:  # the distributed optimizer
         distrib = path.parent / DISTRIB_FILE
         if not distrib.is_file():
@@ -168,12 +169,22 @@ def legacy_rank_states(blob: dict[str, Any], path: Path) -> tuple[RankStates, in
     raise UserError(f"{where}: field 'optimizer' has keys {sorted(map(str, optimizer))[:6]}, not Megatron-LM's; " + FIX)
 
 
-def _plain_states(optimizer: dict, model: dict, groups: list[list[str]], where: str) -> tuple[RankStates, int]:
+def _plain_states(
+    optimizer: dict, model: dict, groups: list[list[str]], where: str, masters: Any = None
+) -> tuple[RankStates, int]:
+    """torch's Adam state dict by parameter index, and (bf16/fp16 training) Megatron's fp32 master copies,
+    one list per param group in the same order."""
     saved = _check_groups(optimizer.get("param_groups"), groups, model, where)
+    if masters is not None:
+        masters = untrusted.typed(masters, list, where, "field 'fp32_from_fp16_params'", FIX)
+        if [len(g) if isinstance(g, list) else None for g in masters] != [len(g) for g in groups]:
+            raise UserError(
+                f"{where}: field 'fp32_from_fp16_params' does not list every parameter's master copy; " + FIX
+            )
     state = untrusted.typed(optimizer["state"], dict, where, "field 'optimizer.state'", FIX)
     out: RankStates = {}
     steps: list[int] = []
-    for group, keys in zip(saved, groups):
+    for g, (group, keys) in enumerate(zip(saved, groups)):
         ids = group.get("params")
         if not isinstance(ids, list) or len(ids) != len(keys):
             raise UserError(
@@ -187,6 +198,9 @@ def _plain_states(optimizer: dict, model: dict, groups: list[list[str]], where: 
             field = f"optimizer.state[{index}]"
             out[key] = {m: _moment(entry.get(m), model[key].shape, where, f"{field}.{m} ({key})") for m in MOMENTS}
             steps.append(step_of(entry.get("step"), where, f"{field}.step"))
+        for i, key in enumerate(keys if masters is not None else ()):
+            master = _moment(masters[g][i], model[key].shape, where, f"fp32_from_fp16_params[{g}][{i}] ({key})")
+            out[key] = {MASTER: master, **out[key]}
     return out, one_step(steps, where)
 
 
@@ -207,7 +221,7 @@ def _distrib_states(path: Path, model: dict, keys: list[str]) -> RankStates:
         raise NotBuiltError(f"{where}: {len(by_dtype)} dtypes in the gradient buffer, one is read yet; " + FIX)
     flat = untrusted.typed(next(iter(by_dtype.values())), dict, where, "buffer 0's tensors", FIX)
     numel = untrusted.typed(flat.get("numel_unpadded"), int, where, "field 'numel_unpadded'", FIX, minimum=0)
-    for name in MOMENTS:
+    for name in ("param", *MOMENTS):
         t = flat.get(name)
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != numel or t.dtype != torch.float32:
             raise UserError(f"{where}: '{name}' is not a float32 vector of numel_unpadded={numel}; the file is corrupt")
@@ -217,16 +231,19 @@ def _distrib_states(path: Path, model: dict, keys: list[str]) -> RankStates:
             f"{where}: the parameters laid out as megatron-core's buffer do not fill the file's {numel} elements "
             "(several buckets, e.g. --overlap-grad-reduce, or a layout not read yet); " + FIX
         )
-    param = flat.get("param")
-    if isinstance(param, torch.Tensor) and param.shape == (numel,):  # the master weights: the layout's proof
-        for key, (_, a, b) in spans.items():
-            if not master_matches(lambda lo, hi, a=a: param[a + lo : a + hi], *ends(model[key]), b - a):
-                raise UserError(
-                    f"{where}: the distributed optimizer's master weights at {key}'s offset are not that weight; "
-                    "the buffer's parameter order is not megatron-core's (or the files are from different "
-                    "steps); " + FIX
-                )
-    return {key: {m: flat[m][a:b].view(model[key].shape) for m in MOMENTS} for key, (_, a, b) in spans.items()}
+    param = flat["param"]  # the fp32 master weights: the layout's proof, and bf16/fp16 training's master copies
+    for key, (_, a, b) in spans.items():
+        if not master_matches(lambda lo, hi, a=a: param[a + lo : a + hi], *ends(model[key]), b - a):
+            raise UserError(
+                f"{where}: the distributed optimizer's master weights at {key}'s offset are not that weight; "
+                "the buffer's parameter order is not megatron-core's (or the files are from different "
+                "steps); " + FIX
+            )
+    states = (MASTER, *MOMENTS) if any(model[k].dtype != torch.float32 for k in keys) else MOMENTS
+    return {
+        key: {m: flat["param" if m == MASTER else m][a:b].view(model[key].shape) for m in states}
+        for key, (_, a, b) in spans.items()
+    }
 
 
 def module_order(cfg: Any, kinds: tuple[str, ...]) -> list[str]:
@@ -238,24 +255,24 @@ def module_order(cfg: Any, kinds: tuple[str, ...]) -> list[str]:
     return names + ["final_norm"] + ([] if cfg.tie_embeddings else ["output"])
 
 
-def resume_state(optimizer: Any, scheduler: Any, step: int, where: str) -> dict[str, Any]:
+def resume_state(optimizer: Any, scheduler: Any, step: int, where: str, mixed: bool = False) -> dict[str, Any]:
     """What Megatron-LM's load_checkpoint needs beside the sharded moments to resume a grown torch_dist
     checkpoint WITH its optimizer (common.pt): the source's param groups (hyperparameters; the grown model's
     parameters fall in the same groups) and Adam's step, and its LR scheduler at step 0 (a new stage warms up
     again, as megastack's trainer does; Megatron-LM checks its values against the new run's flags unless
-    --override-opt_param-scheduler)."""
+    --override-opt_param-scheduler). ``mixed``: bf16/fp16 weights, whose Megatron optimizer (mixed precision)
+    nests its torch state one level down, beside the fp32 masters (the sharded optimizer.state.fp32_param.*)."""
     optimizer = untrusted.typed(optimizer, dict, where, "field 'optimizer'", FIX)
-    if isinstance(optimizer.get("optimizer"), dict):  # the distributed optimizer's (legacy)
+    if isinstance(optimizer.get("optimizer"), dict):  # the distributed or the mixed-precision optimizer's
         optimizer = optimizer["optimizer"]
     groups = untrusted.typed(optimizer.get("param_groups"), list, where, "field 'optimizer.param_groups'", FIX)
     if not all(isinstance(g, dict) for g in groups):
         raise UserError(f"{where}: field 'optimizer.param_groups' holds a non-dict; the file is corrupt")
-    out: dict[str, Any] = {
-        "optimizer": {
-            "param_groups": [{k: v for k, v in g.items() if k not in ("params", "step")} for g in groups],
-            "state": {"common_step": torch.tensor(float(step))},
-        }
+    inner = {
+        "param_groups": [{k: v for k, v in g.items() if k not in ("params", "step")} for g in groups],
+        "state": {"common_step": torch.tensor(float(step))},
     }
+    out: dict[str, Any] = {"optimizer": {"optimizer": inner} if mixed else inner}
     if scheduler is not None:
         scheduler = untrusted.typed(scheduler, dict, where, "field 'opt_param_scheduler'", FIX)
         out["opt_param_scheduler"] = {**scheduler, "num_steps": 0}
@@ -282,7 +299,10 @@ def torch_dist_step(common: dict[str, Any], where: str) -> int | None:
     """Adam's step of a Megatron-LM torch_dist checkpoint's plain optimizer (common.pt), None without one."""
     if torch_dist_sharding(common, where) is None:
         return None
-    state = common["optimizer"].get("state")
+    optimizer = common["optimizer"]
+    if isinstance(optimizer.get("optimizer"), dict):  # bf16/fp16 training: the mixed-precision optimizer's
+        optimizer = optimizer["optimizer"]
+    state = optimizer.get("state")
     if not isinstance(state, dict) or "common_step" not in state:
         raise UserError(f"{where}: field 'optimizer.state.common_step' (Adam's step) is missing; " + FIX)
     return step_of(state["common_step"], where, "optimizer.state.common_step")

@@ -243,8 +243,16 @@ class TorchDistReader:
             ],
             where,
         )
+        # bf16/fp16 weights: the bucket's fp32 `param` is also each weight's master copy
+        states = (
+            megatron_optim.MOMENTS
+            if dtype_key[0] == torch.float32
+            else (megatron_optim.MASTER, *megatron_optim.MOMENTS)
+        )
         mapping = {
-            layout.state_name(m, n): (key(b, m), a, e) for n, (b, a, e) in spans.items() for m in megatron_optim.MOMENTS
+            layout.state_name(m, n): (key(b, "param" if m == megatron_optim.MASTER else m), a, e)
+            for n, (b, a, e) in spans.items()
+            for m in states
         }
         return mapping, step, groups
 
@@ -281,13 +289,15 @@ class TorchDistReader:
         (``megatron_optim.resume_state``)."""
         common, where = self.common, str(self.path / "common.pt")
         optimizer = self._distributed[2] if self._distributed is not None else common.get("optimizer")
-        return megatron_optim.resume_state(optimizer, common.get("opt_param_scheduler"), step, where)
+        mixed = self.dtype("embedding") != torch.float32
+        return megatron_optim.resume_state(optimizer, common.get("opt_param_scheduler"), step, where, mixed)
 
     def optimizer_states(self) -> tuple[str, ...]:
         """Which of Adam's states this checkpoint holds for every weight (megastack's trainer writes them at
         the end of a stage), each checked like the weights; () when it holds none."""
         if self._distributed is not None:  # Megatron-LM's distributed optimizer: mapped and proven above
-            return megatron_optim.MOMENTS
+            mapped = {layout.split_state(name)[0] for name in self._distributed[0]}
+            return tuple(s for s in layout.OPTIMIZER_STATES if s in mapped)
         keys = self.metadata.state_dict_metadata
         present = tuple(
             state
