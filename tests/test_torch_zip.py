@@ -70,21 +70,10 @@ def test_legacy_writer_streams_large_tensors_in_row_blocks(tmp_path, monkeypatch
     """A tensor over BLOCK_BYTES is produced a block of rows at a time (so a 7B embedding never exists whole)
     and the files are byte for byte what producing it whole writes, under TP2 (GLU and row pieces) and PP2."""
     from megastack.ckpt import legacy
-    from megastack.config import ModelConfig
 
-    from ckpt_factory import reference, write_checkpoint
+    from ckpt_factory import reference, small_config, write_checkpoint
 
-    cfg = ModelConfig(
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_query_groups=2,
-        ffn_hidden_size=96,
-        vocab_size=256,
-        seq_length=16,
-        name="blocks",
-    )
-    model = reference(cfg)
+    model = reference(small_config(name="blocks"))
     whole = write_checkpoint(model, tmp_path / "whole", "legacy", tp=2, pp=2)
     produced: list[int] = []
     narrow = legacy.layout.narrow_pieces
