@@ -2,24 +2,27 @@
 saves, so ``grow --carry-optimizer`` continues a Megatron-LM run instead of restarting Adam.
 
 Where Megatron-LM (core 0.16) keeps it, per (TP rank, PP stage) file of a legacy checkpoint:
-- ``model_optim_rng.pt['optimizer']`` of the plain optimizer (fp32 training): torch's Adam state dict, the
-  state by parameter index. The index order is Megatron's parameter groups (``_get_param_groups``): the
+- ``model_optim_rng.pt['optimizer']`` of the plain optimizer: torch's Adam state dict, the state by parameter
+  index (bf16/fp16 training: one level down, beside ``fp32_from_fp16_params``, the fp32 master copies, one list
+  per param group). The index order is Megatron's parameter groups (``_get_param_groups``): the
   weight-decayed parameters, then the 1-D ones and biases (``wd_mult`` 0), each in the module's order, which
   is the order of the file's own ``model`` dict (``state_dict`` and ``named_parameters`` walk the modules
-  alike). The file's group sizes and ``wd_mult`` check that split.
+  alike). The file's group sizes, ``wd_mult`` and ``lr_mult`` check that split.
 - ``distrib_optim.pt`` of the distributed optimizer (``dp_zero`` save, buckets coalesced): flat fp32
   ``param``/``exp_avg``/``exp_avg_sq`` of the gradient buffer, where DDP lays the parameters out in REVERSE
   module order, each start padded to a multiple of 64 elements (``_ParamAndGradBuffer``); the walk must end
   exactly at the saved ``numel_unpadded``, and the buffer's own fp32 master ``param`` must hold each weight
   where the layout puts it (first and last rows compared: a wrong order cannot pass, same-shaped weights hold
   different values). The step is the param groups' ``step``.
-torch_dist needs nothing here: the plain optimizer's ``optimizer.state.<state>.<weight key>`` entries are
-the keys megastack's own trainer writes (the torch_dist reader reads them), its step ``common.pt``'s
-``optimizer.state.common_step``.
+torch_dist: the plain optimizer's ``optimizer.state.<state>.<weight key>`` entries are the keys megastack's
+own trainer writes (the torch_dist reader reads them; ``fp32_param`` is the master copy), its step
+``common.pt``'s ``optimizer[.optimizer].state.common_step``; the distributed optimizer's ``dp_reshardable``
+buckets follow the same buffer layout (the torch_dist reader maps them with ``buffer_spans``, trying each
+module order in ``LAYER_ORDERS`` until the master weights prove one).
 
-Not read yet (each refused in one line): fp16/bf16 training's fp32 master copies in legacy files, the
-distributed optimizer's torch_dist buckets (``dp_reshardable``), several buckets or gradient buffers (MoE,
-overlapped reductions), custom parameter groups (lr_mult, decoupled LR, a no-weight-decay condition).
+Not read yet (each refused in one line): fp16's loss-scaler state, the distributed optimizer's other
+torch_dist formats and its buckets under TP/PP > 1, several gradient buffers (MoE), custom parameter groups
+(lr_mult, decoupled LR, a no-weight-decay condition).
 """
 
 from __future__ import annotations
