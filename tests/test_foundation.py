@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -232,10 +233,8 @@ def test_every_command_has_a_handler():
 
 def test_an_option_not_built_yet_says_so_and_exits_2(tmp_path):
     """The interface names it; the code does not do it yet: one line, exit 2, nothing written."""
-    from ckpt_factory import reference, small_config, write_checkpoint
-
-    write_checkpoint(reference(small_config()), tmp_path / "src", fmt="legacy")  # Adam's state from legacy files
-    proc = run_cli("grow", str(tmp_path / "src"), str(tmp_path / "dst"), "--factor", "2", "--carry-optimizer")
+    src = Path(__file__).parent / "fixtures" / "megatron_lm" / "legacy"  # Megatron-LM's save, with Adam's state
+    proc = run_cli("grow", str(src), str(tmp_path / "dst"), "--factor", "2", "--carry-optimizer")  # legacy out
     assert proc.returncode == 2
     assert_one_line_error(proc, "not built yet")
     assert not (tmp_path / "dst").exists()
