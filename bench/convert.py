@@ -11,7 +11,8 @@ safetensors shards, no megastack.json: like a download) with megastack's HF writ
 - peak RSS of each rank (VmHWM, which counts the file-backed pages of mmap'd legacy inputs) and the peak
   of its anonymous memory (RssAnon sampled every 20 ms), i.e. what the conversion itself allocates.
 
-Usage: python bench/convert.py [--workdir DIR] [--repeats 3] [--json OUT.json]   (needs ~11 GB of disk)
+Usage: python bench/convert.py [--shape 1.1b|7b] [--workdir DIR] [--repeats 3] [--json OUT.json]
+       (disk: ~11 GB at 1.1B, ~60 GB at 7B)
 """
 
 from __future__ import annotations
@@ -69,9 +70,9 @@ print("BENCH", elapsed, status("VmHWM"), base_hwm, max(peak_anon[0], status("Rss
 """
 
 
-def write_source(path: Path) -> tuple[int, int]:
-    """The 1.1B-shape HF checkpoint (bf16, N(0, 0.02) matrices, unit norms); (bytes, parameters)."""
-    cfg = dataclasses.replace(load_model_config("llama-1.1b"), name="bench-llama-1.1b")
+def write_source(path: Path, model: str = "llama-1.1b") -> tuple[int, int]:
+    """The ``model``-shape HF checkpoint (bf16, N(0, 0.02) matrices, unit norms); (bytes, parameters)."""
+    cfg = dataclasses.replace(load_model_config(model), name=f"bench-{model}")
 
     def produce(name, pieces):
         shape = layout.logical_shape(cfg, name)
@@ -174,7 +175,8 @@ def measure(label: str, src: Path, to_args: list[str], ranks: int, repeats: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", help="where to write (default: a temp dir; needs ~11 GB)")
+    parser.add_argument("--shape", choices=["1.1b", "7b"], default="1.1b", help="llama-1.1b or llama-7b (default 1.1b)")
+    parser.add_argument("--workdir", help="where to write (default: a temp dir; needs ~11 GB, ~60 GB at 7B)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ranks", default="1,2", help="comma-separated rank counts to measure")
     parser.add_argument("--json", help="write the results here too")
@@ -182,19 +184,26 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="megastack-bench-convert-"))
     work.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(work).free
-    if free < 11 << 30:
-        raise SystemExit(f"{work}: {free / 2**30:.1f} GiB free, the benchmark needs ~11 GiB; pass --workdir")
+    need = 11 if args.shape == "1.1b" else 60
+    if free < need << 30:
+        raise SystemExit(f"{work}: {free / 2**30:.1f} GiB free, the benchmark needs ~{need} GiB; pass --workdir")
     hf = work / "hf"
     if hf.exists():
         shutil.rmtree(hf)
     start = time.monotonic()
-    src_bytes, params = write_source(hf)
+    src_bytes, params = write_source(hf, f"llama-{args.shape}")
     print(
         f"source: {params / 1e9:.3f}B parameters, {src_bytes / 2**30:.2f} GiB bf16 HF safetensors "
         f"(written in {time.monotonic() - start:.1f}s)",
         flush=True,
     )
-    results: dict = {"parameters": params, "source_bytes": src_bytes, "cpus": os.cpu_count(), "rows": []}
+    results: dict = {
+        "shape": args.shape,
+        "parameters": params,
+        "source_bytes": src_bytes,
+        "cpus": os.cpu_count(),
+        "rows": [],
+    }
     ranks = [int(r) for r in args.ranks.split(",")]
     for n in ranks:
         results["rows"].append(measure("hf->torch_dist", hf, ["--to", "torch_dist"], n, args.repeats, work))
