@@ -338,3 +338,54 @@ def test_width_growth_carries_adams_state(carried):
     losses = stage_losses(carried["tmp"] / "w_carried")
     assert len(losses) == SECOND and losses[0] == pytest.approx(carried["second"][0], rel=1e-5)
     assert losses[-1] < losses[0]
+
+
+def test_learned_depth_growth_carries_adams_state(carried, tmp_path):
+    """G_learn with the state: each grown layer's moments are those of the source layer the map started from
+    (the stack's copy: no gradients were ever taken of the learned mixture), its fp32 master copy the same
+    mixture of the source's master copies as the weight is of the weights (bf16 training). Maps given by hand
+    (learning them is tested in test_growth_learn.py)."""
+    from megastack import layout
+    from megastack.ckpt.detect import open_checkpoint
+    from megastack.ckpt.execute import Comm, execute
+    from megastack.ckpt.torch_dist import TorchDistWriter
+    from megastack.config import to_dict
+    from megastack.growth.operators import make_plan
+    from megastack.growth.spec import GrowthSpec
+    from megastack.plan import with_optimizer_state
+
+    src = open_checkpoint(carried["tmp"] / "first_bf16")
+    states = src.optimizer_states()
+    assert states == ("fp32_param", "exp_avg", "exp_avg_sq")
+    layers = src.cfg.num_layers
+    maps = {  # layer i of 8 mixes source i mod 4 (weight 0.75) with source (i + 1) mod 4 (0.25)
+        kind: [
+            [0.75 if j == i % layers else 0.25 if j == (i + 1) % layers else 0.0 for j in range(layers)]
+            for i in range(2 * layers)
+        ]
+        for kind in layout.LAYER_KINDS
+    }
+    spec = GrowthSpec("learn", factor=2, learned={"maps": maps, "report": {}}, carry_optimizer=True)
+    plan = with_optimizer_state(make_plan(src.cfg, spec), states)
+    writer = TorchDistWriter(plan.target, src.dtype("embedding"), optimizer_states=states)
+    execute(
+        writer,
+        plan.producer(src, src.dtype("embedding")),
+        tmp_path / "learned",
+        Comm(),
+        {"format": "torch_dist", "model": to_dict(plan.target)},
+    )
+    grown = open_checkpoint(tmp_path / "learned")
+    for i in range(2 * layers):
+        for kind in layout.LAYER_KINDS:
+            name, a, b = (
+                layout.layer_name(i, kind),
+                layout.layer_name(i % layers, kind),
+                layout.layer_name((i + 1) % layers, kind),
+            )
+            for state in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(grown.read(f"{state}/{name}"), src.read(f"{state}/{a}")), (state, name)
+            want = 0.75 * src.read(f"fp32_param/{a}") + 0.25 * src.read(f"fp32_param/{b}")
+            assert torch.allclose(grown.read(f"fp32_param/{name}"), want, rtol=0, atol=1e-6), name
+            mixed = 0.75 * src.read(a).float() + 0.25 * src.read(b).float()  # the weight: the same mixture
+            assert torch.equal(grown.read(name), mixed.to(torch.bfloat16)), name

@@ -55,7 +55,7 @@ from megastack.errors import UserError
 from megastack.growth.layer_map import first_occurrences
 from megastack.growth.spec import resolve_layer_map
 from megastack.layout import Piece
-from megastack.plan import Copy, Plan, Read
+from megastack.plan import AsWeight, Copy, Plan, Read
 
 HELDOUT_WINDOWS = 8
 WIDTH_LR_FACTOR = 0.01  # B's learning rate relative to D's (0.1 overfit the test corpus, see README)
@@ -71,6 +71,18 @@ class LinearCombination:
 
     sources_: tuple[str, ...]
     weights: tuple[float, ...]
+    stacked: str | None = None  # the source layer G_stack puts here: the map's starting point
+
+    def for_state(self, state: str, weight: str) -> Any:
+        """Adam's state under a learned map: the moments of the source layer the map started from (the stack's
+        copy), since no moments describe the learned mixture's own history (its gradients were never taken)
+        and the mixture stays near its start; the fp32 master copy mixed like the weight, from the masters."""
+        if state == "fp32_param":
+            masters = tuple(layout.state_name(state, name) for name in self.sources_)
+            return AsWeight(LinearCombination(masters, self.weights), weight)
+        if self.stacked is None:
+            raise UserError(f"{weight}: a learned mixture without its starting layer; Adam's state cannot follow it")
+        return Copy(layout.state_name(state, self.stacked))
 
     def produce(self, target: str, shape: tuple[int, ...], read: Read, pieces, dtype) -> torch.Tensor:
         acc = None
@@ -152,7 +164,7 @@ def learned_plan(source: ModelConfig, spec: Any) -> Plan:
         for position, row in enumerate(d):
             weights = tuple(float(w) for w in row)
             recipes[layout.layer_name(position, kind)] = (
-                LinearCombination(names, weights)
+                LinearCombination(names, weights, layout.layer_name(mapping[position], kind))
                 if width is None
                 else LearnedWidth(kind, names, tuple(range(source.num_layers)), weights, width)
             )
