@@ -12,6 +12,7 @@ copied out, so reading one logical tensor touches only the shards that hold the 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import re
@@ -94,9 +95,6 @@ class LegacyReader:
         self.path = Path(directory)
         self.tp, self.pp, self.ep = scan_layout(self.path)
         self._cache: OrderedDict[tuple[int, int, int], dict] = OrderedDict()
-        self._states: dict[tuple[int, int, int], megatron_optim.RankStates] = {}  # views into the rank files
-        self._step: int | None = None  # Adam's step, once optimizer_step() has read the state
-        self._scanned = False
         self._open_files = open_files
         first = self._file(0, 0)
         where = str(self._file_path(0, 0))
@@ -160,7 +158,7 @@ class LegacyReader:
         for te_names in (True, False):
             key = layout.mcore_name(name, offset, te_names, self.cfg.is_moe, first_expert)
             if key in model:
-                return model[key] if state is None else self._states[(tp_rank, pp_rank, ep_rank)][key][state]
+                return model[key] if state is None else self._optimizer[0][(tp_rank, pp_rank, ep_rank)][key][state]
         raise UserError(
             f"{self._file_path(tp_rank, pp_rank, ep_rank)}: tensor for '{name}' "
             f"({layout.mcore_name(name, offset, True, self.cfg.is_moe, first_expert)}) is missing; the shard "
@@ -168,36 +166,37 @@ class LegacyReader:
         )
 
     def optimizer_states(self) -> tuple[str, ...]:
-        """Adam's moments when every rank file holds Megatron-LM's optimizer state (mapped onto the weights,
-        each checked against its weight's shape), () when none does."""
-        if self.optimizer_step() is None:
-            return ()
-        return tuple(s for s in layout.OPTIMIZER_STATES if s in next(iter(next(iter(self._states.values())).values())))
+        """Adam's states (moments; fp32 masters of bf16 training) when every rank file holds Megatron-LM's
+        optimizer state (mapped onto the weights, each checked against its weight's shape), () when none does."""
+        return self._optimizer[2] if self._optimizer is not None else ()
 
     def optimizer_step(self) -> int | None:
         """Adam's step of Megatron-LM's optimizer state (the same in every rank file), None without one."""
-        if self._step is None and not self._scanned:
-            self._scanned = True
-            if self.cfg.is_moe:
-                raise NotBuiltError(
-                    f"{self.path}: Megatron-LM's optimizer state of a mixture of experts is not read yet; "
-                    + megatron_optim.FIX
-                )
-            found = {
-                (t, p, 0): megatron_optim.legacy_rank_states(self._file(t, p), self._file_path(t, p))
-                for t in range(self.tp)
-                for p in range(self.pp)
-            }
-            if all(v is None for v in found.values()):
-                return None
-            missing = [str(self._file_path(t, p)) for (t, p, _), v in found.items() if v is None]
-            if missing:
-                raise UserError(
-                    f"{missing[0]}: no optimizer state while other rank files have it; the checkpoint is mixed"
-                )
-            self._states = {rank: states for rank, (states, _) in found.items()}
-            self._step = megatron_optim.one_step([step for _, step in found.values()], str(self.path))
-        return self._step
+        return self._optimizer[1] if self._optimizer is not None else None
+
+    @functools.cached_property
+    def _optimizer(self) -> tuple[dict[tuple[int, int, int], megatron_optim.RankStates], int, tuple[str, ...]] | None:
+        """Every rank file's Megatron-LM optimizer state mapped onto its weights (views into the files), the
+        step and the states held; None when no file has one."""
+        if self.cfg.is_moe:
+            raise NotBuiltError(
+                f"{self.path}: Megatron-LM's optimizer state of a mixture of experts is not read yet; "
+                + megatron_optim.FIX
+            )
+        found = {
+            (t, p, 0): megatron_optim.legacy_rank_states(self._file(t, p), self._file_path(t, p))
+            for t in range(self.tp)
+            for p in range(self.pp)
+        }
+        if all(v is None for v in found.values()):
+            return None
+        missing = [str(self._file_path(t, p)) for (t, p, _), v in found.items() if v is None]
+        if missing:
+            raise UserError(f"{missing[0]}: no optimizer state while other rank files have it; the checkpoint is mixed")
+        states = {rank: rank_states for rank, (rank_states, _) in found.items()}
+        step = megatron_optim.one_step([step for _, step in found.values()], str(self.path))
+        held = {state for rank_states in states.values() for entry in rank_states.values() for state in entry}
+        return states, step, tuple(s for s in layout.OPTIMIZER_STATES if s in held)
 
     def megatron_resume_state(self, step: int) -> dict[str, Any]:
         """common.pt's optimizer and scheduler entries for a torch_dist output Megatron-LM resumes with Adam's

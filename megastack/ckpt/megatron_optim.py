@@ -64,8 +64,13 @@ def param_groups_order(model: dict[str, Any], keys: list[str]) -> list[list[str]
     first appearance, each in module order."""
     groups: dict[bool, list[str]] = {}
     for key in keys:
-        groups.setdefault(key.endswith(".bias") or model[key].dim() == 1, []).append(key)
+        groups.setdefault(_no_weight_decay(key, model[key]), []).append(key)
     return list(groups.values())
+
+
+def _no_weight_decay(key: str, tensor: torch.Tensor) -> bool:
+    """Megatron's default rule (``_get_param_groups``): biases and 1-D tensors take no weight decay."""
+    return key.endswith(".bias") or tensor.dim() == 1
 
 
 def _check_groups(saved: Any, groups: list[list[str]], model: dict[str, Any], where: str) -> list[dict]:
@@ -77,8 +82,10 @@ def _check_groups(saved: Any, groups: list[list[str]], model: dict[str, Any], wh
             "(custom lr_mult, decoupled LR or no-weight-decay rules are not read yet); " + FIX
         )
     for group, keys in zip(saved, groups):
-        no_wd = keys[0].endswith(".bias") or model[keys[0]].dim() == 1
-        if group.get("wd_mult") != (0.0 if no_wd else 1.0) or group.get("lr_mult", 1.0) != 1.0:
+        if (
+            group.get("wd_mult") != (0.0 if _no_weight_decay(keys[0], model[keys[0]]) else 1.0)
+            or group.get("lr_mult", 1.0) != 1.0
+        ):
             raise NotBuiltError(
                 f"{where}: optimizer param group with wd_mult={group.get('wd_mult')!r}, "
                 f"lr_mult={group.get('lr_mult')!r} (custom parameter groups are not read yet); " + FIX

@@ -187,12 +187,15 @@ class TorchDistReader:
         where = str(self.path / "common.pt")
         if megatron_optim.torch_dist_sharding(self.common, where) != "dp_reshardable":
             return None
-        for field in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-            if (megatron_args.get(self.saved_args, field, where) or 1) != 1 or self.cfg.is_moe:
-                raise NotBuiltError(
-                    f"{self.path}: the distributed optimizer's torch_dist buckets are read for TP1 PP1 dense "
-                    "saves only yet (one bucket domain); " + megatron_optim.FIX
-                )
+        parallel = [
+            megatron_args.get(self.saved_args, f, where) or 1
+            for f in ("tensor_model_parallel_size", "pipeline_model_parallel_size")
+        ]
+        if parallel != [1, 1] or self.cfg.is_moe:
+            raise NotBuiltError(
+                f"{self.path}: the distributed optimizer's torch_dist buckets are read for TP1 PP1 dense "
+                "saves only yet (one bucket domain); " + megatron_optim.FIX
+            )
         sizes = self._stored_object(DISTRIBUTED_KEY + "per_bucket_numel_unpadded/shard_0_1")
         try:  # [[{(param dtype, grad dtype): [bucket sizes]}]]: one model chunk, one gradient buffer
             ((by_dtype,),) = sizes
