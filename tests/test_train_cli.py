@@ -123,6 +123,11 @@ def test_unknown_field_and_zero_with_pipeline_are_one_line(tmp_path):
     expect_user_error(tmp_path, config, "zero_stage", "pipeline")
 
 
+def test_zero0_in_mixed_precision_is_one_line(tmp_path):
+    config = {**TINY_STAGE, "parallel": {"zero_stage": 0, "precision": "bf16"}}
+    expect_user_error(tmp_path, config, "zero_stage 0 with precision bf16", "not built")
+
+
 def test_out_dir_over_init_from_is_refused_and_the_source_kept(tmp_path):
     """Training prunes old iter_* in out_dir: with out_dir = init_from it would delete the source."""
     source = write_checkpoint(reference(small_config()), tmp_path / "grown")

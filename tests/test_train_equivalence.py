@@ -1,8 +1,9 @@
 """The trainer equals a plain PyTorch loop, under every layout, and resumes exactly.
 
 One reference run (ReferenceLlama + torch.optim.AdamW, same LR schedule, same megatron GPTDataset
-batches, fp32) against megastack's engine in single-process, DP2 with ZeRO-1/2/3, TP2, PP2 and TP2xPP2,
-all started from the same torch_dist checkpoint of the reference's initial weights. Then: 5 steps, stop,
+batches, fp32) against megastack's engine in single-process, DP2 with ZeRO-0/1/2/3, TP2, PP2 and TP2xPP2
+(ZeRO-0 under TP2, PP2 and tied PP2 too), all started from the same torch_dist checkpoint of the
+reference's initial weights. Then: 5 steps, stop,
 resume 5 in a new process gives the same losses and weights as 10 straight; and a rank killed with
 SIGKILL in the middle of a save leaves the last complete checkpoint, from which a relaunch finishes with
 the same result.
@@ -118,6 +119,8 @@ def equivalence(tmp_path_factory):
         "dp2_zero3": {"zero_stage": 3},
         "tp2": {"tensor": 2},
         "pp2": {"pipeline": 2},
+        "tp2_zero0": {"tensor": 2, "zero_stage": 0},
+        "pp2_zero0": {"pipeline": 2, "zero_stage": 0},
     }
     layouts |= {"bf16_zero2": {"zero_stage": 2, "precision": "bf16"}, "bf16_pp2": {"pipeline": 2, "precision": "bf16"}}
     two = [{"name": n, "config": stage_config(tmp / n, init, **p)} for n, p in layouts.items()]
@@ -126,6 +129,8 @@ def equivalence(tmp_path_factory):
         {"name": "dp2_zero0_stopped", "config": stage_config(tmp / "zero0_resumed", init, zero_stage=0), "stop_at": 5}
     )
     two.append({"name": "tied_pp2", "config": stage_config(tmp / "tied_pp2", tied_init, TIED, pipeline=2)})
+    tied_zero0 = stage_config(tmp / "tied_pp2_zero0", tied_init, TIED, pipeline=2, zero_stage=0)
+    two.append({"name": "tied_pp2_zero0", "config": tied_zero0})
     results |= launch_stages(tmp, "two_ranks", 2, two)
     four = [
         {"name": "tp2pp2", "config": stage_config(tmp / "tp2pp2", init, tensor=2, pipeline=2)},
@@ -159,12 +164,15 @@ def assert_equals_reference(equivalence, name: str, expected: list[float], ref_w
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", ["single", "dp2_zero0", "dp2_zero1", "dp2_zero2", "dp2_zero3", "tp2", "pp2", "tp2pp2"])
+@pytest.mark.parametrize(
+    "name",
+    ["single", "dp2_zero0", "dp2_zero1", "dp2_zero2", "dp2_zero3", "tp2", "pp2", "tp2pp2", "tp2_zero0", "pp2_zero0"],
+)
 def test_losses_and_weights_equal_plain_pytorch(equivalence, name):
     assert_equals_reference(equivalence, name, equivalence["ref_losses"], equivalence["ref_weights"])
 
 
-@pytest.mark.parametrize("name", ["tied_single", "tied_pp2", "tied_tp2pp2"])
+@pytest.mark.parametrize("name", ["tied_single", "tied_pp2", "tied_tp2pp2", "tied_pp2_zero0"])
 def test_tied_embeddings_equal_plain_pytorch_under_pipeline_parallelism(equivalence, name):
     """Tied input and output embeddings on different pipeline stages (first and last) train as the one shared
     parameter of the reference loop: the two copies' gradients are summed each step and counted once in
@@ -174,6 +182,21 @@ def test_tied_embeddings_equal_plain_pytorch_under_pipeline_parallelism(equivale
     if name != "tied_single":  # and equal to the same model trained without pipeline parallelism
         got, single = stage_losses(equivalence["tmp"] / name), stage_losses(equivalence["tmp"] / "tied_single")
         assert all(abs(a - b) <= RTOL * abs(b) for a, b in zip(got, single)), (got, single)
+
+
+def logged_grad_norms(out: Path) -> list[float]:
+    records = map(json.loads, (out / "train.jsonl").read_text().splitlines())
+    return [r["grad_norm"] for r in records if r["type"] == "train"]
+
+
+@pytest.mark.parametrize("zero0, zero1", [("dp2_zero0", "dp2_zero1"), ("tp2_zero0", "tp2"), ("pp2_zero0", "pp2")])
+def test_zero0_clips_by_the_norm_over_every_stage(equivalence, zero0, zero1):
+    """ZeRO-0 reduces and clips in the trainer's step (DeepSpeed's own ZeRO-0 norm skips the second pipeline
+    stage's replicated parameters): the norm it logs is the one DeepSpeed's ZeRO-1 optimizer computes."""
+    got, expected = logged_grad_norms(equivalence["tmp"] / zero0), logged_grad_norms(equivalence["tmp"] / zero1)
+    assert len(got) == ITERS and all(g is not None for g in got)
+    assert all(abs(a - b) <= 1e-5 * b for a, b in zip(got, expected)), (got, expected)
+    assert max(expected) > OPTIMIZER["clip_grad"]  # the clip was active: a wrong norm would change the update
 
 
 @pytest.mark.parametrize("name", ["bf16_zero2", "bf16_pp2"])

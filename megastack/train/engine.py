@@ -6,7 +6,8 @@ How the two fit together:
 - DeepSpeed owns data parallelism and the optimizer: ZeRO 1/2/3 partitions of the fp32 master
   weights, Adam moments and gradients, gradient clipping, mixed precision. It sees megatron's
   ``parallel_state`` through ``MegatronMPU`` (its ``mpu`` argument), so it reduces over the DP group only
-  and computes the clipping norm over the TP x PP group once per parameter.
+  and computes the clipping norm over the TP x PP group once per parameter. At ZeRO-0 (plain data
+  parallelism, fp32) the step reduces and clips itself and DeepSpeed only updates.
 - Gradient accumulation belongs to megatron's schedule (it divides each micro-batch loss by the number
   of micro-batches). DeepSpeed runs with ``managed_gradient_accumulation: false`` and sees a single
   "micro-batch" per step: backward passes only accumulate, ``engine.step()`` reduces and updates.
@@ -142,7 +143,7 @@ def deepspeed_config(parallel: ParallelConfig, opt: OptimizerConfig, dp: int, mi
         "train_micro_batch_size_per_gpu": per_rank,
         "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False,
-        "gradient_clipping": opt.clip_grad,
+        "gradient_clipping": opt.clip_grad if parallel.zero_stage > 0 else 0.0,  # ZeRO-0: the Stepper clips
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
@@ -159,10 +160,11 @@ def deepspeed_config(parallel: ParallelConfig, opt: OptimizerConfig, dp: int, mi
 
 
 def check_layout(parallel: ParallelConfig, model: ModelConfig) -> None:
-    if parallel.zero_stage == 0 and (parallel.tensor > 1 or parallel.pipeline > 1):
+    if parallel.zero_stage == 0 and parallel.precision != "fp32":
         raise NotBuiltError(
-            "parallel.zero_stage 0 is built for data parallelism only (tested equal to plain PyTorch); with "
-            "tensor or pipeline parallelism use zero_stage 1"
+            f"parallel.zero_stage 0 with precision {parallel.precision} is not built in the trainer yet (DeepSpeed "
+            "keeps the fp32 master weights of mixed precision without ZeRO in flat buffers megastack does not "
+            "read); use zero_stage 1 (the same update, with the optimizer state partitioned) or precision fp32"
         )
     if parallel.pipeline > 1 and parallel.zero_stage > 1:
         raise UserError(
@@ -205,6 +207,33 @@ def shared_embedding_weight(model: torch.nn.Module, parallel: ParallelConfig) ->
     if not ps.is_pipeline_first_stage():
         weight.ds_pipe_replicated = True  # deepspeed.runtime.constants.PIPE_REPLICATED
     return weight
+
+
+def clip_over_model_parallel(module: torch.nn.Module, max_norm: float) -> float:
+    """Clip this rank's gradients to a global L2 norm of ``max_norm`` (0: no clipping); the norm.
+
+    As megatron-core's optimizer does: every gradient counted once over the TP x PP group (a replicated
+    norm weight on TP rank 0 only, a tied embedding on its first stage only), squares summed over that
+    group. Called after the data-parallel all-reduce, so every DP replica computes the same norm."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    params = [p for p in module.parameters() if p.grad is not None]
+    counted = [
+        p.grad
+        for p in params
+        if tensor_parallel.param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "ds_pipe_replicated", False)
+    ]
+    squares = torch.zeros((), dtype=torch.float32, device=params[0].grad.device if params else None)
+    for grad in counted:
+        squares += grad.detach().float().pow(2).sum()
+    torch.distributed.all_reduce(squares, group=ps.get_model_parallel_group())
+    norm = squares.sqrt().item()
+    coefficient = max_norm / (norm + 1e-6)
+    if max_norm > 0 and coefficient < 1.0:
+        for p in params:
+            p.grad.detach().mul_(coefficient)
+    return norm
 
 
 def initialize(model: torch.nn.Module, parallel: ParallelConfig, opt: OptimizerConfig, micro_batches: int):
@@ -276,6 +305,7 @@ class Stepper:
     parallel: ParallelConfig
     seq_length: int
     device: torch.device
+    clip_grad: float  # the global gradient-norm clip (ZeRO-0 clips in the step; DeepSpeed does otherwise)
     call: Callable[..., torch.Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -283,6 +313,11 @@ class Stepper:
         # has no such hooks (DeepSpeed 0.19 refuses a backward it did not start): the module is called
         # directly and the step all-reduces the gradients first (plain data parallelism).
         self.call = self.engine.module if self.parallel.zero_stage == 0 else self.engine
+        if self.parallel.zero_stage == 0:
+            # DeepSpeed clips ZeRO-0's gradients with a norm that skips later pipeline stages (it counts a
+            # parameter only on model-parallel rank 0 unless it is tensor-parallel): the step reduces and
+            # clips them itself (clip_over_model_parallel), and DeepSpeed's step only updates.
+            self.engine.enable_backward_allreduce = False
         # Tied embeddings across stages: DeepSpeed must not reduce gradients while megatron's schedule runs
         # (its per-backward reduction would move them into its buffers before the two stages' copies are
         # summed), so the step reduces them itself, as at ZeRO-0. Every rank decides alike.
@@ -349,10 +384,12 @@ class Stepper:
             from megatron.core import parallel_state as ps
 
             torch.distributed.all_reduce(self.shared_embedding.grad, group=ps.get_embedding_group())
-        if self.parallel.zero_stage == 0 or self.ties_stages:
-            self.engine.allreduce_gradients()
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
+        norm = None
+        if self.parallel.zero_stage == 0:  # the data-parallel mean first, then the norm of the reduced gradients
+            self.engine.buffered_allreduce_fallback()
+            norm = clip_over_model_parallel(self.module, self.clip_grad)
+        self.engine.step()  # reduces the gradients itself at ZeRO-1 (after no_sync too), ZeRO-2/3 as they go
+        norm = self.engine.get_global_grad_norm() if norm is None else norm
         norm_value = float(norm.item() if isinstance(norm, torch.Tensor) else norm) if norm is not None else None
         return StepResult(self.mean_over_ranks(local, len(batches)), norm_value, lr)
 

@@ -312,7 +312,7 @@ class Stage:
             cache_dir=config.data.cache_dir or (self.out / "data_cache"),
         )
         self.device = _device()
-        self.stepper = Stepper(self.engine, self.par, self.cfg.seq_length, self.device)
+        self.stepper = Stepper(self.engine, self.par, self.cfg.seq_length, self.device, config.optimizer.clip_grad)
         self.dp, self.dp_rank = self.par.data_parallel_size(inputs.world), ps.get_data_parallel_rank()
         self.logs = Logs(
             self.out,
