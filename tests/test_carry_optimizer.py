@@ -389,3 +389,44 @@ def test_learned_depth_growth_carries_adams_state(carried, tmp_path):
             assert torch.allclose(grown.read(f"fp32_param/{name}"), want, rtol=0, atol=1e-6), name
             mixed = 0.75 * src.read(a).float() + 0.25 * src.read(b).float()  # the weight: the same mixture
             assert torch.equal(grown.read(name), mixed.to(torch.bfloat16)), name
+
+
+def test_learned_width_growth_carries_adams_state(carried):
+    """G_learn across width with the state: the moments are those of the maps' starting point (G_direct's
+    width copy of the stacked layer, as grow --operator stack --dimension width carries them), whatever the
+    learned maps became; the fp32 master is the learned mixture of the master copies, as the weight is of the
+    bf16 weights. Maps given by hand: G_direct's, perturbed (learning them is tested in test_growth_learn.py)."""
+    from megastack import layout
+    from megastack.ckpt.detect import open_checkpoint
+    from megastack.growth.learn import initial_learned
+    from megastack.growth.operators import make_plan
+    from megastack.growth.spec import GrowthSpec
+    from megastack.plan import with_optimizer_state
+
+    src = open_checkpoint(carried["tmp"] / "first_bf16")
+    states = src.optimizer_states()
+    assert states == ("fp32_param", "exp_avg", "exp_avg_sq")
+    shape = {
+        "dimension": "width",
+        "hidden": WIDE["hidden_size"],
+        "ffn": WIDE["ffn_hidden_size"],
+        "carry_optimizer": True,
+    }
+    learned = initial_learned(src.cfg, GrowthSpec("learn", **shape))
+    noise = torch.Generator().manual_seed(3)
+    learned["width"] = {k: b + 0.01 * torch.randn(b.shape, generator=noise) for k, b in learned["width"].items()}
+    learned |= {"report": {}}
+    plan = with_optimizer_state(make_plan(src.cfg, GrowthSpec("learn", learned=learned, **shape)), states)
+    direct = with_optimizer_state(make_plan(src.cfg, GrowthSpec("stack", **shape)), states)
+    assert plan.target == direct.target
+    dtype = src.dtype("embedding")
+    grown, copied = plan.producer(src, dtype), direct.producer(src, dtype)
+    for name in layout.logical_names(plan.target):
+        for state in ("exp_avg", "exp_avg_sq"):
+            key = layout.state_name(state, name)
+            assert torch.equal(grown(key, None), copied(key, None)), key
+        weight, master = grown(name, None).float(), grown(layout.state_name("fp32_param", name), None)
+        assert master.dtype == torch.float32 and master.shape == weight.shape
+        assert (weight - master).abs().max() <= 2e-2 * master.abs().max(), name  # bf16 weights vs fp32 masters
+        start = copied(layout.state_name("fp32_param", name), None)
+        assert not torch.allclose(master, start, rtol=0, atol=1e-4), name  # the learned mixture, not the start

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,14 @@ def initial_learned(source: ModelConfig, spec: Any) -> dict[str, Any]:
     return out
 
 
+def _direct_start(source: ModelConfig, target: ModelConfig, seed: int) -> Callable[[str, str], Any]:
+    """(source name, target name) -> G_direct's width recipe: the learned width maps' starting point."""
+    from megastack.growth.width import WidthMaps, width_recipe
+
+    maps = WidthMaps(source, target, "direct")
+    return lambda source_name, target_name: width_recipe(maps, source_name, target_name, seed, target.num_layers)
+
+
 def _check_spec(spec: Any) -> None:
     if spec.noise:
         raise UserError("--noise does not combine with --operator learn (it would undo the learned maps); drop it")
@@ -152,10 +161,13 @@ def learned_plan(source: ModelConfig, spec: Any) -> Plan:
     width = spec.learned.get("width") if spec.dimension != "depth" else None
     if spec.dimension != "depth" and width is None:
         raise UserError("--dimension width/both with --operator learn needs learned width maps; give --data")
+    start = _direct_start(source, target, spec.seed) if width is not None else None
     recipes: dict[str, Any] = {}
     for name in layout.logical_names(source):
         if layout.split_name(name)[0] is None:
-            recipes[name] = Copy(name) if width is None else LearnedWidth(name, (name,), (None,), (1.0,), width)
+            recipes[name] = (
+                Copy(name) if start is None else LearnedWidth(name, (name,), (None,), (1.0,), width, start(name, name))
+            )
     for kind in layout.LAYER_KINDS:
         d = maps[kind]
         if len(d) != len(mapping) or any(len(row) != source.num_layers for row in d):
@@ -165,8 +177,15 @@ def learned_plan(source: ModelConfig, spec: Any) -> Plan:
             weights = tuple(float(w) for w in row)
             recipes[layout.layer_name(position, kind)] = (
                 LinearCombination(names, weights, layout.layer_name(mapping[position], kind))
-                if width is None
-                else LearnedWidth(kind, names, tuple(range(source.num_layers)), weights, width)
+                if start is None
+                else LearnedWidth(
+                    kind,
+                    names,
+                    tuple(range(source.num_layers)),
+                    weights,
+                    width,
+                    start(layout.layer_name(mapping[position], kind), layout.layer_name(position, kind)),
+                )
             )
     new_layers = sorted(set(range(len(mapping))) - set(first_occurrences(mapping)))
     info: dict[str, Any] = {
@@ -292,6 +311,18 @@ class LearnedWidth:
     layers: tuple[int | None, ...]
     weights: tuple[float, ...]
     width: dict[str, torch.Tensor]
+    start: Any = None  # G_direct's copy of the stacked layer (a WidthCopy): where the learned maps started
+
+    def for_state(self, state: str, weight: str) -> Any:
+        """Adam's state under learned width maps, by the depth rule (LinearCombination.for_state): the moments
+        of the maps' starting point, i.e. the stacked source layer's moments through G_direct's width maps
+        (WidthCopy.for_state: x s and x s^2, zero where new); the fp32 master mixed like the weight."""
+        if state == "fp32_param":
+            masters = tuple(layout.state_name(state, name) for name in self.sources_)
+            return AsWeight(replace(self, sources_=masters, start=None), weight)
+        if self.start is None:
+            raise UserError(f"{weight}: learned width maps without their starting point; Adam's state cannot follow")
+        return self.start.for_state(state, weight)
 
     def produce(self, target: str, shape: tuple[int, ...], read: Read, pieces, dtype) -> torch.Tensor:
         pieces = list(pieces) if pieces else None
