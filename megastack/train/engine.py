@@ -320,7 +320,8 @@ class Stepper:
             self.engine.enable_backward_allreduce = False
         # Tied embeddings across stages: DeepSpeed must not reduce gradients while megatron's schedule runs
         # (its per-backward reduction would move them into its buffers before the two stages' copies are
-        # summed), so the step reduces them itself, as at ZeRO-0. Every rank decides alike.
+        # summed): backward runs under no_sync, and DeepSpeed's step reduces them after the embedding group's
+        # sum. Every rank decides alike.
         self.ties_stages = self.parallel.pipeline > 1 and getattr(
             self.module, "share_embeddings_and_output_weights", False
         )
