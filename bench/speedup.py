@@ -739,7 +739,8 @@ def plot_sweeps(report: dict[str, Any], path: Path) -> None:
             ax.set_title("speedup vs g")
         ax.set_ylabel("speedup, % (FLOPs_scratch / FLOPs_op - 1)")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{report['recipe']}: seeds {', '.join(map(str, report['seeds']))}")
+    seeds = report["options"].get("sweep_seeds") or report["seeds"]  # each sweep point ran for these seeds only
+    fig.suptitle(f"{report['recipe']}: sweeps over seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
