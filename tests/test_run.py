@@ -151,10 +151,10 @@ def final_large_tensors(out: Path) -> dict[str, torch.Tensor]:
     return {name: reader.read(name) for name in layout.logical_names(reader.cfg)}
 
 
-# Each trial costs about two micro runs (~40 s each: the killed one and its re-run), so the suite runs 2 (one
-# kill in each half of the run, stratified) and MEGASTACK_TRAIN_KILL_TRIALS=10 runs the 10 of the reliability
-# issue.
-TRAIN_KILL_TRIALS = int(os.environ.get("MEGASTACK_TRAIN_KILL_TRIALS", "2"))
+# Each trial costs about two micro runs (~40 s each: the killed one and its re-run), so the suite runs 3 (one
+# kill in each third of the run, stratified: the first lands before the small stage ends) and
+# MEGASTACK_TRAIN_KILL_TRIALS=10 runs the 10 of the reliability issue.
+TRAIN_KILL_TRIALS = int(os.environ.get("MEGASTACK_TRAIN_KILL_TRIALS", "3"))
 
 
 def rank_pids(launcher: subprocess.Popen) -> list[int]:

@@ -3,10 +3,9 @@
 One reference run (ReferenceLlama + torch.optim.AdamW, same LR schedule, same megatron GPTDataset
 batches, fp32) against megastack's engine in single-process, DP2 with ZeRO-0/1/2/3, TP2, PP2 and TP2xPP2
 (ZeRO-0 under TP2, PP2 and tied PP2 too), all started from the same torch_dist checkpoint of the
-reference's initial weights. Then: 5 steps, stop,
-resume 5 in a new process gives the same losses and weights as 10 straight; and a rank killed with
-SIGKILL in the middle of a save leaves the last complete checkpoint, from which a relaunch finishes with
-the same result.
+reference's initial weights. Then: 5 steps, stop, resume 5 in a new process gives the same losses and
+weights as 10 straight; and a rank killed with SIGKILL in the middle of a save leaves the last complete
+checkpoint, from which a relaunch finishes with the same result.
 """
 
 from __future__ import annotations
