@@ -67,6 +67,11 @@ def launch_stages(tmp: Path, name: str, nprocs: int, runs: list[dict]) -> dict[s
     return {r["name"]: r for r in run_workers("train_stage.py", nprocs, str(job), timeout=600)}
 
 
+def stage_logged(out: Path, field: str) -> list:
+    """One field of every train record a stage logged, in order."""
+    return [r[field] for r in map(json.loads, (out / "train.jsonl").read_text().splitlines()) if r["type"] == "train"]
+
+
 def stage_losses(out: Path) -> list[float]:
     """The train losses a stage logged, in order."""
-    return [r["loss"] for r in map(json.loads, (out / "train.jsonl").read_text().splitlines()) if r["type"] == "train"]
+    return stage_logged(out, "loss")

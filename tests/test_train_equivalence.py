@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference_loop import launch_stages, reference_adamw, reference_steps, stage_losses
+from reference_loop import launch_stages, reference_adamw, reference_steps, stage_logged, stage_losses
 
 from ckpt_factory import write_checkpoint
 from conftest import WORKERS
@@ -183,16 +183,11 @@ def test_tied_embeddings_equal_plain_pytorch_under_pipeline_parallelism(equivale
         assert all(abs(a - b) <= RTOL * abs(b) for a, b in zip(got, single)), (got, single)
 
 
-def logged_grad_norms(out: Path) -> list[float]:
-    records = map(json.loads, (out / "train.jsonl").read_text().splitlines())
-    return [r["grad_norm"] for r in records if r["type"] == "train"]
-
-
 @pytest.mark.parametrize("zero0, zero1", [("dp2_zero0", "dp2_zero1"), ("tp2_zero0", "tp2"), ("pp2_zero0", "pp2")])
 def test_zero0_clips_by_the_norm_over_every_stage(equivalence, zero0, zero1):
     """ZeRO-0 reduces and clips in the trainer's step (DeepSpeed's own ZeRO-0 norm skips the second pipeline
     stage's replicated parameters): the norm it logs is the one DeepSpeed's ZeRO-1 optimizer computes."""
-    got, expected = logged_grad_norms(equivalence["tmp"] / zero0), logged_grad_norms(equivalence["tmp"] / zero1)
+    got, expected = (stage_logged(equivalence["tmp"] / run, "grad_norm") for run in (zero0, zero1))
     assert len(got) == ITERS and all(g is not None for g in got)
     assert all(abs(a - b) <= 1e-5 * b for a, b in zip(got, expected)), (got, expected)
     assert max(expected) > OPTIMIZER["clip_grad"]  # the clip was active: a wrong norm would change the update

@@ -175,16 +175,12 @@ def learned_plan(source: ModelConfig, spec: Any) -> Plan:
         names = tuple(layout.layer_name(j, kind) for j in range(source.num_layers))
         for position, row in enumerate(d):
             weights = tuple(float(w) for w in row)
-            recipes[layout.layer_name(position, kind)] = (
-                LinearCombination(names, weights, layout.layer_name(mapping[position], kind))
+            target_name, stacked = layout.layer_name(position, kind), layout.layer_name(mapping[position], kind)
+            recipes[target_name] = (
+                LinearCombination(names, weights, stacked)
                 if start is None
                 else LearnedWidth(
-                    kind,
-                    names,
-                    tuple(range(source.num_layers)),
-                    weights,
-                    width,
-                    start(layout.layer_name(mapping[position], kind), layout.layer_name(position, kind)),
+                    kind, names, tuple(range(source.num_layers)), weights, width, start(stacked, target_name)
                 )
             )
     new_layers = sorted(set(range(len(mapping))) - set(first_occurrences(mapping)))
