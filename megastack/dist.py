@@ -229,6 +229,8 @@ def launch_local(
         LOCAL_WORLD_SIZE=str(nprocs),
         PYTHONUNBUFFERED="1",
     )
+    if "OMP_NUM_THREADS" not in base:  # as torchrun: ranks that each spawn a thread per core only contend
+        base["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nprocs))
     procs: list[subprocess.Popen] = []
     logs = []
     deadline = time.monotonic() + timeout

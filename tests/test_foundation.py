@@ -187,6 +187,16 @@ def test_launch_local_passes_rank_env():
     assert ranks == ["0", "1", "2"]
 
 
+def test_launch_local_splits_the_cores_between_ranks(monkeypatch):
+    """Like torchrun: ranks that each start one thread per core only contend (4 ranks on 2 cores: 3x slower)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    code = "import os; print(os.environ['OMP_NUM_THREADS'])"
+    result = launch_local([sys.executable, "-c", code], 2, timeout=60)
+    assert result.ok and [out.strip() for out in result.outputs] == [str(max(1, os.cpu_count() // 2))] * 2
+    result = launch_local([sys.executable, "-c", code], 2, timeout=60, env={"OMP_NUM_THREADS": "3"})
+    assert result.ok and [out.strip() for out in result.outputs] == ["3", "3"]  # the user's choice stands
+
+
 def test_launch_local_timeout_leaves_no_process(tmp_path):
     pidfile = tmp_path / "pids"
     code = (
