@@ -7,6 +7,7 @@
 set -euo pipefail
 NPROC=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count() or 2)")}
 COMMAND=${MEGASTACK_COMMAND:-run}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # as torchrun: one thread per rank unless told otherwise
 if [ -z "${HOSTFILE:-}" ]; then
   exec deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" --no_local_rank --module megastack \
     "$COMMAND" "$@"

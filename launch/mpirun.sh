@@ -6,6 +6,7 @@
 set -euo pipefail
 NP=${NP:-2}
 COMMAND=${MEGASTACK_COMMAND:-run}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # as torchrun: one thread per rank unless told otherwise
 MPIRUN=${MPIRUN:-mpirun}
 ARGS=(-np "$NP")
 if [ -n "${HOSTFILE:-}" ]; then ARGS+=(--hostfile "$HOSTFILE"); fi
