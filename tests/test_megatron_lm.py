@@ -27,7 +27,7 @@ from megastack.ckpt.safe_load import load_pt, save_pt
 from conftest import assert_one_line_error, in_process, run_cli
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "megatron_lm"
-TRAINING_SAVES = ("legacy", "legacy_distopt", "torch_dist", "torch_dist_distopt")
+TRAINING_SAVES = ("legacy", "legacy_distopt", "torch_dist", "torch_dist_distopt", "torch_dist_distopt_fr")
 ALL = (*TRAINING_SAVES, "legacy_tp2pp2")
 transformers = pytest.importorskip("transformers")
 
@@ -72,6 +72,7 @@ def test_inspect_reads_what_megatron_lm_wrote(name):
             "legacy_distopt": "distrib_optim.pt",
             "torch_dist": "sharded",
             "torch_dist_distopt": "dp_reshardable",
+            "torch_dist_distopt_fr": "fully_reshardable",
         }[name]
         assert kind in mlm["optimizer"]
     else:
@@ -389,7 +390,7 @@ def test_convert_keeps_a_torch_dist_saves_iteration(tmp_path):
 
 # ----------------------------------------------------------------------------- Adam's state (--carry-optimizer)
 
-CARRIED_SAVES = TRAINING_SAVES  # plain and distributed optimizer, legacy and torch_dist (dp_reshardable)
+CARRIED_SAVES = TRAINING_SAVES  # plain and distributed optimizer; torch_dist dp_reshardable and fully_reshardable
 
 
 def dcp_tensors(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
@@ -479,7 +480,7 @@ def _edit_rank_file(src: Path, dst: Path, edit) -> None:
         ("step differs", ("Adam's step differs",), 1),
         ("moment shape", ("optimizer.state[2].exp_avg", "is (32, 32) float32", "needs (64, 32)"), 1),
         ("custom lr_mult", ("lr_mult=2.0", "custom parameter groups"), 2),
-        ("torch_dist fully_reshardable", ("'fully_reshardable' is not read yet",), 2),
+        ("torch_dist fully_sharded_model_space", ("'fully_sharded_model_space' is not read yet",), 2),
         ("no optimizer", ("holds no optimizer state",), 1),
         ("buffer order", ("distrib_optim.pt", "master weights at", "not megatron-core's"), 1),
     ],
@@ -507,11 +508,11 @@ def test_megatron_optimizer_state_refusals(case, needles, code, tmp_path):
         a, b = "decoder.layers.0.mlp.linear_fc1.weight", "decoder.layers.1.mlp.linear_fc1.weight"
         blob["model"][a], blob["model"][b] = blob["model"][b], blob["model"][a]
         save_pt(blob, path)
-    elif case == "torch_dist fully_reshardable":  # another sharding type of the distributed optimizer
+    elif case == "torch_dist fully_sharded_model_space":  # older Megatron-LM's sharding of the distributed optimizer
         shutil.copytree(FIXTURES / "torch_dist_distopt", src)
         path = resolve_iteration_dir(src) / "common.pt"
         common = load_pt(path)
-        common["optimizer"]["param_state_sharding_type"] = "fully_reshardable"
+        common["optimizer"]["param_state_sharding_type"] = "fully_sharded_model_space"
         save_pt(common, path)
     elif case == "no optimizer":
         src = FIXTURES / "legacy_tp2pp2"

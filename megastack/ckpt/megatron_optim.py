@@ -18,9 +18,10 @@ torch_dist: the plain optimizer's ``optimizer.state.<state>.<weight key>`` entri
 own trainer writes (the torch_dist reader reads them; ``fp32_param`` is the master copy), its step
 ``common.pt``'s ``optimizer[.optimizer].state.common_step``; the distributed optimizer's ``dp_reshardable``
 buckets follow the same buffer layout (the torch_dist reader maps them with ``buffer_spans``, trying each
-module order in ``LAYER_ORDERS`` until the master weights prove one).
+module order in ``LAYER_ORDERS`` until the master weights prove one); its ``fully_reshardable`` save is in
+model space like the plain optimizer's (master copy named ``param``), the step in its param groups.
 
-Not read yet (each refused in one line): fp16's loss-scaler state, the distributed optimizer's other
+Not read yet (each refused in one line): fp16's loss-scaler state, the distributed optimizer's older
 torch_dist formats and its buckets under TP/PP > 1, several gradient buffers (MoE), custom parameter groups
 (lr_mult, decoupled LR, a no-weight-decay condition).
 """
@@ -289,29 +290,49 @@ def resume_state(optimizer: Any, scheduler: Any, step: int, where: str, mixed: b
     return out
 
 
+# torch_dist optimizer layouts read: the plain optimizer's and the distributed optimizer's in model space
+# (--dist-ckpt-optim-fully-reshardable), both optimizer.state.<state>.<weight key> sharded like the weight,
+# and the distributed optimizer's buckets (dp_reshardable, Megatron-LM 0.16's default)
+TORCH_DIST_SHARDINGS = ("plain", "fully_reshardable", "dp_reshardable")
+FULLY_RESHARDABLE_MASTER = "param"  # the fully_reshardable format's name of the fp32 master copy
+
+
 def torch_dist_sharding(common: dict[str, Any], where: str) -> str | None:
-    """How a Megatron-LM torch_dist checkpoint saved Adam's state: 'plain' (its plain optimizer's
-    optimizer.state.* entries), 'dp_reshardable' (the distributed optimizer's buckets), None (no optimizer)."""
+    """How a Megatron-LM torch_dist checkpoint saved Adam's state: one of TORCH_DIST_SHARDINGS, None (no
+    optimizer)."""
     optimizer = common.get("optimizer")
     if optimizer is None:
         return None
     optimizer = untrusted.typed(optimizer, dict, where, "field 'optimizer'", FIX)
     kind = optimizer.get("param_state_sharding_type", "plain")
-    if kind not in ("plain", "dp_reshardable"):
+    if kind not in TORCH_DIST_SHARDINGS:
         raise NotBuiltError(
-            f"{where}: the distributed optimizer's torch_dist state {kind!r} is not read yet (dp_reshardable, "
-            "Megatron-LM's default, is; or save with the plain optimizer); " + FIX
+            f"{where}: the distributed optimizer's torch_dist state {str(kind)[:40]!r} is not read yet "
+            "(dp_reshardable, Megatron-LM's default, and fully_reshardable are; or save with the plain "
+            "optimizer); " + FIX
         )
     return kind
 
 
 def torch_dist_step(common: dict[str, Any], where: str) -> int | None:
-    """Adam's step of a Megatron-LM torch_dist checkpoint's plain optimizer (common.pt), None without one."""
-    if torch_dist_sharding(common, where) is None:
+    """Adam's step of a Megatron-LM torch_dist checkpoint's model-space optimizer state (common.pt), None
+    without one: the plain optimizer's ``state.common_step``, the distributed optimizer's param groups'
+    ``step`` (fully_reshardable)."""
+    kind = torch_dist_sharding(common, where)
+    if kind is None:
         return None
     optimizer = common["optimizer"]
-    if isinstance(optimizer.get("optimizer"), dict):  # bf16/fp16 training: the mixed-precision optimizer's
+    if isinstance(optimizer.get("optimizer"), dict):  # the mixed-precision or distributed optimizer's torch state
         optimizer = optimizer["optimizer"]
+    if kind == "fully_reshardable":
+        groups = untrusted.typed(optimizer.get("param_groups"), list, where, "field 'optimizer.param_groups'", FIX)
+        return one_step(
+            [
+                step_of(g.get("step") if isinstance(g, dict) else g, where, "optimizer.param_groups.step")
+                for g in groups
+            ],
+            where,
+        )
     state = optimizer.get("state")
     if not isinstance(state, dict) or "common_step" not in state:
         raise UserError(f"{where}: field 'optimizer.state.common_step' (Adam's step) is missing; " + FIX)

@@ -303,9 +303,7 @@ class TorchDistReader:
             return tuple(s for s in layout.OPTIMIZER_STATES if s in mapped)
         keys = self.metadata.state_dict_metadata
         present = tuple(
-            state
-            for state in layout.OPTIMIZER_STATES
-            if dcp_key(layout.state_name(state, "embedding"), self.cfg.is_moe)[0] in keys
+            state for state in layout.OPTIMIZER_STATES if self._key(layout.state_name(state, "embedding")) in keys
         )
         for state in present:
             self._check_shapes([layout.state_name(state, n) for n in layout.logical_names(self.cfg)])
@@ -315,7 +313,7 @@ class TorchDistReader:
         sd = self.metadata.state_dict_metadata
         checked: set[str] = set()
         for name in names or layout.logical_names(self.cfg):
-            key, _ = dcp_key(name, self.cfg.is_moe)
+            key = self._key(name)
             if key not in sd or not isinstance(sd[key], TensorStorageMetadata):
                 experts = f", {self.cfg.num_experts} experts" if self.cfg.is_moe else ""
                 raise UserError(
@@ -382,11 +380,11 @@ class TorchDistReader:
     def dtype(self, name: str) -> torch.dtype:
         if layout.split_state(name)[0] and self._flat_span(name) is not None:
             return torch.float32
-        return self.metadata.state_dict_metadata[dcp_key(name, self.cfg.is_moe)[0]].properties.dtype
+        return self.metadata.state_dict_metadata[self._key(name)].properties.dtype
 
     def _regions(self, name: str, pieces: list[Piece] | None) -> tuple[str, list[tuple[list[int], list[int]]], int]:
         """DCP key, [(offsets, sizes)] in the stored tensor, and the concat dim in the result."""
-        key, _ = dcp_key(name, self.cfg.is_moe)
+        key = self._key(name)
         shape = layout.logical_shape(self.cfg, name)
         lead = list(leading(self.cfg, name)[0])
         lead_size = [1] * len(lead)
@@ -497,6 +495,25 @@ class TorchDistReader:
                 "checkpoint metadata is inconsistent"
             )
         return out
+
+    def _key(self, name: str) -> str:
+        """The DCP key of a logical name (``dcp_key``); the distributed optimizer's model-space save
+        (fully_reshardable) names the fp32 master copy 'param', where the plain optimizer says 'fp32_param'."""
+        key, _ = dcp_key(name, self.cfg.is_moe)
+        if layout.split_state(name)[0] == megatron_optim.MASTER and self._master_is_param:
+            key = (
+                OPTIMIZER_KEY
+                + megatron_optim.FULLY_RESHARDABLE_MASTER
+                + key.removeprefix(OPTIMIZER_KEY + megatron_optim.MASTER)
+            )
+        return key
+
+    @functools.cached_property
+    def _master_is_param(self) -> bool:
+        """A fully_reshardable save of bf16/fp16 weights: its 'param' entries are the fp32 master copies (in fp32
+        training they repeat the weights, and are not read)."""
+        sharding = megatron_optim.torch_dist_sharding(self.common, str(self.path / "common.pt"))
+        return sharding == "fully_reshardable" and self.dtype("embedding") != torch.float32
 
     def _flat_span(self, name: str) -> tuple[str, int, int] | None:
         """Where Adam's state ``name`` lies in the distributed optimizer's buckets (None: not there)."""
