@@ -22,7 +22,7 @@ module order in ``LAYER_ORDERS`` until the master weights prove one); its ``full
 model space like the plain optimizer's (master copy named ``param``), the step in its param groups.
 
 Not read yet (each refused in one line): fp16's loss-scaler state, the distributed optimizer's older
-torch_dist formats and its buckets under TP/PP > 1, several gradient buffers (MoE), custom parameter groups
+torch_dist formats and its buckets under PP > 1, several gradient buffers (MoE), custom parameter groups
 (lr_mult, decoupled LR, a no-weight-decay condition).
 """
 

@@ -181,59 +181,32 @@ class TorchDistReader:
         return megatron_optim.torch_dist_step(self.common, str(self.path / "common.pt"))
 
     @functools.cached_property
-    def _distributed(self) -> tuple[dict[str, tuple[str, int, int]], int, Any] | None:
-        """Megatron-LM's distributed optimizer state (dp_reshardable: flat buckets) mapped onto the weights:
-        ({state name: (bucket key, start, end)}, step, its param-groups object); None without one."""
+    def _distributed(self) -> tuple[dict[str, list[tuple[str, int, int]]], int, Any] | None:
+        """Megatron-LM's distributed optimizer state (dp_reshardable: flat buckets, one set per tensor-parallel
+        rank) mapped onto the weights: ({state name: [(bucket key, start, end) of each TP rank's shard]}, step,
+        its param-groups object); None without one. A replicated weight (a norm) is read from TP rank 0."""
         where = str(self.path / "common.pt")
         if megatron_optim.torch_dist_sharding(self.common, where) != "dp_reshardable":
             return None
-        parallel = [
+        tp, pp = (
             megatron_args.get(self.saved_args, f, where) or 1
             for f in ("tensor_model_parallel_size", "pipeline_model_parallel_size")
-        ]
-        if parallel != [1, 1] or self.cfg.is_moe:
+        )
+        if pp != 1 or self.cfg.is_moe:
             raise NotBuiltError(
-                f"{self.path}: the distributed optimizer's torch_dist buckets are read for TP1 PP1 dense "
-                "saves only yet (one bucket domain); " + megatron_optim.FIX
+                f"{self.path}: the distributed optimizer's torch_dist buckets are read for dense saves without "
+                "pipeline parallelism only yet (save with --dist-ckpt-optim-fully-reshardable, which is read "
+                "under any layout); " + megatron_optim.FIX
             )
-        sizes = self._stored_object(DISTRIBUTED_KEY + "per_bucket_numel_unpadded/shard_0_1")
-        try:  # [[{(param dtype, grad dtype): [bucket sizes]}]]: one model chunk, one gradient buffer
-            ((by_dtype,),) = sizes
-            ((dtype_key, bucket_sizes),) = by_dtype.items()
-            bucket_sizes = [int(n) for n in bucket_sizes]
-        except (TypeError, ValueError, AttributeError):
-            raise NotBuiltError(
-                f"{self.path}: the distributed optimizer's bucket sizes {str(sizes)[:80]} are not one dense "
-                "buffer's; " + megatron_optim.FIX
-            ) from None
-
-        def key(bucket: int, state: str) -> str:
-            return f"{DISTRIBUTED_KEY}gbuf_idx_0.dtype_{dtype_key}.bucket_idx_{bucket}.{state}"
-
-        sd = self.metadata.state_dict_metadata
-        for b, n in enumerate(bucket_sizes):
-            for state in ("param", *megatron_optim.MOMENTS):
-                md = sd.get(key(b, state))
-                if not isinstance(md, TensorStorageMetadata) or tuple(md.size) != (n,):
-                    raise UserError(f"{self.path}: '{key(b, state)}' is missing or not {n} elements; it is corrupt")
-        numels = {n: math.prod(layout.logical_shape(self.cfg, n)) for n in layout.logical_names(self.cfg)}
-        for kinds in megatron_optim.LAYER_ORDERS:  # the module order whose layout the master weights prove
-            spans = megatron_optim.buffer_spans(
-                [(n, numels[n]) for n in megatron_optim.module_order(self.cfg, kinds)], bucket_sizes
-            )
-            if spans is not None and all(
-                megatron_optim.master_matches(
-                    lambda lo, hi, b=b, a=a: self._flat(key(b, "param"), a + lo, a + hi), *self._weight_ends(n), e - a
-                )
-                for n, (b, a, e) in spans.items()
-            ):
-                break
-        else:
-            raise NotBuiltError(
-                f"{self.path}: the distributed optimizer's buckets ({bucket_sizes} elements) do not hold the weights "
-                "in any parameter order megatron-core's GPTModel has (local or Transformer Engine spec); "
-                + megatron_optim.FIX
-            )
+        shards = [self._rank_buckets(rank, tp) for rank in range(tp)]
+        mapping = {
+            name: [
+                spans[name]
+                for spans in shards[: 1 if layout.TP_RULE[layout.split_name(name)[1]] == "replicated" else tp]
+            ]
+            for name in shards[0]
+        }
+        # the model-parallel ranks' param groups agree (one optimizer config); rank 0's are the source's
         groups = self._stored_object(DISTRIBUTED_KEY + "optimizer/shard_0_1")
         groups = groups[0] if isinstance(groups, list) and len(groups) == 1 else groups
         where = f"{self.path} ({DISTRIBUTED_KEY}optimizer)"
@@ -246,30 +219,86 @@ class TorchDistReader:
             ],
             where,
         )
+        return mapping, step, groups
+
+    def _rank_buckets(self, rank: int, tp: int) -> dict[str, tuple[str, int, int]]:
+        """Where TP rank ``rank``'s buckets (``dp_group_idx_<rank>``: its model-parallel rank) hold each of its
+        shards' states: {state name: (bucket key, start, end)}, the module order proven by the master weights."""
+        prefix = DISTRIBUTED_KEY.replace("dp_group_idx_0", f"dp_group_idx_{rank}")
+        sizes = self._stored_object(prefix + "per_bucket_numel_unpadded/shard_0_1")
+        try:  # [[{(param dtype, grad dtype): [bucket sizes]}]]: one model chunk, one gradient buffer
+            ((by_dtype,),) = sizes
+            ((dtype_key, bucket_sizes),) = by_dtype.items()
+            bucket_sizes = [int(n) for n in bucket_sizes]
+        except (TypeError, ValueError, AttributeError):
+            raise NotBuiltError(
+                f"{self.path}: the distributed optimizer's bucket sizes {str(sizes)[:80]} (TP rank {rank}) are not "
+                "one dense buffer's; " + megatron_optim.FIX
+            ) from None
+
+        def key(bucket: int, state: str) -> str:
+            return f"{prefix}gbuf_idx_0.dtype_{dtype_key}.bucket_idx_{bucket}.{state}"
+
+        sd = self.metadata.state_dict_metadata
+        for b, n in enumerate(bucket_sizes):
+            for state in ("param", *megatron_optim.MOMENTS):
+                md = sd.get(key(b, state))
+                if not isinstance(md, TensorStorageMetadata) or tuple(md.size) != (n,):
+                    raise UserError(f"{self.path}: '{key(b, state)}' is missing or not {n} elements; it is corrupt")
+        numels = {
+            n: math.prod(layout.tp_shard_shape(layout.split_name(n)[1], layout.logical_shape(self.cfg, n), tp))
+            for n in layout.logical_names(self.cfg)
+        }
+        for kinds in megatron_optim.LAYER_ORDERS:  # the module order whose layout the master weights prove
+            spans = megatron_optim.buffer_spans(
+                [(n, numels[n]) for n in megatron_optim.module_order(self.cfg, kinds)], bucket_sizes
+            )
+            if spans is not None and all(
+                megatron_optim.master_matches(
+                    lambda lo, hi, b=b, a=a: self._flat(key(b, "param"), a + lo, a + hi),
+                    *self._shard_ends(n, rank, tp),
+                    e - a,
+                )
+                for n, (b, a, e) in spans.items()
+            ):
+                break
+        else:
+            raise NotBuiltError(
+                f"{self.path}: the distributed optimizer's buckets ({bucket_sizes} elements, TP rank {rank}) do not "
+                "hold the weights in any parameter order megatron-core's GPTModel has (local or Transformer Engine "
+                "spec); " + megatron_optim.FIX
+            )
         # bf16/fp16 weights: the bucket's fp32 `param` is also each weight's master copy
         states = (
             megatron_optim.MOMENTS
             if dtype_key[0] == torch.float32
             else (megatron_optim.MASTER, *megatron_optim.MOMENTS)
         )
-        mapping = {
+        return {
             layout.state_name(m, n): (key(b, "param" if m == megatron_optim.MASTER else m), a, e)
             for n, (b, a, e) in spans.items()
             for m in states
         }
-        return mapping, step, groups
 
     def _flat(self, key: str, start: int, end: int) -> torch.Tensor:
         return self._assemble(
             key, [start], [end - start], list(self._overlaps(key, [start], [end - start])), torch.float32
         )
 
-    def _weight_ends(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _shard_ends(self, name: str, rank: int, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first and last rows of TP rank ``rank``'s shard of a weight (a 1-D weight: itself twice), read
+        without the rest of it: enough to tell the weights apart in a buffer."""
         shape = layout.logical_shape(self.cfg, name)
         if len(shape) < 2:
             weight = self.read(name)
             return weight, weight
-        return self.read(name, [Piece(0, 0, 1)]), self.read(name, [Piece(0, shape[0] - 1, 1)])
+        pieces = layout.tp_pieces(layout.split_name(name)[1], shape, rank, tp)
+        if pieces[0].dim == 1:  # a column block: rows 0 and -1 of the weight, narrowed to it
+            cols = pieces[0]
+            rows = self.read(name, [Piece(0, 0, 1)]), self.read(name, [Piece(0, shape[0] - 1, 1)])
+            return tuple(r.narrow(1, cols.start, cols.length) for r in rows)
+        last = pieces[-1].start + pieces[-1].length - 1
+        return self.read(name, [Piece(0, pieces[0].start, 1)]), self.read(name, [Piece(0, last, 1)])
 
     def _stored_object(self, key: str) -> Any:
         """A non-tensor DCP entry (megatron-core's ShardedObject: torch.save bytes), loaded weights-only."""
@@ -378,7 +407,7 @@ class TorchDistReader:
             )
 
     def dtype(self, name: str) -> torch.dtype:
-        if layout.split_state(name)[0] and self._flat_span(name) is not None:
+        if layout.split_state(name)[0] and self._flat_spans(name) is not None:
             return torch.float32
         return self.metadata.state_dict_metadata[self._key(name)].properties.dtype
 
@@ -418,15 +447,15 @@ class TorchDistReader:
     def sources(self, name: str, pieces: list[Piece] | None = None) -> dict[str, int]:
         """Bytes of the requested region in each file (what a reader with the chunk cache reads when
         the request follows the stored chunking)."""
-        flat = self._flat_span(name) if layout.split_state(name)[0] else None
-        if flat is not None:
-            key, start, end = flat
-            regions = [([start], [end - start])]
+        flat = self._flat_spans(name) if layout.split_state(name)[0] else None
+        if flat is not None:  # every TP shard's whole span (read() merges them)
+            requests = [(key, [start], [end - start]) for key, start, end in flat]
         else:
             key, regions, _ = self._regions(name, pieces)
+            requests = [(key, offsets, sizes) for offsets, sizes in regions]
         size = self.dtype(name).itemsize
         out: dict[str, int] = {}
-        for offsets, sizes in regions:
+        for key, offsets, sizes in requests:
             for chunk, lo, hi in self._overlaps(key, offsets, sizes):
                 info = self.metadata.storage_data[MetadataIndex(key, chunk.offsets)]
                 numel = 1
@@ -515,17 +544,19 @@ class TorchDistReader:
         sharding = megatron_optim.torch_dist_sharding(self.common, str(self.path / "common.pt"))
         return sharding == "fully_reshardable" and self.dtype("embedding") != torch.float32
 
-    def _flat_span(self, name: str) -> tuple[str, int, int] | None:
-        """Where Adam's state ``name`` lies in the distributed optimizer's buckets (None: not there)."""
+    def _flat_spans(self, name: str) -> list[tuple[str, int, int]] | None:
+        """Where Adam's state ``name`` lies in the distributed optimizer's buckets, one span per TP shard (None:
+        not there)."""
         return self._distributed[0].get(name) if self._distributed is not None else None
 
     def read(self, name: str, pieces: list[Piece] | None = None) -> torch.Tensor:
         """The requested region. A region that is exactly one stored chunk is that chunk's tensor, shared
         with the chunk cache (no copy): callers must not modify what they get in place."""
-        flat = self._flat_span(name) if layout.split_state(name)[0] else None
-        if flat is not None:  # one parameter's slice of a bucket, in its (TP1) shape
-            shape = layout.logical_shape(self.cfg, name)
-            return take_pieces(self._flat(*flat).view(shape), pieces)
+        flat = self._flat_spans(name) if layout.split_state(name)[0] else None
+        if flat is not None:  # each TP shard's slice of its rank's bucket, merged into the weight's shape
+            shape, kind = layout.logical_shape(self.cfg, name), layout.split_name(name)[1]
+            shard = layout.tp_shard_shape(kind, shape, len(flat))
+            return take_pieces(layout.tp_merge(kind, [self._flat(*span).view(shard) for span in flat]), pieces)
         key, regions, cat_dim = self._regions(name, pieces)
         lead = len(leading(self.cfg, name)[0])  # leading layer (and expert) dims, dropped here
         parts = []
