@@ -408,17 +408,23 @@ def dcp_tensors(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize(
-    "name", [*CARRIED_SAVES, *(f"bf16/{n}" for n in CARRIED_SAVES), *(f"tp2/{n}" for n in CARRIED_SAVES)]
-)
+PARALLEL_SAVES = [  # Megatron-LM's same 2 steps on 2 and 4 gloo ranks (mlm_train_save.py --tp/--pp)
+    *(f"{layout}/{n}" for layout in ("tp2", "pp2") for n in CARRIED_SAVES),
+    "tp2pp2/legacy_distopt",
+    "tp2pp2/torch_dist_distopt",
+]
+
+
+@pytest.mark.parametrize("name", [*CARRIED_SAVES, *(f"bf16/{n}" for n in CARRIED_SAVES), *PARALLEL_SAVES])
 def test_megatron_lms_adam_state_grows_with_the_weights(name, tmp_path):
     """Megatron-LM's moments (legacy: by parameter index; the distributed optimizer's flat buffers, legacy and
     torch_dist; torch_dist: named entries) through G_stack x2. The reference is Megatron-LM's own torch_dist
     save, which names each moment by its weight, stacked by hand along the layer axis; the four saves come
     from the same 2 steps, so the mapping of indices and buffer offsets onto weights must reproduce it
     exactly. In bf16 (Megatron's mixed-precision optimizer) the fp32 master copies come along the same way
-    (legacy fp32_from_fp16_params, the distributed optimizer's param buffer, torch_dist fp32_param). Under TP2
-    (tp2/: the same run on 2 ranks) each rank's shards (rank files, per-rank buffers) merge into the weight."""
+    (legacy fp32_from_fp16_params, the distributed optimizer's param buffer, torch_dist fp32_param). Under TP2,
+    PP2 and TP2 x PP2 (the same run on 2 and 4 ranks) each rank's shards (rank files with their own param
+    groups, per-rank buffers) merge into the weight; the reference is that layout's own torch_dist save."""
     dst = tmp_path / "grown"
     bf16 = name.startswith("bf16/")
     reference = FIXTURES / name.replace(name.rsplit("/", 1)[-1], "torch_dist")
@@ -448,15 +454,16 @@ def test_megatron_lms_adam_state_grows_with_the_weights(name, tmp_path):
     assert common["iteration"] == 0
 
 
-def test_tp2_training_saves_hold_the_one_rank_runs_moments():
-    """The tp2/ saves are Megatron-LM's same 2 steps on 2 tensor-parallel ranks: its own named torch_dist
-    entries (read by torch DCP) equal the one-rank run's to float rounding, so the tp2/ reference above is the
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2pp2"])
+def test_parallel_training_saves_hold_the_one_rank_runs_moments(layout):
+    """The tp2/, pp2/, tp2pp2/ saves are Megatron-LM's same 2 steps on 2 and 4 ranks: their own named torch_dist
+    entries (read by torch DCP) equal the one-rank run's to float rounding, so the references above are the
     model's moments, not an artefact of the sharding."""
-    tp2 = dcp_tensors(resolve_iteration_dir(FIXTURES / "tp2" / "torch_dist"), "optimizer.state.")
+    got = dcp_tensors(resolve_iteration_dir(FIXTURES / layout / "torch_dist"), "optimizer.state.")
     tp1 = dcp_tensors(resolve_iteration_dir(FIXTURES / "torch_dist"), "optimizer.state.")
-    assert set(tp2) == set(tp1) and len(tp1) == 18
+    assert set(got) == set(tp1) and len(tp1) == 18
     for key, want in tp1.items():  # relative to each tensor's norm: exp_avg_sq entries run down to 1e-10
-        assert (tp2[key] - want).norm() <= 1e-5 * want.norm() and want.norm() > 0, key
+        assert (got[key] - want).norm() <= 1e-5 * want.norm() and want.norm() > 0, key
 
 
 def test_megatron_lms_distributed_optimizer_buffer_layout(tmp_path):
@@ -495,7 +502,7 @@ def _edit_rank_file(src: Path, dst: Path, edit) -> None:
         ("moment shape", ("optimizer.state[2].exp_avg", "is (32, 32) float32", "needs (64, 32)"), 1),
         ("custom lr_mult", ("lr_mult=2.0", "custom parameter groups"), 2),
         ("torch_dist fully_sharded_model_space", ("'fully_sharded_model_space' is not read yet",), 2),
-        ("buckets under PP2", ("without pipeline parallelism only yet", "--dist-ckpt-optim-fully-reshardable"), 2),
+        ("buckets tied under PP2", ("untied embeddings under pipeline", "--dist-ckpt-optim-fully-reshardable"), 2),
         ("no optimizer", ("holds no optimizer state",), 1),
         ("buffer order", ("distrib_optim.pt", "master weights at", "not megatron-core's"), 1),
     ],
@@ -529,11 +536,11 @@ def test_megatron_optimizer_state_refusals(case, needles, code, tmp_path):
         common = load_pt(path)
         common["optimizer"]["param_state_sharding_type"] = "fully_sharded_model_space"
         save_pt(common, path)
-    elif case == "buckets under PP2":  # the per-stage bucket domains are not mapped yet
-        shutil.copytree(FIXTURES / "tp2" / "torch_dist_distopt", src)
+    elif case == "buckets tied under PP2":  # the last stage's copy of a tied embedding is not mapped yet
+        shutil.copytree(FIXTURES / "pp2" / "torch_dist_distopt", src)
         path = resolve_iteration_dir(src) / "common.pt"
         common = load_pt(path)
-        common["args"].pipeline_model_parallel_size = 2
+        common["args"].untie_embeddings_and_output_weights = False
         save_pt(common, path)
     elif case == "no optimizer":
         src = FIXTURES / "legacy_tp2pp2"

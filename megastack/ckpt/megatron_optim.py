@@ -5,9 +5,10 @@ Where Megatron-LM (core 0.16) keeps it, per (TP rank, PP stage) file of a legacy
 - ``model_optim_rng.pt['optimizer']`` of the plain optimizer: torch's Adam state dict, the state by parameter
   index (bf16/fp16 training: one level down, beside ``fp32_from_fp16_params``, the fp32 master copies, one list
   per param group). The index order is Megatron's parameter groups (``_get_param_groups``): the
-  weight-decayed parameters, then the 1-D ones and biases (``wd_mult`` 0), each in the module's order, which
-  is the order of the file's own ``model`` dict (``state_dict`` and ``named_parameters`` walk the modules
-  alike). The file's group sizes, ``wd_mult`` and ``lr_mult`` check that split.
+  weight-decayed parameters and the 1-D ones and biases (``wd_mult`` 0), each group told by its own
+  ``wd_mult`` (``param_groups``), each in the module's order, which is the order of the file's own ``model``
+  dict (``state_dict`` and ``named_parameters`` walk the modules alike). The file's group sizes, ``wd_mult``
+  and ``lr_mult`` check that split.
 - ``distrib_optim.pt`` of the distributed optimizer (``dp_zero`` save, buckets coalesced): flat fp32
   ``param``/``exp_avg``/``exp_avg_sq`` of the gradient buffer, where DDP lays the parameters out in REVERSE
   module order, each start padded to a multiple of 64 elements (``_ParamAndGradBuffer``); the walk must end
@@ -22,8 +23,8 @@ module order in ``LAYER_ORDERS`` until the master weights prove one); its ``full
 model space like the plain optimizer's (master copy named ``param``), the step in its param groups.
 
 Not read yet (each refused in one line): fp16's loss-scaler state, the distributed optimizer's older
-torch_dist formats and its buckets under PP > 1, several gradient buffers (MoE), custom parameter groups
-(lr_mult, decoupled LR, a no-weight-decay condition).
+torch_dist formats and its buckets of tied embeddings under PP > 1, several gradient buffers (MoE), custom
+parameter groups (lr_mult, decoupled LR, a no-weight-decay condition).
 """
 
 from __future__ import annotations
@@ -60,38 +61,42 @@ def parameter_keys(model: dict[str, Any]) -> list[str]:
     return [k for k, v in model.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")]
 
 
-def param_groups_order(model: dict[str, Any], keys: list[str]) -> list[list[str]]:
-    """Megatron's default parameter groups: weight-decayed vs not (1-D tensors and biases), in order of
-    first appearance, each in module order."""
-    groups: dict[bool, list[str]] = {}
-    for key in keys:
-        groups.setdefault(_no_weight_decay(key, model[key]), []).append(key)
-    return list(groups.values())
-
-
 def _no_weight_decay(key: str, tensor: torch.Tensor) -> bool:
     """Megatron's default rule (``_get_param_groups``): biases and 1-D tensors take no weight decay."""
     return key.endswith(".bias") or tensor.dim() == 1
 
 
-def _check_groups(saved: Any, groups: list[list[str]], model: dict[str, Any], where: str) -> list[dict]:
-    """The file's param groups agree with the default split (count and wd_mult of each), else refused."""
+def param_groups(saved: Any, model: dict[str, Any], keys: list[str], where: str) -> list[tuple[dict, list[str]]]:
+    """The file's param groups, each with the parameters it holds (module order). Megatron's default split:
+    weight-decayed (``wd_mult`` 1) and 1-D tensors and biases (``wd_mult`` 0), told apart by each group's own
+    ``wd_mult``, not by position: Megatron-LM 0.16 sorts them (weight-decayed first, every rank listing both
+    even when one is empty, e.g. a last pipeline stage that starts with a norm), older versions list them in
+    order of first appearance. Any other group (lr_mult, decoupled LR, a custom rule) is refused."""
     saved = untrusted.typed(saved, list, where, "field 'param_groups'", FIX)
-    if len(saved) != len(groups) or not all(isinstance(g, dict) for g in saved):
-        raise NotBuiltError(
-            f"{where}: {len(saved)} optimizer param groups where Megatron's default split has {len(groups)} "
-            "(custom lr_mult, decoupled LR or no-weight-decay rules are not read yet); " + FIX
-        )
-    for group, keys in zip(saved, groups):
-        if (
-            group.get("wd_mult") != (0.0 if _no_weight_decay(keys[0], model[keys[0]]) else 1.0)
-            or group.get("lr_mult", 1.0) != 1.0
-        ):
+    split = {
+        1.0: [k for k in keys if not _no_weight_decay(k, model[k])],
+        0.0: [k for k in keys if _no_weight_decay(k, model[k])],
+    }
+    out: list[tuple[dict, list[str]]] = []
+    listed: set[float] = set()
+    for group in saved:
+        if not isinstance(group, dict):
+            raise UserError(f"{where}: field 'param_groups' holds a {type(group).__name__}; the file is corrupt")
+        wd, lr = group.get("wd_mult"), group.get("lr_mult", 1.0)
+        if not isinstance(wd, (int, float)) or wd not in split or wd in listed or lr != 1.0:
             raise NotBuiltError(
-                f"{where}: optimizer param group with wd_mult={group.get('wd_mult')!r}, "
-                f"lr_mult={group.get('lr_mult')!r} (custom parameter groups are not read yet); " + FIX
+                f"{where}: optimizer param group with wd_mult={wd!r}, lr_mult={lr!r} (custom parameter groups "
+                "are not read yet); " + FIX
             )
-    return saved
+        listed.add(wd)
+        out.append((group, split[wd]))
+    if any(ks and wd not in listed for wd, ks in split.items()):
+        raise NotBuiltError(
+            f"{where}: {len(saved)} optimizer param groups where Megatron's default split has "
+            f"{sum(1 for ks in split.values() if ks)} (custom lr_mult, decoupled LR or no-weight-decay rules are "
+            "not read yet); " + FIX
+        )
+    return out
 
 
 def step_of(value: Any, where: str, field: str) -> int:
@@ -162,40 +167,39 @@ def legacy_rank_states(blob: dict[str, Any], path: Path) -> tuple[RankStates, in
     optimizer = untrusted.typed(optimizer, dict, where, "field 'optimizer'", FIX)
     model = blob["model"]
     keys = parameter_keys(model)
-    groups = param_groups_order(model, keys)
     if "state" in optimizer:  # the plain optimizer in fp32: torch's Adam state dict
-        return _plain_states(optimizer, model, groups, where)
+        return _plain_states(optimizer, model, keys, where)
     inner = optimizer.get("optimizer")
     if "fp32_from_fp16_params" in optimizer and isinstance(inner, dict) and "state" in inner:  # bf16/fp16 training
         if optimizer.get("grad_scaler") is not None:
             raise NotBuiltError(f"{where}: fp16 training's loss scaler state is not carried yet; " + FIX)
-        return _plain_states(inner, model, groups, where, optimizer["fp32_from_fp16_params"])
+        return _plain_states(inner, model, keys, where, optimizer["fp32_from_fp16_params"])
     if isinstance(inner, dict) and set(inner) == {"param_groups"}:  # the distributed optimizer
         distrib = path.parent / DISTRIB_FILE
         if not distrib.is_file():
             raise UserError(f"{distrib}: missing (the distributed optimizer's state); the checkpoint is incomplete")
-        saved = _check_groups(inner["param_groups"], groups, model, where)
-        step = one_step([step_of(g.get("step"), where, "param_groups.step") for g in saved], where)
+        saved = param_groups(inner["param_groups"], model, keys, where)
+        step = one_step([step_of(g.get("step"), where, "param_groups.step") for g, _ in saved], where)
         return _distrib_states(distrib, model, keys), step
     raise UserError(f"{where}: field 'optimizer' has keys {sorted(map(str, optimizer))[:6]}, not Megatron-LM's; " + FIX)
 
 
 def _plain_states(
-    optimizer: dict, model: dict, groups: list[list[str]], where: str, masters: Any = None
+    optimizer: dict, model: dict, keys: list[str], where: str, masters: Any = None
 ) -> tuple[RankStates, int]:
     """torch's Adam state dict by parameter index, and (bf16/fp16 training) Megatron's fp32 master copies,
     one list per param group in the same order."""
-    saved = _check_groups(optimizer.get("param_groups"), groups, model, where)
+    groups = param_groups(optimizer.get("param_groups"), model, keys, where)
     if masters is not None:
         masters = untrusted.typed(masters, list, where, "field 'fp32_from_fp16_params'", FIX)
-        if [len(g) if isinstance(g, list) else None for g in masters] != [len(g) for g in groups]:
+        if [len(g) if isinstance(g, list) else None for g in masters] != [len(ks) for _, ks in groups]:
             raise UserError(
                 f"{where}: field 'fp32_from_fp16_params' does not list every parameter's master copy; " + FIX
             )
     state = untrusted.typed(optimizer["state"], dict, where, "field 'optimizer.state'", FIX)
     out: RankStates = {}
     steps: list[int] = []
-    for g, (group, keys) in enumerate(zip(saved, groups)):
+    for g, (group, keys) in enumerate(groups):
         ids = group.get("params")
         if not isinstance(ids, list) or len(ids) != len(keys):
             raise UserError(

@@ -192,20 +192,18 @@ class TorchDistReader:
             megatron_args.get(self.saved_args, f, where) or 1
             for f in ("tensor_model_parallel_size", "pipeline_model_parallel_size")
         )
-        if pp != 1 or self.cfg.is_moe:
+        if self.cfg.is_moe or (pp > 1 and self.cfg.tie_embeddings):
             raise NotBuiltError(
-                f"{self.path}: the distributed optimizer's torch_dist buckets are read for dense saves without "
-                "pipeline parallelism only yet (save with --dist-ckpt-optim-fully-reshardable, which is read "
-                "under any layout); " + megatron_optim.FIX
+                f"{self.path}: the distributed optimizer's torch_dist buckets are read for dense saves with untied "
+                "embeddings under pipeline parallelism only yet (save with --dist-ckpt-optim-fully-reshardable, "
+                "which is read under any layout); " + megatron_optim.FIX
             )
-        shards = [self._rank_buckets(rank, tp) for rank in range(tp)]
-        mapping = {
-            name: [
-                spans[name]
-                for spans in shards[: 1 if layout.TP_RULE[layout.split_name(name)[1]] == "replicated" else tp]
-            ]
-            for name in shards[0]
-        }
+        mapping: dict[str, list[tuple[str, int, int]]] = {}
+        for stage in range(pp):
+            shards = [self._rank_buckets(rank, stage, tp, pp) for rank in range(tp)]
+            for name in shards[0]:
+                replicated = layout.TP_RULE[layout.split_name(name)[1]] == "replicated"
+                mapping[name] = [spans[name] for spans in shards[: 1 if replicated else tp]]
         # the model-parallel ranks' param groups agree (one optimizer config); rank 0's are the source's
         groups = self._stored_object(DISTRIBUTED_KEY + "optimizer/shard_0_1")
         groups = groups[0] if isinstance(groups, list) and len(groups) == 1 else groups
@@ -221,10 +219,11 @@ class TorchDistReader:
         )
         return mapping, step, groups
 
-    def _rank_buckets(self, rank: int, tp: int) -> dict[str, tuple[str, int, int]]:
-        """Where TP rank ``rank``'s buckets (``dp_group_idx_<rank>``: its model-parallel rank) hold each of its
-        shards' states: {state name: (bucket key, start, end)}, the module order proven by the master weights."""
-        prefix = DISTRIBUTED_KEY.replace("dp_group_idx_0", f"dp_group_idx_{rank}")
+    def _rank_buckets(self, rank: int, stage: int, tp: int, pp: int) -> dict[str, tuple[str, int, int]]:
+        """Where the buckets of TP rank ``rank`` on pipeline stage ``stage`` (``dp_group_idx_<stage * tp +
+        rank>``: its model-parallel rank) hold each of its shards' states: {state name: (bucket key, start,
+        end)}, the module order proven by the master weights."""
+        prefix = DISTRIBUTED_KEY.replace("dp_group_idx_0", f"dp_group_idx_{stage * tp + rank}")
         sizes = self._stored_object(prefix + "per_bucket_numel_unpadded/shard_0_1")
         try:  # [[{(param dtype, grad dtype): [bucket sizes]}]]: one model chunk, one gradient buffer
             ((by_dtype,),) = sizes
@@ -232,8 +231,8 @@ class TorchDistReader:
             bucket_sizes = [int(n) for n in bucket_sizes]
         except (TypeError, ValueError, AttributeError):
             raise NotBuiltError(
-                f"{self.path}: the distributed optimizer's bucket sizes {str(sizes)[:80]} (TP rank {rank}) are not "
-                "one dense buffer's; " + megatron_optim.FIX
+                f"{self.path}: the distributed optimizer's bucket sizes {str(sizes)[:80]} (TP {rank}, PP {stage}) "
+                "are not one dense buffer's; " + megatron_optim.FIX
             ) from None
 
         def key(bucket: int, state: str) -> str:
@@ -250,9 +249,9 @@ class TorchDistReader:
             for n in layout.logical_names(self.cfg)
         }
         for kinds in megatron_optim.LAYER_ORDERS:  # the module order whose layout the master weights prove
-            spans = megatron_optim.buffer_spans(
-                [(n, numels[n]) for n in megatron_optim.module_order(self.cfg, kinds)], bucket_sizes
-            )
+            order = megatron_optim.module_order(self.cfg, kinds)
+            local = [(n, numels[n]) for n in order if layout.stage_holds(n, self.cfg, stage, pp)]
+            spans = megatron_optim.buffer_spans(local, bucket_sizes)
             if spans is not None and all(
                 megatron_optim.master_matches(
                     lambda lo, hi, b=b, a=a: self._flat(key(b, "param"), a + lo, a + hi),
@@ -264,9 +263,9 @@ class TorchDistReader:
                 break
         else:
             raise NotBuiltError(
-                f"{self.path}: the distributed optimizer's buckets ({bucket_sizes} elements, TP rank {rank}) do not "
-                "hold the weights in any parameter order megatron-core's GPTModel has (local or Transformer Engine "
-                "spec); " + megatron_optim.FIX
+                f"{self.path}: the distributed optimizer's buckets ({bucket_sizes} elements, TP {rank}, PP {stage}) "
+                "do not hold the weights in any parameter order megatron-core's GPTModel has (local or Transformer "
+                "Engine spec); " + megatron_optim.FIX
             )
         # bf16/fp16 weights: the bucket's fp32 `param` is also each weight's master copy
         states = (
