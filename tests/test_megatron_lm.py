@@ -415,7 +415,10 @@ PARALLEL_SAVES = [  # Megatron-LM's same 2 steps on 2 and 4 gloo ranks (mlm_trai
 ]
 
 
-@pytest.mark.parametrize("name", [*CARRIED_SAVES, *(f"bf16/{n}" for n in CARRIED_SAVES), *PARALLEL_SAVES])
+FP16_SAVES = ["fp16/legacy", "fp16/torch_dist", "fp16/torch_dist_distopt"]  # with Megatron's loss scaler
+
+
+@pytest.mark.parametrize("name", [*CARRIED_SAVES, *(f"bf16/{n}" for n in CARRIED_SAVES), *PARALLEL_SAVES, *FP16_SAVES])
 def test_megatron_lms_adam_state_grows_with_the_weights(name, tmp_path):
     """Megatron-LM's moments (legacy: by parameter index; the distributed optimizer's flat buffers, legacy and
     torch_dist; torch_dist: named entries) through G_stack x2. The reference is Megatron-LM's own torch_dist
@@ -424,9 +427,11 @@ def test_megatron_lms_adam_state_grows_with_the_weights(name, tmp_path):
     exactly. In bf16 (Megatron's mixed-precision optimizer) the fp32 master copies come along the same way
     (legacy fp32_from_fp16_params, the distributed optimizer's param buffer, torch_dist fp32_param). Under TP2,
     PP2 and TP2 x PP2 (the same run on 2 and 4 ranks) each rank's shards (rank files with their own param
-    groups, per-rank buffers) merge into the weight; the reference is that layout's own torch_dist save."""
+    groups, per-rank buffers) merge into the weight; the reference is that layout's own torch_dist save. In
+    fp16 the masters come as in bf16 and the loss scaler (scale 1024, trackers) carries into common.pt as
+    Megatron-LM's own save holds it (its load resumes at that scale: docs/checkpoints.md)."""
     dst = tmp_path / "grown"
-    bf16 = name.startswith("bf16/")
+    bf16 = name.startswith(("bf16/", "fp16/"))  # mixed precision: fp32 master copies beside the moments
     reference = FIXTURES / name.replace(name.rsplit("/", 1)[-1], "torch_dist")
     proc = in_process(
         "grow", str(FIXTURES / name), str(dst), "--factor", "2", "--carry-optimizer", "--to", "torch_dist"
@@ -446,7 +451,11 @@ def test_megatron_lms_adam_state_grows_with_the_weights(name, tmp_path):
     common = load_pt(resolve_iteration_dir(dst) / "common.pt")
     own = load_pt(resolve_iteration_dir(reference) / "common.pt")
     if bf16:  # the mixed-precision optimizer nests torch's state one level down, as its own save does
-        assert set(common["optimizer"]) == set(own["optimizer"]) == {"optimizer"}
+        scaler = {"grad_scaler"} if name.startswith("fp16/") else set()
+        assert set(common["optimizer"]) == set(own["optimizer"]) == {"optimizer", *scaler}
+        if scaler:
+            want_scaler = {"scale": torch.tensor([1024.0]), "growth_tracker": 2, "hysteresis_tracker": 2}
+            assert common["optimizer"]["grad_scaler"] == own["optimizer"]["grad_scaler"] == want_scaler
         common["optimizer"], own["optimizer"] = common["optimizer"]["optimizer"], own["optimizer"]["optimizer"]
     assert common["optimizer"]["param_groups"] == own["optimizer"]["param_groups"]
     assert common["optimizer"]["state"] == {"common_step": torch.tensor(2.0)}
@@ -504,6 +513,7 @@ def _edit_rank_file(src: Path, dst: Path, edit) -> None:
         ("torch_dist fully_sharded_model_space", ("'fully_sharded_model_space' is not read yet",), 2),
         ("buckets tied under PP2", ("untied embeddings under pipeline", "--dist-ckpt-optim-fully-reshardable"), 2),
         ("no optimizer", ("holds no optimizer state",), 1),
+        ("loss scale", ("field 'grad_scaler'.scale", "positive"), 1),
         ("buffer order", ("distrib_optim.pt", "master weights at", "not megatron-core's"), 1),
     ],
 )
@@ -542,6 +552,12 @@ def test_megatron_optimizer_state_refusals(case, needles, code, tmp_path):
         common = load_pt(path)
         common["args"].untie_embeddings_and_output_weights = False
         save_pt(common, path)
+    elif case == "loss scale":  # fp16's loss scaler with a scale no run could have reached
+        _edit_rank_file(
+            FIXTURES / "fp16" / "legacy",
+            src,
+            lambda blob: blob["optimizer"]["grad_scaler"].update(scale=torch.tensor([-1.0])),
+        )
     elif case == "no optimizer":
         src = FIXTURES / "legacy_tp2pp2"
     else:

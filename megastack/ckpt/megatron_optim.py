@@ -22,7 +22,7 @@ buckets follow the same buffer layout (the torch_dist reader maps them with ``bu
 module order in ``LAYER_ORDERS`` until the master weights prove one); its ``fully_reshardable`` save is in
 model space like the plain optimizer's (master copy named ``param``), the step in its param groups.
 
-Not read yet (each refused in one line): fp16's loss-scaler state, the distributed optimizer's older
+Not read yet (each refused in one line): the distributed optimizer's older
 torch_dist formats and its buckets of tied embeddings under PP > 1, several gradient buffers (MoE), custom
 parameter groups (lr_mult, decoupled LR, a no-weight-decay condition).
 """
@@ -171,8 +171,6 @@ def legacy_rank_states(blob: dict[str, Any], path: Path) -> tuple[RankStates, in
         return _plain_states(optimizer, model, keys, where)
     inner = optimizer.get("optimizer")
     if "fp32_from_fp16_params" in optimizer and isinstance(inner, dict) and "state" in inner:  # bf16/fp16 training
-        if optimizer.get("grad_scaler") is not None:
-            raise NotBuiltError(f"{where}: fp16 training's loss scaler state is not carried yet; " + FIX)
         return _plain_states(inner, model, keys, where, optimizer["fp32_from_fp16_params"])
     if isinstance(inner, dict) and set(inner) == {"param_groups"}:  # the distributed optimizer
         distrib = path.parent / DISTRIB_FILE
@@ -270,14 +268,40 @@ def module_order(cfg: Any, kinds: tuple[str, ...]) -> list[str]:
     return names + ["final_norm"] + ([] if cfg.tie_embeddings else ["output"])
 
 
-def resume_state(optimizer: Any, scheduler: Any, step: int, where: str, mixed: bool = False) -> dict[str, Any]:
+def loss_scaler(value: Any, where: str) -> dict[str, Any] | None:
+    """fp16 training's loss scaler state as megatron-core saves it (``DynamicGradScaler.state_dict``: the scale
+    and its growth and hysteresis trackers; a constant scaler's is empty), checked field by field. It carries
+    through growth unchanged: the grown run starts at the scale the source reached, and a scale that now
+    overflows is halved within the hysteresis steps, as after any resume."""
+    if value is None:
+        return None
+    field = "field 'grad_scaler'"
+    value = untrusted.typed(value, dict, where, field, FIX)
+    if not value:
+        return {}
+    scale = value.get("scale")
+    if not (isinstance(scale, torch.Tensor) and scale.numel() == 1 and scale.is_floating_point()):
+        raise UserError(f"{where}: {field}.scale is not a one-element float tensor; the file is corrupt")
+    untrusted.typed(scale.item(), float, where, f"{field}.scale", FIX, positive=True)
+    trackers = {k: untrusted.typed(value.get(k), int, where, f"{field}.{k}", FIX, minimum=0) for k in SCALER_TRACKERS}
+    return {"scale": scale.detach().reshape(1).to(torch.float32).clone(), **trackers}
+
+
+SCALER_TRACKERS = ("growth_tracker", "hysteresis_tracker")
+
+
+def resume_state(
+    optimizer: Any, scheduler: Any, step: int, where: str, mixed: bool = False, grad_scaler: Any = None
+) -> dict[str, Any]:
     """What Megatron-LM's load_checkpoint needs beside the sharded moments to resume a grown torch_dist
     checkpoint WITH its optimizer (common.pt): the source's param groups (hyperparameters; the grown model's
     parameters fall in the same groups) and Adam's step, and its LR scheduler at step 0 (a new stage warms up
     again, as megastack's trainer does; Megatron-LM checks its values against the new run's flags unless
     --override-opt_param-scheduler). ``mixed``: bf16/fp16 weights, whose Megatron optimizer (mixed precision)
-    nests its torch state one level down, beside the fp32 masters (the sharded optimizer.state.fp32_param.*)."""
+    nests its torch state one level down, beside the fp32 masters (the sharded optimizer.state.fp32_param.*)
+    and, in fp16, its loss scaler (``grad_scaler``: the source's, from its optimizer entry unless given)."""
     optimizer = untrusted.typed(optimizer, dict, where, "field 'optimizer'", FIX)
+    scaler = loss_scaler(optimizer.get("grad_scaler") if grad_scaler is None else grad_scaler, where)
     if isinstance(optimizer.get("optimizer"), dict):  # the distributed or the mixed-precision optimizer's
         optimizer = optimizer["optimizer"]
     groups = untrusted.typed(optimizer.get("param_groups"), list, where, "field 'optimizer.param_groups'", FIX)
@@ -287,7 +311,8 @@ def resume_state(optimizer: Any, scheduler: Any, step: int, where: str, mixed: b
         "param_groups": [{k: v for k, v in g.items() if k not in ("params", "step")} for g in groups],
         "state": {"common_step": torch.tensor(float(step))},
     }
-    out: dict[str, Any] = {"optimizer": {"optimizer": inner} if mixed else inner}
+    outer = {"optimizer": inner} | ({"grad_scaler": scaler} if scaler is not None else {})
+    out: dict[str, Any] = {"optimizer": outer if mixed else inner}
     if scheduler is not None:
         scheduler = untrusted.typed(scheduler, dict, where, "field 'opt_param_scheduler'", FIX)
         out["opt_param_scheduler"] = {**scheduler, "num_steps": 0}

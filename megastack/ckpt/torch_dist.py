@@ -321,7 +321,15 @@ class TorchDistReader:
         common, where = self.common, str(self.path / "common.pt")
         optimizer = self._distributed[2] if self._distributed is not None else common.get("optimizer")
         mixed = self.dtype("embedding") != torch.float32
-        return megatron_optim.resume_state(optimizer, common.get("opt_param_scheduler"), step, where, mixed)
+        scaler = None  # the distributed optimizer's buckets keep fp16's loss scaler in a stored object
+        if (
+            self._distributed is not None
+            and DISTRIBUTED_KEY + "grad_scaler/shard_0_1" in self.metadata.state_dict_metadata
+        ):
+            scaler = self._stored_object(DISTRIBUTED_KEY + "grad_scaler/shard_0_1")
+            scaler = scaler[0] if isinstance(scaler, list) and len(scaler) == 1 else scaler  # a ShardedObject's list
+        scheduler = common.get("opt_param_scheduler")
+        return megatron_optim.resume_state(optimizer, scheduler, step, where, mixed, scaler)
 
     def optimizer_states(self) -> tuple[str, ...]:
         """Which of Adam's states this checkpoint holds for every weight (megastack's trainer writes them at
