@@ -268,6 +268,9 @@ def module_order(cfg: Any, kinds: tuple[str, ...]) -> list[str]:
     return names + ["final_norm"] + ([] if cfg.tie_embeddings else ["output"])
 
 
+SCALER_TRACKERS = ("growth_tracker", "hysteresis_tracker")  # a dynamic loss scaler's counters beside its scale
+
+
 def loss_scaler(value: Any, where: str) -> dict[str, Any] | None:
     """fp16 training's loss scaler state as megatron-core saves it (``DynamicGradScaler.state_dict``: the scale
     and its growth and hysteresis trackers; a constant scaler's is empty), checked field by field. It carries
@@ -285,9 +288,6 @@ def loss_scaler(value: Any, where: str) -> dict[str, Any] | None:
     untrusted.typed(scale.item(), float, where, f"{field}.scale", FIX, positive=True)
     trackers = {k: untrusted.typed(value.get(k), int, where, f"{field}.{k}", FIX, minimum=0) for k in SCALER_TRACKERS}
     return {"scale": scale.detach().reshape(1).to(torch.float32).clone(), **trackers}
-
-
-SCALER_TRACKERS = ("growth_tracker", "hysteresis_tracker")
 
 
 def resume_state(
