@@ -422,7 +422,7 @@ FP16_SAVES = ["fp16/legacy", "fp16/torch_dist", "fp16/torch_dist_distopt"]  # wi
 def test_megatron_lms_adam_state_grows_with_the_weights(name, tmp_path):
     """Megatron-LM's moments (legacy: by parameter index; the distributed optimizer's flat buffers, legacy and
     torch_dist; torch_dist: named entries) through G_stack x2. The reference is Megatron-LM's own torch_dist
-    save, which names each moment by its weight, stacked by hand along the layer axis; the four saves come
+    save, which names each moment by its weight, stacked by hand along the layer axis; the saves of a layout come
     from the same 2 steps, so the mapping of indices and buffer offsets onto weights must reproduce it
     exactly. In bf16 (Megatron's mixed-precision optimizer) the fp32 master copies come along the same way
     (legacy fp32_from_fp16_params, the distributed optimizer's param buffer, torch_dist fp32_param). Under TP2,
