@@ -408,10 +408,12 @@ def dcp_tensors(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
-PARALLEL_SAVES = [  # Megatron-LM's same 2 steps on 2 and 4 gloo ranks (mlm_train_save.py --tp/--pp)
+PARALLEL_SAVES = [  # Megatron-LM's same 2 steps on 2 and 4 gloo ranks (mlm_train_save.py --tp/--pp; DP = the rest)
     *(f"{layout}/{n}" for layout in ("tp2", "pp2") for n in CARRIED_SAVES),
     "tp2pp2/legacy_distopt",
     "tp2pp2/torch_dist_distopt",
+    "dp2/legacy_distopt",  # the distributed optimizer sharded over 2 data-parallel ranks
+    "dp2/torch_dist_distopt",
 ]
 
 
@@ -463,9 +465,10 @@ def test_megatron_lms_adam_state_grows_with_the_weights(name, tmp_path):
     assert common["iteration"] == 0
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2pp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2pp2", "dp2"])
 def test_parallel_training_saves_hold_the_one_rank_runs_moments(layout):
-    """The tp2/, pp2/, tp2pp2/ saves are Megatron-LM's same 2 steps on 2 and 4 ranks: their own named torch_dist
+    """The tp2/, pp2/, tp2pp2/, dp2/ saves are Megatron-LM's same 2 steps on 2 and 4 ranks (dp2: each rank the
+    same tokens, so the mean gradient is one rank's): their own named torch_dist
     entries (read by torch DCP) equal the one-rank run's to float rounding, so the references above are the
     model's moments, not an artefact of the sharding."""
     got = dcp_tensors(resolve_iteration_dir(FIXTURES / layout / "torch_dist"), "optimizer.state.")
