@@ -114,6 +114,13 @@ def one_step(steps: list[int], where: str) -> int:
     return steps[0]
 
 
+def groups_step(groups: Any, where: str, field: str = "param_groups") -> int:
+    """Adam's step as the distributed optimizer keeps it, in every param group (``step``): the same in all."""
+    groups = untrusted.typed(groups, list, where, f"field '{field}'", FIX)
+    steps = [step_of(g.get("step") if isinstance(g, dict) else g, where, f"{field}.step") for g in groups]
+    return one_step(steps, where)
+
+
 def _moment(value: Any, shape: torch.Size, where: str, field: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.shape != shape or value.dtype != torch.float32:
         got = type(value).__name__
@@ -177,7 +184,7 @@ def legacy_rank_states(blob: dict[str, Any], path: Path) -> tuple[RankStates, in
         if not distrib.is_file():
             raise UserError(f"{distrib}: missing (the distributed optimizer's state); the checkpoint is incomplete")
         saved = param_groups(inner["param_groups"], model, keys, where)
-        step = one_step([step_of(g.get("step"), where, "param_groups.step") for g, _ in saved], where)
+        step = groups_step([g for g, _ in saved], where)
         return _distrib_states(distrib, model, keys), step
     raise UserError(f"{where}: field 'optimizer' has keys {sorted(map(str, optimizer))[:6]}, not Megatron-LM's; " + FIX)
 
@@ -354,14 +361,7 @@ def torch_dist_step(common: dict[str, Any], where: str) -> int | None:
     if isinstance(optimizer.get("optimizer"), dict):  # the mixed-precision or distributed optimizer's torch state
         optimizer = optimizer["optimizer"]
     if kind == "fully_reshardable":
-        groups = untrusted.typed(optimizer.get("param_groups"), list, where, "field 'optimizer.param_groups'", FIX)
-        return one_step(
-            [
-                step_of(g.get("step") if isinstance(g, dict) else g, where, "optimizer.param_groups.step")
-                for g in groups
-            ],
-            where,
-        )
+        return groups_step(optimizer.get("param_groups"), where, "optimizer.param_groups")
     state = optimizer.get("state")
     if not isinstance(state, dict) or "common_step" not in state:
         raise UserError(f"{where}: field 'optimizer.state.common_step' (Adam's step) is missing; " + FIX)

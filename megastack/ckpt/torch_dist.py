@@ -209,14 +209,7 @@ class TorchDistReader:
         groups = groups[0] if isinstance(groups, list) and len(groups) == 1 else groups
         where = f"{self.path} ({DISTRIBUTED_KEY}optimizer)"
         saved = untrusted.typed(groups, dict, where, "the object", megatron_optim.FIX).get("param_groups")
-        saved = untrusted.typed(saved, list, where, "field 'param_groups'", megatron_optim.FIX)
-        step = megatron_optim.one_step(
-            [
-                megatron_optim.step_of(g.get("step") if isinstance(g, dict) else g, where, "param_groups.step")
-                for g in saved
-            ],
-            where,
-        )
+        step = megatron_optim.groups_step(saved, where)
         return mapping, step, groups
 
     def _rank_buckets(self, rank: int, stage: int, tp: int, pp: int) -> dict[str, tuple[str, int, int]]:
