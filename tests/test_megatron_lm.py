@@ -24,7 +24,7 @@ from megastack.ckpt.inspect import inspect_checkpoint
 from megastack.ckpt.manifest import resolve_iteration_dir
 from megastack.ckpt.safe_load import load_pt, save_pt
 
-from conftest import assert_one_line_error, in_process, run_cli
+from conftest import assert_one_line_error, in_process, run_cli, run_workers
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "megatron_lm"
 TRAINING_SAVES = ("legacy", "legacy_distopt", "torch_dist", "torch_dist_distopt", "torch_dist_distopt_fr")
@@ -420,6 +420,13 @@ PARALLEL_SAVES = [  # Megatron-LM's same 2 steps on 2 and 4 gloo ranks (mlm_trai
 FP16_SAVES = ["fp16/legacy", "fp16/torch_dist", "fp16/torch_dist_distopt"]  # with Megatron's loss scaler
 
 
+def megatron_stacked(reference: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Megatron-LM's own torch_dist save's entries under ``prefix``, each weight's name to its tensor, stacked
+    by hand as G_stack x2 of its 4 layers (layer i <- i mod 4)."""
+    entries = dcp_tensors(resolve_iteration_dir(reference), prefix)
+    return {key: torch.cat([t, t]) if ".decoder.layers." in "." + key else t for key, t in entries.items()}
+
+
 @pytest.mark.parametrize("name", [*CARRIED_SAVES, *(f"bf16/{n}" for n in CARRIED_SAVES), *PARALLEL_SAVES, *FP16_SAVES])
 def test_megatron_lms_adam_state_grows_with_the_weights(name, tmp_path):
     """Megatron-LM's moments (legacy: by parameter index; the distributed optimizer's flat buffers, legacy and
@@ -431,38 +438,145 @@ def test_megatron_lms_adam_state_grows_with_the_weights(name, tmp_path):
     PP2 and TP2 x PP2 (the same run on 2 and 4 ranks) each rank's shards (rank files with their own param
     groups, per-rank buffers) merge into the weight; the reference is that layout's own torch_dist save. In
     fp16 the masters come as in bf16 and the loss scaler (scale 1024, trackers) carries into common.pt as
-    Megatron-LM's own save holds it (its load resumes at that scale: docs/checkpoints.md)."""
+    Megatron-LM's own save holds it (its load resumes at that scale: docs/checkpoints.md).
+    The output is written for the optimizer the source was trained with: the plain optimizer's entries and
+    common.pt as its torch_dist save writes them; from the distributed optimizer (any of its three saves), its
+    fully_reshardable format, common.pt equal to Megatron-LM's own fully_reshardable save of the same run."""
     dst = tmp_path / "grown"
-    bf16 = name.startswith(("bf16/", "fp16/"))  # mixed precision: fp32 master copies beside the moments
-    reference = FIXTURES / name.replace(name.rsplit("/", 1)[-1], "torch_dist")
+    mixed = name.startswith(("bf16/", "fp16/"))  # mixed precision: fp32 master copies beside the moments
+    distributed = "distopt" in name
+    family = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
+    reference = FIXTURES / f"{family}torch_dist"
     proc = in_process(
         "grow", str(FIXTURES / name), str(dst), "--factor", "2", "--carry-optimizer", "--to", "torch_dist"
     )
     assert proc.returncode == 0, proc.stderr
-    want = dcp_tensors(resolve_iteration_dir(reference), "optimizer.state.")
+    want = megatron_stacked(reference, "optimizer.state.")
+    if distributed:  # the master is 'param'; in fp32 training it is the weight itself
+        weights = megatron_stacked(reference, "")
+        masters = {k: v for k, v in want.items() if ".fp32_param." in k}
+        want = {k: v for k, v in want.items() if k not in masters}
+        if mixed:
+            want |= {k.replace(".fp32_param.", ".param."): v for k, v in masters.items()}
+        else:
+            want |= {
+                f"optimizer.state.param.{k}": w for k, w in weights.items() if f"optimizer.state.exp_avg.{k}" in want
+            }
     got = dcp_tensors(resolve_iteration_dir(dst), "optimizer.state.")
-    assert set(got) == set(want) and len(want) == (27 if bf16 else 18)
-    for key, ref in want.items():
-        expected = torch.cat([ref, ref]) if ".decoder.layers." in key else ref  # layer i <- i mod 4
+    assert set(got) == set(want) and len(want) == (27 if mixed or distributed else 18)
+    for key, expected in want.items():
         assert torch.equal(got[key], expected), key
     manifest = json.loads((resolve_iteration_dir(dst) / "megastack.json").read_text())
-    states = ["fp32_param", "exp_avg", "exp_avg_sq"] if bf16 else ["exp_avg", "exp_avg_sq"]
+    states = ["fp32_param", "exp_avg", "exp_avg_sq"] if mixed else ["exp_avg", "exp_avg_sq"]
     assert manifest["optimizer"] == {"step": 2, "states": states}
     # what Megatron-LM's load_checkpoint needs beside them to resume WITH the optimizer: its param groups
     # (as its own torch_dist save writes them: no 'params', no 'step'), Adam's step, the scheduler (a new stage)
     common = load_pt(resolve_iteration_dir(dst) / "common.pt")
     own = load_pt(resolve_iteration_dir(reference) / "common.pt")
-    if bf16:  # the mixed-precision optimizer nests torch's state one level down, as its own save does
+    assert common["opt_param_scheduler"] == {**own["opt_param_scheduler"], "num_steps": 0}
+    assert common["iteration"] == 0
+    want_scaler = {"scale": torch.tensor([1024.0]), "growth_tracker": 2, "hysteresis_tracker": 2}
+    if distributed:  # as Megatron-LM's own fully_reshardable save writes it: Adam's step in the param groups
+        fully = load_pt(
+            resolve_iteration_dir(FIXTURES / f"{'bf16/' if mixed else ''}torch_dist_distopt_fr") / "common.pt"
+        )
+        assert common["content_metadata"] == fully["content_metadata"]
+        scaler = common["optimizer"].pop("grad_scaler", None)
+        assert scaler == (want_scaler if name.startswith("fp16/") else None)
+        groups = (own["optimizer"]["optimizer"] if mixed else own["optimizer"])["param_groups"]
+        sharding = fully["optimizer"]["param_state_sharding_type"]
+        want_groups = [g | {"step": 2.0} for g in groups]  # the layout's own groups (dp2's LR differs)
+        assert common["optimizer"] == {
+            "optimizer": {"param_groups": want_groups},
+            "param_state_sharding_type": sharding,
+        }
+        if family in ("", "bf16/"):  # the same run's fully_reshardable save, whole
+            assert common["optimizer"] == fully["optimizer"]
+        return
+    if mixed:  # the mixed-precision optimizer nests torch's state one level down, as its own save does
         scaler = {"grad_scaler"} if name.startswith("fp16/") else set()
         assert set(common["optimizer"]) == set(own["optimizer"]) == {"optimizer", *scaler}
         if scaler:
-            want_scaler = {"scale": torch.tensor([1024.0]), "growth_tracker": 2, "hysteresis_tracker": 2}
             assert common["optimizer"]["grad_scaler"] == own["optimizer"]["grad_scaler"] == want_scaler
         common["optimizer"], own["optimizer"] = common["optimizer"]["optimizer"], own["optimizer"]["optimizer"]
     assert common["optimizer"]["param_groups"] == own["optimizer"]["param_groups"]
     assert common["optimizer"]["state"] == {"common_step": torch.tensor(2.0)}
-    assert common["opt_param_scheduler"] == {**own["opt_param_scheduler"], "num_steps": 0}
-    assert common["iteration"] == 0
+
+
+MCORE_LOADS = [  # (source, precision, growths): plain and distributed optimizer, fp32/bf16/fp16, a TP2 source
+    ("legacy", "fp32", 1),
+    ("torch_dist_distopt_fr", "fp32", 1),
+    ("tp2/torch_dist_distopt", "fp32", 1),
+    ("bf16/torch_dist", "bf16", 1),
+    ("bf16/legacy_distopt", "bf16", 2),  # grown twice (4 -> 8 -> 16 layers): the resume entries go on
+    ("fp16/legacy", "fp16", 2),
+    ("fp16/torch_dist_distopt", "fp16", 1),
+]
+LOCAL_NORMS = {  # the local spec's parameter names -> the torch_dist (TE) names of Megatron-LM's saves
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+
+def test_megatron_cores_own_optimizer_resumes_the_grown_moments(tmp_path):
+    """The grown checkpoints loaded by megatron-core's own optimizer (get_megatron_optimizer over its DDP, the
+    load Megatron-LM's load_checkpoint does: sharded state dicts with the checkpoint's content metadata,
+    dist_checkpointing.load, optimizer.load_state_dict) on 2 data-parallel ranks: the plain optimizer
+    (FP32Optimizer, Float16OptimizerWithFloat16Params) from plain sources, the DistributedOptimizer (each
+    rank its range of the flat buffer) from distributed-optimizer sources. Every parameter's exp_avg,
+    exp_avg_sq and fp32 master it holds equal Megatron-LM's own torch_dist save of the source's run stacked
+    by hand (in fp32 the master is the weight), the ranks' ranges cover each parameter once (the plain
+    optimizer: each rank all of it), the step is 2 and fp16 resumes at the source's loss scale, also after
+    a second growth of the grown checkpoint (the resume entries go on through megastack's own output)."""
+    job = {"checkpoints": [], "out": str(tmp_path)}
+    for name, precision, growths in MCORE_LOADS:
+        src = FIXTURES / name
+        for growth in range(growths):
+            dst = tmp_path / f"{name.replace('/', '_')}_{growth}"
+            proc = in_process("grow", str(src), str(dst), "--factor", "2", "--carry-optimizer", "--to", "torch_dist")
+            assert proc.returncode == 0, proc.stderr
+            src = dst
+        job["checkpoints"].append(
+            {"name": name, "path": str(dst), "precision": precision, "distributed": "distopt" in name}
+        )
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    results = run_workers("load_optimizer.py", 2, str(tmp_path / "job.json"))
+    assert len(results) == 2 * len(MCORE_LOADS)
+    for name, precision, growths in MCORE_LOADS:
+        family = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
+        reference = dcp_tensors(resolve_iteration_dir(FIXTURES / f"{family}torch_dist"), "")  # 4 layers
+        covered: dict[str, list[tuple[int, int]]] = {}
+        for result in (r for r in results if r["name"] == name):
+            held = torch.load(result["file"], weights_only=True)
+            assert held["steps"] == [2.0], name
+            want_scale = {"scale": torch.tensor([1024.0]), "growth_tracker": 2, "hysteresis_tracker": 2}
+            assert held["grad_scaler"] == (want_scale if precision == "fp16" else None), name
+            for param, slot in held["params"].items():
+                parts = param.split(".")
+                if parts[:2] == ["decoder", "layers"]:  # decoder.layers.<i>.<rest>: layer i of the stack
+                    rest = ".".join(parts[3:])
+                    key, layer = "decoder.layers." + LOCAL_NORMS.get(rest, rest), int(parts[2]) % 4  # G_stack
+                else:
+                    key, layer = param, None
+                master = "optimizer.state.fp32_param." if precision != "fp32" else ""  # fp32: the weight
+                fields = {
+                    "exp_avg": "optimizer.state.exp_avg.",
+                    "exp_avg_sq": "optimizer.state.exp_avg_sq.",
+                    "master": master,
+                }
+                for field, prefix in fields.items():
+                    whole = reference[prefix + key]
+                    whole = (whole if layer is None else whole[layer]).flatten()
+                    assert torch.equal(slot[field].flatten(), whole[slot["start"] : slot["end"]]), (name, param, field)
+                covered.setdefault(param, [whole.numel()]).append((slot["start"], slot["end"]))
+        assert len(covered) == 4 * 2**growths * 6 + 3, name  # 6 per layer + embedding, final norm, output layer
+        for param, (numel, *spans) in covered.items():
+            if "distopt" in name:  # the ranks' ranges tile the parameter, each element on one rank
+                spans.sort()
+                assert [spans[0][0], spans[-1][1]] == [0, numel], (name, param)
+                assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), (name, param)
+            else:  # the plain optimizer: every rank holds all of it
+                assert spans == [(0, numel)] * 2, (name, param)
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2pp2", "dp2"])

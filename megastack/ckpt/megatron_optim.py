@@ -306,24 +306,65 @@ def resume_state(
     again, as megastack's trainer does; Megatron-LM checks its values against the new run's flags unless
     --override-opt_param-scheduler). ``mixed``: bf16/fp16 weights, whose Megatron optimizer (mixed precision)
     nests its torch state one level down, beside the fp32 masters (the sharded optimizer.state.fp32_param.*)
-    and, in fp16, its loss scaler (``grad_scaler``: the source's, from its optimizer entry unless given)."""
+    and, in fp16, its loss scaler (``grad_scaler``: the source's, from its optimizer entry unless given).
+    A source trained with the distributed optimizer gets its ``fully_reshardable`` entries instead
+    (``distributed_state``): the run resumes with --use-distributed-optimizer, as it was trained."""
     optimizer = untrusted.typed(optimizer, dict, where, "field 'optimizer'", FIX)
     scaler = loss_scaler(optimizer.get("grad_scaler") if grad_scaler is None else grad_scaler, where)
+    distributed = is_distributed(optimizer)
     if isinstance(optimizer.get("optimizer"), dict):  # the distributed or the mixed-precision optimizer's
         optimizer = optimizer["optimizer"]
     groups = untrusted.typed(optimizer.get("param_groups"), list, where, "field 'optimizer.param_groups'", FIX)
     if not all(isinstance(g, dict) for g in groups):
         raise UserError(f"{where}: field 'optimizer.param_groups' holds a non-dict; the file is corrupt")
-    inner = {
-        "param_groups": [{k: v for k, v in g.items() if k not in ("params", "step")} for g in groups],
-        "state": {"common_step": torch.tensor(float(step))},
-    }
-    outer = {"optimizer": inner} | ({"grad_scaler": scaler} if scaler is not None else {})
-    out: dict[str, Any] = {"optimizer": outer if mixed else inner}
+    groups = [{k: v for k, v in g.items() if k not in ("params", "step")} for g in groups]
+    if distributed:
+        out = distributed_state(groups, step, scaler)
+    else:
+        inner = {"param_groups": groups, "state": {"common_step": torch.tensor(float(step))}}
+        outer = {"optimizer": inner} | ({"grad_scaler": scaler} if scaler is not None else {})
+        out = {"optimizer": outer if mixed else inner}
     if scheduler is not None:
         scheduler = untrusted.typed(scheduler, dict, where, "field 'opt_param_scheduler'", FIX)
         out["opt_param_scheduler"] = {**scheduler, "num_steps": 0}
     return out
+
+
+def is_distributed(optimizer: dict[str, Any]) -> bool:
+    """Whether a Megatron-LM optimizer entry (a legacy rank file's, a torch_dist common.pt's or stored
+    object's) is the distributed optimizer's: its torch state is elsewhere (distrib_optim.pt, buckets or
+    sharded entries), so its inner dict holds the param groups without ``state``."""
+    inner = optimizer.get("optimizer")
+    return isinstance(inner, dict) and "param_groups" in inner and "state" not in inner
+
+
+# The content metadata Megatron-LM's save writes with --dist-ckpt-optim-fully-reshardable; its load_checkpoint
+# hands it to the distributed optimizer's sharded_state_dict, which then asks for the model-space entries.
+FULLY_RESHARDABLE_CONTENT = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "distrib_optim_fully_reshardable_mem_efficient": False,
+    "singleton_local_shards": False,
+    "chained_optim_avoid_prefix": True,
+}
+
+
+def distributed_state(groups: list[dict[str, Any]], step: int, scaler: dict[str, Any] | None) -> dict[str, Any]:
+    """common.pt of a torch_dist checkpoint with the distributed optimizer's state in its ``fully_reshardable``
+    format (the layout the grown model's own DP ranks cut it from; any TP, PP and DP size): the param groups
+    with Adam's step (that format keeps it there), the loss scaler, and the content metadata that tells
+    Megatron-LM's load which format this is. The sharded entries are ``optimizer.state.{param,exp_avg,
+    exp_avg_sq}.<weight key>``, ``param`` the fp32 master (in fp32 training the weight itself)."""
+    inner = {"param_groups": [g | {"step": float(step)} for g in groups]}
+    optimizer = {"optimizer": inner, "param_state_sharding_type": "fully_reshardable"}
+    if scaler is not None:
+        optimizer["grad_scaler"] = scaler
+    return {"optimizer": optimizer, "content_metadata": dict(FULLY_RESHARDABLE_CONTENT)}
+
+
+def writes_fully_reshardable(resume: dict[str, Any] | None) -> bool:
+    """Whether a writer's ``resume_state`` is the distributed optimizer's (``distributed_state``)."""
+    optimizer = (resume or {}).get("optimizer")
+    return isinstance(optimizer, dict) and optimizer.get("param_state_sharding_type") == "fully_reshardable"
 
 
 # torch_dist optimizer layouts read: the plain optimizer's and the distributed optimizer's in model space

@@ -111,6 +111,13 @@ def extra_state_keys(cfg: ModelConfig) -> list[str]:
     ]
 
 
+def fully_reshardable_master_key(key: str) -> str:
+    """The distributed optimizer's model-space save (fully_reshardable) names the fp32 master copy 'param'
+    where the plain optimizer (and ``dcp_key``) says 'fp32_param'."""
+    plain = OPTIMIZER_KEY + megatron_optim.MASTER
+    return OPTIMIZER_KEY + megatron_optim.FULLY_RESHARDABLE_MASTER + key.removeprefix(plain)
+
+
 def read_common(directory: Path) -> dict[str, Any]:
     """``common.pt``: the non-sharded state (Megatron-LM's args, iteration, scheduler, ...); {} if absent."""
     path = Path(directory) / "common.pt"
@@ -312,7 +319,8 @@ class TorchDistReader:
         """common.pt's optimizer and scheduler entries for a grown output Megatron-LM resumes with Adam's state
         (``megatron_optim.resume_state``)."""
         common, where = self.common, str(self.path / "common.pt")
-        optimizer = self._distributed[2] if self._distributed is not None else common.get("optimizer")
+        # dp_reshardable keeps each key of the distributed optimizer's state dict in its own stored object
+        optimizer = {"optimizer": self._distributed[2]} if self._distributed is not None else common.get("optimizer")
         mixed = self.dtype("embedding") != torch.float32
         scaler = None  # the distributed optimizer's buckets keep fp16's loss scaler in a stored object
         if (
@@ -530,11 +538,7 @@ class TorchDistReader:
         (fully_reshardable) names the fp32 master copy 'param', where the plain optimizer says 'fp32_param'."""
         key, _ = dcp_key(name, self.cfg.is_moe)
         if layout.split_state(name)[0] == megatron_optim.MASTER and self._master_is_param:
-            key = (
-                OPTIMIZER_KEY
-                + megatron_optim.FULLY_RESHARDABLE_MASTER
-                + key.removeprefix(OPTIMIZER_KEY + megatron_optim.MASTER)
-            )
+            key = fully_reshardable_master_key(key)
         return key
 
     @functools.cached_property
@@ -642,9 +646,12 @@ class TorchDistWriter:
     ):
         """``args``: Megatron-LM's args for ``common.pt`` (``megatron_args.output_args``; fresh when None).
         ``optimizer_states``: Adam's states written beside the weights (fp32, optimizer.state.* keys).
-        ``resume_state``: common.pt's optimizer and scheduler entries, so Megatron-LM resumes with them."""
+        ``resume_state``: common.pt's optimizer and scheduler entries, so Megatron-LM resumes with them; the
+        distributed optimizer's (``megatron_optim.distributed_state``) make the Adam entries its
+        fully_reshardable ones: the master named ``param``, and in fp32 training the weight written as it."""
         self.cfg = cfg
         self.resume_state = dict(resume_state or {})
+        self.fully_reshardable = megatron_optim.writes_fully_reshardable(resume_state)
         self.dtype = dtype
         self.optimizer_states = tuple(optimizer_states)
         self.chunk_bytes = chunk_bytes
@@ -661,7 +668,12 @@ class TorchDistWriter:
         units = []
         weights = layout.logical_names(self.cfg)
         states = [layout.state_name(state, name) for state in self.optimizer_states for name in weights]
-        for name in weights + states:
+        # fp32 training under the distributed optimizer: its master copy is the weight, saved as one more entry
+        masters_from_weights = self.fully_reshardable and megatron_optim.MASTER not in self.optimizer_states
+        entries = [(name, name) for name in weights + states]
+        if masters_from_weights:
+            entries += [(layout.state_name(megatron_optim.MASTER, name), name) for name in weights]
+        for name, source in entries:  # the entry written, the tensor produced for it
             size = DTYPE_BYTES[self.dtype_of(name)]
             shape = layout.logical_shape(self.cfg, name)
             # Cut along the dimension tensor parallelism cuts (columns of proj/fc2, rows elsewhere), as
@@ -679,7 +691,8 @@ class TorchDistWriter:
                     Unit(
                         key=name if whole else f"{name}#{start}",
                         nbytes=length * line_bytes,
-                        requests=[Request(name, None if whole else (Piece(dim, start, length),))],
+                        requests=[Request(source, None if whole else (Piece(dim, start, length),))],
+                        meta={"write_as": name} if source != name else {},
                     )
                 )
         # The _extra_state objects are a few bytes each: one unit, written with the first chunks.
@@ -705,7 +718,8 @@ class TorchDistWriter:
                 for request in unit.requests:
                     pieces = list(request.pieces) if request.pieces else None
                     tensor = produce(request.name, pieces)
-                    records.append(self._write_chunk(stream, relative, request.name, tensor, pieces))
+                    name = unit.meta.get("write_as", request.name)
+                    records.append(self._write_chunk(stream, relative, name, tensor, pieces))
             f.flush()
             os.fsync(f.fileno())
         records.append(FileHash(relative, stream.digest.hexdigest()))
@@ -718,6 +732,8 @@ class TorchDistWriter:
         self, stream: HashingWriter, relative: str, name: str, tensor: torch.Tensor, pieces: list[Piece] | None
     ) -> ChunkRecord:
         key, _ = dcp_key(name, self.cfg.is_moe)
+        if self.fully_reshardable and layout.split_state(name)[0] == megatron_optim.MASTER:
+            key = fully_reshardable_master_key(key)
         shape = layout.logical_shape(self.cfg, name)
         expected = pieces_shape(shape, pieces)
         if tuple(tensor.shape) != expected:

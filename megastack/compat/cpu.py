@@ -5,6 +5,8 @@ names its call site). ``apply()`` patches exactly those, and only when
 ``torch.cuda.is_available()`` is false, so the same megastack code runs unpatched on GPU clusters.
 ``device_mode()`` scopes a cuda->cpu device mapping to calls that allocate on "cuda" internally
 (pipeline schedules, model construction with tied embeddings under PP); on GPU it is a no-op.
+``megatron_optimizer_mode()`` does the same for megatron-core's own optimizer (tests load what megastack
+writes with it).
 """
 
 from __future__ import annotations
@@ -51,6 +53,50 @@ def device_mode() -> contextlib.AbstractContextManager:
     if cuda_present():
         return contextlib.nullcontext()
     return _CudaToCpu()
+
+
+class _MegatronOptimizerOnCpu(_CudaToCpu):
+    """_CudaToCpu, and ``Tensor.type()`` answered with its CUDA name: megatron-core's mixed-precision
+    optimizer (optimizer.py's Float16OptimizerWithFloat16Params) accepts only ``torch.cuda.*Tensor``."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and isinstance(out, str):
+            if out.startswith("torch.") and ".cuda." not in out:
+                return "torch.cuda." + out[len("torch.") :]
+        return out
+
+
+class _NoStream:
+    def __init__(self, *args: Any, **kwargs: Any):
+        pass
+
+    def wait_stream(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def megatron_optimizer_mode() -> Iterator[None]:
+    """Context for building and loading megatron-core's own optimizer (get_megatron_optimizer, its
+    DistributedDataParallel wrapper, load_state_dict) on CPU: allocations on "cuda" go to cpu, tensor type
+    names read as CUDA's, and the CUDA streams DDP waits on are stand-ins. megastack trains with DeepSpeed's
+    optimizer; this is for checking that what megastack writes is what megatron-core's optimizer resumes
+    from. Nothing on GPU."""
+    if cuda_present():
+        yield
+        return
+    saved = torch.cuda.Stream, torch.cuda.current_stream, torch.cuda.stream
+    torch.cuda.Stream = _NoStream
+    torch.cuda.current_stream = lambda *args, **kwargs: _NoStream()
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    try:
+        with _MegatronOptimizerOnCpu():
+            yield
+    finally:
+        torch.cuda.Stream, torch.cuda.current_stream, torch.cuda.stream = saved
 
 
 class CpuRNGStatesTracker:
@@ -143,6 +189,44 @@ def moe_without_te() -> bool:
         return False
     moe_utils.te_general_gemm = None
     return True
+
+
+def distributed_optimizer_without_te() -> bool:
+    """megatron-core 0.16's DistributedOptimizer with torch's Adam (no Transformer Engine or apex: CPU always)
+    cannot load a checkpoint: its state_dict() asserts every parameter's state holds one ``step`` (none before
+    the first step), and its fully_reshardable load then copies every state key, ``step`` included, from
+    tensors that never hold one (KeyError). Stand-ins for both, used where megatron-core's own optimizer
+    loads what megastack wrote (tests): before loading, ``seed_empty_state(optimizer)``; the copy keeps the
+    state's own step (the load sets it from the param groups). Inert where TE or apex is installed (their
+    fused Adam keeps the step in the param groups). Returns True if it patched."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE or getattr(distrib_optimizer, "_megastack_step_kept", False):
+        return False
+    cls = distrib_optimizer.DistributedOptimizer
+    original = cls._set_main_param_and_optimizer_states
+
+    def keep_step(self, model_param, tensors):
+        group, order = self.model_param_group_index_map[model_param]
+        step = self.optimizer.state[self.optimizer.param_groups[group]["params"][order]].get("step")
+        return original(self, model_param, tensors if step is None else {**tensors, "step": step})
+
+    cls._set_main_param_and_optimizer_states = keep_step
+    distrib_optimizer._megastack_step_kept = True
+    return True
+
+
+def seed_empty_state(optimizer: Any) -> None:
+    """Give a megatron-core DistributedOptimizer on torch's Adam the state its load expects (zeros, step 0;
+    all overwritten by the load). See ``distributed_optimizer_without_te``."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner.init_state_fn(inner.optimizer, inner.config)
+        for state in inner.optimizer.state.values():
+            state.setdefault("step", torch.tensor(0.0))
 
 
 def prepare_deepspeed() -> bool:

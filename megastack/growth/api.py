@@ -112,7 +112,8 @@ def carried_state(reader: Any, src: str) -> tuple[int, tuple[str, ...], dict[str
     stored = reader.optimizer_states()
     if tuple(states) != stored:
         raise UserError(f"{src}: megastack.json lists Adam's states {list(states)} but the files hold {list(stored)}")
-    return step, stored, None
+    # grown from a Megatron-LM run before: its resume entries go on, so Megatron-LM resumes after every growth
+    return step, stored, reader.megatron_resume_state(step) if reader.optimizer_step() is not None else None
 
 
 def grow(
