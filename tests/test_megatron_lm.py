@@ -418,6 +418,7 @@ PARALLEL_SAVES = [  # Megatron-LM's same 2 steps on 2 and 4 gloo ranks (mlm_trai
 
 
 FP16_SAVES = ["fp16/legacy", "fp16/torch_dist", "fp16/torch_dist_distopt"]  # with Megatron's loss scaler
+FP16_SCALER = {"scale": torch.tensor([1024.0]), "growth_tracker": 2, "hysteresis_tracker": 2}  # after its 2 steps
 
 
 def megatron_stacked(reference: Path, prefix: str) -> dict[str, torch.Tensor]:
@@ -475,7 +476,7 @@ def test_megatron_lms_adam_state_grows_with_the_weights(name, tmp_path):
     own = load_pt(resolve_iteration_dir(reference) / "common.pt")
     assert common["opt_param_scheduler"] == {**own["opt_param_scheduler"], "num_steps": 0}
     assert common["iteration"] == 0
-    want_scaler = {"scale": torch.tensor([1024.0]), "growth_tracker": 2, "hysteresis_tracker": 2}
+    want_scaler = FP16_SCALER
     if distributed:  # as Megatron-LM's own fully_reshardable save writes it: Adam's step in the param groups
         fully = load_pt(
             resolve_iteration_dir(FIXTURES / f"{'bf16/' if mixed else ''}torch_dist_distopt_fr") / "common.pt"
@@ -512,10 +513,8 @@ MCORE_LOADS = [  # (source, precision, growths): plain and distributed optimizer
     ("fp16/legacy", "fp16", 2),
     ("fp16/torch_dist_distopt", "fp16", 1),
 ]
-LOCAL_NORMS = {  # the local spec's parameter names -> the torch_dist (TE) names of Megatron-LM's saves
-    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
-}
+# the local spec's layer parameter names -> the torch_dist (TE) names of Megatron-LM's saves
+LOCAL_TO_TE = {layout.MCORE_LAYER_LOCAL[kind]: te for kind, te in layout.MCORE_LAYER_TE.items()}
 
 
 def test_megatron_cores_own_optimizer_resumes_the_grown_moments(tmp_path):
@@ -545,17 +544,16 @@ def test_megatron_cores_own_optimizer_resumes_the_grown_moments(tmp_path):
     for name, precision, growths in MCORE_LOADS:
         family = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
         reference = dcp_tensors(resolve_iteration_dir(FIXTURES / f"{family}torch_dist"), "")  # 4 layers
-        covered: dict[str, list[tuple[int, int]]] = {}
+        covered: dict[str, list] = {}  # parameter -> [numel, (start, end) per rank]
         for result in (r for r in results if r["name"] == name):
             held = torch.load(result["file"], weights_only=True)
             assert held["steps"] == [2.0], name
-            want_scale = {"scale": torch.tensor([1024.0]), "growth_tracker": 2, "hysteresis_tracker": 2}
-            assert held["grad_scaler"] == (want_scale if precision == "fp16" else None), name
+            assert held["grad_scaler"] == (FP16_SCALER if precision == "fp16" else None), name
             for param, slot in held["params"].items():
                 parts = param.split(".")
                 if parts[:2] == ["decoder", "layers"]:  # decoder.layers.<i>.<rest>: layer i of the stack
                     rest = ".".join(parts[3:])
-                    key, layer = "decoder.layers." + LOCAL_NORMS.get(rest, rest), int(parts[2]) % 4  # G_stack
+                    key, layer = "decoder.layers." + LOCAL_TO_TE[rest], int(parts[2]) % 4  # G_stack
                 else:
                     key, layer = param, None
                 master = "optimizer.state.fp32_param." if precision != "fp32" else ""  # fp32: the weight
