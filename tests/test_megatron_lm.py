@@ -21,6 +21,7 @@ from megastack import layout
 from megastack.ckpt.convert import convert
 from megastack.ckpt.detect import open_checkpoint
 from megastack.ckpt.inspect import inspect_checkpoint
+from megastack.ckpt.legacy import rank_dir
 from megastack.ckpt.manifest import resolve_iteration_dir
 from megastack.ckpt.safe_load import load_pt, save_pt
 
@@ -504,14 +505,127 @@ def test_megatron_lms_adam_state_grows_with_the_weights(name, tmp_path):
     assert common["optimizer"]["state"] == {"common_step": torch.tensor(2.0)}
 
 
-MCORE_LOADS = [  # (source, precision, growths): plain and distributed optimizer, fp32/bf16/fp16, a TP2 source
-    ("legacy", "fp32", 1),
-    ("torch_dist_distopt_fr", "fp32", 1),
-    ("tp2/torch_dist_distopt", "fp32", 1),
-    ("bf16/torch_dist", "bf16", 1),
-    ("bf16/legacy_distopt", "bf16", 2),  # grown twice (4 -> 8 -> 16 layers): the resume entries go on
-    ("fp16/legacy", "fp16", 2),
-    ("fp16/torch_dist_distopt", "fp16", 1),
+def rank_file_moments(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], list[dict]]:
+    """A legacy rank file's Adam state by model key, paired as torch's Optimizer.load_state_dict pairs it with
+    Megatron's parameters: group by group (weight-decayed: the matrices; wd_mult 0: the 1-D norms), each
+    group's parameters in the file's module order; and its param groups without their parameter lists."""
+    blob = load_pt(path)
+    model = {k: v for k, v in blob["model"].items() if isinstance(v, torch.Tensor)}
+    optimizer = blob["optimizer"]
+    inner = optimizer.get("optimizer", optimizer)
+    out = {}
+    for g, group in enumerate(inner["param_groups"]):
+        members = [k for k in model if (model[k].dim() == 1) == (group["wd_mult"] == 0.0)]
+        assert len(members) == len(group["params"]), path
+        for i, (key, index) in enumerate(zip(members, group["params"])):
+            masters = optimizer.get("fp32_from_fp16_params")
+            out[key] = dict(inner["state"][index]) | ({"master": masters[g][i]} if masters else {})
+    return out, [{k: v for k, v in g.items() if k != "params"} for g in inner["param_groups"]]
+
+
+@pytest.mark.parametrize(
+    "name, flags",
+    [("tp2/legacy", []), ("pp2/legacy", []), ("tp2/torch_dist", ["--to", "legacy", "--tp", "2"])],
+)
+def test_legacy_output_holds_each_ranks_moments(name, flags, tmp_path):
+    """grow --carry-optimizer into legacy rank files under TP2 and PP2: every output file's optimizer, read as
+    Megatron-LM's load pairs it with the parameters, holds for each of its weights the moments that the same
+    layout's own legacy training save (Megatron-LM's tp2/legacy, pp2/legacy) holds for the weight G_stack copies
+    (layer L <- L mod 4, on whichever stage and in whichever file that is), with that file's param groups, a
+    step tensor of its own per parameter and the scheduler at a new stage's step 0. From tp2/torch_dist the
+    reference is the same run's legacy save."""
+    dst = tmp_path / "grown"
+    proc = in_process("grow", str(FIXTURES / name), str(dst), "--factor", "2", "--carry-optimizer", *flags)
+    assert proc.returncode == 0, proc.stderr
+    tp, pp = (2, 1) if name.startswith("tp2/") else (1, 2)
+    source = resolve_iteration_dir(FIXTURES / f"{name.split('/')[0]}/legacy")
+    grown = resolve_iteration_dir(dst)
+    compared = 0
+    for r in range(tp):
+        for stage in range(pp):
+            held, groups = rank_file_moments(grown / rank_dir(r, stage, pp) / "model_optim_rng.pt")
+            per_stage = 8 // pp
+            for key, state in held.items():
+                parts = key.split(".")
+                src_stage = pp - 1 if stage == pp - 1 and parts[0] != "embedding" else 0
+                if parts[:2] == ["decoder", "layers"]:  # the layer it copies, on its own stage in the source
+                    copied = (stage * per_stage + int(parts[2])) % 4
+                    src_stage, parts[2] = copied // (4 // pp), str(copied % (4 // pp))
+                want, want_groups = rank_file_moments(source / rank_dir(r, src_stage, pp) / "model_optim_rng.pt")
+                assert groups == want_groups, key
+                assert set(state) == set(want[".".join(parts)]) == {"step", "exp_avg", "exp_avg_sq"}, key
+                for field, tensor in want[".".join(parts)].items():
+                    assert torch.equal(state[field], tensor), (r, stage, key, field)
+                compared += 1
+            blob = load_pt(grown / rank_dir(r, stage, pp) / "model_optim_rng.pt")
+            inner = blob["optimizer"]["state"]
+            assert len({t["step"].data_ptr() for t in inner.values()}) == len(inner)  # stepped in place, each its own
+            assert blob["opt_param_scheduler"]["num_steps"] == 0
+    assert compared == (8 * 6 + 3) * tp  # every weight of every file (TP: each rank its shard)
+
+
+def as_fused_adam(src: Path, dst: Path) -> None:
+    """Megatron-LM's plain-optimizer save as it is written on GPU, where megatron-core's Adam is TE's (or apex's)
+    FusedAdam: Adam's step in every param group (FusedAdam's ``group["step"]``, an int), none per parameter
+    (transformer_engine/pytorch/optimizers/fused_adam.py); torch_dist then has no ``common_step`` (megatron-core
+    saves one only when the parameters carry a step). Made from the CPU fixture, whose optimizer is torch's
+    AdamW: no GPU here to let FusedAdam write it."""
+    shutil.copytree(src, dst)
+    directory = resolve_iteration_dir(dst)
+    for path in [*directory.glob("mp_rank_*/model_optim_rng.pt"), *directory.glob("common.pt")]:
+        blob = load_pt(path)
+        inner = blob["optimizer"].get("optimizer", blob["optimizer"])
+        steps = {int(entry.pop("step")) for entry in inner["state"].values() if isinstance(entry, dict)}
+        steps |= {int(inner["state"].pop("common_step"))} if "common_step" in inner["state"] else set()
+        (step,) = steps
+        inner["param_groups"] = [g | {"step": step} for g in inner["param_groups"]]
+        save_pt(blob, path)
+
+
+@pytest.mark.parametrize("name", ["legacy", "torch_dist", "bf16/legacy"])
+def test_fused_adams_step_stays_in_the_param_groups(name, tmp_path):
+    """A source whose Adam keeps its step in the param groups (FusedAdam, Megatron-LM on GPU) is grown with the
+    same moments, and its output keeps the step there, in legacy and torch_dist: FusedAdam's load_state_dict
+    takes every per-parameter entry for a moment (a 'step' entry fails it), and torch's Adam needs one per
+    parameter, so each source's own convention is the one its run resumes with."""
+    fused = tmp_path / "fused"
+    as_fused_adam(FIXTURES / name, fused)
+    for output in ("legacy", "torch_dist"):
+        plain, dst = tmp_path / f"plain_{output}", tmp_path / f"fused_{output}"
+        for src, out in ((FIXTURES / name, plain), (fused, dst)):
+            proc = in_process("grow", str(src), str(out), "--factor", "2", "--carry-optimizer", "--to", output)
+            assert proc.returncode == 0, proc.stderr
+        assert json.loads((resolve_iteration_dir(dst) / "megastack.json").read_text())["optimizer"]["step"] == 2
+        if output == "torch_dist":
+            got = dcp_tensors(resolve_iteration_dir(dst), "optimizer.")
+            want = dcp_tensors(resolve_iteration_dir(plain), "optimizer.")
+            assert set(got) == set(want) and len(got) >= 18 and all(torch.equal(got[k], want[k]) for k in got)
+            common = load_pt(resolve_iteration_dir(dst) / "common.pt")["optimizer"]
+            inner = common.get("optimizer", common)
+            assert inner["state"] == {} and {g["step"] for g in inner["param_groups"]} == {2}
+            continue
+        got, groups = rank_file_moments(resolve_iteration_dir(dst) / "mp_rank_00" / "model_optim_rng.pt")
+        want, want_groups = rank_file_moments(resolve_iteration_dir(plain) / "mp_rank_00" / "model_optim_rng.pt")
+        assert set(got) == set(want) and len(got) == 8 * 6 + 3
+        for key, state in got.items():
+            assert set(state) == set(want[key]) - {"step"}, key  # no per-parameter step
+            assert all(torch.equal(state[f], want[key][f]) for f in state), key
+        assert groups == [g | {"step": 2} for g in want_groups]
+
+
+MCORE_LOADS = [  # (source, precision, growths, output): plain and distributed optimizer, fp32/bf16/fp16, TP2
+    ("legacy", "fp32", 1, "torch_dist"),
+    ("torch_dist_distopt_fr", "fp32", 1, "torch_dist"),
+    ("tp2/torch_dist_distopt", "fp32", 1, "torch_dist"),
+    ("bf16/torch_dist", "bf16", 1, "torch_dist"),
+    ("bf16/legacy_distopt", "bf16", 2, "torch_dist"),  # grown twice (4 -> 8 -> 16 layers): the resume entries go on
+    ("fp16/legacy", "fp16", 2, "torch_dist"),
+    ("fp16/torch_dist_distopt", "fp16", 1, "torch_dist"),
+    # legacy output: Megatron's plain optimizer in each rank file (from a legacy or a torch_dist save)
+    ("legacy", "fp32", 1, "legacy"),
+    ("torch_dist", "fp32", 1, "legacy"),
+    ("bf16/legacy", "bf16", 1, "legacy"),
+    ("fp16/legacy", "fp16", 2, "legacy"),
 ]
 # the local spec's layer parameter names -> the torch_dist (TE) names of Megatron-LM's saves
 LOCAL_TO_TE = {layout.MCORE_LAYER_LOCAL[kind]: te for kind, te in layout.MCORE_LAYER_TE.items()}
@@ -526,26 +640,35 @@ def test_megatron_cores_own_optimizer_resumes_the_grown_moments(tmp_path):
     exp_avg_sq and fp32 master it holds equal Megatron-LM's own torch_dist save of the source's run stacked
     by hand (in fp32 the master is the weight), the ranks' ranges cover each parameter once (the plain
     optimizer: each rank all of it), the step is 2 and fp16 resumes at the source's loss scale, also after
-    a second growth of the grown checkpoint (the resume entries go on through megastack's own output)."""
+    a second growth of the grown checkpoint (the resume entries go on through megastack's own output).
+    Legacy output is loaded as Megatron-LM's load_checkpoint loads legacy files (model, then
+    optimizer.load_state_dict of the rank file's ``optimizer``): Adam's state by parameter index, so a
+    parameter order other than megatron-core's would hand a weight another's moments."""
     job = {"checkpoints": [], "out": str(tmp_path)}
-    for name, precision, growths in MCORE_LOADS:
-        src = FIXTURES / name
+    for name, precision, growths, output in MCORE_LOADS:
+        label, src = f"{name}@{output}", FIXTURES / name
         for growth in range(growths):
-            dst = tmp_path / f"{name.replace('/', '_')}_{growth}"
-            proc = in_process("grow", str(src), str(dst), "--factor", "2", "--carry-optimizer", "--to", "torch_dist")
+            dst = tmp_path / f"{label.replace('/', '_')}_{growth}"
+            proc = in_process("grow", str(src), str(dst), "--factor", "2", "--carry-optimizer", "--to", output)
             assert proc.returncode == 0, proc.stderr
             src = dst
         job["checkpoints"].append(
-            {"name": name, "path": str(dst), "precision": precision, "distributed": "distopt" in name}
+            {
+                "name": label,
+                "path": str(dst),
+                "precision": precision,
+                "distributed": "distopt" in name,
+                "format": output,
+            }
         )
     (tmp_path / "job.json").write_text(json.dumps(job))
     results = run_workers("load_optimizer.py", 2, str(tmp_path / "job.json"))
     assert len(results) == 2 * len(MCORE_LOADS)
-    for name, precision, growths in MCORE_LOADS:
+    for name, precision, growths, output in MCORE_LOADS:
         family = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
         reference = dcp_tensors(resolve_iteration_dir(FIXTURES / f"{family}torch_dist"), "")  # 4 layers
         covered: dict[str, list] = {}  # parameter -> [numel, (start, end) per rank]
-        for result in (r for r in results if r["name"] == name):
+        for result in (r for r in results if r["name"] == f"{name}@{output}"):
             held = torch.load(result["file"], weights_only=True)
             assert held["steps"] == [2.0], name
             assert held["grad_scaler"] == (FP16_SCALER if precision == "fp16" else None), name

@@ -42,8 +42,8 @@ class WriteOptions:
     args: Any = None  # Megatron-LM's args for the output (megatron_args.for_output)
     te_names: bool = True  # legacy: Transformer Engine norm key names
     shard_bytes: int | None = None  # hf: the largest safetensors file (None: the format's default)
-    optimizer_states: tuple[str, ...] = ()  # torch_dist: Adam's states written beside the weights
-    resume_state: dict[str, Any] | None = None  # torch_dist: Megatron-LM's optimizer/scheduler for common.pt
+    optimizer_states: tuple[str, ...] = ()  # Adam's states written beside the weights
+    resume_state: dict[str, Any] | None = None  # Megatron-LM's optimizer/scheduler (common.pt, legacy rank files)
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Format:
     files_per_tensor: bool = True  # inspect lists each tensor's file (not for DCP's shards)
     iteration_dirs: bool = True  # lives in iter_NNNNNNN directories (its iteration from the name)
     reads_optimizer: bool = False  # reads Adam's state beside the weights (--carry-optimizer)
-    writes_optimizer: bool = False  # writes it (torch_dist: optimizer.state.* in the model's space)
+    writes_optimizer: bool = False  # writes it (torch_dist in the model's space; legacy: Megatron's plain optimizer)
     experts: bool = False  # reads and writes mixtures of experts (upcycled models)
 
 
@@ -199,6 +199,8 @@ def _legacy_writer(cfg: ModelConfig, dtype: torch.dtype, options: WriteOptions) 
         te_names=options.te_names,
         args=options.args,
         ep=options.ep,
+        optimizer_states=options.optimizer_states,
+        resume_state=options.resume_state,
     )
 
 
@@ -283,7 +285,8 @@ FORMATS: dict[str, Format] = {  # in detection order
         cut_by_rank=True,
         megatron=True,
         saved_state=_legacy_state,
-        reads_optimizer=True,  # Megatron-LM's (megatron_optim); written only as torch_dist
+        reads_optimizer=True,  # Megatron-LM's (megatron_optim)
+        writes_optimizer=True,  # a Megatron-LM run's plain optimizer (megatron_optim.plain_optimizer_entry)
         experts=True,
     ),
 }

@@ -318,10 +318,22 @@ class LegacyWriter:
         te_names: bool = True,
         args: argparse.Namespace | None = None,
         ep: int = 1,
+        optimizer_states: tuple[str, ...] = (),
+        resume_state: dict[str, Any] | None = None,
     ):
-        """``args``: Megatron-LM's args to store (``megatron_args.output_args``); fresh ones when None."""
+        """``args``: Megatron-LM's args to store (``megatron_args.output_args``); fresh ones when None.
+        ``optimizer_states`` with ``resume_state`` (a Megatron-LM run's plain optimizer, ``megatron_optim.
+        resume_state``): each file also holds that optimizer's ``optimizer`` and ``opt_param_scheduler``
+        entries for its parameters, so Megatron-LM resumes from it with Adam's state."""
         self.cfg, self.tp, self.pp, self.dtype, self.iteration = cfg, tp, pp, dtype, iteration
         self.ep = ep
+        self.optimizer_states, self.resume_state = tuple(optimizer_states), resume_state
+        if self.optimizer_states:
+            if cfg.is_moe:
+                raise NotBuiltError(
+                    "Adam's state of a mixture of experts in legacy output is not built yet; grow --to torch_dist"
+                )
+            megatron_optim.check_plain_groups(resume_state, "--carry-optimizer")
         self.te_names = te_names
         self.args = (
             args
@@ -346,11 +358,11 @@ class LegacyWriter:
                 continue
             _, kind = layout.split_name(name)
             shape = layout.logical_shape(self.cfg, name)
-            requests.append(Request(name, tuple(layout.tp_pieces(kind, shape, tp_rank, self.tp))))
-            numel = 1
-            for s in layout.tp_shard_shape(kind, shape, self.tp):
-                numel *= s
-            nbytes += numel * DTYPE_BYTES[self.dtype]
+            pieces = tuple(layout.tp_pieces(kind, shape, tp_rank, self.tp))
+            requests.append(Request(name, pieces))
+            requests += [Request(layout.state_name(state, name), pieces) for state in self.optimizer_states]
+            numel = math.prod(layout.tp_shard_shape(kind, shape, self.tp))
+            nbytes += numel * (DTYPE_BYTES[self.dtype] + 4 * len(self.optimizer_states))  # Adam's state in fp32
         return Unit(
             key=f"{rank_dir(tp_rank, pp_rank, self.pp, ep_rank, self.ep)}/{FILE_NAME}",
             nbytes=nbytes,
@@ -365,13 +377,22 @@ class LegacyWriter:
             offset = layout.stage_layers(self.cfg.num_layers, pp_rank, self.pp).start
             first_expert = layout.rank_experts(self.cfg, unit.meta["ep"], self.ep).start
             model: dict[str, Any] = {}
-            for request in unit.requests:
+            states: dict[str, dict[str, LazyTensor]] = {}  # model key -> Adam's state name -> tensor
+            tied_copy = pp_rank == self.pp - 1 and self.cfg.tie_embeddings and self.pp > 1
+            # with Adam's state, in module order: the order Megatron's optimizer numbers its parameters in
+            requests = unit.requests
+            if self.optimizer_states:
+                requests = sorted(requests, key=lambda r: self._module_position(r.name, tied_copy))
+            for request in requests:
+                state, weight = layout.split_state(request.name)
                 tensor = self._lazy(request, produce)
-                if request.name == "embedding" and pp_rank == self.pp - 1 and self.cfg.tie_embeddings and self.pp > 1:
-                    model[layout.mcore_name("output")] = tensor  # megatron's last-stage copy of the tied weight
-                    if pp_rank != 0:
-                        continue
-                model[layout.mcore_name(request.name, offset, self.te_names, self.cfg.is_moe, first_expert)] = tensor
+                key = layout.mcore_name(weight, offset, self.te_names, self.cfg.is_moe, first_expert)
+                if weight == "embedding" and tied_copy:
+                    key = layout.mcore_name("output")  # megatron's last-stage copy of the tied weight
+                if state is None:
+                    model[key] = tensor
+                else:
+                    states.setdefault(key, {})[state] = tensor
             model.update(self._extra_state(pp_rank))
             blob = {
                 "model": model,
@@ -379,6 +400,10 @@ class LegacyWriter:
                 "checkpoint_version": megatron_args.CHECKPOINT_VERSION,
                 "iteration": self.iteration,
             }
+            if self.optimizer_states:  # the optimizer's tensors are written after the model's, one at a time
+                blob["optimizer"] = _lazy_objects(megatron_optim.plain_optimizer_entry(self.resume_state, states))
+                if "opt_param_scheduler" in self.resume_state:
+                    blob["opt_param_scheduler"] = self.resume_state["opt_param_scheduler"]
             path = Path(directory) / unit.key
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "wb") as f:  # hashed as written: the manifest does not re-read the file
@@ -388,21 +413,37 @@ class LegacyWriter:
             del model, blob
         return records
 
+    @functools.cached_property
+    def _module_order(self) -> dict[str, int]:
+        """Each weight's position in megatron-core's module order (the local spec's; the TE orders differ only
+        in where a norm sits between two weights, which changes neither weight-decay group's order)."""
+        names = megatron_optim.module_order(self.cfg, megatron_optim.LAYER_ORDERS[0])
+        return {name: i for i, name in enumerate(names)}
+
+    def _module_position(self, name: str, tied_copy: bool) -> int:
+        """A weight's (or its Adam state's) place in megatron-core's module order; on a last stage that holds
+        a copy of tied embeddings (``tied_copy``) that copy is its output layer, last."""
+        weight = layout.split_state(name)[1]
+        if weight == "embedding" and tied_copy:
+            return len(self._module_order)
+        return self._module_order[weight]
+
     def _lazy(self, request: Request, produce: Produce) -> LazyTensor:
         """The request's tensor, produced when the file writer reaches its record: in blocks of rows of at
         most BLOCK_BYTES when it is cut by rows (a 7B embedding is 250 MiB), else whole."""
         pieces = list(request.pieces)
         shape = pieces_shape(layout.logical_shape(self.cfg, request.name), pieces)
-        row_bytes = math.prod(shape[1:]) * DTYPE_BYTES[self.dtype]
+        dtype = torch.float32 if layout.split_state(request.name)[0] else self.dtype  # Adam's state: fp32
+        row_bytes = math.prod(shape[1:]) * DTYPE_BYTES[dtype]
         if pieces[0].dim != 0 or shape[0] * row_bytes <= BLOCK_BYTES:
-            return LazyTensor(shape, self.dtype, lambda: produce(request.name, pieces))
+            return LazyTensor(shape, dtype, lambda: produce(request.name, pieces))
         rows = max(1, BLOCK_BYTES // row_bytes)
 
         def blocks() -> Iterator[torch.Tensor]:
             for start in range(0, shape[0], rows):
                 yield produce(request.name, layout.narrow_pieces(pieces, start, min(shape[0], start + rows)))
 
-        return LazyTensor(shape, self.dtype, lambda: produce(request.name, pieces), blocks)
+        return LazyTensor(shape, dtype, lambda: produce(request.name, pieces), blocks)
 
     def _extra_state(self, pp_rank: int) -> dict[str, None]:
         """The ``_extra_state`` entries megatron's linear layers put in a state dict (None: no FP8 meta)."""
@@ -422,3 +463,16 @@ class LegacyWriter:
 
     def finalize(self, directory: str | os.PathLike, results: list[Any]) -> None:
         pass
+
+
+def _lazy_objects(obj: Any) -> Any:
+    """``obj`` with every real tensor in it (Adam's steps, the loss scale) made a LazyTensor of its own, the
+    one kind of tensor the streaming writer stores."""
+    if isinstance(obj, torch.Tensor):
+        value = obj.detach().clone()
+        return LazyTensor(tuple(value.shape), value.dtype, lambda: value)
+    if isinstance(obj, dict):
+        return {k: _lazy_objects(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_lazy_objects(v) for v in obj]
+    return obj

@@ -61,9 +61,9 @@ def parameter_keys(model: dict[str, Any]) -> list[str]:
     return [k for k, v in model.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")]
 
 
-def _no_weight_decay(key: str, tensor: torch.Tensor) -> bool:
+def _no_weight_decay(key: str, tensor: Any) -> bool:
     """Megatron's default rule (``_get_param_groups``): biases and 1-D tensors take no weight decay."""
-    return key.endswith(".bias") or tensor.dim() == 1
+    return key.endswith(".bias") or len(tensor.shape) == 1
 
 
 def param_groups(saved: Any, model: dict[str, Any], keys: list[str], where: str) -> list[tuple[dict, list[str]]]:
@@ -112,6 +112,19 @@ def one_step(steps: list[int], where: str) -> int:
     if not steps or len(set(steps)) != 1:
         raise UserError(f"{where}: Adam's step differs between parameters ({sorted(set(steps))[:4]}); " + FIX)
     return steps[0]
+
+
+def fused_groups_step(groups: Any, where: str, field: str = "param_groups") -> int | None:
+    """Adam's step where TE's and apex's FusedAdam keep it (Megatron-LM's optimizer whenever either is
+    installed, i.e. on GPU): in each param group that holds parameters (an empty one never steps), not per
+    parameter as torch's Adam does. None when no group holds one (torch's Adam)."""
+    groups = untrusted.typed(groups, list, where, f"field '{field}'", FIX)
+    steps = [
+        step_of(g["step"], where, f"{field}.step")
+        for g in groups
+        if isinstance(g, dict) and "step" in g and g.get("params", True)  # common.pt's groups list no params
+    ]
+    return one_step(steps, where) if steps else None
 
 
 def groups_step(groups: Any, where: str, field: str = "param_groups") -> int:
@@ -202,6 +215,7 @@ def _plain_states(
                 f"{where}: field 'fp32_from_fp16_params' does not list every parameter's master copy; " + FIX
             )
     state = untrusted.typed(optimizer["state"], dict, where, "field 'optimizer.state'", FIX)
+    in_groups = fused_groups_step([g for g, _ in groups], where)  # FusedAdam's, or None (torch's Adam)
     out: RankStates = {}
     steps: list[int] = []
     for g, (group, keys) in enumerate(groups):
@@ -217,7 +231,10 @@ def _plain_states(
                 raise UserError(f"{where}: no Adam state for parameter {index!r} ({key}); " + FIX)
             field = f"optimizer.state[{index}]"
             out[key] = {m: _moment(entry.get(m), model[key].shape, where, f"{field}.{m} ({key})") for m in MOMENTS}
-            steps.append(step_of(entry.get("step"), where, f"{field}.step"))
+            if "step" in entry or in_groups is None:
+                steps.append(step_of(entry.get("step"), where, f"{field}.step"))
+            else:
+                steps.append(in_groups)
         for i, key in enumerate(keys if masters is not None else ()):
             master = _moment(masters[g][i], model[key].shape, where, f"fp32_from_fp16_params[{g}][{i}] ({key})")
             out[key] = {MASTER: master, **out[key]}
@@ -308,7 +325,10 @@ def resume_state(
     nests its torch state one level down, beside the fp32 masters (the sharded optimizer.state.fp32_param.*)
     and, in fp16, its loss scaler (``grad_scaler``: the source's, from its optimizer entry unless given).
     A source trained with the distributed optimizer gets its ``fully_reshardable`` entries instead
-    (``distributed_state``): the run resumes with --use-distributed-optimizer, as it was trained."""
+    (``distributed_state``): the run resumes with --use-distributed-optimizer, as it was trained. Adam's step
+    goes where the source's optimizer kept it: torch's Adam per parameter (``common_step``), TE's or apex's
+    FusedAdam (Megatron-LM on GPU) in the groups; each loads only its own way (FusedAdam's load_state_dict
+    takes every per-parameter entry for a moment and fails on ``step``)."""
     optimizer = untrusted.typed(optimizer, dict, where, "field 'optimizer'", FIX)
     scaler = loss_scaler(optimizer.get("grad_scaler") if grad_scaler is None else grad_scaler, where)
     distributed = is_distributed(optimizer)
@@ -317,11 +337,15 @@ def resume_state(
     groups = untrusted.typed(optimizer.get("param_groups"), list, where, "field 'optimizer.param_groups'", FIX)
     if not all(isinstance(g, dict) for g in groups):
         raise UserError(f"{where}: field 'optimizer.param_groups' holds a non-dict; the file is corrupt")
+    fused = not distributed and fused_groups_step(groups, where, "optimizer.param_groups") is not None
     groups = [{k: v for k, v in g.items() if k not in ("params", "step")} for g in groups]
     if distributed:
         out = distributed_state(groups, step, scaler)
+    elif fused:  # as megatron-core saves FusedAdam's: the step stays in the groups, no common_step
+        inner = {"param_groups": [g | {"step": step} for g in groups], "state": {}}
     else:
         inner = {"param_groups": groups, "state": {"common_step": torch.tensor(float(step))}}
+    if not distributed:
         outer = {"optimizer": inner} | ({"grad_scaler": scaler} if scaler is not None else {})
         out = {"optimizer": outer if mixed else inner}
     if scheduler is not None:
@@ -393,8 +417,8 @@ def torch_dist_sharding(common: dict[str, Any], where: str) -> str | None:
 
 def torch_dist_step(common: dict[str, Any], where: str) -> int | None:
     """Adam's step of a Megatron-LM torch_dist checkpoint's model-space optimizer state (common.pt), None
-    without one: the plain optimizer's ``state.common_step``, the distributed optimizer's param groups'
-    ``step`` (fully_reshardable)."""
+    without one: the plain optimizer's ``state.common_step`` (torch's Adam) or its param groups' ``step``
+    (FusedAdam), the distributed optimizer's param groups' ``step`` (fully_reshardable)."""
     kind = torch_dist_sharding(common, where)
     if kind is None:
         return None
@@ -404,6 +428,68 @@ def torch_dist_step(common: dict[str, Any], where: str) -> int | None:
     if kind == "fully_reshardable":
         return groups_step(optimizer.get("param_groups"), where, "optimizer.param_groups")
     state = optimizer.get("state")
-    if not isinstance(state, dict) or "common_step" not in state:
-        raise UserError(f"{where}: field 'optimizer.state.common_step' (Adam's step) is missing; " + FIX)
-    return step_of(state["common_step"], where, "optimizer.state.common_step")
+    if isinstance(state, dict) and "common_step" in state:  # torch's Adam: one step for every parameter
+        return step_of(state["common_step"], where, "optimizer.state.common_step")
+    step = fused_groups_step(optimizer.get("param_groups"), where, "optimizer.param_groups")  # FusedAdam's
+    if step is None:
+        raise UserError(
+            f"{where}: Adam's step is missing (neither field 'optimizer.state.common_step' nor a param group's "
+            "'step'); " + FIX
+        )
+    return step
+
+
+def plain_optimizer_entry(resume: dict[str, Any], states: dict[str, dict[str, Any]]) -> Any:
+    """A legacy rank file's ``optimizer``: Megatron's plain optimizer's state_dict (what Megatron-LM's
+    load_checkpoint hands to ``optimizer.load_state_dict``) for the parameters in ``states`` (model key -> Adam
+    state -> tensor or LazyTensor, in module order). From ``resume`` (``resume_state``'s
+    output of a plain-optimizer source): the source's param groups, each holding its parameters by Megatron's
+    default weight-decay split, numbered across groups as torch's state_dict numbers them; Adam's step per
+    parameter (torch's Adam, one tensor each: it is incremented in place) or in the groups (FusedAdam), as the
+    source kept it; bf16/fp16's fp32 masters (``fp32_from_fp16_params``, one list per group) and loss scaler."""
+    outer = resume["optimizer"]
+    mixed = "state" not in outer
+    inner = outer["optimizer"] if mixed else outer
+    common = inner["state"].get("common_step")  # None: FusedAdam's step, in the groups
+    split = {
+        1.0: [k for k, v in states.items() if not _no_weight_decay(k, v[MOMENTS[0]])],
+        0.0: [k for k, v in states.items() if _no_weight_decay(k, v[MOMENTS[0]])],
+    }
+    groups, state, masters = [], {}, []
+    for group in inner["param_groups"]:
+        members = split[group["wd_mult"]]
+        ids = list(range(len(state), len(state) + len(members)))
+        for index, key in zip(ids, members):
+            step = {"step": common.clone()} if common is not None else {}
+            state[index] = step | {m: states[key][m] for m in MOMENTS}
+        masters.append([states[key][MASTER] for key in members] if mixed else [])
+        groups.append({**group, "params": ids})
+    torch_state = {"state": state, "param_groups": groups}
+    if not mixed:
+        return torch_state
+    scaler = {"grad_scaler": outer["grad_scaler"]} if "grad_scaler" in outer else {}
+    return {"optimizer": torch_state, **scaler, "fp32_from_fp16_params": masters}
+
+
+def check_plain_groups(resume: dict[str, Any] | None, where: str) -> None:
+    """Legacy output carries Megatron's plain optimizer of a Megatron-LM run in its default parameter groups
+    (``plain_optimizer_entry``); anything else is refused in one line before any file is written."""
+    to_torch_dist = "grow --to torch_dist, which carries it"
+    if resume is None:
+        raise NotBuiltError(
+            f"{where}: Adam's state in legacy output is written for Megatron-LM training saves (its optimizer's "
+            f"param groups go with it); this source is megastack's: {to_torch_dist}"
+        )
+    if writes_fully_reshardable(resume):
+        raise NotBuiltError(
+            f"{where}: the distributed optimizer's state in legacy output (distrib_optim.pt) is not built yet; "
+            f"{to_torch_dist} (its fully_reshardable format, resumed with --use-distributed-optimizer)"
+        )
+    outer = resume["optimizer"]
+    inner = outer["optimizer"] if "state" not in outer else outer
+    wds = [g.get("wd_mult") for g in inner["param_groups"]]
+    if sorted(wds) != [0.0, 1.0] or any(g.get("lr_mult", 1.0) != 1.0 for g in inner["param_groups"]):
+        raise NotBuiltError(
+            f"{where}: optimizer param groups with wd_mult {wds} (Megatron's default split has 1.0 and 0.0, "
+            f"lr_mult 1) are not written in legacy output yet; {to_torch_dist}"
+        )

@@ -3,7 +3,11 @@ Megatron-LM's training builds it) loads grown torch_dist checkpoints WITH Adam's
 load_checkpoint does (the model's and the optimizer's sharded state dicts, the checkpoint's content metadata,
 dist_checkpointing.load, optimizer.load_state_dict), on every rank (TP1, data parallel over the ranks).
 
-argv: JOB.json: {"checkpoints": [{"name", "path", "precision": fp32|bf16|fp16, "distributed": bool}], "out"}.
+A legacy checkpoint ("format": "legacy") is loaded as that load does it for legacy files: the rank file's
+``model`` into the model, its ``optimizer`` through optimizer.load_state_dict.
+
+argv: JOB.json: {"checkpoints": [{"name", "path", "precision": fp32|bf16|fp16, "distributed": bool,
+"format": torch_dist|legacy}], "out"}.
 Each rank saves OUT/<name>_rank<R>.pt: {parameter name: {"start", "end", "exp_avg", "exp_avg_sq", "master"}},
 the slice [start, end) of the flattened weight this rank's optimizer holds (all of it unless distributed),
 and the step and loss scaler it resumed with; prints RESULT {"name", "rank", "file"}.
@@ -54,6 +58,12 @@ def load(entry: dict, rank: int) -> dict:
         cpu.distributed_optimizer_without_te()
         cpu.seed_empty_state(optimizer)
     directory = resolve_iteration_dir(Path(entry["path"]))
+    if entry.get("format") == "legacy":  # Megatron-LM's load_checkpoint of a legacy (TP1 PP1) rank file
+        blob = load_pt(directory / "mp_rank_00" / "model_optim_rng.pt")
+        gpt.load_state_dict(blob["model"], strict=True)
+        with cpu.megatron_optimizer_mode():
+            optimizer.load_state_dict(blob["optimizer"])
+        return holdings(gpt, optimizer)
     metadata = load_pt(directory / "common.pt").get("content_metadata") or {}
     model_state = checkpoint_state(gpt, reader.cfg)
     with cpu.megatron_optimizer_mode():
