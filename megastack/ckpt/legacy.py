@@ -4,7 +4,8 @@ Each file holds one (TP rank, PP stage)'s ``model`` state dict with stage-local 
 ``args`` (Megatron-LM's argparse.Namespace, see ``megatron_args``), ``checkpoint_version`` and ``iteration``;
 Megatron-LM's training saves add ``optimizer``, ``opt_param_scheduler``, ``rng_state`` (and
 ``distrib_optim.pt`` beside the file); growth reads past them, except Adam's moments under
-``--carry-optimizer`` (``megatron_optim``: each rank's state mapped onto its weights, then read like them).
+``--carry-optimizer`` (``megatron_optim``: each rank's state mapped onto its weights, then read like them),
+and writes the plain optimizer's ``optimizer`` and ``opt_param_scheduler`` back for the grown model.
 Files are opened with ``torch.load(mmap=True, weights_only=True)``: tensors stay on disk until a slice is
 copied out, so reading one logical tensor touches only the shards that hold the requested rows.
 """

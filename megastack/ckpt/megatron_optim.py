@@ -22,6 +22,14 @@ buckets follow the same buffer layout (the torch_dist reader maps them with ``bu
 module order in ``LAYER_ORDERS`` until the master weights prove one); its ``fully_reshardable`` save is in
 model space like the plain optimizer's (master copy named ``param``), the step in its param groups.
 
+Adam's step of the plain optimizer: per parameter under torch's Adam (legacy ``state[i]['step']``, torch_dist
+``common_step``), in the param groups under TE's or apex's FusedAdam (Megatron-LM on GPU); both are read.
+
+Written (``resume_state``, ``plain_optimizer_entry``): what Megatron-LM's load_checkpoint needs to resume the
+grown model WITH the optimizer: torch_dist common.pt entries (plain, or the distributed optimizer's
+fully_reshardable format), and a legacy rank file's ``optimizer`` for the plain optimizer, each with the step
+where the source's Adam kept it.
+
 Not read yet (each refused in one line): the distributed optimizer's older
 torch_dist formats and its buckets of tied embeddings under PP > 1, several gradient buffers (MoE), custom
 parameter groups (lr_mult, decoupled LR, a no-weight-decay condition).
