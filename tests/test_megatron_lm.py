@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -415,6 +416,8 @@ PARALLEL_SAVES = [  # Megatron-LM's same 2 steps on 2 and 4 gloo ranks (mlm_trai
     "tp2pp2/torch_dist_distopt",
     "dp2/legacy_distopt",  # the distributed optimizer sharded over 2 data-parallel ranks
     "dp2/torch_dist_distopt",
+    "dp2/legacy_distopt_buckets",  # the same with --overlap-grad-reduce: 9 DDP buckets (legacy: concatenated)
+    "dp2/torch_dist_distopt_buckets",
 ]
 
 
@@ -562,6 +565,33 @@ def test_legacy_output_holds_each_ranks_moments(name, flags, tmp_path):
             assert len({t["step"].data_ptr() for t in inner.values()}) == len(inner)  # stepped in place, each its own
             assert blob["opt_param_scheduler"]["num_steps"] == 0
     assert compared == (8 * 6 + 3) * tp  # every weight of every file (TP: each rank its shard)
+
+
+def test_ddp_bucket_sizes_are_megatron_cores():
+    """megatron_optim.bucket_sizes cuts the buffer as megatron-core's DDP did in the --overlap-grad-reduce
+    --ddp-bucket-size 4097 run: the per-bucket sizes its torch_dist save stores, and their sum the legacy save's
+    one concatenated buffer; without --overlap-grad-reduce, one bucket of the one-bucket save's size."""
+    from megastack.ckpt import megatron_optim
+
+    reader = open_checkpoint(FIXTURES / "dp2" / "torch_dist_distopt_buckets")
+    numels = [
+        math.prod(layout.logical_shape(reader.cfg, n))
+        for n in megatron_optim.module_order(reader.cfg, megatron_optim.LAYER_ORDERS[0])
+    ]
+    stored = reader._stored_object("optimizer.distributed.dp_group_idx_0.per_bucket_numel_unpadded/shard_0_1")
+    ((by_dtype,),) = stored
+    (saved,) = by_dtype.values()
+    assert megatron_optim.bucket_sizes(numels, 4097) == [int(n) for n in saved] and len(saved) == 9
+    legacy = load_pt(
+        resolve_iteration_dir(FIXTURES / "dp2" / "legacy_distopt_buckets") / "mp_rank_00" / "distrib_optim.pt"
+    )
+    assert sum(saved) == next(iter(legacy[0].values()))["numel_unpadded"] == 45504
+    one = load_pt(resolve_iteration_dir(FIXTURES / "dp2" / "legacy_distopt") / "mp_rank_00" / "distrib_optim.pt")
+    assert megatron_optim.bucket_sizes(numels, None) == [next(iter(one[0].values()))["numel_unpadded"]]
+    args = load_pt(
+        resolve_iteration_dir(FIXTURES / "dp2" / "legacy_distopt_buckets") / "mp_rank_00" / "model_optim_rng.pt"
+    )["args"]
+    assert megatron_optim.ddp_bucket_candidates(args, "args") == [4097, None]
 
 
 def as_fused_adam(src: Path, dst: Path) -> None:

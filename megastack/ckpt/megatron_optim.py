@@ -11,7 +11,8 @@ Where Megatron-LM (core 0.16) keeps it, per (TP rank, PP stage) file of a legacy
   and ``lr_mult`` check that split.
 - ``distrib_optim.pt`` of the distributed optimizer (``dp_zero`` save, buckets coalesced): flat fp32
   ``param``/``exp_avg``/``exp_avg_sq`` of the gradient buffer, where DDP lays the parameters out in REVERSE
-  module order, each start padded to a multiple of 64 elements (``_ParamAndGradBuffer``); the walk must end
+  module order, each start padded to a multiple of 64 elements (``_ParamAndGradBuffer``), under
+  --overlap-grad-reduce in buckets concatenated unpadded (``bucket_sizes``); the walk must end
   exactly at the saved ``numel_unpadded``, and the buffer's own fp32 master ``param`` must hold each weight
   where the layout puts it (first and last rows compared: a wrong order cannot pass, same-shaped weights hold
   different values). The step is the param groups' ``step``.
@@ -170,6 +171,36 @@ def buffer_spans(numels: list[tuple[str, int]], bucket_sizes: list[int]) -> dict
     return spans if bucket == len(bucket_sizes) and start == 0 else None
 
 
+def bucket_sizes(numels: list[int], bucket_size: int | None) -> list[int]:
+    """The unpadded size of each bucket megatron-core's DDP (``_ParamAndGradBuffer``) cuts a gradient buffer
+    into: the parameters (``numels``, module order) go in backwards, each start padded to 64 elements from its
+    bucket's start (buckets start aligned), and a bucket closes after the parameter that brings it to
+    ``bucket_size`` elements (None: one bucket). A legacy ``distrib_optim.pt`` concatenates the buckets unpadded
+    and does not store these sizes; torch_dist saves them (``per_bucket_numel_unpadded``)."""
+    sizes, start = [], 0
+    for numel in reversed(numels):
+        end = math.ceil(start / PARAM_ALIGN) * PARAM_ALIGN + numel
+        if bucket_size is not None and end >= bucket_size:
+            sizes.append(end)
+            end = 0
+        start = end
+    return sizes + ([start] if start else [])
+
+
+def ddp_bucket_candidates(args: Any, where: str) -> list[int | None]:
+    """The DDP bucket sizes a run with these Megatron-LM args may have used on a rank: --ddp-bucket-size, or
+    megatron-core's default max(4e7, 1e6 x DP) under --overlap-grad-reduce; one bucket without it, and on
+    pipeline stages after the first (megatron-core turns bucketing off there)."""
+    from megastack.ckpt import megatron_args
+
+    if args is None or not megatron_args.get(args, "overlap_grad_reduce", where):
+        return [None]
+    size = megatron_args.get(args, "ddp_bucket_size", where)
+    if size is None:
+        size = max(40_000_000, 1_000_000 * (megatron_args.get(args, "data_parallel_size", where) or 1))
+    return [size, None]
+
+
 def master_matches(
     read_master: Callable[[int, int], torch.Tensor], first: torch.Tensor, last: torch.Tensor, numel: int
 ) -> bool:
@@ -206,7 +237,7 @@ def legacy_rank_states(blob: dict[str, Any], path: Path) -> tuple[RankStates, in
             raise UserError(f"{distrib}: missing (the distributed optimizer's state); the checkpoint is incomplete")
         saved = param_groups(inner["param_groups"], model, keys, where)
         step = groups_step([g for g, _ in saved], where)
-        return _distrib_states(distrib, model, keys), step
+        return _distrib_states(distrib, model, keys, ddp_bucket_candidates(blob.get("args"), where)), step
     raise UserError(f"{where}: field 'optimizer' has keys {sorted(map(str, optimizer))[:6]}, not Megatron-LM's; " + FIX)
 
 
@@ -249,8 +280,10 @@ def _plain_states(
     return out, one_step(steps, where)
 
 
-def _distrib_states(path: Path, model: dict, keys: list[str]) -> RankStates:
-    """The flat buffers of ``distrib_optim.pt`` cut into each parameter's moments (views, no copies)."""
+def _distrib_states(path: Path, model: dict, keys: list[str], buckets: list[int | None]) -> RankStates:
+    """The flat buffers of ``distrib_optim.pt`` cut into each parameter's moments (views, no copies); the
+    buckets (unpadded, one after another) laid out for the first of the candidate bucket sizes ``buckets``
+    that fills the file and whose master weights prove it."""
     from megastack.ckpt.safe_load import load_pt
 
     where = str(path)
@@ -270,24 +303,34 @@ def _distrib_states(path: Path, model: dict, keys: list[str]) -> RankStates:
         t = flat.get(name)
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != numel or t.dtype != torch.float32:
             raise UserError(f"{where}: '{name}' is not a float32 vector of numel_unpadded={numel}; the file is corrupt")
-    spans = buffer_spans([(key, model[key].numel()) for key in keys], [numel])
+    numels = [(key, model[key].numel()) for key in keys]
+    param = flat["param"]  # the fp32 master weights: the layout's proof, and bf16/fp16 training's master copies
+    spans = None
+    for size in buckets:
+        sizes = bucket_sizes([n for _, n in numels], size)
+        relative = buffer_spans(numels, sizes) if sum(sizes) == numel else None
+        if relative is None:
+            continue
+        first = [sum(sizes[:b]) for b in range(len(sizes))]  # each bucket's start in the file's tensors
+        spans = {key: (first[b] + a, first[b] + e) for key, (b, a, e) in relative.items()}
+        break
     if spans is None:
         raise NotBuiltError(
-            f"{where}: the parameters laid out as megatron-core's buffer do not fill the file's {numel} elements "
-            "(several buckets, e.g. --overlap-grad-reduce, or a layout not read yet); " + FIX
+            f"{where}: the parameters laid out as megatron-core's buffer (bucket sizes {buckets}) do not fill the "
+            f"file's {numel} elements (a layout not read yet: tied embeddings under pipeline parallelism, several "
+            "gradient buffers); " + FIX
         )
-    param = flat["param"]  # the fp32 master weights: the layout's proof, and bf16/fp16 training's master copies
-    for key, (_, a, b) in spans.items():
+    for key, (a, b) in spans.items():
         if not master_matches(lambda lo, hi, a=a: param[a + lo : a + hi], *ends(model[key]), b - a):
             raise UserError(
                 f"{where}: the distributed optimizer's master weights at {key}'s offset are not that weight; "
-                "the buffer's parameter order is not megatron-core's (or the files are from different "
-                "steps); " + FIX
+                "the buffer's parameter order or bucketing is not megatron-core's (or the files are from "
+                "different steps); " + FIX
             )
     states = (MASTER, *MOMENTS) if any(model[k].dtype != torch.float32 for k in keys) else MOMENTS
     return {
         key: {m: flat["param" if m == MASTER else m][a:b].view(model[key].shape) for m in states}
-        for key, (_, a, b) in spans.items()
+        for key, (a, b) in spans.items()
     }
 
 
