@@ -175,6 +175,32 @@ def tp_merge(kind: str, shards: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([g for g, _ in halves] + [u for _, u in halves], dim=0)
 
 
+def tp_read_plan(
+    kind: str, shape: tuple[int, ...], size: int, pieces: list[Piece] | None
+) -> tuple[list[tuple[int, list[Piece] | None]], bool]:
+    """Which of ``size`` TP shards a request for ``pieces`` of the full tensor reads: [(tp rank, pieces in that
+    shard's coordinates)] in global order, and whether the parts need a TP merge (``tp_merge``; else they are
+    concatenated along the pieces' dimension). Pieces along the split dimension touch only the shards that
+    hold them (each shard is the concatenation of its own global pieces, so a global range maps to a local
+    one by walking them); any other request reads every shard, narrowed along the other dimension."""
+    rule = TP_RULE[kind]
+    if rule == "replicated" or size == 1:
+        return [(0, pieces)], False
+    split = 1 if rule == "cols" else 0
+    if not pieces or pieces[0].dim != split:
+        return [(r, pieces) for r in range(size)], True
+    parts = []
+    for p in pieces:
+        for r in range(size):
+            local = 0
+            for q in tp_pieces(kind, shape, r, size):
+                lo, hi = max(p.start, q.start), min(p.start + p.length, q.start + q.length)
+                if hi > lo:
+                    parts.append((lo, r, local + lo - q.start, hi - lo))
+                local += q.length
+    return [(r, [Piece(split, start, length)]) for _, r, start, length in sorted(parts)], False
+
+
 def tp_shard_shape(kind: str, shape: tuple[int, ...], size: int) -> tuple[int, ...]:
     rule = TP_RULE[kind]
     if rule in ("rows", "glu"):

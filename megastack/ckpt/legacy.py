@@ -242,39 +242,10 @@ class LegacyReader:
     def dtype(self, name: str) -> torch.dtype:
         return self._local_tensor(name, 0).dtype
 
-    def _split_dim(self, kind: str) -> int | None:
-        """The dimension the input's TP cuts, or None when every file holds the whole tensor."""
-        rule = layout.TP_RULE[kind]
-        if rule == "replicated" or self.tp == 1:
-            return None
-        return 1 if rule == "cols" else 0
-
-    def _overlaps(self, kind: str, shape: tuple[int, ...], pieces: list[Piece]):
-        """(tp rank, local start, length) of every input slice the pieces need, in global order.
-
-        Only for pieces along the input's split dimension: each shard is the concatenation of its own
-        global pieces, so a global range maps to a local range by walking them."""
-        parts = []
-        for p in pieces:
-            for r in range(self.tp):
-                local = 0
-                for q in layout.tp_pieces(kind, shape, r, self.tp):
-                    lo, hi = max(p.start, q.start), min(p.start + p.length, q.start + q.length)
-                    if hi > lo:
-                        parts.append((lo, r, local + lo - q.start, hi - lo))
-                    local += q.length
-        return [(r, start, length) for _, r, start, length in sorted(parts)]
-
     def _plan_read(self, name: str, pieces: list[Piece] | None):
         """[(tp rank, pieces in that shard's coordinates)], and whether the results need a TP merge."""
         _, kind = layout.split_name(name)
-        shape = layout.logical_shape(self.cfg, name)
-        split = self._split_dim(kind)
-        if split is None:
-            return [(0, pieces)], False
-        if not pieces or pieces[0].dim != split:  # every shard, narrowed along the other dimension
-            return [(r, pieces) for r in range(self.tp)], True
-        return [(r, [Piece(split, start, length)]) for r, start, length in self._overlaps(kind, shape, pieces)], False
+        return layout.tp_read_plan(kind, layout.logical_shape(self.cfg, name), self.tp, pieces)
 
     def sources(self, name: str, pieces: list[Piece] | None = None) -> dict[str, int]:
         pp_rank = self._stage(name)

@@ -284,6 +284,29 @@ class TorchDistReader:
             key, [start], [end - start], list(self._overlaps(key, [start], [end - start])), torch.float32
         )
 
+    def _flat_spans_of(
+        self, name: str, span: tuple[str, int, int], local: list[Piece] | None
+    ) -> list[tuple[str, int, int, tuple[int, ...]]]:
+        """The bucket ranges holding ``local`` pieces of one TP shard whose state lies flat in ``span``:
+        [(key, start, end, shape)]. Rows of the shard are contiguous in the bucket, so row pieces are read alone;
+        anything else reads the whole shard (to be narrowed)."""
+        key, start, end = span
+        shard = layout.tp_shard_shape(
+            layout.split_name(name)[1], layout.logical_shape(self.cfg, name), len(self._flat_spans(name))
+        )
+        if not local or local[0].dim != 0:
+            return [(key, start, end, shard)]
+        row = math.prod(shard[1:])
+        return [(key, start + p.start * row, start + (p.start + p.length) * row, (p.length, *shard[1:])) for p in local]
+
+    def _flat_shard(self, name: str, span: tuple[str, int, int], local: list[Piece] | None) -> torch.Tensor:
+        """``local`` pieces of one TP shard of Adam's state ``name``, read from its bucket span."""
+        ranges = self._flat_spans_of(name, span, local)
+        parts = [self._flat(key, a, b).view(shape) for key, a, b, shape in ranges]
+        if not local or local[0].dim != 0:
+            return take_pieces(parts[0], local)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def _shard_ends(self, name: str, rank: int, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first and last rows of TP rank ``rank``'s shard of a weight (a 1-D weight: itself twice), read
         without the rest of it: enough to tell the weights apart in a buffer."""
@@ -456,8 +479,12 @@ class TorchDistReader:
         """Bytes of the requested region in each file (what a reader with the chunk cache reads when
         the request follows the stored chunking)."""
         flat = self._flat_spans(name) if layout.split_state(name)[0] else None
-        if flat is not None:  # every TP shard's whole span (read() merges them)
-            requests = [(key, [start], [end - start]) for key, start, end in flat]
+        if flat is not None:  # the bucket ranges read() reads
+            kind = layout.split_name(name)[1]
+            plan, _ = layout.tp_read_plan(kind, layout.logical_shape(self.cfg, name), len(flat), pieces)
+            requests = [
+                (key, [a], [b - a]) for r, local in plan for key, a, b, _ in self._flat_spans_of(name, flat[r], local)
+            ]
         else:
             key, regions, _ = self._regions(name, pieces)
             requests = [(key, offsets, sizes) for offsets, sizes in regions]
@@ -557,10 +584,13 @@ class TorchDistReader:
         """The requested region. A region that is exactly one stored chunk is that chunk's tensor, shared
         with the chunk cache (no copy): callers must not modify what they get in place."""
         flat = self._flat_spans(name) if layout.split_state(name)[0] else None
-        if flat is not None:  # each TP shard's slice of its rank's bucket, merged into the weight's shape
-            shape, kind = layout.logical_shape(self.cfg, name), layout.split_name(name)[1]
-            shard = layout.tp_shard_shape(kind, shape, len(flat))
-            return take_pieces(layout.tp_merge(kind, [self._flat(*span).view(shard) for span in flat]), pieces)
+        if flat is not None:  # the TP shards' slices of their ranks' buckets that hold the pieces
+            kind = layout.split_name(name)[1]
+            plan, merge = layout.tp_read_plan(kind, layout.logical_shape(self.cfg, name), len(flat), pieces)
+            parts = [self._flat_shard(name, flat[r], local) for r, local in plan]
+            if merge:
+                return layout.tp_merge(kind, parts)
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=plan[0][1][0].dim)
         key, regions, cat_dim = self._regions(name, pieces)
         lead = len(leading(self.cfg, name)[0])  # leading layer (and expert) dims, dropped here
         parts = []
