@@ -419,6 +419,10 @@ PARALLEL_SAVES = [  # Megatron-LM's same 2 steps on 2 and 4 gloo ranks (mlm_trai
     "dp2/legacy_distopt_buckets",  # the same with --overlap-grad-reduce: 9 DDP buckets (legacy: concatenated)
     "dp2/torch_dist_distopt_buckets",
 ]
+TIED_SAVES = [  # tied embeddings, one rank and PP2 (the last stage's output layer is the embedding's copy)
+    "tied/legacy",
+    *(f"tied/pp2/{n}" for n in ("legacy", "legacy_distopt", "torch_dist", "torch_dist_distopt")),
+]
 
 
 FP16_SAVES = ["fp16/legacy", "fp16/torch_dist", "fp16/torch_dist_distopt"]  # with Megatron's loss scaler
@@ -432,7 +436,9 @@ def megatron_stacked(reference: Path, prefix: str) -> dict[str, torch.Tensor]:
     return {key: torch.cat([t, t]) if ".decoder.layers." in "." + key else t for key, t in entries.items()}
 
 
-@pytest.mark.parametrize("name", [*CARRIED_SAVES, *(f"bf16/{n}" for n in CARRIED_SAVES), *PARALLEL_SAVES, *FP16_SAVES])
+@pytest.mark.parametrize(
+    "name", [*CARRIED_SAVES, *(f"bf16/{n}" for n in CARRIED_SAVES), *PARALLEL_SAVES, *FP16_SAVES, *TIED_SAVES]
+)
 def test_megatron_lms_adam_state_grows_with_the_weights(name, tmp_path):
     """Megatron-LM's moments (legacy: by parameter index; the distributed optimizer's flat buffers, legacy and
     torch_dist; torch_dist: named entries) through G_stack x2. The reference is Megatron-LM's own torch_dist
@@ -468,7 +474,8 @@ def test_megatron_lms_adam_state_grows_with_the_weights(name, tmp_path):
                 f"optimizer.state.param.{k}": w for k, w in weights.items() if f"optimizer.state.exp_avg.{k}" in want
             }
     got = dcp_tensors(resolve_iteration_dir(dst), "optimizer.state.")
-    assert set(got) == set(want) and len(want) == (27 if mixed or distributed else 18)
+    n_weights = 8 if name.startswith("tied/") else 9  # 6 per layer, embedding, final norm (and the output layer)
+    assert set(got) == set(want) and len(want) == (3 if mixed or distributed else 2) * n_weights
     for key, expected in want.items():
         assert torch.equal(got[key], expected), key
     manifest = json.loads((resolve_iteration_dir(dst) / "megastack.json").read_text())
@@ -528,7 +535,13 @@ def rank_file_moments(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], l
 
 @pytest.mark.parametrize(
     "name, flags",
-    [("tp2/legacy", []), ("pp2/legacy", []), ("tp2/torch_dist", ["--to", "legacy", "--tp", "2"])],
+    [
+        ("tp2/legacy", []),
+        ("pp2/legacy", []),
+        ("tp2/torch_dist", ["--to", "legacy", "--tp", "2"]),
+        ("tied/pp2/legacy", []),  # the last stage's output layer: the embedding's copy, last in its file
+        ("tied/pp2/torch_dist", ["--to", "legacy", "--pp", "2"]),
+    ],
 )
 def test_legacy_output_holds_each_ranks_moments(name, flags, tmp_path):
     """grow --carry-optimizer into legacy rank files under TP2 and PP2: every output file's optimizer, read as
@@ -536,12 +549,13 @@ def test_legacy_output_holds_each_ranks_moments(name, flags, tmp_path):
     layout's own legacy training save (Megatron-LM's tp2/legacy, pp2/legacy) holds for the weight G_stack copies
     (layer L <- L mod 4, on whichever stage and in whichever file that is), with that file's param groups, a
     step tensor of its own per parameter and the scheduler at a new stage's step 0. From tp2/torch_dist the
-    reference is the same run's legacy save."""
+    reference is the same run's legacy save; with tied embeddings the last stage's output layer (the
+    embedding's copy) is numbered last, as in Megatron-LM's own file."""
     dst = tmp_path / "grown"
     proc = in_process("grow", str(FIXTURES / name), str(dst), "--factor", "2", "--carry-optimizer", *flags)
     assert proc.returncode == 0, proc.stderr
     tp, pp = (2, 1) if name.startswith("tp2/") else (1, 2)
-    source = resolve_iteration_dir(FIXTURES / f"{name.split('/')[0]}/legacy")
+    source = resolve_iteration_dir(FIXTURES / name.rsplit("/", 1)[0] / "legacy")
     grown = resolve_iteration_dir(dst)
     compared = 0
     for r in range(tp):
@@ -685,6 +699,7 @@ MCORE_LOADS = [  # (source, precision, growths, output): plain and distributed o
     ("torch_dist", "fp32", 1, "legacy"),
     ("bf16/legacy", "bf16", 1, "legacy"),
     ("fp16/legacy", "fp16", 2, "legacy"),
+    ("tied/legacy", "fp32", 1, "legacy"),  # tied embeddings: no output layer of its own
 ]
 # the local spec's layer parameter names -> the torch_dist (TE) names of Megatron-LM's saves
 LOCAL_TO_TE = {layout.MCORE_LAYER_LOCAL[kind]: te for kind, te in layout.MCORE_LAYER_TE.items()}
@@ -749,7 +764,8 @@ def test_megatron_cores_own_optimizer_resumes_the_grown_moments(tmp_path):
                     whole = (whole if layer is None else whole[layer]).flatten()
                     assert torch.equal(slot[field].flatten(), whole[slot["start"] : slot["end"]]), (name, param, field)
                 covered.setdefault(param, [whole.numel()]).append((slot["start"], slot["end"]))
-        assert len(covered) == 4 * 2**growths * 6 + 3, name  # 6 per layer + embedding, final norm, output layer
+        # 6 per layer + embedding, final norm, output layer (tied: the embedding)
+        assert len(covered) == 4 * 2**growths * 6 + (2 if name.startswith("tied/") else 3), name
         for param, (numel, *spans) in covered.items():
             if "distopt" in name:  # the ranks' ranges tile the parameter, each element on one rank
                 spans.sort()
@@ -808,7 +824,7 @@ def _edit_rank_file(src: Path, dst: Path, edit) -> None:
         ("moment shape", ("optimizer.state[2].exp_avg", "is (32, 32) float32", "needs (64, 32)"), 1),
         ("custom lr_mult", ("lr_mult=2.0", "custom parameter groups"), 2),
         ("torch_dist fully_sharded_model_space", ("'fully_sharded_model_space' is not read yet",), 2),
-        ("buckets tied under PP2", ("untied embeddings under pipeline", "--dist-ckpt-optim-fully-reshardable"), 2),
+        ("args tied, buckets untied", ("buckets ([22816] elements, TP 0, PP 1)", "do not hold the weights"), 2),
         ("no optimizer", ("holds no optimizer state",), 1),
         ("loss scale", ("field 'grad_scaler'.scale", "positive"), 1),
         ("buffer order", ("distrib_optim.pt", "master weights at", "not megatron-core's"), 1),
@@ -843,7 +859,7 @@ def test_megatron_optimizer_state_refusals(case, needles, code, tmp_path):
         common = load_pt(path)
         common["optimizer"]["param_state_sharding_type"] = "fully_sharded_model_space"
         save_pt(common, path)
-    elif case == "buckets tied under PP2":  # the last stage's copy of a tied embedding is not mapped yet
+    elif case == "args tied, buckets untied":  # args that say tied over an untied run's buckets: no layout fits
         shutil.copytree(FIXTURES / "pp2" / "torch_dist_distopt", src)
         path = resolve_iteration_dir(src) / "common.pt"
         common = load_pt(path)

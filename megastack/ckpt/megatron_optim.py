@@ -32,7 +32,7 @@ fully_reshardable format), and a legacy rank file's ``optimizer`` for the plain 
 where the source's Adam kept it.
 
 Not read yet (each refused in one line): the distributed optimizer's older
-torch_dist formats and its buckets of tied embeddings under PP > 1, several gradient buffers (MoE), custom
+torch_dist formats, several gradient buffers (MoE), custom
 parameter groups (lr_mult, decoupled LR, a no-weight-decay condition).
 """
 
@@ -156,12 +156,18 @@ def buffer_spans(numels: list[tuple[str, int]], bucket_sizes: list[int]) -> dict
     """Where megatron-core's DDP puts each parameter (``numels`` in module order) in its gradient buffer:
     name -> (bucket, start, end) within the bucket's saved (unpadded) tensor. Parameters go in backwards,
     each start padded to 64 elements; a bucket closes exactly at its saved size (its end padding is not
-    saved). None when the parameters do not fill the buckets exactly: the layout is not this one."""
+    saved), after a parameter or, for a parameter that takes a bucket of its own (a tied embedding under
+    pipeline parallelism), at its padded start. None when the parameters do not fill the buckets exactly: the
+    layout is not this one."""
     spans, bucket, start = {}, 0, 0
     for name, numel in reversed(numels):
         if bucket >= len(bucket_sizes):
             return None
         start = math.ceil(start / PARAM_ALIGN) * PARAM_ALIGN
+        if 0 < start == bucket_sizes[bucket]:  # closed before this parameter (tied embeddings: their own bucket)
+            bucket, start = bucket + 1, 0
+            if bucket >= len(bucket_sizes):
+                return None
         spans[name] = (bucket, start, start + numel)
         start += numel
         if start == bucket_sizes[bucket]:

@@ -199,16 +199,17 @@ class TorchDistReader:
             megatron_args.get(self.saved_args, f, where) or 1
             for f in ("tensor_model_parallel_size", "pipeline_model_parallel_size")
         )
-        if self.cfg.is_moe or (pp > 1 and self.cfg.tie_embeddings):
+        if self.cfg.is_moe:
             raise NotBuiltError(
-                f"{self.path}: the distributed optimizer's torch_dist buckets are read for dense saves with untied "
-                "embeddings under pipeline parallelism only yet (save with --dist-ckpt-optim-fully-reshardable, "
-                "which is read under any layout); " + megatron_optim.FIX
+                f"{self.path}: the distributed optimizer's torch_dist buckets are read for dense saves only yet "
+                "(save with --dist-ckpt-optim-fully-reshardable, which is read for any model); " + megatron_optim.FIX
             )
         mapping: dict[str, list[tuple[str, int, int]]] = {}
         for stage in range(pp):
             shards = [self._rank_buckets(rank, stage, tp, pp) for rank in range(tp)]
             for name in shards[0]:
+                if name in mapping:  # tied embeddings: the last stage's copy holds the first stage's moments
+                    continue
                 replicated = layout.TP_RULE[layout.split_name(name)[1]] == "replicated"
                 mapping[name] = [spans[name] for spans in shards[: 1 if replicated else tp]]
         # the model-parallel ranks' param groups agree (one optimizer config); rank 0's are the source's
@@ -251,6 +252,8 @@ class TorchDistReader:
         for kinds in megatron_optim.LAYER_ORDERS:  # the module order whose layout the master weights prove
             order = megatron_optim.module_order(self.cfg, kinds)
             local = [(n, numels[n]) for n in order if layout.stage_holds(n, self.cfg, stage, pp)]
+            if self.cfg.tie_embeddings and pp > 1 and stage == pp - 1:  # its copy of the embedding: the output layer
+                local = local[1:] + local[:1]
             spans = megatron_optim.buffer_spans(local, bucket_sizes)
             if spans is not None and all(
                 megatron_optim.master_matches(
