@@ -540,7 +540,8 @@ def check_plain_groups(resume: dict[str, Any] | None, where: str) -> None:
     if writes_fully_reshardable(resume):
         raise NotBuiltError(
             f"{where}: the distributed optimizer's state in legacy output (distrib_optim.pt) is not built yet; "
-            f"{to_torch_dist} (its fully_reshardable format, resumed with --use-distributed-optimizer)"
+            f"{to_torch_dist} (its fully_reshardable format: resume with --ckpt-format torch_dist "
+            "--use-distributed-optimizer)"
         )
     outer = resume["optimizer"]
     inner = outer["optimizer"] if "state" not in outer else outer
