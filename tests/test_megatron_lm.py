@@ -523,12 +523,12 @@ def rank_file_moments(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], l
     model = {k: v for k, v in blob["model"].items() if isinstance(v, torch.Tensor)}
     optimizer = blob["optimizer"]
     inner = optimizer.get("optimizer", optimizer)
+    masters = optimizer.get("fp32_from_fp16_params")  # bf16/fp16: one list per group
     out = {}
     for g, group in enumerate(inner["param_groups"]):
         members = [k for k in model if (model[k].dim() == 1) == (group["wd_mult"] == 0.0)]
         assert len(members) == len(group["params"]), path
         for i, (key, index) in enumerate(zip(members, group["params"])):
-            masters = optimizer.get("fp32_from_fp16_params")
             out[key] = dict(inner["state"][index]) | ({"master": masters[g][i]} if masters else {})
     return out, [{k: v for k, v in g.items() if k != "params"} for g in inner["param_groups"]]
 

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from megastack import untrusted
+from megastack.ckpt import megatron_args
 from megastack.errors import NotBuiltError, UserError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -197,8 +198,6 @@ def ddp_bucket_candidates(args: Any, where: str) -> list[int | None]:
     """The DDP bucket sizes a run with these Megatron-LM args may have used on a rank: --ddp-bucket-size, or
     megatron-core's default max(4e7, 1e6 x DP) under --overlap-grad-reduce; one bucket without it, and on
     pipeline stages after the first (megatron-core turns bucketing off there)."""
-    from megastack.ckpt import megatron_args
-
     if args is None or not megatron_args.get(args, "overlap_grad_reduce", where):
         return [None]
     size = megatron_args.get(args, "ddp_bucket_size", where)
@@ -323,8 +322,7 @@ def _distrib_states(path: Path, model: dict, keys: list[str], buckets: list[int 
     if spans is None:
         raise NotBuiltError(
             f"{where}: the parameters laid out as megatron-core's buffer (bucket sizes {buckets}) do not fill the "
-            f"file's {numel} elements (a layout not read yet: tied embeddings under pipeline parallelism, several "
-            "gradient buffers); " + FIX
+            f"file's {numel} elements (a layout not read yet, e.g. several gradient buffers); " + FIX
         )
     for key, (a, b) in spans.items():
         if not master_matches(lambda lo, hi, a=a: param[a + lo : a + hi], *ends(model[key]), b - a):
