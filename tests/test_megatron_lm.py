@@ -423,6 +423,9 @@ TIED_SAVES = [  # tied embeddings, one rank and PP2 (the last stage's output lay
     "tied/legacy",
     *(f"tied/pp2/{n}" for n in ("legacy", "legacy_distopt", "torch_dist", "torch_dist_distopt")),
 ]
+MOE_SAVES = ["moe/legacy", "moe/torch_dist"]  # 4 experts, top 2, one rank (EP 1), the plain optimizer
+# megatron-core's local spec saves a MoE layer's norm under the dense fused name; megastack writes the TE spec's
+MOE_NORM_KEYS = ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")
 
 
 FP16_SAVES = ["fp16/legacy", "fp16/torch_dist", "fp16/torch_dist_distopt"]  # with Megatron's loss scaler
@@ -437,7 +440,8 @@ def megatron_stacked(reference: Path, prefix: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "name", [*CARRIED_SAVES, *(f"bf16/{n}" for n in CARRIED_SAVES), *PARALLEL_SAVES, *FP16_SAVES, *TIED_SAVES]
+    "name",
+    [*CARRIED_SAVES, *(f"bf16/{n}" for n in CARRIED_SAVES), *PARALLEL_SAVES, *FP16_SAVES, *TIED_SAVES, *MOE_SAVES],
 )
 def test_megatron_lms_adam_state_grows_with_the_weights(name, tmp_path):
     """Megatron-LM's moments (legacy: by parameter index; the distributed optimizer's flat buffers, legacy and
@@ -474,7 +478,10 @@ def test_megatron_lms_adam_state_grows_with_the_weights(name, tmp_path):
                 f"optimizer.state.param.{k}": w for k, w in weights.items() if f"optimizer.state.exp_avg.{k}" in want
             }
     got = dcp_tensors(resolve_iteration_dir(dst), "optimizer.state.")
-    n_weights = 8 if name.startswith("tied/") else 9  # 6 per layer, embedding, final norm (and the output layer)
+    if name.startswith("moe/"):
+        want = {k.replace(*MOE_NORM_KEYS): v for k, v in want.items()}
+    # 6 per layer (MoE: norms, attention, router, experts' fc1 and fc2), embedding, final norm, output layer
+    n_weights = {"tied/": 8, "moe/": 10}.get(name.split("/")[0] + "/", 9)
     assert set(got) == set(want) and len(want) == (3 if mixed or distributed else 2) * n_weights
     for key, expected in want.items():
         assert torch.equal(got[key], expected), key
@@ -541,6 +548,7 @@ def rank_file_moments(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], l
         ("tp2/torch_dist", ["--to", "legacy", "--tp", "2"]),
         ("tied/pp2/legacy", []),  # the last stage's output layer: the embedding's copy, last in its file
         ("tied/pp2/torch_dist", ["--to", "legacy", "--pp", "2"]),
+        ("moe/legacy", []),  # router and each expert's fc1, fc2 after the layer's norm, in module order
     ],
 )
 def test_legacy_output_holds_each_ranks_moments(name, flags, tmp_path):
@@ -554,7 +562,7 @@ def test_legacy_output_holds_each_ranks_moments(name, flags, tmp_path):
     dst = tmp_path / "grown"
     proc = in_process("grow", str(FIXTURES / name), str(dst), "--factor", "2", "--carry-optimizer", *flags)
     assert proc.returncode == 0, proc.stderr
-    tp, pp = (2, 1) if name.startswith("tp2/") else (1, 2)
+    tp, pp = (2, 1) if name.startswith("tp2/") else (1, 2) if "pp2/" in name else (1, 1)
     source = resolve_iteration_dir(FIXTURES / name.rsplit("/", 1)[0] / "legacy")
     grown = resolve_iteration_dir(dst)
     compared = 0
@@ -578,7 +586,8 @@ def test_legacy_output_holds_each_ranks_moments(name, flags, tmp_path):
             inner = blob["optimizer"]["state"]
             assert len({t["step"].data_ptr() for t in inner.values()}) == len(inner)  # stepped in place, each its own
             assert blob["opt_param_scheduler"]["num_steps"] == 0
-    assert compared == (8 * 6 + 3) * tp  # every weight of every file (TP: each rank its shard)
+    per_layer = 4 + 1 + 2 * 4 if name.startswith("moe/") else 6  # MoE: norms, attention, router, 4 experts
+    assert compared == (8 * per_layer + 3) * tp  # every weight of every file (TP: each rank its shard)
 
 
 @pytest.mark.parametrize("name", ["tp2/torch_dist_distopt", "tp2pp2/torch_dist_distopt"])

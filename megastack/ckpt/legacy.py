@@ -179,10 +179,10 @@ class LegacyReader:
     def _optimizer(self) -> tuple[dict[tuple[int, int, int], megatron_optim.RankStates], int, tuple[str, ...]] | None:
         """Every rank file's Megatron-LM optimizer state mapped onto its weights (views into the files), the
         step and the states held; None when no file has one."""
-        if self.cfg.is_moe:
+        if self.cfg.is_moe and self.ep > 1:
             raise NotBuiltError(
-                f"{self.path}: Megatron-LM's optimizer state of a mixture of experts is not read yet; "
-                + megatron_optim.FIX
+                f"{self.path}: Megatron-LM's optimizer state of a mixture of experts under expert parallelism "
+                f"(EP {self.ep}: the experts in parameter groups of their own) is not read yet; " + megatron_optim.FIX
             )
         found = {
             (t, p, 0): megatron_optim.legacy_rank_states(self._file(t, p), self._file_path(t, p))
@@ -301,9 +301,10 @@ class LegacyWriter:
         self.ep = ep
         self.optimizer_states, self.resume_state = tuple(optimizer_states), resume_state
         if self.optimizer_states:
-            if cfg.is_moe:
+            if ep > 1:
                 raise NotBuiltError(
-                    "Adam's state of a mixture of experts in legacy output is not built yet; grow --to torch_dist"
+                    f"Adam's state of a mixture of experts in legacy output under expert parallelism (--ep {ep}: "
+                    "the experts in parameter groups of their own) is not built yet; grow --to torch_dist"
                 )
             megatron_optim.check_plain_groups(resume_state, "--carry-optimizer")
         self.te_names = te_names

@@ -339,11 +339,21 @@ def _distrib_states(path: Path, model: dict, keys: list[str], buckets: list[int 
 
 
 def module_order(cfg: Any, kinds: tuple[str, ...]) -> list[str]:
-    """A dense GPTModel's parameters (logical names) in module order: embedding, the layers, final norm,
-    output layer (absent when tied)."""
+    """A GPTModel's parameters (logical names) in module order: embedding, the layers, final norm, output
+    layer (absent when tied). A mixture of experts' layer: its norms and attention in ``kinds``' order, then
+    the MoE layer's router and each local expert's fc1 and fc2 (SequentialMLP)."""
     from megastack import layout
 
-    names = ["embedding"] + [layout.layer_name(i, k) for i in range(cfg.num_layers) for k in kinds]
+    def block(i: int) -> list[str]:
+        if not cfg.is_moe:
+            return [layout.layer_name(i, k) for k in kinds]
+        experts = [layout.layer_name(i, k, e) for e in range(cfg.num_experts) for k in layout.EXPERT_KINDS]
+        return [layout.layer_name(i, k) for k in kinds if k not in ("fc1", "fc2")] + [
+            layout.layer_name(i, "router"),
+            *experts,
+        ]
+
+    names = ["embedding"] + [n for i in range(cfg.num_layers) for n in block(i)]
     return names + ["final_norm"] + ([] if cfg.tie_embeddings else ["output"])
 
 

@@ -57,12 +57,15 @@ OPTIMIZER_KEY = "optimizer.state."  # megatron-core's model-space optimizer keys
 # A mixture of experts' tensors as megatron-core stores them: the experts of a layer on a second leading
 # axis (SequentialMLP's sharded_state_dict; its global expert index), the norm as TE's MoE spec names it.
 MOE_KEYS = {
-    "mlp_norm": "decoder.layers.pre_mlp_layernorm.weight",
+    "mlp_norm": "decoder.layers.pre_mlp_layernorm.weight",  # the TE spec's; the local spec's: MOE_LOCAL_NORM_KEY
     "router": "decoder.layers.mlp.router.weight",
     "expert_fc1": "decoder.layers.mlp.experts.experts.linear_fc1.weight",
     "expert_fc2": "decoder.layers.mlp.experts.experts.linear_fc2.weight",
 }
 EXPERT_MODULES = ("mlp.experts.experts.linear_fc1", "mlp.experts.experts.linear_fc2")
+# megatron-core's local spec maps pre_mlp_layernorm to the dense fused name in its sharded state dict, MoE layers
+# too (a Megatron-LM MoE run with --transformer-impl local saves its MoE norm under this key)
+MOE_LOCAL_NORM_KEY = "decoder.layers.mlp.linear_fc1.layer_norm_weight"
 
 
 def dcp_key(name: str, moe: bool = False) -> tuple[str, int | None]:
@@ -567,9 +570,17 @@ class TorchDistReader:
         """The DCP key of a logical name (``dcp_key``); the distributed optimizer's model-space save
         (fully_reshardable) names the fp32 master copy 'param', where the plain optimizer says 'fp32_param'."""
         key, _ = dcp_key(name, self.cfg.is_moe)
+        if self.cfg.is_moe and layout.split_name(name)[1] == "mlp_norm" and self._moe_norm_is_local:
+            key = key.replace(MOE_KEYS["mlp_norm"], MOE_LOCAL_NORM_KEY)
         if layout.split_state(name)[0] == megatron_optim.MASTER and self._master_is_param:
             key = fully_reshardable_master_key(key)
         return key
+
+    @functools.cached_property
+    def _moe_norm_is_local(self) -> bool:
+        """A mixture of experts saved by megatron-core's local spec: its MoE norm under the dense fused name."""
+        sd = self.metadata.state_dict_metadata
+        return MOE_KEYS["mlp_norm"] not in sd and MOE_LOCAL_NORM_KEY in sd
 
     @functools.cached_property
     def _master_is_param(self) -> bool:
