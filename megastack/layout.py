@@ -201,6 +201,21 @@ def tp_read_plan(
     return [(r, [Piece(split, start, length)]) for _, r, start, length in sorted(parts)], False
 
 
+def tp_join(
+    kind: str, plan: list[tuple[int, list[Piece] | None]], merge: bool, parts: list[torch.Tensor]
+) -> torch.Tensor:
+    """The parts a ``tp_read_plan`` read, one per plan entry, as the requested tensor."""
+    if merge:
+        return tp_merge(kind, parts)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=plan[0][1][0].dim)
+
+
+def holds_tied_copy(cfg: ModelConfig, pp_rank: int, pp_size: int) -> bool:
+    """Whether pipeline stage ``pp_rank`` holds megatron's copy of tied embeddings as its output layer (the
+    last stage, when there is more than one)."""
+    return cfg.tie_embeddings and pp_size > 1 and pp_rank == pp_size - 1
+
+
 def tp_shard_shape(kind: str, shape: tuple[int, ...], size: int) -> tuple[int, ...]:
     rule = TP_RULE[kind]
     if rule in ("rows", "glu"):
@@ -395,7 +410,7 @@ def stage_holds(name: str, cfg: ModelConfig, pp_rank: int, pp_size: int) -> bool
     if layer is not None:
         return layer in stage_layers(cfg.num_layers, pp_rank, pp_size)
     if kind == "embedding":  # the last stage also holds it when tied (megatron syncs the copies)
-        return pp_rank == 0 or (cfg.tie_embeddings and pp_rank == pp_size - 1)
+        return pp_rank == 0 or holds_tied_copy(cfg, pp_rank, pp_size)
     return pp_rank == pp_size - 1
 
 

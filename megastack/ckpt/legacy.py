@@ -268,9 +268,7 @@ class LegacyReader:
             source = self._local_tensor(name, r)
             parts.append(take_pieces(source, local).clone())
             release_mapped_pages(source)  # the file's pages read for this copy leave the resident set
-        if merge:
-            return layout.tp_merge(layout.split_name(name)[1], parts)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=plan[0][1][0].dim)
+        return layout.tp_join(layout.split_name(name)[1], plan, merge, parts)
 
 
 class LegacyWriter:
@@ -351,11 +349,13 @@ class LegacyWriter:
             first_expert = layout.rank_experts(self.cfg, unit.meta["ep"], self.ep).start
             model: dict[str, Any] = {}
             states: dict[str, dict[str, LazyTensor]] = {}  # model key -> Adam's state name -> tensor
-            tied_copy = pp_rank == self.pp - 1 and self.cfg.tie_embeddings and self.pp > 1
+            tied_copy = layout.holds_tied_copy(self.cfg, pp_rank, self.pp)
             # with Adam's state, in module order: the order Megatron's optimizer numbers its parameters in
             requests = unit.requests
             if self.optimizer_states:
-                requests = sorted(requests, key=lambda r: self._module_position(r.name, tied_copy))
+                order = megatron_optim.stage_module_order(self.cfg, megatron_optim.LAYER_ORDERS[0], pp_rank, self.pp)
+                position = {name: i for i, name in enumerate(order)}
+                requests = sorted(requests, key=lambda r: position[layout.split_state(r.name)[1]])
             for request in requests:
                 state, weight = layout.split_state(request.name)
                 tensor = self._lazy(request, produce)
@@ -385,21 +385,6 @@ class LegacyWriter:
             records.append(FileHash(unit.key, stream.digest.hexdigest()))
             del model, blob
         return records
-
-    @functools.cached_property
-    def _module_order(self) -> dict[str, int]:
-        """Each weight's position in megatron-core's module order (the local spec's; the TE orders differ only
-        in where a norm sits between two weights, which changes neither weight-decay group's order)."""
-        names = megatron_optim.module_order(self.cfg, megatron_optim.LAYER_ORDERS[0])
-        return {name: i for i, name in enumerate(names)}
-
-    def _module_position(self, name: str, tied_copy: bool) -> int:
-        """A weight's (or its Adam state's) place in megatron-core's module order; on a last stage that holds
-        a copy of tied embeddings (``tied_copy``) that copy is its output layer, last."""
-        weight = layout.split_state(name)[1]
-        if weight == "embedding" and tied_copy:
-            return len(self._module_order)
-        return self._module_order[weight]
 
     def _lazy(self, request: Request, produce: Produce) -> LazyTensor:
         """The request's tensor, produced when the file writer reaches its record: in blocks of rows of at

@@ -357,6 +357,15 @@ def module_order(cfg: Any, kinds: tuple[str, ...]) -> list[str]:
     return names + ["final_norm"] + ([] if cfg.tie_embeddings else ["output"])
 
 
+def stage_module_order(cfg: Any, kinds: tuple[str, ...], stage: int, pp: int) -> list[str]:
+    """The parameters pipeline stage ``stage`` of ``pp`` holds, in its module order (``module_order``); a last
+    stage's copy of tied embeddings is its output layer, so it comes last there."""
+    from megastack import layout
+
+    names = [n for n in module_order(cfg, kinds) if layout.stage_holds(n, cfg, stage, pp)]
+    return names[1:] + names[:1] if layout.holds_tied_copy(cfg, stage, pp) else names
+
+
 SCALER_TRACKERS = ("growth_tracker", "hysteresis_tracker")  # a dynamic loss scaler's counters beside its scale
 
 

@@ -253,10 +253,7 @@ class TorchDistReader:
             for n in layout.logical_names(self.cfg)
         }
         for kinds in megatron_optim.LAYER_ORDERS:  # the module order whose layout the master weights prove
-            order = megatron_optim.module_order(self.cfg, kinds)
-            local = [(n, numels[n]) for n in order if layout.stage_holds(n, self.cfg, stage, pp)]
-            if self.cfg.tie_embeddings and pp > 1 and stage == pp - 1:  # its copy of the embedding: the output layer
-                local = local[1:] + local[:1]
+            local = [(n, numels[n]) for n in megatron_optim.stage_module_order(self.cfg, kinds, stage, pp)]
             spans = megatron_optim.buffer_spans(local, bucket_sizes)
             if spans is not None and all(
                 megatron_optim.master_matches(
@@ -601,10 +598,7 @@ class TorchDistReader:
         if flat is not None:  # the TP shards' slices of their ranks' buckets that hold the pieces
             kind = layout.split_name(name)[1]
             plan, merge = layout.tp_read_plan(kind, layout.logical_shape(self.cfg, name), len(flat), pieces)
-            parts = [self._flat_shard(name, flat[r], local) for r, local in plan]
-            if merge:
-                return layout.tp_merge(kind, parts)
-            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=plan[0][1][0].dim)
+            return layout.tp_join(kind, plan, merge, [self._flat_shard(name, flat[r], local) for r, local in plan])
         key, regions, cat_dim = self._regions(name, pieces)
         lead = len(leading(self.cfg, name)[0])  # leading layer (and expert) dims, dropped here
         parts = []
