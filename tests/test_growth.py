@@ -365,15 +365,17 @@ def test_destination_rules(sources):
 
 def test_carry_optimizer_needs_adams_state(sources):
     """--carry-optimizer (tests/test_carry_optimizer.py and test_megatron_lm.py grow real training checkpoints):
-    a checkpoint without Adam's state is one line (exit 1), torch_dist or legacy; writing the distributed
-    optimizer's state into legacy files (distrib_optim.pt) is not built yet (exit 2: --to torch_dist). Nothing
-    is written."""
+    a checkpoint without Adam's state is one line (exit 1), torch_dist or legacy; the distributed optimizer's
+    distrib_optim.pt for a Transformer Engine run grown from a local-spec one (--norm-names te: its buffer's
+    parameter order is not the source's) is not built yet (exit 2: --to torch_dist). Nothing is written."""
     for src in ("td", "legacy"):
         proc = run_cli("grow", str(sources / src), str(sources / "o"), "--factor", "2", "--carry-optimizer")
         assert proc.returncode == 1 and "has no Adam state" in proc.stderr and len(proc.stderr.splitlines()) == 1
     megatron_lm = Path(__file__).parent / "fixtures" / "megatron_lm" / "legacy_distopt"  # Megatron-LM's distrib_optim
-    proc = run_cli("grow", str(megatron_lm), str(sources / "o"), "--factor", "2", "--carry-optimizer")
-    assert proc.returncode == 2 and "not built yet; grow --to torch_dist" in proc.stderr
+    proc = run_cli(
+        "grow", str(megatron_lm), str(sources / "o"), "--factor", "2", "--carry-optimizer", "--norm-names", "te"
+    )
+    assert proc.returncode == 2 and "parameter order" in proc.stderr and "grow --to torch_dist" in proc.stderr
     assert len(proc.stderr.splitlines()) == 1 and not (sources / "o").exists()
 
 

@@ -590,6 +590,47 @@ def test_legacy_output_holds_each_ranks_moments(name, flags, tmp_path):
     assert compared == (8 * per_layer + 3) * tp  # every weight of every file (TP: each rank its shard)
 
 
+@pytest.mark.parametrize(
+    "name, flags",
+    [
+        ("tp2/legacy_distopt", []),
+        ("pp2/legacy_distopt", []),  # the second stage: one DDP bucket whatever the args say
+        ("tp2pp2/legacy_distopt", []),
+        ("tied/pp2/legacy_distopt", []),  # each stage's copy of the tied embedding in a bucket of its own
+        ("tp2/torch_dist_distopt", ["--to", "legacy", "--tp", "2"]),  # the order the buckets proved
+    ],
+)
+def test_legacy_distributed_output_holds_each_ranks_buffer(name, flags, tmp_path):
+    """grow --carry-optimizer of a distributed-optimizer source into legacy rank files under TP2, PP2 and
+    tied PP2: every rank directory gets Megatron-LM's pair (the rank file's param groups with Adam's step and
+    no state, distrib_optim.pt beside it), and each rank's flat buffer, read back the way megastack reads
+    Megatron-LM's own legacy saves (the buffer's master weights must sit at each weight's offset, or the read
+    is refused), holds for every weight the source's state of the layer G_stack copies; megatron-core's own
+    DistributedOptimizer loads the one-rank outputs (``test_megatron_cores_own_optimizer_resumes_...``)."""
+    dst = tmp_path / "grown"
+    proc = in_process("grow", str(FIXTURES / name), str(dst), "--factor", "2", "--carry-optimizer", *flags)
+    assert proc.returncode == 0, proc.stderr
+    source, grown = open_checkpoint(FIXTURES / name), open_checkpoint(dst)
+    tp, pp = grown.tp, grown.pp
+    assert (tp, pp) == (source.tp if not flags else 2, getattr(source, "pp", 1))
+    groups = source.megatron_resume_state(2)["optimizer"]["optimizer"]["param_groups"]
+    for r in range(tp):
+        for stage in range(pp):
+            directory = resolve_iteration_dir(dst) / rank_dir(r, stage, pp)
+            assert (directory / "distrib_optim.pt").is_file()
+            assert load_pt(directory / "model_optim_rng.pt")["optimizer"] == {"optimizer": {"param_groups": groups}}
+    assert grown.optimizer_states() == source.optimizer_states() and grown.optimizer_step() == 2
+    compared = 0
+    for weight in layout.logical_names(grown.cfg):
+        layer, kind = layout.split_name(weight)
+        copied = weight if layer is None else layout.layer_name(layer % 4, kind)
+        for state in grown.optimizer_states():
+            got = grown.read(layout.state_name(state, weight))
+            assert torch.equal(got, source.read(layout.state_name(state, copied))), (weight, state)
+            compared += 1
+    assert compared == 2 * (8 * 6 + (2 if name.startswith("tied/") else 3))
+
+
 @pytest.mark.parametrize("name", ["tp2/torch_dist_distopt", "tp2pp2/torch_dist_distopt"])
 def test_bucket_reads_take_only_the_requested_rows(name):
     """Pieces of Adam's state in the distributed optimizer's TP-sharded buckets: a block of rows (what the
@@ -709,6 +750,11 @@ MCORE_LOADS = [  # (source, precision, growths, output): plain and distributed o
     ("bf16/legacy", "bf16", 1, "legacy"),
     ("fp16/legacy", "fp16", 2, "legacy"),
     ("tied/legacy", "fp32", 1, "legacy"),  # tied embeddings: no output layer of its own
+    # legacy output of the distributed optimizer: its param groups in the rank file, distrib_optim.pt beside it
+    ("legacy_distopt", "fp32", 1, "legacy"),
+    ("bf16/legacy_distopt", "bf16", 2, "legacy"),  # grown twice: megastack's own distrib_optim.pt read back
+    ("torch_dist_distopt", "fp32", 1, "legacy"),  # dp_reshardable buckets: their proven order laid out again
+    ("dp2/legacy_distopt_buckets", "fp32", 1, "legacy"),  # --overlap-grad-reduce: DDP buckets of 4097 elements
 ]
 # the local spec's layer parameter names -> the torch_dist (TE) names of Megatron-LM's saves
 LOCAL_TO_TE = {layout.MCORE_LAYER_LOCAL[kind]: te for kind, te in layout.MCORE_LAYER_TE.items()}

@@ -44,6 +44,7 @@ class WriteOptions:
     shard_bytes: int | None = None  # hf: the largest safetensors file (None: the format's default)
     optimizer_states: tuple[str, ...] = ()  # Adam's states written beside the weights
     resume_state: dict[str, Any] | None = None  # Megatron-LM's optimizer/scheduler (common.pt, legacy rank files)
+    layer_order: tuple[str, ...] | None = None  # legacy: the source run's layer module order, when it is known
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,7 @@ def _legacy_writer(cfg: ModelConfig, dtype: torch.dtype, options: WriteOptions) 
         ep=options.ep,
         optimizer_states=options.optimizer_states,
         resume_state=options.resume_state,
+        layer_order=options.layer_order,
     )
 
 
@@ -365,6 +367,7 @@ def make_writer(
         shard_bytes=shard_bytes,
         optimizer_states=tuple(optimizer_states),
         resume_state=resume_state,
+        layer_order=getattr(reader, "layer_order", None) if optimizer_states else None,
     )
     return fmt.writer(target, dtype, options)
 

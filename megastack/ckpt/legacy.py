@@ -5,7 +5,8 @@ Each file holds one (TP rank, PP stage)'s ``model`` state dict with stage-local 
 Megatron-LM's training saves add ``optimizer``, ``opt_param_scheduler``, ``rng_state`` (and
 ``distrib_optim.pt`` beside the file); growth reads past them, except Adam's moments under
 ``--carry-optimizer`` (``megatron_optim``: each rank's state mapped onto its weights, then read like them),
-and writes the plain optimizer's ``optimizer`` and ``opt_param_scheduler`` back for the grown model.
+and writes Megatron's optimizer back for the grown model: the plain optimizer's ``optimizer``, or the
+distributed optimizer's param groups and ``distrib_optim.pt``, and ``opt_param_scheduler``.
 Files are opened with ``torch.load(mmap=True, weights_only=True)``: tensors stay on disk until a slice is
 copied out, so reading one logical tensor touches only the shards that hold the requested rows.
 """
@@ -184,8 +185,9 @@ class LegacyReader:
                 f"{self.path}: Megatron-LM's optimizer state of a mixture of experts under expert parallelism "
                 f"(EP {self.ep}: the experts in parameter groups of their own) is not read yet; " + megatron_optim.FIX
             )
+        shared = megatron_optim.shared_embedding_keys(self.cfg, self.pp)
         found = {
-            (t, p, 0): megatron_optim.legacy_rank_states(self._file(t, p), self._file_path(t, p))
+            (t, p, 0): megatron_optim.legacy_rank_states(self._file(t, p), self._file_path(t, p), shared)
             for t in range(self.tp)
             for p in range(self.pp)
         }
@@ -212,6 +214,13 @@ class LegacyReader:
         the local spec's way (``input_layernorm.weight``)."""
         model = self._file(0, 0)["model"]
         return layout.mcore_name(layout.layer_name(0, "attn_norm"), 0, te_names=False) not in model
+
+    @property
+    def layer_order(self) -> tuple[str, ...] | None:
+        """The module order of a layer's parameters (one of ``megatron_optim.LAYER_ORDERS``) in the files,
+        which Megatron-LM's save writes in the run's module order; None when it is none of them."""
+        model = self._file(0, 0)["model"]
+        return megatron_optim.layer_order_of(megatron_optim.parameter_keys(model), self.te_names, self.cfg.is_moe)
 
     def _check_shapes(self) -> None:
         """Every tensor of every layer in every rank's file has its TP shard shape: a wrong one anywhere is
@@ -290,21 +299,33 @@ class LegacyWriter:
         ep: int = 1,
         optimizer_states: tuple[str, ...] = (),
         resume_state: dict[str, Any] | None = None,
+        layer_order: tuple[str, ...] | None = None,
     ):
         """``args``: Megatron-LM's args to store (``megatron_args.output_args``); fresh ones when None.
-        ``optimizer_states`` with ``resume_state`` (a Megatron-LM run's plain optimizer, ``megatron_optim.
+        ``optimizer_states`` with ``resume_state`` (a Megatron-LM run's optimizer, ``megatron_optim.
         resume_state``): each file also holds that optimizer's ``optimizer`` and ``opt_param_scheduler``
-        entries for its parameters, so Megatron-LM resumes from it with Adam's state."""
+        entries for its parameters, and for the distributed optimizer a ``distrib_optim.pt`` beside it with
+        the flat state in the gradient buffer's layout, so Megatron-LM resumes from it with Adam's state.
+        ``layer_order``: the source run's layer module order (the distributed optimizer's buffer follows it)."""
         self.cfg, self.tp, self.pp, self.dtype, self.iteration = cfg, tp, pp, dtype, iteration
         self.ep = ep
         self.optimizer_states, self.resume_state = tuple(optimizer_states), resume_state
+        self.distributed = bool(self.optimizer_states) and megatron_optim.writes_fully_reshardable(resume_state)
+        self.layer_order = layer_order or megatron_optim.LAYER_ORDERS[0]
         if self.optimizer_states:
             if ep > 1:
                 raise NotBuiltError(
                     f"Adam's state of a mixture of experts in legacy output under expert parallelism (--ep {ep}: "
                     "the experts in parameter groups of their own) is not built yet; grow --to torch_dist"
                 )
-            megatron_optim.check_plain_groups(resume_state, "--carry-optimizer")
+            megatron_optim.check_legacy_groups(resume_state, "--carry-optimizer")
+            if self.distributed:
+                self.layer_order = megatron_optim.buffer_layer_order(layer_order, te_names, "--carry-optimizer")
+                if cfg.is_moe:
+                    raise NotBuiltError(
+                        "--carry-optimizer: the distributed optimizer's state of a mixture of experts in legacy "
+                        "output (its experts in a gradient buffer of their own) is not built yet; grow --to torch_dist"
+                    )
         self.te_names = te_names
         self.args = (
             args
@@ -334,6 +355,8 @@ class LegacyWriter:
             requests += [Request(layout.state_name(state, name), pieces) for state in self.optimizer_states]
             numel = math.prod(layout.tp_shard_shape(kind, shape, self.tp))
             nbytes += numel * (DTYPE_BYTES[self.dtype] + 4 * len(self.optimizer_states))  # Adam's state in fp32
+            if self.distributed and megatron_optim.MASTER not in self.optimizer_states:
+                nbytes += numel * 4  # distrib_optim.pt's fp32 master: the weight itself once more
         return Unit(
             key=f"{rank_dir(tp_rank, pp_rank, self.pp, ep_rank, self.ep)}/{FILE_NAME}",
             nbytes=nbytes,
@@ -349,11 +372,12 @@ class LegacyWriter:
             first_expert = layout.rank_experts(self.cfg, unit.meta["ep"], self.ep).start
             model: dict[str, Any] = {}
             states: dict[str, dict[str, LazyTensor]] = {}  # model key -> Adam's state name -> tensor
+            weights: dict[str, LazyTensor] = {}  # model key -> the weight (the fp32 master of fp32 training)
             tied_copy = layout.holds_tied_copy(self.cfg, pp_rank, self.pp)
             # with Adam's state, in module order: the order Megatron's optimizer numbers its parameters in
             requests = unit.requests
             if self.optimizer_states:
-                order = megatron_optim.stage_module_order(self.cfg, megatron_optim.LAYER_ORDERS[0], pp_rank, self.pp)
+                order = megatron_optim.stage_module_order(self.cfg, self.layer_order, pp_rank, self.pp)
                 position = {name: i for i, name in enumerate(order)}
                 requests = sorted(requests, key=lambda r: position[layout.split_state(r.name)[1]])
             for request in requests:
@@ -364,6 +388,8 @@ class LegacyWriter:
                     key = layout.mcore_name("output")  # megatron's last-stage copy of the tied weight
                 if state is None:
                     model[key] = tensor
+                    if self.distributed:  # distrib_optim.pt's master in fp32: the weight produced once more
+                        weights[key] = self._lazy(request, produce)
                 else:
                     states.setdefault(key, {})[state] = tensor
             model.update(self._extra_state(pp_rank))
@@ -373,18 +399,57 @@ class LegacyWriter:
                 "checkpoint_version": megatron_args.CHECKPOINT_VERSION,
                 "iteration": self.iteration,
             }
-            if self.optimizer_states:  # the optimizer's tensors are written after the model's, one at a time
+            if self.distributed:  # the param groups here, the flat state in distrib_optim.pt beside the file
+                blob["optimizer"] = _lazy_objects(megatron_optim.distributed_optimizer_entry(self.resume_state))
+            elif self.optimizer_states:  # the optimizer's tensors are written after the model's, one at a time
                 blob["optimizer"] = _lazy_objects(megatron_optim.plain_optimizer_entry(self.resume_state, states))
-                if "opt_param_scheduler" in self.resume_state:
-                    blob["opt_param_scheduler"] = self.resume_state["opt_param_scheduler"]
-            path = Path(directory) / unit.key
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "wb") as f:  # hashed as written: the manifest does not re-read the file
-                stream = HashingWriter(f)
-                save_streaming(blob, stream)  # torch.save's format, one tensor in memory at a time
-            records.append(FileHash(unit.key, stream.digest.hexdigest()))
-            del model, blob
+            if self.optimizer_states and "opt_param_scheduler" in self.resume_state:
+                blob["opt_param_scheduler"] = self.resume_state["opt_param_scheduler"]
+            records.append(_save(Path(directory), unit.key, blob))
+            if self.distributed:
+                masters = {k: v.get(megatron_optim.MASTER, weights[k]) for k, v in states.items()}
+                flat = self._distrib_optim(states, masters, pp_rank)
+                records.append(_save(Path(directory), str(Path(unit.key).parent / megatron_optim.DISTRIB_FILE), flat))
+            del model, blob, states, weights
         return records
+
+    def _distrib_optim(
+        self, states: dict[str, dict[str, LazyTensor]], masters: dict[str, LazyTensor], pp_rank: int
+    ) -> dict[Any, Any]:
+        """distrib_optim.pt of one (TP rank, PP stage) as the distributed optimizer's save (``get_parameter_
+        state_dp_zero``) writes it: the stage's parameters (``states``, module order) laid out in its gradient
+        buffer (``megatron_optim.flat_layout``: the bucket size of this run's args on the first stage, one
+        bucket on later ones, as megatron-core's DDP cuts it), the buckets' end padding cut out, zeros between
+        parameters; fp32 ``param`` (the masters) and Adam's moments, each written in blocks."""
+        where = f"{megatron_optim.DISTRIB_FILE} (stage {pp_rank})"
+        bucket_size = megatron_optim.ddp_bucket_candidates(self.args, where)[0] if pp_rank == 0 else None
+        numels = [(key, math.prod(tensor.shape)) for key, tensor in masters.items()]
+        shared = megatron_optim.shared_embedding_keys(self.cfg, self.pp)
+        spans, total = megatron_optim.flat_layout(numels, bucket_size, shared)
+        ordered = sorted(spans.items(), key=lambda item: item[1][0])
+
+        def flat(tensors: dict[str, LazyTensor]) -> LazyTensor:
+            def blocks() -> Iterator[torch.Tensor]:
+                end = 0
+                for key, (start, stop) in ordered:
+                    if start > end:
+                        yield torch.zeros(start - end)
+                    lazy = tensors[key]
+                    for block in lazy.blocks() if lazy.blocks is not None else [lazy.fill()]:
+                        yield block.to(torch.float32).reshape(-1)
+                    end = stop
+                if total > end:
+                    yield torch.zeros(total - end)
+
+            return LazyTensor((total,), torch.float32, lambda: torch.cat(list(blocks())), blocks)
+
+        tensors = {"param": flat(masters)} | {
+            m: flat({k: v[m] for k, v in states.items()}) for m in megatron_optim.MOMENTS
+        }
+        grad_dtype = (
+            torch.float32 if megatron_args.get(self.args, "accumulate_allreduce_grads_in_fp32", where) else self.dtype
+        )
+        return {"buckets_coalesced": True, 0: {(self.dtype, grad_dtype): tensors | {"numel_unpadded": total}}}
 
     def _lazy(self, request: Request, produce: Produce) -> LazyTensor:
         """The request's tensor, produced when the file writer reaches its record: in blocks of rows of at
@@ -421,6 +486,17 @@ class LegacyWriter:
 
     def finalize(self, directory: str | os.PathLike, results: list[Any]) -> None:
         pass
+
+
+def _save(directory: Path, relative: str, obj: Any) -> FileHash:
+    """``obj`` written as torch.save would (``save_streaming``: one tensor in memory at a time), hashed as
+    written (the manifest does not re-read the file)."""
+    path = directory / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        stream = HashingWriter(f)
+        save_streaming(obj, stream)
+    return FileHash(relative, stream.digest.hexdigest())
 
 
 def _lazy_objects(obj: Any) -> Any:

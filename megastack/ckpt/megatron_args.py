@@ -64,6 +64,9 @@ FIELDS: dict[str, ArgField] = {
     "data_parallel_size": ArgField(("data_parallel_size",), int, "DP of the run (its default DDP bucket size)"),
     "overlap_grad_reduce": ArgField(("overlap_grad_reduce",), bool, "DDP cut its buffer into buckets"),
     "ddp_bucket_size": ArgField(("ddp_bucket_size",), int, "elements per DDP bucket (None: the default)"),
+    "accumulate_allreduce_grads_in_fp32": ArgField(
+        ("accumulate_allreduce_grads_in_fp32",), bool, "fp32 gradient buffer (the distributed optimizer's key)"
+    ),
     "transformer_impl": ArgField(("transformer_impl",), str, "local or transformer_engine: the norm key names"),
     "tokenizer_type": ArgField(("tokenizer_type",), str, "kept from the source; HuggingFaceTokenizer from HF"),
     "tokenizer_model": ArgField(("tokenizer_model",), str, "kept; from HF: the source dir if it has a tokenizer"),

@@ -26,10 +26,11 @@ model space like the plain optimizer's (master copy named ``param``), the step i
 Adam's step of the plain optimizer: per parameter under torch's Adam (legacy ``state[i]['step']``, torch_dist
 ``common_step``), in the param groups under TE's or apex's FusedAdam (Megatron-LM on GPU); both are read.
 
-Written (``resume_state``, ``plain_optimizer_entry``): what Megatron-LM's load_checkpoint needs to resume the
-grown model WITH the optimizer: torch_dist common.pt entries (plain, or the distributed optimizer's
-fully_reshardable format), and a legacy rank file's ``optimizer`` for the plain optimizer, each with the step
-where the source's Adam kept it.
+Written (``resume_state``, ``plain_optimizer_entry``, ``distributed_optimizer_entry``): what Megatron-LM's
+load_checkpoint needs to resume the grown model WITH the optimizer: torch_dist common.pt entries (plain, or
+the distributed optimizer's fully_reshardable format), and a legacy rank file's ``optimizer`` (the plain
+optimizer's, or the distributed optimizer's param groups, its flat state in ``distrib_optim.pt`` laid out by
+``flat_layout``), each with the step where the source's Adam kept it.
 
 Not read yet (each refused in one line): the distributed optimizer's older
 torch_dist formats, several gradient buffers (MoE), custom
@@ -178,20 +179,53 @@ def buffer_spans(numels: list[tuple[str, int]], bucket_sizes: list[int]) -> dict
     return spans if bucket == len(bucket_sizes) and start == 0 else None
 
 
-def bucket_sizes(numels: list[int], bucket_size: int | None) -> list[int]:
+def bucket_sizes(numels: list[int], bucket_size: int | None, own_bucket: frozenset[int] = frozenset()) -> list[int]:
     """The unpadded size of each bucket megatron-core's DDP (``_ParamAndGradBuffer``) cuts a gradient buffer
     into: the parameters (``numels``, module order) go in backwards, each start padded to 64 elements from its
     bucket's start (buckets start aligned), and a bucket closes after the parameter that brings it to
-    ``bucket_size`` elements (None: one bucket). A legacy ``distrib_optim.pt`` concatenates the buckets unpadded
-    and does not store these sizes; torch_dist saves them (``per_bucket_numel_unpadded``)."""
-    sizes, start = [], 0
-    for numel in reversed(numels):
-        end = math.ceil(start / PARAM_ALIGN) * PARAM_ALIGN + numel
-        if bucket_size is not None and end >= bucket_size:
+    ``bucket_size`` elements (None: one bucket). A parameter in ``own_bucket`` (indices into ``numels``: tied
+    embeddings under pipeline parallelism, megatron-core's ``shared_embedding``) closes the open bucket at its
+    padded start and takes a bucket of its own. A legacy ``distrib_optim.pt`` concatenates the buckets
+    unpadded and does not store these sizes; torch_dist saves them (``per_bucket_numel_unpadded``)."""
+    sizes, start, open_bucket = [], 0, False
+    for index in reversed(range(len(numels))):
+        start = math.ceil(start / PARAM_ALIGN) * PARAM_ALIGN
+        own = index in own_bucket
+        if own and open_bucket:
+            sizes.append(start)
+            start = 0
+        end, open_bucket = start + numels[index], True
+        if own or (bucket_size is not None and end >= bucket_size):
             sizes.append(end)
-            end = 0
+            end, open_bucket = 0, False
         start = end
-    return sizes + ([start] if start else [])
+    return sizes + ([start] if open_bucket else [])
+
+
+def flat_layout(
+    numels: list[tuple[str, int]], bucket_size: int | None, own_bucket: frozenset[str] = frozenset()
+) -> tuple[dict[str, tuple[int, int]], int] | None:
+    """Where a legacy ``distrib_optim.pt`` holds each parameter (``numels``: key and element count in module
+    order): key -> (start, end) in its flat tensors, and their length. They are megatron-core's gradient
+    buffer (``bucket_sizes``, ``buffer_spans``) with each bucket's end padding cut out, the buckets one
+    after another (``get_parameter_state_dp_zero``). None when the layout does not close (not this one)."""
+    own = frozenset(i for i, (key, _) in enumerate(numels) if key in own_bucket)
+    sizes = bucket_sizes([n for _, n in numels], bucket_size, own)
+    relative = buffer_spans(numels, sizes)
+    if relative is None:
+        return None
+    first = [sum(sizes[:b]) for b in range(len(sizes))]  # each bucket's start in the file's tensors
+    return {key: (first[b] + a, first[b] + e) for key, (b, a, e) in relative.items()}, sum(sizes)
+
+
+def shared_embedding_keys(cfg: Any, pp: int) -> frozenset[str]:
+    """The model keys megatron-core marks ``shared_embedding`` (each put in a DDP bucket of its own): tied
+    embeddings under pipeline parallelism, the first stage's embedding and the last stage's copy of it."""
+    from megastack import layout
+
+    if not cfg.tie_embeddings or pp == 1:
+        return frozenset()
+    return frozenset({layout.mcore_name("embedding"), layout.mcore_name("output")})
 
 
 def ddp_bucket_candidates(args: Any, where: str) -> list[int | None]:
@@ -221,9 +255,12 @@ def ends(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (weight, weight) if weight.dim() < 2 else (weight[0], weight[-1])
 
 
-def legacy_rank_states(blob: dict[str, Any], path: Path) -> tuple[RankStates, int] | None:
+def legacy_rank_states(
+    blob: dict[str, Any], path: Path, own_bucket: frozenset[str] = frozenset()
+) -> tuple[RankStates, int] | None:
     """(each weight's Adam moments, the step) of one legacy rank file (``path``), from its ``optimizer`` or
-    the ``distrib_optim.pt`` beside it; None when it holds no optimizer state."""
+    the ``distrib_optim.pt`` beside it (``own_bucket``: ``shared_embedding_keys``); None when it holds no
+    optimizer state."""
     where = str(path)
     optimizer = blob.get("optimizer")
     if optimizer is None:
@@ -242,7 +279,8 @@ def legacy_rank_states(blob: dict[str, Any], path: Path) -> tuple[RankStates, in
             raise UserError(f"{distrib}: missing (the distributed optimizer's state); the checkpoint is incomplete")
         saved = param_groups(inner["param_groups"], model, keys, where)
         step = groups_step([g for g, _ in saved], where)
-        return _distrib_states(distrib, model, keys, ddp_bucket_candidates(blob.get("args"), where)), step
+        buckets = ddp_bucket_candidates(blob.get("args"), where)
+        return _distrib_states(distrib, model, keys, buckets, own_bucket), step
     raise UserError(f"{where}: field 'optimizer' has keys {sorted(map(str, optimizer))[:6]}, not Megatron-LM's; " + FIX)
 
 
@@ -285,10 +323,13 @@ def _plain_states(
     return out, one_step(steps, where)
 
 
-def _distrib_states(path: Path, model: dict, keys: list[str], buckets: list[int | None]) -> RankStates:
+def _distrib_states(
+    path: Path, model: dict, keys: list[str], buckets: list[int | None], own_bucket: frozenset[str]
+) -> RankStates:
     """The flat buffers of ``distrib_optim.pt`` cut into each parameter's moments (views, no copies); the
     buckets (unpadded, one after another) laid out for the first of the candidate bucket sizes ``buckets``
-    that fills the file and whose master weights prove it."""
+    that fills the file and whose master weights prove it (``own_bucket``: the keys of tied embeddings'
+    copies, each in a bucket of its own)."""
     from megastack.ckpt.safe_load import load_pt
 
     where = str(path)
@@ -312,13 +353,10 @@ def _distrib_states(path: Path, model: dict, keys: list[str], buckets: list[int 
     param = flat["param"]  # the fp32 master weights: the layout's proof, and bf16/fp16 training's master copies
     spans = None
     for size in buckets:
-        sizes = bucket_sizes([n for _, n in numels], size)
-        relative = buffer_spans(numels, sizes) if sum(sizes) == numel else None
-        if relative is None:
-            continue
-        first = [sum(sizes[:b]) for b in range(len(sizes))]  # each bucket's start in the file's tensors
-        spans = {key: (first[b] + a, first[b] + e) for key, (b, a, e) in relative.items()}
-        break
+        found = flat_layout(numels, size, own_bucket)
+        if found is not None and found[1] == numel:
+            spans = found[0]
+            break
     if spans is None:
         raise NotBuiltError(
             f"{where}: the parameters laid out as megatron-core's buffer (bucket sizes {buckets}) do not fill the "
@@ -364,6 +402,20 @@ def stage_module_order(cfg: Any, kinds: tuple[str, ...], stage: int, pp: int) ->
 
     names = [n for n in module_order(cfg, kinds) if layout.stage_holds(n, cfg, stage, pp)]
     return names[1:] + names[:1] if layout.holds_tied_copy(cfg, stage, pp) else names
+
+
+def layer_order_of(keys: list[str], te_names: bool, moe: bool) -> tuple[str, ...] | None:
+    """Which of ``LAYER_ORDERS`` a first-stage rank file's parameter keys (``keys``, in the file's order:
+    Megatron-LM's save walks the modules, so it is their order) list layer 0 in; None when none."""
+    from megastack import layout
+
+    positions = {key: i for i, key in enumerate(keys)}
+    for kinds in LAYER_ORDERS:
+        dense = [k for k in kinds if not (moe and k in ("fc1", "fc2"))]  # a MoE layer's experts come after
+        found = [positions.get(layout.mcore_name(layout.layer_name(0, k), 0, te_names, moe)) for k in dense]
+        if None not in found and found == sorted(found):
+            return kinds
+    return None
 
 
 SCALER_TRACKERS = ("growth_tracker", "hysteresis_tracker")  # a dynamic loss scaler's counters beside its scale
@@ -545,20 +597,40 @@ def plain_optimizer_entry(resume: dict[str, Any], states: dict[str, dict[str, An
     return {"optimizer": torch_state, **scaler, "fp32_from_fp16_params": masters}
 
 
-def check_plain_groups(resume: dict[str, Any] | None, where: str) -> None:
-    """Legacy output carries Megatron's plain optimizer of a Megatron-LM run in its default parameter groups
-    (``plain_optimizer_entry``); anything else is refused in one line before any file is written."""
+def distributed_optimizer_entry(resume: dict[str, Any]) -> dict[str, Any]:
+    """A legacy rank file's ``optimizer`` of the distributed optimizer (``DistributedOptimizer.state_dict``):
+    its param groups with Adam's step and no parameters (the DP-rank-independent part; the tensors go in
+    ``distrib_optim.pt``), and fp16's loss scaler; from ``resume`` (``distributed_state``'s)."""
+    outer = resume["optimizer"]
+    scaler = {"grad_scaler": outer["grad_scaler"]} if "grad_scaler" in outer else {}
+    return {"optimizer": {"param_groups": outer["optimizer"]["param_groups"]}, **scaler}
+
+
+def buffer_layer_order(known: tuple[str, ...] | None, te_names: bool, where: str) -> tuple[str, ...]:
+    """The layer module order a distributed optimizer's buffer of the grown run follows: the source run's
+    (``known``: its legacy files', or what its buckets proved), which must be the one its norm names imply
+    (the local spec's order with local names); unknown only for the local spec's names, whose order is one."""
+    local = LAYER_ORDERS[0]
+    if known is None and not te_names:
+        return local
+    if known is None or (known == local) == te_names:
+        raise NotBuiltError(
+            f"{where}: the distributed optimizer's state in legacy output follows the run's parameter order, which "
+            "this source does not show for Transformer Engine names (or --norm-names changed the spec); grow --to "
+            "torch_dist, which carries it in any order (its fully_reshardable format)"
+        )
+    return known
+
+
+def check_legacy_groups(resume: dict[str, Any] | None, where: str) -> None:
+    """Legacy output carries Megatron's optimizer (plain: ``plain_optimizer_entry``; distributed:
+    ``distributed_optimizer_entry`` and distrib_optim.pt) of a Megatron-LM run in its default parameter
+    groups; anything else is refused in one line before any file is written."""
     to_torch_dist = "grow --to torch_dist, which carries it"
     if resume is None:
         raise NotBuiltError(
             f"{where}: Adam's state in legacy output is written for Megatron-LM training saves (its optimizer's "
             f"param groups go with it); this source is megastack's: {to_torch_dist}"
-        )
-    if writes_fully_reshardable(resume):
-        raise NotBuiltError(
-            f"{where}: the distributed optimizer's state in legacy output (distrib_optim.pt) is not built yet; "
-            f"{to_torch_dist} (its fully_reshardable format: resume with --ckpt-format torch_dist "
-            "--use-distributed-optimizer)"
         )
     outer = resume["optimizer"]
     inner = outer["optimizer"] if "state" not in outer else outer

@@ -183,6 +183,14 @@ class TorchDistReader:
                     "checkpoint is incomplete or corrupt"
                 )
 
+    @property
+    def layer_order(self) -> tuple[str, ...] | None:
+        """A layer's module order (one of ``megatron_optim.LAYER_ORDERS``) when the distributed optimizer's
+        buckets proved it; None otherwise (model-space saves do not say)."""
+        if self._distributed is None or len(self._distributed[3]) != 1:
+            return None
+        return next(iter(self._distributed[3]))
+
     def optimizer_step(self) -> int | None:
         """Adam's step as Megatron-LM saved it (None: no Megatron-LM optimizer state; megastack's own
         checkpoints keep theirs in megastack.json)."""
@@ -191,10 +199,11 @@ class TorchDistReader:
         return megatron_optim.torch_dist_step(self.common, str(self.path / "common.pt"))
 
     @functools.cached_property
-    def _distributed(self) -> tuple[dict[str, list[tuple[str, int, int]]], int, Any] | None:
+    def _distributed(self) -> tuple[dict[str, list[tuple[str, int, int]]], int, Any, set[tuple[str, ...]]] | None:
         """Megatron-LM's distributed optimizer state (dp_reshardable: flat buckets, one set per tensor-parallel
         rank) mapped onto the weights: ({state name: [(bucket key, start, end) of each TP rank's shard]}, step,
-        its param-groups object); None without one. A replicated weight (a norm) is read from TP rank 0."""
+        its param-groups object, the layer orders the buckets proved); None without one. A replicated weight (a
+        norm) is read from TP rank 0."""
         where = str(self.path / "common.pt")
         if megatron_optim.torch_dist_sharding(self.common, where) != "dp_reshardable":
             return None
@@ -208,8 +217,13 @@ class TorchDistReader:
                 "(save with --dist-ckpt-optim-fully-reshardable, which is read for any model); " + megatron_optim.FIX
             )
         mapping: dict[str, list[tuple[str, int, int]]] = {}
+        orders: set[tuple[str, ...]] = set()
         for stage in range(pp):
-            shards = [self._rank_buckets(rank, stage, tp, pp) for rank in range(tp)]
+            shards = []
+            for rank in range(tp):
+                spans, kinds = self._rank_buckets(rank, stage, tp, pp)
+                shards.append(spans)
+                orders.add(kinds)
             for name in shards[0]:
                 if name in mapping:  # tied embeddings: the last stage's copy holds the first stage's moments
                     continue
@@ -221,12 +235,14 @@ class TorchDistReader:
         where = f"{self.path} ({DISTRIBUTED_KEY}optimizer)"
         saved = untrusted.typed(groups, dict, where, "the object", megatron_optim.FIX).get("param_groups")
         step = megatron_optim.groups_step(saved, where)
-        return mapping, step, groups
+        return mapping, step, groups, orders
 
-    def _rank_buckets(self, rank: int, stage: int, tp: int, pp: int) -> dict[str, tuple[str, int, int]]:
+    def _rank_buckets(
+        self, rank: int, stage: int, tp: int, pp: int
+    ) -> tuple[dict[str, tuple[str, int, int]], tuple[str, ...]]:
         """Where the buckets of TP rank ``rank`` on pipeline stage ``stage`` (``dp_group_idx_<stage * tp +
         rank>``: its model-parallel rank) hold each of its shards' states: {state name: (bucket key, start,
-        end)}, the module order proven by the master weights."""
+        end)}, and the layer's module order the master weights prove."""
         prefix = DISTRIBUTED_KEY.replace("dp_group_idx_0", f"dp_group_idx_{stage * tp + rank}")
         sizes = self._stored_object(prefix + "per_bucket_numel_unpadded/shard_0_1")
         try:  # [[{(param dtype, grad dtype): [bucket sizes]}]]: one model chunk, one gradient buffer
@@ -280,7 +296,7 @@ class TorchDistReader:
             layout.state_name(m, n): (key(b, "param" if m == megatron_optim.MASTER else m), a, e)
             for n, (b, a, e) in spans.items()
             for m in states
-        }
+        }, kinds
 
     def _flat(self, key: str, start: int, end: int) -> torch.Tensor:
         return self._assemble(

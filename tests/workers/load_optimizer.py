@@ -4,7 +4,8 @@ load_checkpoint does (the model's and the optimizer's sharded state dicts, the c
 dist_checkpointing.load, optimizer.load_state_dict), on every rank (TP1, data parallel over the ranks).
 
 A legacy checkpoint ("format": "legacy") is loaded as that load does it for legacy files: the rank file's
-``model`` into the model, its ``optimizer`` through optimizer.load_state_dict.
+``model`` into the model, its ``optimizer`` through optimizer.load_state_dict, and the distributed
+optimizer's ``distrib_optim.pt`` through optimizer.load_parameter_state.
 
 argv: JOB.json: {"checkpoints": [{"name", "path", "precision": fp32|bf16|fp16, "distributed": bool,
 "format": torch_dist|legacy}], "out"}.
@@ -35,6 +36,8 @@ def load(entry: dict, rank: int) -> dict:
     from megastack.model.build import build_model, checkpoint_state
 
     precision, distributed = entry["precision"], entry["distributed"]
+    legacy = entry.get("format") == "legacy"
+    directory = resolve_iteration_dir(Path(entry["path"]))
     reader = open_checkpoint(entry["path"])
     init_model_parallel(1, 1)
     gpt = build_model(reader.cfg, ParallelConfig())
@@ -50,19 +53,30 @@ def load(entry: dict, rank: int) -> dict:
         use_distributed_optimizer=distributed,
     )
     with cpu.megatron_optimizer_mode():
-        ddp = DistributedDataParallel(
-            gpt.config, DistributedDataParallelConfig(use_distributed_optimizer=distributed), model
+        # bf16: Megatron-LM's arguments force --accumulate-allreduce-grads-in-fp32 (an fp32 gradient buffer);
+        # a legacy file's args say how its run bucketed the buffer, as Megatron-LM's DDP config takes them
+        args = load_pt(directory / "mp_rank_00" / "model_optim_rng.pt")["args"] if legacy else None
+        ddp_config = DistributedDataParallelConfig(
+            use_distributed_optimizer=distributed,
+            grad_reduce_in_fp32=precision == "bf16",
+            overlap_grad_reduce=bool(getattr(args, "overlap_grad_reduce", False)),
+            bucket_size=getattr(args, "ddp_bucket_size", None),
         )
+        ddp = DistributedDataParallel(gpt.config, ddp_config, model)
         optimizer = get_megatron_optimizer(config, [ddp])
     if distributed:
         cpu.distributed_optimizer_without_te()
         cpu.seed_empty_state(optimizer)
-    directory = resolve_iteration_dir(Path(entry["path"]))
-    if entry.get("format") == "legacy":  # Megatron-LM's load_checkpoint of a legacy (TP1 PP1) rank file
+    if legacy:  # Megatron-LM's load_checkpoint of a legacy (TP1 PP1) rank file
         blob = load_pt(directory / "mp_rank_00" / "model_optim_rng.pt")
         gpt.load_state_dict(blob["model"], strict=True)
         with cpu.megatron_optimizer_mode():
             optimizer.load_state_dict(blob["optimizer"])
+            if distributed:  # then each DP rank's range of distrib_optim.pt, scattered from DP rank 0
+                # no_grad: in fp32 training megatron-core 0.16.1 copies the loaded master into a view of the
+                # parameter that requires grad, which torch refuses outside no_grad (its own saves' load too)
+                with torch.no_grad():
+                    optimizer.load_parameter_state(str(directory / "mp_rank_00" / "distrib_optim.pt"))
         return holdings(gpt, optimizer)
     metadata = load_pt(directory / "common.pt").get("content_metadata") or {}
     model_state = checkpoint_state(gpt, reader.cfg)
