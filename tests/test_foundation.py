@@ -243,8 +243,8 @@ def test_every_command_has_a_handler():
 
 def test_an_option_not_built_yet_says_so_and_exits_2(tmp_path):
     """The interface names it; the code does not do it yet: one line, exit 2, nothing written."""
-    src = Path(__file__).parent / "fixtures" / "megatron_lm" / "legacy_distopt"  # distrib_optim.pt: not written yet
-    proc = run_cli("grow", str(src), str(tmp_path / "dst"), "--factor", "2", "--carry-optimizer")  # legacy out
+    src = Path(__file__).parent / "fixtures" / "megatron_lm" / "legacy_distopt"  # local spec -> a TE run's buffer
+    proc = run_cli("grow", str(src), str(tmp_path / "dst"), "--factor", "2", "--carry-optimizer", "--norm-names", "te")
     assert proc.returncode == 2
     assert_one_line_error(proc, "not built yet")
     assert not (tmp_path / "dst").exists()

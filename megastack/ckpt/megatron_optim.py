@@ -615,9 +615,9 @@ def buffer_layer_order(known: tuple[str, ...] | None, te_names: bool, where: str
         return local
     if known is None or (known == local) == te_names:
         raise NotBuiltError(
-            f"{where}: the distributed optimizer's state in legacy output follows the run's parameter order, which "
-            "this source does not show for Transformer Engine names (or --norm-names changed the spec); grow --to "
-            "torch_dist, which carries it in any order (its fully_reshardable format)"
+            f"{where}: the distributed optimizer's state in legacy output for a Transformer Engine run whose "
+            "parameter order this source does not show (a model-space save, or --norm-names changed the spec) is "
+            "not built yet; grow --to torch_dist, which carries it in any order (its fully_reshardable format)"
         )
     return known
 
