@@ -772,7 +772,9 @@ def test_megatron_cores_own_optimizer_resumes_the_grown_moments(tmp_path):
     a second growth of the grown checkpoint (the resume entries go on through megastack's own output).
     Legacy output is loaded as Megatron-LM's load_checkpoint loads legacy files (model, then
     optimizer.load_state_dict of the rank file's ``optimizer``): Adam's state by parameter index, so a
-    parameter order other than megatron-core's would hand a weight another's moments."""
+    parameter order other than megatron-core's would hand a weight another's moments; the distributed
+    optimizer's legacy output also through load_parameter_state of its distrib_optim.pt (DDP bucketed as the
+    file's args say), whose flat layout must be megatron-core's buffer for every range to hold its weight's."""
     job = {"checkpoints": [], "out": str(tmp_path)}
     for name, precision, growths, output in MCORE_LOADS:
         label, src = f"{name}@{output}", FIXTURES / name
