@@ -372,7 +372,6 @@ class LegacyWriter:
             first_expert = layout.rank_experts(self.cfg, unit.meta["ep"], self.ep).start
             model: dict[str, Any] = {}
             states: dict[str, dict[str, LazyTensor]] = {}  # model key -> Adam's state name -> tensor
-            weights: dict[str, LazyTensor] = {}  # model key -> the weight (the fp32 master of fp32 training)
             tied_copy = layout.holds_tied_copy(self.cfg, pp_rank, self.pp)
             # with Adam's state, in module order: the order Megatron's optimizer numbers its parameters in
             requests = unit.requests
@@ -388,8 +387,6 @@ class LegacyWriter:
                     key = layout.mcore_name("output")  # megatron's last-stage copy of the tied weight
                 if state is None:
                     model[key] = tensor
-                    if self.distributed:  # distrib_optim.pt's master in fp32: the weight produced once more
-                        weights[key] = self._lazy(request, produce)
                 else:
                     states.setdefault(key, {})[state] = tensor
             model.update(self._extra_state(pp_rank))
@@ -407,10 +404,11 @@ class LegacyWriter:
                 blob["opt_param_scheduler"] = self.resume_state["opt_param_scheduler"]
             records.append(_save(Path(directory), unit.key, blob))
             if self.distributed:
-                masters = {k: v.get(megatron_optim.MASTER, weights[k]) for k, v in states.items()}
+                # fp32 training's master is the weight itself: its record produced once more for this file
+                masters = {k: v.get(megatron_optim.MASTER, model[k]) for k, v in states.items()}
                 flat = self._distrib_optim(states, masters, pp_rank)
                 records.append(_save(Path(directory), str(Path(unit.key).parent / megatron_optim.DISTRIB_FILE), flat))
-            del model, blob, states, weights
+            del model, blob, states
         return records
 
     def _distrib_optim(
@@ -434,8 +432,7 @@ class LegacyWriter:
                 for key, (start, stop) in ordered:
                     if start > end:
                         yield torch.zeros(start - end)
-                    lazy = tensors[key]
-                    for block in lazy.blocks() if lazy.blocks is not None else [lazy.fill()]:
+                    for block in tensors[key].produce_blocks():
                         yield block.to(torch.float32).reshape(-1)
                     end = stop
                 if total > end:

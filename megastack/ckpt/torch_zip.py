@@ -58,6 +58,10 @@ class LazyTensor:
         self.shape, self.dtype, self.fill, self.blocks = tuple(shape), dtype, fill, blocks
         self.storage: _Storage | None = None
 
+    def produce_blocks(self) -> Iterator[torch.Tensor]:
+        """The values, block by block when ``blocks`` is given, else whole in one block."""
+        return self.blocks() if self.blocks is not None else iter([self.fill()])
+
     def __reduce_ex__(self, protocol: int):
         stride, step = [], 1
         for size in reversed(self.shape):
@@ -142,7 +146,7 @@ def save_streaming(obj: Any, f: Any) -> None:
 
 def _tensor_bytes(lazy: LazyTensor):
     rows = 0
-    for block in lazy.blocks() if lazy.blocks is not None else [lazy.fill()]:
+    for block in lazy.produce_blocks():
         if tuple(block.shape[1:]) != lazy.shape[1:] or (lazy.blocks is None and tuple(block.shape) != lazy.shape):
             raise RuntimeError(f"produced a tensor of shape {tuple(block.shape)}, the file's pickle has {lazy.shape}")
         rows += block.shape[0] if block.dim() else 1

@@ -55,7 +55,8 @@ def load(entry: dict, rank: int) -> dict:
     with cpu.megatron_optimizer_mode():
         # bf16: Megatron-LM's arguments force --accumulate-allreduce-grads-in-fp32 (an fp32 gradient buffer);
         # a legacy file's args say how its run bucketed the buffer, as Megatron-LM's DDP config takes them
-        args = load_pt(directory / "mp_rank_00" / "model_optim_rng.pt")["args"] if legacy else None
+        blob = load_pt(directory / "mp_rank_00" / "model_optim_rng.pt") if legacy else {}
+        args = blob.get("args")
         ddp_config = DistributedDataParallelConfig(
             use_distributed_optimizer=distributed,
             grad_reduce_in_fp32=precision == "bf16",
@@ -68,7 +69,6 @@ def load(entry: dict, rank: int) -> dict:
         cpu.distributed_optimizer_without_te()
         cpu.seed_empty_state(optimizer)
     if legacy:  # Megatron-LM's load_checkpoint of a legacy (TP1 PP1) rank file
-        blob = load_pt(directory / "mp_rank_00" / "model_optim_rng.pt")
         gpt.load_state_dict(blob["model"], strict=True)
         with cpu.megatron_optimizer_mode():
             optimizer.load_state_dict(blob["optimizer"])
