@@ -148,6 +148,7 @@ class Options:
     sweep_d: tuple[int, ...] = ()  # growth timing: small-stage iterations, each grown by stack
     sweep_g: tuple[int, ...] = ()  # growth factor: small models of large layers / g, each stacked g times
     sweep_seeds: tuple[int, ...] | None = None  # the seeds the sweeps run for (None: every seed)
+    scratch_from: Path | None = None  # a stored speedup.json whose scratch runs stand in for this run's
 
     def sweeps_for(self, seed: int) -> bool:
         return self.sweep_seeds is None or seed in self.sweep_seeds
@@ -240,7 +241,7 @@ def run_seed(
     large_model = large_template.resolved_model()
     results: dict[str, Any] = {"small": runner.train("small", small_cfg, plan["small"].digest, verbose=False)}
     # scratch right after small: a run stopped part-way (or given fewer operators) already has its baseline
-    if options.operators:  # (none: only the upcycling comparison, which has its own baseline)
+    if options.operators and options.scratch_from is None:  # (none: only upcycling, with its own baseline)
         results["scratch"] = runner.train("scratch", scratch.train, scratch.digest, verbose=False)
     data = (
         list(recipe.data.prefixes)
@@ -364,21 +365,87 @@ def _spread(values: list[float]) -> dict[str, Any]:
     }
 
 
+# a stored baseline is reused only for the same scratch run: same model, iterations, FLOPs, batch and ranks
+SCRATCH_SETUP_KEYS = ("large_model", "scratch_iters", "scratch_flops", "global_batch", "seq_length")
+
+
+def stored_scratch(path: Path) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
+    """The scratch rows of a stored speedup.json by seed, and that report. The FLOP-matched baseline does not
+    depend on the operators, so a later run for more operators may reuse it instead of training it again."""
+    from megastack.untrusted import read_json, typed
+
+    fix = "give --scratch-from a speedup.json this harness wrote"
+    report = typed(read_json(path, 64 << 20, fix), dict, path, "the document", fix)
+    runs = typed(report.get("runs"), dict, path, "field 'runs'", fix)
+    rows: dict[int, dict[str, Any]] = {}
+    for key, run in runs.items():
+        where = f"field 'runs.{key[:20]}.scratch'"
+        row = typed(typed(run, dict, path, f"field 'runs.{key[:20]}'", fix).get("scratch"), dict, path, where, fix)
+        curve = typed(row.get("curve"), list, path, f"{where}.curve", fix)
+        points = [typed(p, list, path, f"{where}.curve", fix) for p in curve]
+        if not key.isdigit() or not points or any(len(p) != 2 for p in points):
+            raise UserError(f"{path}: {where} is not a seed's evaluation curve; {fix}")
+        points = [[typed(v, float, path, f"{where}.curve", fix) for v in p] for p in points]
+        wall = row.get("wall_seconds")
+        rows[int(key)] = {
+            "curve": points,
+            "final_valid_loss": points[-1][1],
+            "flops": points[-1][0],
+            "wall_seconds": None if wall is None else typed(wall, float, path, f"{where}.wall_seconds", fix),
+        }
+    return rows, report
+
+
+def scratch_provenance(path: Path | None) -> dict[str, Any] | None:
+    """Where a reused baseline came from: the file, and the command and dates that measured it."""
+    if path is None:
+        return None
+    stored = stored_scratch(path)[1]
+    return {"file": str(path), **{k: stored.get(k) for k in ("command", "measured", "date")}}
+
+
+def scratch_from_markdown(provenance: dict[str, Any] | None) -> list[str]:
+    if not provenance:
+        return []
+    return [
+        f"The scratch rows are not trained by this run: they are the same seeds' scratch runs of "
+        f"`{provenance['file']}` (`{provenance['command']}`, measured {provenance['measured']}), "
+        "the same recipe, model, iterations, batch and ranks."
+    ]
+
+
+def check_scratch_from(out: Path, recipe: Recipe, options: Options, world: int) -> None:
+    """Refuse a stored baseline that is not this run's scratch run (another recipe, size, batch, ranks or seed)."""
+    path, setup = options.scratch_from, run_setup(out, recipe, options, world)[1]
+    rows, stored = stored_scratch(path)
+    theirs = stored.get("setup") if isinstance(stored.get("setup"), dict) else {}
+    differ = [k for k in SCRATCH_SETUP_KEYS if theirs.get(k) != setup[k]]
+    if stored.get("recipe") != recipe.name or stored.get("world") != world or differ:
+        what = ", ".join(differ) or ("recipe" if stored.get("recipe") != recipe.name else "ranks")
+        raise UserError(f"--scratch-from {path}: its scratch run is not this one ({what} differ); run without it")
+    missing = [s for s in options.seeds if s not in rows]
+    if missing:
+        raise UserError(f"--scratch-from {path}: no scratch run for seed(s) {missing}; run without it")
+
+
 def analyse_seed(out: Path, seed: int, options: Options, small_cfg: Any, factor: int | None) -> dict[str, Any]:
     """Per operator and sweep point: curves, loss right after growth, final loss, FLOPs to reach scratch's
     final loss; the upcycling comparison."""
     operators = options.operators
     dirs = RunDirs(out / f"seed-{seed}")
-    scratch = eval_curve(dirs.stage_dir("scratch"))
-    marker = read_marker(dirs, "scratch") or {}
-    row: dict[str, Any] = {
-        "scratch": {
-            "curve": scratch,
-            "final_valid_loss": scratch[-1][1] if scratch else None,
-            "flops": scratch[-1][0] if scratch else None,
-            "wall_seconds": marker.get("wall_seconds"),
+    if options.scratch_from is not None:
+        row: dict[str, Any] = {"scratch": stored_scratch(options.scratch_from)[0][seed]}
+    else:
+        scratch = eval_curve(dirs.stage_dir("scratch"))
+        marker = read_marker(dirs, "scratch") or {}
+        row = {
+            "scratch": {
+                "curve": scratch,
+                "final_valid_loss": scratch[-1][1] if scratch else None,
+                "flops": scratch[-1][0] if scratch else None,
+                "wall_seconds": marker.get("wall_seconds"),
+            }
         }
-    }
     for op in operators:
         small_stage = "small-width" if op in WIDTH_OPERATORS else "small"
         row[op] = grown_row(dirs, row["scratch"], small_stage, f"grow-{op}", f"large-{op}")
@@ -598,6 +665,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"{setup['scratch_iters']} iterations (the FLOPs of small + large); global batch "
         f"{setup['global_batch']} x {setup['seq_length']} tokens, AdamW, fresh after growth, warmup + "
         "cosine in every stage; validation loss on the same held-out batches everywhere.",
+        *scratch_from_markdown(report.get("scratch_from")),
         "",
         "| operator | final valid loss | loss right after growth | total FLOPs | FLOPs to reach scratch's "
         "final loss | speedup (FLOPs_scratch / FLOPs_op - 1) | per seed |",
@@ -752,17 +820,13 @@ def _marker_texts(markers: Path) -> list[str]:
     return [p.read_text() for p in sorted(markers.glob("*.json"))] if markers.is_dir() else []
 
 
-def write_report(
-    out: Path, recipe: Recipe, options: Options, world: int, wall: float, preset: str | None, command: str
-) -> dict[str, Any]:
+def run_setup(out: Path, recipe: Recipe, options: Options, world: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The stages' train configs by name (the first seed's) and the run's setup: models, iterations, tokens,
+    FLOPs, batch."""
     from megastack.run.stages import stage_flops
 
     dirs = RunDirs(out / f"seed-{options.seeds[0]}")
     configs = {stage.name: stage.train for stage in stage_configs(recipe, dirs, world)}
-    factor = recipe.growth.factor
-    runs = {seed: analyse_seed(out, seed, options, configs["small"], factor) for seed in options.seeds}
-    points = sweep_points(options, configs["small"], factor)
-    sweeps = sweep_setup(options, configs, factor, world)
     small, large, scratch = configs["small"], configs["large"], configs["scratch"]
     par = small.parallel
     global_batch = par.micro_batch_size * par.data_parallel_size(world) * par.gradient_accumulation_steps(world)
@@ -786,6 +850,17 @@ def write_report(
     }
     if any(op in WIDTH_OPERATORS for op in options.operators):
         setup["narrow_model"] = narrow_model(large.resolved_model()).name
+    return configs, setup
+
+
+def write_report(
+    out: Path, recipe: Recipe, options: Options, world: int, wall: float, preset: str | None, command: str
+) -> dict[str, Any]:
+    configs, setup = run_setup(out, recipe, options, world)
+    factor = recipe.growth.factor
+    runs = {seed: analyse_seed(out, seed, options, configs["small"], factor) for seed in options.seeds}
+    points = sweep_points(options, configs["small"], factor)
+    sweeps = sweep_setup(options, configs, factor, world)
     not_measured = {op: "not requested (--operators)" for op in OPERATORS if op not in options.operators}
     table = aggregate(runs, (*options.operators, *(tag for _, tag, _ in points)))
     if sweeps and options.sweep_seeds is not None and "stack" in options.operators:
@@ -811,6 +886,7 @@ def write_report(
             "sweep_seeds": list(options.sweep_seeds) if options.sweep_seeds is not None else list(options.seeds),
         },
         "setup": setup,
+        "scratch_from": scratch_provenance(options.scratch_from),
         "table": table,
         "sweeps": sweeps,
         "not_measured": not_measured,
@@ -872,6 +948,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "experts, at equal FLOPs (e.g. 8,2,2: 8 half-width experts, top 2, the dense FLOPs per token); none: no "
         "comparison (default: the preset's)",
     )
+    parser.add_argument(
+        "--scratch-from",
+        help="a speedup.json of an earlier run of the same recipe, seeds and ranks: its scratch runs are this "
+        "run's baseline instead of training them again (the report names the file)",
+    )
     parser.add_argument("--out", help="output directory (default: runs/speedup-<preset or recipe>)")
     parser.add_argument("--nproc", type=int, default=2, help="local ranks to start without a launcher")
     parser.add_argument("--json", help="also copy speedup.json here (for bench/run_all.py)")
@@ -910,8 +991,17 @@ def resolve(args: argparse.Namespace) -> tuple[Recipe, Options, Path]:
     for g in sweep_g:
         if layers % g or g < 2:
             raise UserError(f"--sweep-g {g}: g must be at least 2 and divide the large model's {layers} layers")
+    if args.scratch_from and not operators:
+        raise UserError("--scratch-from needs --operators: the upcycling comparison has no scratch run")
     options = Options(
-        seeds, operators, learn_tokens, upcycle=upcycle, sweep_d=sweep_d, sweep_g=sweep_g, sweep_seeds=sweep_seeds
+        seeds,
+        operators,
+        learn_tokens,
+        upcycle=upcycle,
+        sweep_d=sweep_d,
+        sweep_g=sweep_g,
+        sweep_seeds=sweep_seeds,
+        scratch_from=Path(args.scratch_from) if args.scratch_from else None,
     )
     return recipe, options, out
 
@@ -963,7 +1053,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from megastack.dist import discover, init_distributed, launch_local
 
     recipe, options, out = resolve(args)
-    if discover().launcher == "single" and args.nproc > 1:
+    launched = discover()
+    if options.scratch_from is not None:  # refused before any rank starts or anything trains
+        world = args.nproc if launched.launcher == "single" else launched.world_size
+        check_scratch_from(out, recipe, options, world)
+    if launched.launcher == "single" and args.nproc > 1:
         argv = [sys.executable, str(Path(__file__).resolve()), *argv]
         result = launch_local(argv, args.nproc, timeout=7 * 24 * 3600, stream_rank0=True)
         if not result.ok:

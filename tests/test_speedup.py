@@ -132,6 +132,45 @@ def test_smoke_preset_end_to_end(tmp_path):
         assert f"{stage}: finished earlier, skipped" in again.stdout, again.stdout
     assert json.loads((out / "speedup.json").read_text())["table"] == report["table"]
 
+    # --scratch-from: the stored report's scratch rows stand in for the scratch stage, which this run does not
+    # even look at; the same numbers come out, and the report says where the baseline came from
+    stored = tmp_path / "stored.json"
+    stored.write_text((out / "speedup.json").read_text())
+    reused = speedup("--preset", "smoke", "--out", str(out), "--scratch-from", str(stored), *extra)
+    assert reused.returncode == 0, reused.stdout[-3000:] + reused.stderr[-3000:]
+    assert "scratch: finished earlier" not in reused.stdout and "stage scratch" not in reused.stdout
+    again_report = json.loads((out / "speedup.json").read_text())
+    assert again_report["table"] == report["table"] and again_report["runs"] == report["runs"]
+    assert again_report["scratch_from"]["file"] == str(stored)
+    assert again_report["scratch_from"]["command"] == report["command"]
+    assert f"scratch runs of `{stored}`" in (out / "speedup.md").read_text()
+
+
+def stored_report(**changes) -> dict:
+    """A speedup.json as the smoke preset on 2 ranks writes it, as far as --scratch-from reads it."""
+    setup = {"large_model": "tiny", "scratch_iters": 1, "scratch_flops": 1.0, "global_batch": 1, "seq_length": 1}
+    runs = {"1": {"scratch": {"curve": [[0, 5.0]]}}}
+    return {"recipe": "speedup-smoke", "world": 2, "setup": setup, "runs": runs} | changes
+
+
+@pytest.mark.parametrize(
+    "stored, needle",
+    [
+        (stored_report(recipe="speedup-cpu"), "its scratch run is not this one"),
+        (stored_report(), "scratch_iters, scratch_flops, global_batch, seq_length differ"),
+        (stored_report(runs={"1": {"scratch": {"curve": "x"}}}), "field 'runs.1.scratch'.curve is \"x\""),
+        (stored_report(runs={"1": {"scratch": {"curve": [[0, "5"]]}}}), "expected a finite number"),
+        (stored_report(runs={"1": {"scratch": {"curve": []}}}), "is not a seed's evaluation curve"),
+        ("{", "not valid JSON"),
+    ],
+)
+def test_scratch_from_refuses_another_runs_baseline(tmp_path, stored, needle):
+    path = tmp_path / "stored.json"
+    path.write_text(stored if isinstance(stored, str) else json.dumps(stored))
+    proc = speedup("--preset", "smoke", "--out", str(tmp_path / "x"), "--scratch-from", str(path), timeout=120)
+    assert_one_line_error(proc, needle)
+    assert proc.returncode == 2 and not (tmp_path / "x").exists()
+
 
 @pytest.mark.parametrize(
     "args, needle",
