@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--norm-names",
         choices=["te", "local"],
-        help="legacy output: norm keys for Megatron-LM's "
+        help="legacy output (and a mixture of experts' norm in torch_dist): norm keys for Megatron-LM's "
         "--transformer-impl transformer_engine or local (default: as the source)",
     )
     p.add_argument(
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--norm-names",
         choices=["te", "local"],
-        help="legacy output: norm keys for Megatron-LM's "
+        help="legacy output (and a mixture of experts' norm in torch_dist): norm keys for Megatron-LM's "
         "--transformer-impl transformer_engine or local (default: as the source)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the per-rank plan (reads, writes, peak memory) only")

@@ -410,6 +410,13 @@ def dcp_tensors(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def dcp_tensor_keys(ckpt: Path) -> set[str]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    entries = FileSystemReader(str(resolve_iteration_dir(ckpt))).read_metadata().state_dict_metadata
+    return {key for key, md in entries.items() if hasattr(md, "size")}
+
+
 PARALLEL_SAVES = [  # Megatron-LM's same 2 steps on 2 and 4 gloo ranks (mlm_train_save.py --tp/--pp; DP = the rest)
     *(f"{layout}/{n}" for layout in ("tp2", "pp2") for n in CARRIED_SAVES),
     "tp2pp2/legacy_distopt",
@@ -424,7 +431,7 @@ TIED_SAVES = [  # tied embeddings, one rank and PP2 (the last stage's output lay
     *(f"tied/pp2/{n}" for n in ("legacy", "legacy_distopt", "torch_dist", "torch_dist_distopt")),
 ]
 MOE_SAVES = ["moe/legacy", "moe/torch_dist"]  # 4 experts, top 2, one rank (EP 1), the plain optimizer
-# megatron-core's local spec saves a MoE layer's norm under the dense fused name; megastack writes the TE spec's
+# megatron-core's local spec saves a MoE layer's norm under the dense fused name, its TE spec under its own
 MOE_NORM_KEYS = ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")
 
 
@@ -478,8 +485,6 @@ def test_megatron_lms_adam_state_grows_with_the_weights(name, tmp_path):
                 f"optimizer.state.param.{k}": w for k, w in weights.items() if f"optimizer.state.exp_avg.{k}" in want
             }
     got = dcp_tensors(resolve_iteration_dir(dst), "optimizer.state.")
-    if name.startswith("moe/"):
-        want = {k.replace(*MOE_NORM_KEYS): v for k, v in want.items()}
     # 6 per layer (MoE: norms, attention, router, experts' fc1 and fc2), embedding, final norm, output layer
     n_weights = {"tied/": 8, "moe/": 10}.get(name.split("/")[0] + "/", 9)
     assert set(got) == set(want) and len(want) == (3 if mixed or distributed else 2) * n_weights
@@ -538,6 +543,35 @@ def rank_file_moments(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], l
         for i, (key, index) in enumerate(zip(members, group["params"])):
             out[key] = dict(inner["state"][index]) | ({"master": masters[g][i]} if masters else {})
     return out, [{k: v for k, v in g.items() if k != "params"} for g in inner["param_groups"]]
+
+
+@pytest.mark.parametrize("name", MOE_SAVES)
+@pytest.mark.parametrize("norm_names", [None, "te", "local"])
+def test_moe_norm_key_follows_the_run_that_resumes(name, norm_names, tmp_path):
+    """Megatron-LM's local spec (these saves: --transformer-impl local) stores a MoE layer's norm under the
+    dense fused name, its TE spec under pre_mlp_layernorm: torch_dist output keeps the source run's (so the run
+    finds every weight and moment where its own save put them) unless --norm-names asks for the other; either
+    way it reads back as the same tensors."""
+    dst = tmp_path / "grown"
+    flags = ["--norm-names", norm_names] if norm_names else []
+    proc = in_process("grow", str(FIXTURES / name), str(dst), "--factor", "2", "--to", "torch_dist", *flags)
+    assert proc.returncode == 0, proc.stderr
+    own = {k for k in dcp_tensor_keys(FIXTURES / "moe" / "torch_dist") if not k.startswith("optimizer.")}
+    got = dcp_tensor_keys(dst)  # Megatron-LM's own save of the run, and the output: the weights' keys
+    local, te = (f"decoder.layers.{k}" for k in MOE_NORM_KEYS)
+    assert local in own and te not in own
+    assert got == (own if norm_names != "te" else {k.replace(local, te) for k in own})
+    assert saved_args(dst).transformer_impl == ("transformer_engine" if norm_names == "te" else "local")
+    grown, source = open_checkpoint(dst), open_checkpoint(FIXTURES / name)
+    for layer in range(8):
+        norm = layout.layer_name(layer, "mlp_norm")
+        assert torch.equal(grown.read(norm), source.read(layout.layer_name(layer % 4, "mlp_norm")))
+
+
+def test_norm_names_of_a_dense_torch_dist_output_is_refused(tmp_path):
+    proc = in_process("grow", str(FIXTURES / "torch_dist"), str(tmp_path / "o"), "--factor", "2", "--norm-names", "te")
+    assert_one_line_error(proc, "--norm-names applies to legacy output and to a mixture of experts in torch_dist")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(

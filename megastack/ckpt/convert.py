@@ -71,8 +71,7 @@ def prepare(
     plan = dataclasses.replace(identity_plan(cfg), target=target)
     source_manifest = read_manifest(reader.path) or {}
     iteration = int(source_manifest.get("iteration", getattr(reader, "iteration", 0)) or 0)
-    if norm_names is not None and to != "legacy":
-        raise UserError(f"--norm-names applies to legacy output; {to} has one naming")
+    formats.check_norm_names(to, target, norm_names)
     writer = formats.make_writer(
         to,
         target,

@@ -40,7 +40,7 @@ class WriteOptions:
     ep: int = 1  # legacy: expert-parallel rank files of a mixture of experts
     iteration: int = 0
     args: Any = None  # Megatron-LM's args for the output (megatron_args.for_output)
-    te_names: bool = True  # legacy: Transformer Engine norm key names
+    te_names: bool = True  # Transformer Engine norm key names (legacy; torch_dist: a mixture of experts' norm)
     shard_bytes: int | None = None  # hf: the largest safetensors file (None: the format's default)
     optimizer_states: tuple[str, ...] = ()  # Adam's states written beside the weights
     resume_state: dict[str, Any] | None = None  # Megatron-LM's optimizer/scheduler (common.pt, legacy rank files)
@@ -105,6 +105,7 @@ def _td_writer(cfg: ModelConfig, dtype: torch.dtype, options: WriteOptions) -> W
         iteration=options.iteration,
         optimizer_states=options.optimizer_states,
         resume_state=options.resume_state,
+        te_names=options.te_names,
     )
 
 
@@ -370,6 +371,16 @@ def make_writer(
         layer_order=getattr(reader, "layer_order", None) if optimizer_states else None,
     )
     return fmt.writer(target, dtype, options)
+
+
+def check_norm_names(to: str, target: ModelConfig, norm_names: str | None) -> None:
+    """``--norm-names`` names legacy output's norms, and a mixture of experts' norm in torch_dist (the one
+    torch_dist key Megatron-LM's local and Transformer Engine specs save differently)."""
+    if norm_names is not None and to != "legacy" and not (to == "torch_dist" and target.is_moe):
+        raise UserError(
+            f"--norm-names applies to legacy output and to a mixture of experts in torch_dist; {to} output of "
+            "this model has one naming"
+        )
 
 
 def check_layout(

@@ -68,13 +68,16 @@ EXPERT_MODULES = ("mlp.experts.experts.linear_fc1", "mlp.experts.experts.linear_
 MOE_LOCAL_NORM_KEY = "decoder.layers.mlp.linear_fc1.layer_norm_weight"
 
 
-def dcp_key(name: str, moe: bool = False) -> tuple[str, int | None]:
+def dcp_key(name: str, moe: bool = False, local_moe_norm: bool = False) -> tuple[str, int | None]:
     """Logical name -> (DCP key, layer index on the leading axis or None); Adam's state of a weight
-    ('exp_avg/layers.3.qkv') is the weight's key under optimizer.state.exp_avg."""
+    ('exp_avg/layers.3.qkv') is the weight's key under optimizer.state.exp_avg. ``local_moe_norm``: a mixture of
+    experts' norm under the local spec's key (a Megatron-LM run with --transformer-impl local), not TE's."""
     state, _ = layout.split_state(name)
     layer, kind = layout.split_name(name)
     if layer is None:
         key = layout.MCORE_GLOBAL[kind]
+    elif moe and kind == "mlp_norm" and local_moe_norm:
+        key = MOE_LOCAL_NORM_KEY
     elif moe and kind in MOE_KEYS:
         key = MOE_KEYS[kind]
     else:
@@ -582,9 +585,7 @@ class TorchDistReader:
     def _key(self, name: str) -> str:
         """The DCP key of a logical name (``dcp_key``); the distributed optimizer's model-space save
         (fully_reshardable) names the fp32 master copy 'param', where the plain optimizer says 'fp32_param'."""
-        key, _ = dcp_key(name, self.cfg.is_moe)
-        if self.cfg.is_moe and layout.split_name(name)[1] == "mlp_norm" and self._moe_norm_is_local:
-            key = key.replace(MOE_KEYS["mlp_norm"], MOE_LOCAL_NORM_KEY)
+        key, _ = dcp_key(name, self.cfg.is_moe, self._moe_norm_is_local)
         if layout.split_state(name)[0] == megatron_optim.MASTER and self._master_is_param:
             key = fully_reshardable_master_key(key)
         return key
@@ -594,6 +595,12 @@ class TorchDistReader:
         """A mixture of experts saved by megatron-core's local spec: its MoE norm under the dense fused name."""
         sd = self.metadata.state_dict_metadata
         return MOE_KEYS["mlp_norm"] not in sd and MOE_LOCAL_NORM_KEY in sd
+
+    @property
+    def te_names(self) -> bool | None:
+        """Whether the norms are named as Transformer Engine's spec names them, where the file tells (a mixture
+        of experts; a dense model's torch_dist keys are the same under both specs: None). Output follows it."""
+        return not self._moe_norm_is_local if self.cfg.is_moe else None
 
     @functools.cached_property
     def _master_is_param(self) -> bool:
@@ -697,8 +704,10 @@ class TorchDistWriter:
         iteration: int = 0,
         optimizer_states: tuple[str, ...] = (),
         resume_state: dict[str, Any] | None = None,
+        te_names: bool = True,
     ):
         """``args``: Megatron-LM's args for ``common.pt`` (``megatron_args.output_args``; fresh when None).
+        ``te_names``: a mixture of experts' norm under TE's key, else the local spec's (as the run that loads it).
         ``optimizer_states``: Adam's states written beside the weights (fp32, optimizer.state.* keys).
         ``resume_state``: common.pt's optimizer and scheduler entries, so Megatron-LM resumes with them; the
         distributed optimizer's (``megatron_optim.distributed_state``) make the Adam entries its
@@ -710,11 +719,12 @@ class TorchDistWriter:
         self.optimizer_states = tuple(optimizer_states)
         self.chunk_bytes = chunk_bytes
         self.iteration = iteration
+        self.te_names = te_names
         self.args = (
             args
             if args is not None
             else megatron_args.output_args(
-                None, cfg, None, None, dtype, iteration=iteration, new_stage=False, te_names=True
+                None, cfg, None, None, dtype, iteration=iteration, new_stage=False, te_names=te_names
             )
         )
 
@@ -785,7 +795,7 @@ class TorchDistWriter:
     def _write_chunk(
         self, stream: HashingWriter, relative: str, name: str, tensor: torch.Tensor, pieces: list[Piece] | None
     ) -> ChunkRecord:
-        key, _ = dcp_key(name, self.cfg.is_moe)
+        key, _ = dcp_key(name, self.cfg.is_moe, local_moe_norm=not self.te_names)
         if self.fully_reshardable and layout.split_state(name)[0] == megatron_optim.MASTER:
             key = fully_reshardable_master_key(key)
         shape = layout.logical_shape(self.cfg, name)

@@ -168,11 +168,9 @@ def make_writer(
     """Writer for the target in the source's format (legacy may change TP/PP/EP). The output's Megatron-LM
     args are the source's with the new shape and a new stage's counters (iteration 0, no samples seen)."""
     out = formats.get(fmt or reader.format)
-    if not out.cut_by_rank and (tp is not None or pp is not None or norm_names is not None):
-        raise UserError(
-            f"--tp/--pp/--norm-names apply to legacy output; a {out.name} checkpoint loads under any "
-            "TP/PP and has one naming"
-        )
+    if not out.cut_by_rank and (tp is not None or pp is not None):
+        raise UserError(f"--tp/--pp apply to legacy output; a {out.name} checkpoint loads under any TP/PP")
+    formats.check_norm_names(out.name, plan.target, norm_names)
     if out.cut_by_rank:  # the source's layout unless asked to change it
         tp, pp = tp or getattr(reader, "tp", 1), pp or getattr(reader, "pp", 1)
         ep = ep or getattr(reader, "ep", 1)
