@@ -27,6 +27,7 @@ one from its last checkpoint, and refuses a finished run whose config changed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -369,9 +370,10 @@ def _spread(values: list[float]) -> dict[str, Any]:
 SCRATCH_SETUP_KEYS = ("large_model", "scratch_iters", "scratch_flops", "global_batch", "seq_length")
 
 
+@functools.cache
 def stored_scratch(path: Path) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
-    """The scratch rows of a stored speedup.json by seed, and that report. The FLOP-matched baseline does not
-    depend on the operators, so a later run for more operators may reuse it instead of training it again."""
+    """The scratch rows of a stored speedup.json by seed, and that report (read once per process). The
+    FLOP-matched baseline does not depend on the operators, so a later run for more operators may reuse it."""
     from megastack.untrusted import read_json, typed
 
     fix = "give --scratch-from a speedup.json this harness wrote"
