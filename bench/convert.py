@@ -2,12 +2,13 @@
 
 Writes a Hugging Face checkpoint of configs/models/llama-1.1b.yaml's shape (bf16, random weights, 2 GiB
 safetensors shards, no megastack.json: like a download) with megastack's HF writer, then measures:
-- HF -> torch_dist, and legacy TP1 -> legacy TP2 (the reshard), on 1 and 2 ranks; the legacy TP1 input
-  is made once by HF -> legacy (timed too, one run);
+- every pair of formats (hf, torch_dist, legacy TP1) and legacy TP1 -> TP2 (the reshard), on 1 and 2
+  ranks (--pairs picks some); the torch_dist and legacy inputs are made once from the HF source (timed
+  too, one run);
 - wall time of the whole command (process start, imports, conversion, manifest, fsync, publish) and of
   the conversion inside the process, median of --repeats;
-- the I/O bound in the same run, between repeats: read every input byte once and write the output's
-  byte count once with fsync, same filesystem, no compute;
+- the I/O bound in the same run, after each repeat: read every input byte once and write the output's
+  byte count once with fsync, same filesystem, no compute (bench/iobound.py);
 - peak RSS of each rank (VmHWM, which counts the file-backed pages of mmap'd legacy inputs) and the peak
   of its anonymous memory (RssAnon sampled every 20 ms), i.e. what the conversion itself allocates.
 
@@ -33,6 +34,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from iobound import dir_bytes, io_bound  # noqa: E402  (bench/, the script's own directory)
 
 from megastack import layout  # noqa: E402
 from megastack.ckpt.execute import Comm, execute  # noqa: E402
@@ -85,31 +88,6 @@ def write_source(path: Path, model: str = "llama-1.1b") -> tuple[int, int]:
     return dir_bytes(path), cfg.total_parameters()
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def io_bound(src: Path, out_bytes: int, scratch: Path) -> float:
-    """Seconds to read every input file once and write ``out_bytes`` once with fsync (16 MiB blocks)."""
-    start = time.monotonic()
-    for p in sorted(src.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                while f.read(16 << 20):
-                    pass
-    block = os.urandom(16 << 20)
-    with open(scratch, "wb") as f:
-        remaining = out_bytes
-        while remaining > 0:
-            f.write(block[: min(remaining, len(block))])
-            remaining -= len(block)
-        f.flush()
-        os.fsync(f.fileno())
-    elapsed = time.monotonic() - start
-    scratch.unlink()
-    return elapsed
-
-
 def convert_once(args: list[str], ranks: int) -> dict:
     """One `megastack convert` on ``ranks`` local processes: wall, in-process seconds, peaks (max rank)."""
     from megastack.dist import launch_local
@@ -137,6 +115,14 @@ def convert_once(args: list[str], ranks: int) -> dict:
     }
 
 
+# The output arguments of each format (legacy at TP1: the format pair alone; the reshard is its own row).
+TO = {"hf": ["--to", "hf"], "torch_dist": ["--to", "torch_dist"], "legacy": ["--to", "legacy", "--tp", "1"]}
+# label -> (input format, output arguments): every pair of formats, and legacy's reshard.
+PAIRS = {
+    f"{a}->{b}": (a, TO[b]) for a in ("hf", "torch_dist", "legacy") for b in ("hf", "torch_dist", "legacy") if a != b
+} | {"legacy TP1->TP2": ("legacy", ["--to", "legacy", "--tp", "2"])}
+
+
 def measure(label: str, src: Path, to_args: list[str], ranks: int, repeats: int, work: Path) -> dict:
     runs, bounds = [], []
     out_bytes = 0
@@ -147,16 +133,18 @@ def measure(label: str, src: Path, to_args: list[str], ranks: int, repeats: int,
         shutil.rmtree(dst)
         bounds.append(io_bound(resolve_iteration_dir(src), out_bytes, work / "io_bound.bin"))
     med = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "inner_s")}
+    bound = statistics.median(b["bound_s"] for b in bounds)
     row = {
         "label": label,
         "ranks": ranks,
         "input_bytes": dir_bytes(resolve_iteration_dir(src)),
         "output_bytes": out_bytes,
         "runs": runs,
-        "io_bound_s": bounds,
+        "io_bound_s": [b["bound_s"] for b in bounds],
+        "io_bound_runs": bounds,
         "median_wall_s": med["wall_s"],
         "median_inner_s": med["inner_s"],
-        "median_io_bound_s": statistics.median(bounds),
+        "median_io_bound_s": bound,
         "peak_rss_bytes": max(r["peak_rss"] for r in runs),
         "peak_anon_bytes": max(r["peak_anon"] for r in runs),
         "anon_after_imports_bytes": max(r["anon_after_imports"] for r in runs),
@@ -179,6 +167,7 @@ def main() -> None:
     parser.add_argument("--workdir", help="where to write (default: a temp dir; needs ~11 GB, ~60 GB at 7B)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ranks", default="1,2", help="comma-separated rank counts to measure")
+    parser.add_argument("--pairs", help=f"comma-separated conversions to measure (default all: {', '.join(PAIRS)})")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="megastack-bench-convert-"))
@@ -205,22 +194,27 @@ def main() -> None:
         "rows": [],
     }
     ranks = [int(r) for r in args.ranks.split(",")]
-    for n in ranks:
-        results["rows"].append(measure("hf->torch_dist", hf, ["--to", "torch_dist"], n, args.repeats, work))
-    legacy1 = work / "legacy_tp1"
-    if legacy1.exists():
-        shutil.rmtree(legacy1)
-    setup = convert_once([str(hf), str(legacy1), "--to", "legacy", "--tp", "1"], 1)
-    print(
-        f"hf->legacy TP1 ranks=1 (one run, the reshard's input): wall {setup['wall_s']:.1f}s, peak RSS "
-        f"{setup['peak_rss'] / 2**20:.0f} MiB, peak anon {setup['peak_anon'] / 2**20:.0f} MiB",
-        flush=True,
-    )
-    results["hf_to_legacy_tp1"] = setup
-    for n in ranks:
-        results["rows"].append(
-            measure("legacy TP1->TP2", legacy1, ["--to", "legacy", "--tp", "2"], n, args.repeats, work)
+    wanted = args.pairs.split(",") if args.pairs else list(PAIRS)
+    unknown = sorted(set(wanted) - set(PAIRS))
+    if unknown:
+        raise SystemExit(f"--pairs: unknown {unknown}; choose from {', '.join(PAIRS)}")
+    # The other formats' inputs, converted once from the HF source (timed, one run each, 1 rank).
+    inputs = {"hf": hf}
+    for fmt in sorted({PAIRS[p][0] for p in wanted} - {"hf"}):
+        inputs[fmt] = work / f"{fmt}_input"
+        if inputs[fmt].exists():
+            shutil.rmtree(inputs[fmt])
+        setup = convert_once([str(hf), str(inputs[fmt]), *TO[fmt]], 1)
+        print(
+            f"hf->{fmt} ranks=1 (one run, an input below): wall {setup['wall_s']:.1f}s, peak RSS "
+            f"{setup['peak_rss'] / 2**20:.0f} MiB, peak anon {setup['peak_anon'] / 2**20:.0f} MiB",
+            flush=True,
         )
+        results[f"setup_hf_to_{fmt}"] = setup
+    for label in wanted:
+        src_format, to_args = PAIRS[label]
+        for n in ranks:
+            results["rows"].append(measure(label, inputs[src_format], to_args, n, args.repeats, work))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     if not args.workdir:

@@ -28,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from iobound import dir_bytes, io_bound  # noqa: E402  (bench/, the script's own directory)
 
 from megastack import layout
 from megastack.ckpt import formats
@@ -64,31 +65,6 @@ def write_source(path: Path, shape: str, fmt: str) -> tuple[int, int]:
     execute(writer, produce, path, Comm(), {"format": fmt, "model": to_dict(cfg)}, iteration=0)
     largest = max(torch.Size(layout.logical_shape(cfg, n)).numel() * 2 for n in layout.logical_names(cfg))
     return dir_bytes(path), largest
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def io_bound(src: Path, out_bytes: int, scratch: Path) -> float:
-    """Seconds to read every source file once and write ``out_bytes`` once with fsync, 16 MiB blocks."""
-    start = time.monotonic()
-    for p in sorted(src.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                while f.read(16 << 20):
-                    pass
-    block = os.urandom(16 << 20)
-    with open(scratch, "wb") as f:
-        remaining = out_bytes
-        while remaining > 0:
-            f.write(block[: min(remaining, len(block))])
-            remaining -= len(block)
-        f.flush()
-        os.fsync(f.fileno())
-    elapsed = time.monotonic() - start
-    scratch.unlink()
-    return elapsed
 
 
 def grow_once(src: Path, dst: Path, ranks: int) -> tuple[float, int, int]:
@@ -148,8 +124,9 @@ def main() -> None:
         results["runs"][ranks] = {
             "wall_s": walls,
             "median_wall_s": statistics.median(walls),
-            "io_bound_s": bounds,
-            "median_io_bound_s": statistics.median(bounds),
+            "io_bound_s": [b["bound_s"] for b in bounds],
+            "io_bound_runs": bounds,
+            "median_io_bound_s": statistics.median(b["bound_s"] for b in bounds),
             "peak_rss_bytes": max(peaks),
             "peak_rss_above_imports_bytes": max(grown),
         }

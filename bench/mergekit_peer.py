@@ -37,6 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from iobound import dir_bytes, io_bound  # noqa: E402  (bench/, the script's own directory)
+
 from megastack.errors import UserError  # noqa: E402
 
 
@@ -63,10 +65,6 @@ def write_source(path: Path, model: str, layers: int) -> dict[str, Any]:
     return {"parameters": cfg.total_parameters(), "layers": layers, "bytes": dir_bytes(path)}
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
     """(wall seconds, peak RSS bytes) of one command under /usr/bin/time; a failure stops the bench."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as stats:
@@ -86,26 +84,6 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, in
 
 def megastack_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "megastack", *args]
-
-
-def io_bound(src: Path, out_bytes: int, scratch: Path) -> float:
-    """Read every source file once and write ``out_bytes`` once with fsync, 16 MiB blocks."""
-    start = time.monotonic()
-    for p in sorted(src.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                while f.read(16 << 20):
-                    pass
-    block = os.urandom(16 << 20)
-    with open(scratch, "wb") as f:
-        remaining = out_bytes
-        while remaining > 0:
-            f.write(block[: min(remaining, len(block))])
-            remaining -= len(block)
-        f.flush()
-        os.fsync(f.fileno())
-    scratch.unlink()
-    return time.monotonic() - start
 
 
 def same_tensors(a: Path, b: Path) -> tuple[bool, int]:
@@ -253,8 +231,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         bounds.append(io_bound(src, out_bytes, work / "io_bound.bin"))
         print(f"repeat {i + 1}: " + ", ".join(f"{k} {v[-1][0]:.1f}s" for k, v in steps.items() if v), flush=True)
     results["steps"] = {k: summarise(v) for k, v in steps.items() if v}
-    results["io_bound_s"] = [round(b, 3) for b in bounds]
-    results["median_io_bound_s"] = statistics.median(bounds)
+    results["io_bound_s"] = [round(b["bound_s"], 3) for b in bounds]
+    results["io_bound_runs"] = bounds
+    results["median_io_bound_s"] = statistics.median(b["bound_s"] for b in bounds)
     results["identical_outputs"] = identical
     results["tensors_compared"] = tensors
     results["mergekit"] = mergekit
