@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import struct
 import zipfile
 
+import pytest
 import torch
 
 from megastack.ckpt.base import HashingWriter
 from megastack.ckpt.safe_load import load_pt
-from megastack.ckpt.torch_zip import ALIGNMENT, LazyTensor, save_streaming
+from megastack.ckpt.torch_zip import ALIGNMENT, LazyTensor, ZipStream, save_streaming
 
 
 def test_streamed_file_is_what_torch_load_reads(tmp_path):
@@ -95,8 +97,6 @@ def test_legacy_writer_streams_large_tensors_in_row_blocks(tmp_path, monkeypatch
 def test_hashing_writer_with_write_behind_keeps_every_byte(tmp_path, monkeypatch):
     """Writes large enough to be hashed in the second thread and to start writeback (thresholds made small):
     the file and the digest hold exactly the bytes written, as they do for an in-memory stream."""
-    import io
-
     monkeypatch.setattr(HashingWriter, "CONCURRENT_BYTES", 1000)
     monkeypatch.setattr(HashingWriter, "WRITE_BEHIND_BYTES", 5000)
     blocks = [bytes([i]) * size for i, size in enumerate([10, 3000, 1, 4096, 7000, 999, 12345])]
@@ -114,3 +114,76 @@ def test_hashing_writer_with_write_behind_keeps_every_byte(tmp_path, monkeypatch
     assert path.read_bytes() == b"head" + expected
     assert on_disk.digest.hexdigest() == in_memory.digest.hexdigest() == hashlib.sha256(expected).hexdigest()
     assert on_disk.tell() == in_memory.tell() == len(expected)
+
+
+class _OffsetStream:
+    """A write-only, unseekable stream whose tell() starts at ``base``: records then sit past the 2 GiB line
+    where zip64 fields begin, without writing gigabytes."""
+
+    def __init__(self, base: int):
+        self.base, self.buffer = base, bytearray()
+
+    def write(self, data) -> int:
+        self.buffer += data
+        return len(data)
+
+    def tell(self) -> int:
+        return self.base + len(self.buffer)
+
+    def flush(self) -> None:
+        pass
+
+
+def _zipfile_reference(records: list[tuple[str, list[bytes]]], base: int) -> bytes:
+    """What Python's zipfile writes for the records, padded as torch pads (the writer megastack used before)."""
+    stream = _OffsetStream(base)
+    with zipfile.ZipFile(stream, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, blocks in records:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            header = archive.fp.tell() + 30 + len(name) + 20 + 4
+            pad = (-header) % ALIGNMENT
+            info.extra = b"FB" + pad.to_bytes(2, "little") + b"\0" * pad
+            with archive.open(info, "w", force_zip64=True) as out:
+                for block in blocks:
+                    out.write(block)
+    return bytes(stream.buffer)
+
+
+@pytest.mark.parametrize("base", [0, 3 << 30])
+def test_zip_stream_writes_what_zipfile_writes(base, monkeypatch):
+    """ZipStream (CRC in a helper thread) against the standard library's zipfile, byte for byte: headers,
+    padding, data descriptors, central directory, and the zip64 end records once offsets pass 2 GiB."""
+    monkeypatch.setattr(ZipStream, "CONCURRENT_BYTES", 100)
+    records = [
+        ("archive/data.pkl", [b"\x80\x02}q\x00."]),
+        ("archive/byteorder", [b"little"]),
+        ("archive/data/0", [bytes(range(256)) * 3, b"", b"x" * 99, bytes(500)]),
+        ("archive/data/1", []),
+        ("archive/version", [b"3\n"]),
+    ]
+    stream = _OffsetStream(base)
+    archive = ZipStream(stream, origin=0)  # zipfile counts offsets from the stream's position 0
+    for name, blocks in records:
+        archive.record(name, blocks)
+    archive.close()
+    assert bytes(stream.buffer) == _zipfile_reference(records, base)
+    if base == 0:
+        with zipfile.ZipFile(io.BytesIO(bytes(stream.buffer))) as z:  # zipfile checks every CRC on read
+            assert z.read("archive/data/0") == b"".join(records[2][1])
+            assert z.testzip() is None
+
+
+def test_an_archive_after_other_bytes_loads_from_its_own_start(tmp_path):
+    """A DCP file is torch.save blobs back to back, each loaded from its own first byte: zip offsets count
+    from where the archive starts, not from the file's start."""
+    tensors = [torch.randn(3, 5), torch.arange(7, dtype=torch.int64).to(torch.float32).bfloat16()]
+    buffer = io.BytesIO(b"x" * 100)
+    buffer.seek(100)
+    spans = []
+    for t in tensors:
+        start = buffer.tell()
+        save_streaming(LazyTensor(tuple(t.shape), t.dtype, lambda t=t: t), buffer)
+        spans.append((start, buffer.tell()))
+    data = buffer.getvalue()
+    for t, (start, end) in zip(tensors, spans):
+        assert torch.equal(torch.load(io.BytesIO(data[start:end]), weights_only=True), t)

@@ -36,6 +36,7 @@ from megastack import layout, untrusted
 from megastack.ckpt import megatron_args, megatron_optim
 from megastack.ckpt.base import FileHash, HashingWriter, Produce, Request, Unit
 from megastack.ckpt.safe_load import load_pt, read_dcp_metadata, save_pt
+from megastack.ckpt.torch_zip import LazyTensor, save_streaming
 from megastack.config import ModelConfig
 from megastack.errors import NotBuiltError, UserError
 from megastack.layout import Piece, pieces_shape, take_pieces
@@ -811,10 +812,10 @@ class TorchDistWriter:
         for _ in lead:
             tensor = tensor.unsqueeze(0)
         global_size, offsets = (*lead_size, *shape), (*lead, *offsets)
-        if tensor.untyped_storage().nbytes() != tensor.nbytes:
-            tensor = tensor.clone()  # torch.save writes whole storages; never a view's parent
         offset = stream.tell()
-        torch.save(tensor, stream)
+        # The format torch.save writes (what DCP's reader torch.loads), its CRC computed beside the write; only
+        # this tensor's bytes, so a view is written as it is (torch.save would write its parent's storage).
+        save_streaming(LazyTensor(tuple(tensor.shape), dtype, lambda: tensor), stream)
         return ChunkRecord(
             key, tuple(global_size), offsets, tuple(tensor.shape), dtype, relative, offset, stream.tell() - offset
         )
