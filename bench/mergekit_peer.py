@@ -4,13 +4,13 @@ The same model, the same result: a Hugging Face checkpoint of the 1.1B shape cut
 random weights, written by the bench) is stacked x4 into 24 layers (layer order 0-5, 0-5, 0-5, 0-5, which
 is G_stack):
 - mergekit: `mergekit-yaml` with a passthrough config of four `layer_range: [0, 6]` slices, HF in, HF out;
-- megastack, HF in -> HF out: `megastack convert --to torch_dist`, `megastack grow --factor 4`,
-  `megastack convert --to hf` (megastack grows Megatron checkpoints, not HF ones), each step timed;
-- megastack grow alone on the torch_dist copy of the same model (the native path, 1 and 2 ranks).
+- megastack, HF in -> HF out in one command: `megastack grow --factor 4` on the HF checkpoint (1 and 2 ranks);
+- the same through Megatron's format: `megastack convert --to torch_dist`, `megastack grow --factor 4`,
+  `megastack convert --to hf`, each step timed, and grow alone on the torch_dist copy (1 and 2 ranks).
 The bench checks that mergekit's and megastack's HF outputs hold bit-identical tensors, so the timings
 compare the same work. Each command runs as its own process under /usr/bin/time (wall, peak RSS); medians
 of --repeats. The I/O bound of the HF -> HF job (read the source once, write the output's bytes once,
-fsync, same filesystem) is measured in the same run.
+fsync, same filesystem: bench/iobound.py) is measured in the same run.
 
 mergekit is installed apart from megastack's environment so that it cannot change torch:
     python -m venv --system-site-packages .venv-mergekit

@@ -95,22 +95,36 @@ def test_legacy_writer_streams_large_tensors_in_row_blocks(tmp_path, monkeypatch
 
 
 def test_hashing_writer_with_write_behind_keeps_every_byte(tmp_path, monkeypatch):
-    """Writes large enough to be hashed in the second thread and to start writeback (thresholds made small):
-    the file and the digest hold exactly the bytes written, as they do for an in-memory stream."""
+    """Writes large enough to be hashed in the second thread, some trailing their write (owned), mixed with
+    small ones and a reused buffer, with writeback started on the way (thresholds made small): the file and
+    the digest hold exactly the bytes written, in order, as they do for an in-memory stream."""
     monkeypatch.setattr(HashingWriter, "CONCURRENT_BYTES", 1000)
     monkeypatch.setattr(HashingWriter, "WRITE_BEHIND_BYTES", 5000)
-    blocks = [bytes([i]) * size for i, size in enumerate([10, 3000, 1, 4096, 7000, 999, 12345])]
+    sizes = [10, 3000, 1, 4096, 7000, 999, 12345, 5, 2000, 2000, 2000, 2000, 7]
+
+    def write_all(stream: HashingWriter) -> bytes:
+        reused = bytearray(3000)  # written without owned=True, then overwritten at once
+        expected = b""
+        for i, size in enumerate(sizes):
+            if i % 4 == 3:
+                reused[:] = bytes([i]) * 3000
+                stream.write(memoryview(reused))
+                expected += bytes(reused)
+                reused[:] = b"\xff" * 3000
+            else:
+                block = bytes([i]) * size
+                stream.write(memoryview(block), owned=i % 2 == 0)
+                expected += block
+        return expected
+
     path = tmp_path / "out.bin"
     with open(path, "wb") as f:
         f.write(b"head")  # the writer starts mid-file: write-behind ranges are offset by it
         on_disk = HashingWriter(f)
-        for block in blocks:
-            on_disk.write(block)
+        expected = write_all(on_disk)
         assert on_disk._kicked > 0  # writeback was started on the way
     in_memory = HashingWriter(io.BytesIO())
-    for block in blocks:
-        in_memory.write(block)
-    expected = b"".join(blocks)
+    assert write_all(in_memory) == expected
     assert path.read_bytes() == b"head" + expected
     assert on_disk.digest.hexdigest() == in_memory.digest.hexdigest() == hashlib.sha256(expected).hexdigest()
     assert on_disk.tell() == in_memory.tell() == len(expected)

@@ -633,7 +633,7 @@ class HFWriter:
                     begin, end = header[hf_name]["data_offsets"]
                     if data.nbytes != end - begin:
                         raise RuntimeError(f"produced {hf_name} with {data.nbytes} bytes, the header has {end - begin}")
-                    stream.write(memoryview(data))
+                    stream.write(memoryview(data), owned=True)  # a fresh tensor's bytes, never changed
                     left[logical] -= 1
                     if not left[logical]:
                         del held[logical]

@@ -10,8 +10,8 @@ is written first with placeholders, then each storage as its tensor is produced.
 descriptors (CRC and sizes after the data): nothing is rewritten, so the file is hashed as written.
 
 The zip itself is written by ``ZipStream`` (the same bytes as Python's ``zipfile`` writes for these records),
-which computes each block's CRC32 in a helper thread while the block is written (zipfile computes it inline:
-at ~2.4 GB/s, the writer's second CPU cost after sha256).
+which computes each block's CRC32 in a helper thread while the block is written and the next one produced
+(zipfile computes it inline: at ~2.4 GB/s, the writer's second CPU cost after sha256).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from megastack.ckpt.base import HashingWriter
 from megastack.ckpt.safe_load import _Pickler
 
 ALIGNMENT = 64  # torch's own storage alignment
@@ -96,7 +97,8 @@ class ZipStream:
     central directory. Byte for byte what ``zipfile.ZipFile(unseekable, "w", allowZip64=True)`` writes for
     ``open(info, "w", force_zip64=True)`` records of the same names and data (tests/test_torch_zip.py)."""
 
-    CONCURRENT_BYTES = 1 << 20  # smaller blocks are checksummed inline
+    CONCURRENT_BYTES = 1 << 20  # smaller blocks are checksummed inline when nothing is pending
+    PENDING = 3
 
     def __init__(self, stream: Any, origin: int | None = None):
         """``origin``: the stream position zip offsets count from (default: where the archive starts, so
@@ -106,7 +108,8 @@ class ZipStream:
         self.entries: list[tuple[bytes, bytes, int, int, int]] = []  # name, extra, crc, size, header offset
 
     def record(self, name: str, blocks: Iterable[Any]) -> None:
-        """One record holding the concatenation of ``blocks`` (bytes-like), written as they come."""
+        """One record holding the concatenation of ``blocks`` (bytes-like), written as they come. A block must
+        not change once yielded (it is checksummed and hashed after the write; a tensor's fresh bytes)."""
         encoded = name.encode("ascii")
         offset = self.stream.tell() - self.origin
         data_start = offset + _LOCAL.size + len(encoded) + _ZIP64_LOCAL.size + 4
@@ -120,19 +123,27 @@ class ZipStream:
             + encoded
             + local_extra
         )
-        crc = size = 0
+        # The CRC of each large block is computed in a helper thread and may trail the writes by PENDING
+        # blocks (one thread: the blocks are checksummed in order, each continuing the last one's CRC).
+        running, size, pending = [0], 0, collections.deque()
+
+        def checksum(view: memoryview) -> None:
+            running[0] = zlib.crc32(view, running[0])
+
+        owned = {"owned": True} if isinstance(self.stream, HashingWriter) else {}
         for block in blocks:
             view = memoryview(block).cast("B")
-            if view.nbytes < self.CONCURRENT_BYTES:
-                crc = zlib.crc32(view, crc)
-                self.stream.write(view)
+            if view.nbytes < self.CONCURRENT_BYTES and not pending:
+                checksum(view)
             else:
-                checked = _crc_thread().submit(zlib.crc32, view, crc)
-                try:
-                    self.stream.write(view)
-                finally:
-                    crc = checked.result()
+                pending.append(_crc_thread().submit(checksum, view))
+            self.stream.write(view, **owned)
             size += view.nbytes
+            while len(pending) > self.PENDING:
+                pending.popleft().result()
+        while pending:
+            pending.popleft().result()
+        crc = running[0]
         self.stream.write(struct.pack("<LLQQ", 0x08074B50, crc, size, size))
         self.entries.append((encoded, extra, crc, size, offset))
 
