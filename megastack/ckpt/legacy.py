@@ -272,12 +272,15 @@ class LegacyReader:
 
     def read(self, name: str, pieces: list[Piece] | None = None) -> torch.Tensor:
         plan, merge = self._plan_read(name, pieces)
-        parts = []
-        for r, local in plan:
-            source = self._local_tensor(name, r)
-            parts.append(take_pieces(source, local).clone())
+        sources = [self._local_tensor(name, r) for r, _ in plan]
+        parts = [take_pieces(source, local) for source, (_, local) in zip(sources, plan)]
+        out = layout.tp_join(layout.split_name(name)[1], plan, merge, parts)
+        mapped = {source.untyped_storage().data_ptr() for source in sources}
+        if out.untyped_storage().data_ptr() in mapped:
+            out = out.clone()  # still a view of the mapped file: copied once (a join or a cut of pieces copies)
+        for source in sources:
             release_mapped_pages(source)  # the file's pages read for this copy leave the resident set
-        return layout.tp_join(layout.split_name(name)[1], plan, merge, parts)
+        return out
 
 
 class LegacyWriter:
