@@ -8,9 +8,11 @@ in the same run:
 - the I/O bound: reading every source byte once and writing the grown checkpoint's bytes once (fsync'd)
   on the same filesystem, with no compute;
 - peak RSS of the growing process (ru_maxrss of the rank), against the largest single tensor.
+With --cold the source is evicted from the page cache before each run and each bound (a checkpoint written
+long ago, or by another node): reads then come from the disk, and read-ahead matters.
 
 Usage: python bench/grow.py [--shape 1.1b|7b] [--format torch_dist|legacy] [--workdir DIR] [--repeats 3]
-       [--json OUT.json]          (disk: ~6 GB at 1.1B, ~32 GB at 7B)
+       [--cold] [--json OUT.json]          (disk: ~6 GB at 1.1B, ~32 GB at 7B)
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from iobound import dir_bytes, io_bound  # noqa: E402  (bench/, the script's own directory)
+from iobound import dir_bytes, evict, io_bound  # noqa: E402  (bench/, the script's own directory)
 
 from megastack import layout
 from megastack.ckpt import formats
@@ -67,9 +69,13 @@ def write_source(path: Path, shape: str, fmt: str) -> tuple[int, int]:
     return dir_bytes(path), largest
 
 
-def grow_once(src: Path, dst: Path, ranks: int) -> tuple[float, int, int]:
-    """Wall seconds of the whole command, and the largest peak RSS of any rank (absolute, above imports)."""
+def grow_once(src: Path, dst: Path, ranks: int, cold: bool = False) -> tuple[float, int, int]:
+    """Wall seconds of the whole command, and the largest peak RSS of any rank (absolute, above imports).
+    ``cold``: the source evicted from the page cache first."""
     from megastack.dist import launch_local
+
+    if cold:
+        evict(src)
 
     argv = [sys.executable, "-c", RANK_SCRIPT, "grow", str(src), str(dst), "--factor", "4"]
     start = time.monotonic()
@@ -93,6 +99,9 @@ def main() -> None:
     parser.add_argument("--format", choices=["torch_dist", "legacy"], default="torch_dist", help="source and output")
     parser.add_argument("--workdir", help="where to write (default: a temp dir; ~6 GB at 1.1B, ~32 GB at 7B)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--cold", action="store_true", help="evict the source from the page cache before each run and each bound"
+    )
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="megastack-bench-grow-"))
@@ -104,6 +113,7 @@ def main() -> None:
     results: dict = {
         "shape": args.shape,
         "format": args.format,
+        "cold": args.cold,
         "source_layers": SHAPES[args.shape][1],
         "source_bytes": src_bytes,
         "largest_tensor_bytes": largest,
@@ -113,11 +123,11 @@ def main() -> None:
         walls, peaks, grown, bounds = [], [], [], []
         for i in range(args.repeats):
             dst = work / f"dst{ranks}_{i}"
-            wall, peak, above = grow_once(src, dst, ranks)
+            wall, peak, above = grow_once(src, dst, ranks, args.cold)
             grown.append(above)
             out_bytes = dir_bytes(dst)
             shutil.rmtree(dst)
-            bounds.append(io_bound(resolve_iteration_dir(src), out_bytes, work / "io_bound.bin"))
+            bounds.append(io_bound(resolve_iteration_dir(src), out_bytes, work / "io_bound.bin", args.cold))
             walls.append(wall)
             peaks.append(peak)
         results["output_bytes"] = out_bytes

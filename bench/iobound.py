@@ -43,11 +43,26 @@ def write_once(out_bytes: int, scratch: Path, write_behind: bool) -> None:
     scratch.unlink()
 
 
-def io_bound(src: Path, out_bytes: int, scratch: Path) -> dict[str, float]:
+def evict(src: Path) -> None:
+    """Drop ``src``'s files from the page cache (clean pages only: they were fsync'd), so the next read comes
+    from the disk, as it does for a checkpoint written hours ago or on another node."""
+    os.sync()
+    for p in sorted(Path(src).rglob("*")):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def io_bound(src: Path, out_bytes: int, scratch: Path, cold: bool = False) -> dict[str, float]:
     """Seconds to read ``src`` once and write ``out_bytes`` once with fsync: ``plain_s``, ``write_behind_s``
-    and ``bound_s`` (the smaller)."""
+    and ``bound_s`` (the smaller). ``cold``: ``src`` evicted from the page cache before each."""
     times = {}
     for write_behind in (False, True) if hasattr(os, "posix_fadvise") else (False,):
+        if cold:
+            evict(src)
         start = time.monotonic()
         read_all(src)
         write_once(out_bytes, scratch, write_behind)

@@ -22,6 +22,14 @@ from typing import Any
 from megastack.errors import UserError
 
 
+def read_ahead(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start reading ``length`` bytes at ``offset`` into the page cache now
+    (``posix_fadvise(WILLNEED)``, asynchronous), so a read that comes later finds them there; a hint only:
+    nothing where the platform has no posix_fadvise."""
+    if hasattr(os, "posix_fadvise") and length > 0:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -202,6 +202,43 @@ def test_hf_reader_reads_only_requested_pieces(chain):
     assert all(torch.equal(full[k], v) for k, v in layout.logical_from_hf(state, reader.cfg).items())
 
 
+@pytest.mark.parametrize("fmt", ["hf", "td"])
+def test_readers_read_ahead_the_span_stored_next(chain, fmt, monkeypatch):
+    """Read-ahead: reading a stored tensor (HF: transformers' sharded files) or chunk (torch_dist) asks the
+    kernel for the span stored after it in the same file, so reading everything hints exactly the spans that
+    follow a tensor's; the values read are those read without hints."""
+    from megastack.ckpt import hf, torch_dist
+
+    directory = chain["untied"]["dir"] / fmt
+    plain = open_checkpoint(directory)
+    values = {name: plain.read(name) for name in layout.logical_names(plain.cfg)}
+    hinted: list[tuple[str, int, int]] = []
+
+    def hint(fd: int, offset: int, length: int) -> None:
+        hinted.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length))
+
+    monkeypatch.setattr(hf if fmt == "hf" else torch_dist, "read_ahead", hint)
+    reader = open_checkpoint(directory)
+    for name, tensor in values.items():
+        assert torch.equal(reader.read(name), tensor), name
+    if fmt == "hf":
+        stored = [(e.file, e.start, e.nbytes, True) for e in reader.entries.values()]
+        assert len({e.file for e in reader.entries.values()}) > 1  # transformers sharded it
+    else:  # the _extra_state objects stored after the chunks are not tensors: never read as chunks
+        tensors = {key for key, md in reader.metadata.state_dict_metadata.items() if hasattr(md, "chunks")}
+        stored = [
+            (info.relative_path, info.offset, info.length, index.fqn in tensors)
+            for index, info in reader.metadata.storage_data.items()
+        ]
+    stored.sort()
+    expected = {
+        (str((reader.path / b[0]).resolve()), b[1], b[2])
+        for a, b in zip(stored, stored[1:])
+        if a[0] == b[0] and a[3]  # b follows a tensor span read from the same file
+    }
+    assert expected and set(hinted) == expected
+
+
 @pytest.mark.timeout(300)
 def test_multi_rank_conversion_matches_single_rank(chain, tmp_path):
     from megastack.dist import launch_local

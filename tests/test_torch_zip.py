@@ -100,6 +100,7 @@ def test_hashing_writer_with_write_behind_keeps_every_byte(tmp_path, monkeypatch
     the digest hold exactly the bytes written, in order, as they do for an in-memory stream."""
     monkeypatch.setattr(HashingWriter, "CONCURRENT_BYTES", 1000)
     monkeypatch.setattr(HashingWriter, "WRITE_BEHIND_BYTES", 5000)
+    monkeypatch.setattr(HashingWriter, "PENDING_BYTES", 6000)  # a few blocks trail, a larger one is waited for
     sizes = [10, 3000, 1, 4096, 7000, 999, 12345, 5, 2000, 2000, 2000, 2000, 7]
 
     def write_all(stream: HashingWriter) -> bytes:
@@ -168,6 +169,7 @@ def test_zip_stream_writes_what_zipfile_writes(base, monkeypatch):
     """ZipStream (CRC in a helper thread) against the standard library's zipfile, byte for byte: headers,
     padding, data descriptors, central directory, and the zip64 end records once offsets pass 2 GiB."""
     monkeypatch.setattr(ZipStream, "CONCURRENT_BYTES", 100)
+    monkeypatch.setattr(ZipStream, "PENDING_BYTES", 600)
     records = [
         ("archive/data.pkl", [b"\x80\x02}q\x00."]),
         ("archive/byteorder", [b"little"]),

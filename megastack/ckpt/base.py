@@ -84,8 +84,9 @@ class HashingWriter:
 
     ``write(data)`` returns once ``data`` is hashed, so the caller may reuse the buffer (torch.save hands over
     views of memory it owns). ``write(data, owned=True)`` promises that nobody changes ``data`` any more (a
-    freshly produced tensor's bytes): its hashing may trail the write by up to ``PENDING`` blocks, so the disk,
-    the hash and the caller's next block proceed at once. ``digest`` waits for every pending block.
+    freshly produced tensor's bytes): its hashing may trail the write by up to ``PENDING_BYTES`` (so the
+    disk, the hash and the caller's next block proceed at once, and memory held for it stays bounded; a larger
+    block is hashed before ``write`` returns). ``digest`` waits for every pending block.
 
     Write-behind: every ``WRITE_BEHIND_BYTES`` the kernel is told to start writing back what was written
     (``posix_fadvise(DONTNEED)``: asynchronous writeback, then the pages already written back leave the page
@@ -93,12 +94,13 @@ class HashingWriter:
     the whole file, and the output does not push the input out of the page cache."""
 
     CONCURRENT_BYTES = 1 << 20  # smaller writes are hashed inline when nothing is pending
-    PENDING = 3
+    PENDING_BYTES = 48 << 20
     WRITE_BEHIND_BYTES = 64 << 20
 
     def __init__(self, f):
         self.f, self.position, self._digest = f, 0, hashlib.sha256()
-        self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
+        self._pending: collections.deque[tuple[concurrent.futures.Future, int]] = collections.deque()
+        self._pending_bytes = 0
         self._fd, self._start = _file_descriptor(f)
         self._kicked = self._released = 0  # bytes handed to writeback; bytes whose pages were released
 
@@ -115,20 +117,23 @@ class HashingWriter:
         else:
             if not owned and nbytes < self.CONCURRENT_BYTES:
                 data, owned = bytes(data), True  # a small copy waits its turn behind the pending blocks
-            self._pending.append(_hasher().submit(self._digest.update, data))
+            self._pending.append((_hasher().submit(self._digest.update, data), nbytes))
+            self._pending_bytes += nbytes
         self.position += nbytes
         try:
             written = self.f.write(data)
         finally:
-            self._wait(self.PENDING if owned else 0)
+            self._wait(self.PENDING_BYTES if owned else 0)
         if self._fd is not None and self.position - self._kicked >= self.WRITE_BEHIND_BYTES:
             self._write_behind()
         return written
 
-    def _wait(self, keep: int) -> None:
-        """Wait until at most ``keep`` blocks are still being hashed (in order: one hashing thread)."""
-        while len(self._pending) > keep:
-            self._pending.popleft().result()
+    def _wait(self, keep_bytes: int) -> None:
+        """Wait until at most ``keep_bytes`` are still being hashed (in order: one hashing thread)."""
+        while self._pending and self._pending_bytes > keep_bytes:
+            future, nbytes = self._pending.popleft()
+            future.result()
+            self._pending_bytes -= nbytes
 
     def _write_behind(self) -> None:
         """Start writeback of everything not yet handed to it; release the pages of the previous round's

@@ -98,7 +98,7 @@ class ZipStream:
     ``open(info, "w", force_zip64=True)`` records of the same names and data (tests/test_torch_zip.py)."""
 
     CONCURRENT_BYTES = 1 << 20  # smaller blocks are checksummed inline when nothing is pending
-    PENDING = 3
+    PENDING_BYTES = 48 << 20
 
     def __init__(self, stream: Any, origin: int | None = None):
         """``origin``: the stream position zip offsets count from (default: where the archive starts, so
@@ -123,9 +123,9 @@ class ZipStream:
             + encoded
             + local_extra
         )
-        # The CRC of each large block is computed in a helper thread and may trail the writes by PENDING
-        # blocks (one thread: the blocks are checksummed in order, each continuing the last one's CRC).
-        running, size, pending = [0], 0, collections.deque()
+        # The CRC of each large block is computed in a helper thread and may trail the writes by PENDING_BYTES
+        # (one thread: the blocks are checksummed in order, each continuing the last one's CRC).
+        running, size, pending, pending_bytes = [0], 0, collections.deque(), 0
 
         def checksum(view: memoryview) -> None:
             running[0] = zlib.crc32(view, running[0])
@@ -136,13 +136,16 @@ class ZipStream:
             if view.nbytes < self.CONCURRENT_BYTES and not pending:
                 checksum(view)
             else:
-                pending.append(_crc_thread().submit(checksum, view))
+                pending.append((_crc_thread().submit(checksum, view), view.nbytes))
+                pending_bytes += view.nbytes
             self.stream.write(view, **owned)
             size += view.nbytes
-            while len(pending) > self.PENDING:
-                pending.popleft().result()
-        while pending:
-            pending.popleft().result()
+            while pending and pending_bytes > self.PENDING_BYTES:
+                future, nbytes = pending.popleft()
+                future.result()
+                pending_bytes -= nbytes
+        for future, _ in pending:
+            future.result()
         crc = running[0]
         self.stream.write(struct.pack("<LLQQ", 0x08074B50, crc, size, size))
         self.entries.append((encoded, extra, crc, size, offset))
