@@ -130,9 +130,14 @@ def describe_machine(m: dict[str, Any]) -> str:
 
 
 def commit() -> str:
+    """HEAD, and whether the code measured differs from it (results and this document do not count: benches
+    write them while they run)."""
     proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
     dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=REPO
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results", ":!BENCHMARKS.md"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     ).stdout.strip()
     return (proc.stdout.strip() or "unknown") + (" + uncommitted changes" if dirty else "")
 
