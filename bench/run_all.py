@@ -235,12 +235,14 @@ def render_grow(r: dict[str, Any]) -> list[str]:
         f"({r['output_bytes'] / GIB:.2f} GiB); largest tensor {r['largest_tensor_bytes'] / MIB:.0f} MiB. "
         f"{_bound_text(list(r['runs'].values()))}",
         "",
-        "| ranks | grow wall (median) | I/O bound (median) | wall / bound | peak RSS | above imports | runs |",
-        "|---|---|---|---|---|---|---|",
+        "| ranks | grow wall (median) | in-process | I/O bound (median) | wall / bound | peak RSS | above imports "
+        "| runs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for ranks, x in r["runs"].items():
+        inner = f"{x['median_in_process_s']:.1f} s" if "median_in_process_s" in x else "-"
         lines.append(
-            f"| {ranks} | {x['median_wall_s']:.1f} s | {_bound(x)} | "
+            f"| {ranks} | {x['median_wall_s']:.1f} s | {inner} | {_bound(x)} | "
             f"{x['median_wall_s'] / x['median_io_bound_s']:.1f}x | {x['peak_rss_bytes'] / MIB:.0f} MiB | "
             f"{x['peak_rss_above_imports_bytes'] / MIB:.0f} MiB | "
             f"{', '.join(f'{w:.1f}' for w in x['wall_s'])} s |"
