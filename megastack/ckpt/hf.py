@@ -18,6 +18,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -560,10 +561,13 @@ class HFReader:
 # ----------------------------------------------------------------------------- writer
 
 
+BLOCK_BYTES = 32 << 20  # the most of one tensor the HF writer produces at once
+
+
 class HFWriter:
     """LlamaForCausalLM (MixtralForCausalLM) safetensors files of at most ``max_shard_bytes`` each (a tensor
     larger than that gets a file of its own), with ``model.safetensors.index.json`` when there is more than
-    one. A unit is one file, streamed: it holds one logical tensor at a time."""
+    one. A unit is one file, streamed: it holds a block of rows of one tensor at a time."""
 
     format = "hf"
 
@@ -607,7 +611,7 @@ class HFWriter:
 
     def write_units(self, directory: str | os.PathLike, units: list[Unit], produce: Produce, rank: int) -> list:
         """Each file streamed: the safetensors header first (every shape is known from the config), then
-        each tensor's bytes as it is produced, so memory holds a logical tensor or two, not a shard; hashed
+        each tensor's bytes as they are produced, a block of rows at a time, not a shard or a tensor; hashed
         as written (the manifest does not re-read the file). Tensors are laid out as safetensors' own
         save_file lays them out (by name; all of one dtype), so a file is the very bytes it would write."""
         records = []
@@ -629,25 +633,46 @@ class HFWriter:
                 offset += nbytes
             encoded = json.dumps(header, separators=(",", ":")).encode()
             encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as safetensors pads it
-            left = {name: len(hf_parts(self.cfg, name)) for name in {p[2] for p in parts}}
-            held: dict[str, dict[str, torch.Tensor]] = {}  # a logical tensor until all its parts are out
+            held: dict[str, dict[str, torch.Tensor]] = {}  # a fused q/k/v until all three are out
             with open(Path(directory) / unit.key, "wb") as f:
                 stream = HashingWriter(f)
                 stream.write(len(encoded).to_bytes(8, "little"))
                 stream.write(encoded)
                 for hf_name, _, logical in parts:
-                    if logical not in held:
-                        held[logical] = dict(split_logical(self.cfg, logical, produce(logical, None).to(self.dtype)))
-                    data = held[logical][hf_name].contiguous().view(torch.uint8).reshape(-1).numpy()
                     begin, end = header[hf_name]["data_offsets"]
-                    if data.nbytes != end - begin:
-                        raise RuntimeError(f"produced {hf_name} with {data.nbytes} bytes, the header has {end - begin}")
-                    stream.write(memoryview(data), owned=True)  # a fresh tensor's bytes, never changed
-                    left[logical] -= 1
-                    if not left[logical]:
-                        del held[logical]
+                    for block in self._blocks(logical, hf_name, produce, held):
+                        data = block.to(self.dtype).contiguous().view(torch.uint8).reshape(-1).numpy()
+                        begin += data.nbytes
+                        stream.write(memoryview(data), owned=True)  # a fresh tensor's bytes, never changed
+                    if begin != end:
+                        raise RuntimeError(f"produced {hf_name} with {begin - end:+d} bytes against its header's size")
             records.append(FileHash(unit.key, stream.digest.hexdigest()))
         return records
+
+    def _blocks(
+        self, logical: str, hf_name: str, produce: Produce, held: dict[str, dict[str, torch.Tensor]]
+    ) -> Iterator[torch.Tensor]:
+        """The HF tensor ``hf_name`` of ``logical``, produced in blocks of rows of at most BLOCK_BYTES: every
+        HF tensor but q/k/v is a range of its logical tensor's rows (gate and up: the two halves of fc1), so
+        a 7B embedding is never whole in memory. q, k and v interleave by query group: the fused tensor is
+        produced whole (48 MiB at 7B) and held until its three parts are written."""
+        names = [name for name, _ in hf_parts(self.cfg, logical)]
+        if layout.split_name(logical)[1] == "qkv":
+            if logical not in held:
+                held[logical] = dict(split_logical(self.cfg, logical, produce(logical, None)))
+            yield held[logical].pop(hf_name)
+            if not held[logical]:
+                del held[logical]
+            return
+        shape = layout.logical_shape(self.cfg, logical)
+        rows = shape[0] // len(names)
+        first = names.index(hf_name) * rows
+        step = max(1, BLOCK_BYTES // (math.prod(shape[1:]) * self.dtype.itemsize))
+        if len(names) == 1 and rows <= step:
+            yield produce(logical, None)
+            return
+        for start in range(0, rows, step):
+            yield produce(logical, [Piece(0, first + start, min(step, rows - start))])
 
     def finalize(self, directory: str | os.PathLike, results: list[Any]) -> None:
         from megastack.fsio import atomic_write_json
