@@ -42,7 +42,8 @@ from megastack.ckpt.execute import Comm, execute  # noqa: E402
 from megastack.ckpt.hf import HFWriter  # noqa: E402
 from megastack.ckpt.manifest import resolve_iteration_dir  # noqa: E402
 from megastack.config import load_model_config  # noqa: E402
-from megastack.plan import generator_for  # noqa: E402
+from megastack.layout import pieces_shape  # noqa: E402
+from megastack.plan import seeded_normal  # noqa: E402
 
 RANK_SCRIPT = """
 import sys, threading, time
@@ -80,8 +81,8 @@ def write_source(path: Path, model: str = "llama-1.1b") -> tuple[int, int]:
     def produce(name, pieces):
         shape = layout.logical_shape(cfg, name)
         if len(shape) == 1:
-            return torch.ones(shape, dtype=torch.bfloat16)
-        return (torch.randn(shape, generator=generator_for(0, name)) * 0.02).to(torch.bfloat16)
+            return torch.ones(pieces_shape(shape, pieces), dtype=torch.bfloat16)
+        return (seeded_normal(shape, 0, name, pieces) * 0.02).to(torch.bfloat16)  # only the pieces asked for
 
     execute(HFWriter(cfg, torch.bfloat16), produce, path, Comm(), {"format": "hf"}, iteration=None)
     (path / "megastack.json").unlink()  # a plain download has none (and no cheap source checksum)

@@ -50,15 +50,16 @@ def write_source(path: Path, model: str, layers: int) -> dict[str, Any]:
     from megastack.ckpt.execute import Comm, execute
     from megastack.ckpt.hf import HFWriter
     from megastack.config import load_model_config
-    from megastack.plan import generator_for
+    from megastack.layout import pieces_shape
+    from megastack.plan import seeded_normal
 
     cfg = dataclasses.replace(load_model_config(model), num_layers=layers, name=f"bench-{model}-{layers}L")
 
     def produce(name: str, pieces: Any) -> torch.Tensor:
         shape = layout.logical_shape(cfg, name)
         if len(shape) == 1:
-            return torch.ones(shape, dtype=torch.bfloat16)
-        return (torch.randn(shape, generator=generator_for(0, name)) * 0.02).to(torch.bfloat16)
+            return torch.ones(pieces_shape(shape, pieces), dtype=torch.bfloat16)
+        return (seeded_normal(shape, 0, name, pieces) * 0.02).to(torch.bfloat16)  # only the pieces asked for
 
     execute(HFWriter(cfg, torch.bfloat16), produce, path, Comm(), {"format": "hf"}, iteration=None)
     (path / "megastack.json").unlink(missing_ok=True)
