@@ -27,7 +27,8 @@ def read_ahead(fd: int, offset: int, length: int) -> None:
     (``posix_fadvise(WILLNEED)``, asynchronous), so a read that comes later finds them there; a hint only:
     nothing where the platform has no posix_fadvise."""
     if hasattr(os, "posix_fadvise") and length > 0:
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        with contextlib.suppress(OSError):  # advice a file system refuses changes nothing
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

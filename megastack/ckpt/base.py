@@ -111,7 +111,7 @@ class HashingWriter:
         return self._digest
 
     def write(self, data, owned: bool = False) -> int:
-        nbytes = len(data)
+        nbytes = memoryview(data).nbytes
         if nbytes < self.CONCURRENT_BYTES and not self._pending:
             self._digest.update(data)
         else:
@@ -139,7 +139,12 @@ class HashingWriter:
         """Start writeback of everything not yet handed to it; release the pages of the previous round's
         range (written back by now, or skipped by the kernel if still under writeback)."""
         self.f.flush()
-        os.posix_fadvise(self._fd, self._start + self._released, self.position - self._released, os.POSIX_FADV_DONTNEED)
+        try:
+            os.posix_fadvise(
+                self._fd, self._start + self._released, self.position - self._released, os.POSIX_FADV_DONTNEED
+            )
+        except OSError:  # a file system that refuses the advice: write without it
+            self._fd = None
         self._released, self._kicked = self._kicked, self.position
 
     def tell(self) -> int:
