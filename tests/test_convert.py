@@ -214,7 +214,13 @@ def test_dtype_conversion_and_legacy_layout_default(chain, tmp_path):
     assert (open_checkpoint(tmp_path / "same").tp, open_checkpoint(tmp_path / "same").pp) == (2, 2)
 
 
-def test_hf_reader_reads_only_requested_pieces(chain):
+@pytest.mark.parametrize("column_read_bytes", [8 << 20, 64])
+def test_hf_reader_reads_only_requested_pieces(chain, column_read_bytes, monkeypatch):
+    """TP pieces read from transformers' files equal the pieces cut from the whole tensors; column pieces
+    (proj, fc2) are cut from blocks of whole rows (with 64-byte blocks: a row or two at a time)."""
+    from megastack.ckpt import hf
+
+    monkeypatch.setattr(hf, "COLUMN_READ_BYTES", column_read_bytes)
     reader = open_checkpoint(chain["untied"]["dir"] / "hf")
     full = {name: reader.read(name) for name in layout.logical_names(reader.cfg)}
     for name, tensor in full.items():

@@ -334,6 +334,9 @@ def read_header(path: Path) -> dict[str, Entry]:
 # ----------------------------------------------------------------------------- reader
 
 
+COLUMN_READ_BYTES = 8 << 20  # whole rows read at once to cut column pieces from (a TP piece of proj or fc2)
+
+
 class HFReader:
     """Logical-tensor slices of a Hugging Face Llama (or Mixtral) checkpoint, fusing q/k/v and gate/up on the
     fly."""
@@ -528,8 +531,13 @@ class HFReader:
         layer, kind = layout.split_name(name)
         shape = layout.logical_shape(self.cfg, name)
         want = list(pieces) if pieces else [Piece(0, 0, shape[0])]
-        if want[0].dim != 0:  # column pieces: read whole rows, then cut
-            return take_pieces(self.read(name, None), want).clone()
+        if want[0].dim != 0:  # column pieces: whole rows read a block at a time, the columns cut out of each
+            out = torch.empty((shape[0], sum(p.length for p in want)), dtype=self.dtype(name))
+            step = max(1, COLUMN_READ_BYTES // (math.prod(shape[1:]) * out.element_size()))
+            for start in range(0, shape[0], step):
+                rows = self.read(name, [Piece(0, start, min(step, shape[0] - start))])
+                out[start : start + rows.shape[0]] = take_pieces(rows, want)
+            return out
         out = torch.empty((sum(p.length for p in want), *shape[1:]), dtype=self.dtype(name))
         row = 0
         for piece in want:
