@@ -171,6 +171,10 @@ def main() -> None:
     parser.add_argument("--pairs", help=f"comma-separated conversions to measure (default all: {', '.join(PAIRS)})")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
+    wanted = args.pairs.split(",") if args.pairs else list(PAIRS)
+    unknown = sorted(set(wanted) - set(PAIRS))
+    if unknown:
+        raise SystemExit(f"--pairs: unknown {unknown}; choose from {', '.join(PAIRS)}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="megastack-bench-convert-"))
     work.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(work).free
@@ -195,10 +199,6 @@ def main() -> None:
         "rows": [],
     }
     ranks = [int(r) for r in args.ranks.split(",")]
-    wanted = args.pairs.split(",") if args.pairs else list(PAIRS)
-    unknown = sorted(set(wanted) - set(PAIRS))
-    if unknown:
-        raise SystemExit(f"--pairs: unknown {unknown}; choose from {', '.join(PAIRS)}")
     # The other formats' inputs, converted once from the HF source (timed, one run each, 1 rank).
     inputs = {"hf": hf}
     for fmt in sorted({PAIRS[p][0] for p in wanted} - {"hf"}):
