@@ -94,7 +94,7 @@ class HashingWriter:
     the whole file, and the output does not push the input out of the page cache."""
 
     CONCURRENT_BYTES = 1 << 20  # smaller writes are hashed inline when nothing is pending
-    PENDING_BYTES = 48 << 20
+    PENDING_BYTES = 16 << 20
     WRITE_BEHIND_BYTES = 64 << 20
 
     def __init__(self, f):

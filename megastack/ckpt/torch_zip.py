@@ -98,7 +98,7 @@ class ZipStream:
     ``open(info, "w", force_zip64=True)`` records of the same names and data (tests/test_torch_zip.py)."""
 
     CONCURRENT_BYTES = 1 << 20  # smaller blocks are checksummed inline when nothing is pending
-    PENDING_BYTES = 48 << 20
+    PENDING_BYTES = 16 << 20
 
     def __init__(self, stream: Any, origin: int | None = None):
         """``origin``: the stream position zip offsets count from (default: where the archive starts, so
