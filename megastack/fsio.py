@@ -15,7 +15,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,24 @@ def read_ahead(fd: int, offset: int, length: int) -> None:
     if hasattr(os, "posix_fadvise") and length > 0:
         with contextlib.suppress(OSError):  # advice a file system refuses changes nothing
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+
+class ReadAhead:
+    """Read-ahead for a reader of stored spans (file, offset, length): after a span is read, the kernel is
+    asked for the one stored after it in the same file, once (reads mostly walk a file in order, so its I/O
+    overlaps the work on this one; repeat passes find it cached)."""
+
+    def __init__(self, spans: Iterable[tuple[str, int, int]]):
+        in_order = sorted(set(spans))
+        self._following = {(a[0], a[1]): b for a, b in zip(in_order, in_order[1:]) if a[0] == b[0]}
+        self._hinted: set[tuple[str, int, int]] = set()
+
+    def after(self, fd: int, file: str, offset: int) -> None:
+        """``fd``: ``file`` open for reading; ``offset``: where the span just read starts."""
+        following = self._following.get((file, offset))
+        if following is not None and following not in self._hinted:
+            self._hinted.add(following)
+            read_ahead(fd, following[1], following[2])
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

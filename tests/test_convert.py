@@ -237,7 +237,7 @@ def test_readers_read_ahead_the_span_stored_next(chain, fmt, monkeypatch):
     """Read-ahead: reading a stored tensor (HF: transformers' sharded files) or chunk (torch_dist) asks the
     kernel for the span stored after it in the same file, so reading everything hints exactly the spans that
     follow a tensor's; the values read are those read without hints."""
-    from megastack.ckpt import hf, torch_dist
+    from megastack import fsio
 
     directory = chain["untied"]["dir"] / fmt
     plain = open_checkpoint(directory)
@@ -247,7 +247,7 @@ def test_readers_read_ahead_the_span_stored_next(chain, fmt, monkeypatch):
     def hint(fd: int, offset: int, length: int) -> None:
         hinted.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length))
 
-    monkeypatch.setattr(hf if fmt == "hf" else torch_dist, "read_ahead", hint)
+    monkeypatch.setattr(fsio, "read_ahead", hint)
     reader = open_checkpoint(directory)
     for name, tensor in values.items():
         assert torch.equal(reader.read(name), tensor), name

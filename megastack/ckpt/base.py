@@ -67,14 +67,32 @@ class Writer(Protocol):
     def finalize(self, directory, results: list[Any]) -> None: ...
 
 
-_HASHER: concurrent.futures.ThreadPoolExecutor | None = None  # one hashing thread per process, made on first use
+class Trailing:
+    """Calls on a writer's blocks, made in order by one helper thread per ``name`` (per process), that may
+    trail the writer: ``submit`` queues one, ``wait(keep_bytes)`` returns once at most ``keep_bytes`` of
+    blocks are still queued (each stays alive until its call is done). The sha256 of HashingWriter and the
+    CRC32 of ZipStream run this way beside the write."""
 
+    _threads: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
 
-def _hasher() -> concurrent.futures.ThreadPoolExecutor:
-    global _HASHER
-    if _HASHER is None:
-        _HASHER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sha256")
-    return _HASHER
+    def __init__(self, name: str):
+        self.name, self.pending_bytes = name, 0
+        self._pending: collections.deque[tuple[concurrent.futures.Future, int]] = collections.deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._pending)
+
+    def submit(self, call: Callable[[Any], Any], block: Any, nbytes: int) -> None:
+        if self.name not in self._threads:
+            self._threads[self.name] = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=self.name)
+        self._pending.append((self._threads[self.name].submit(call, block), nbytes))
+        self.pending_bytes += nbytes
+
+    def wait(self, keep_bytes: int = 0) -> None:
+        while self._pending and self.pending_bytes > keep_bytes:
+            future, nbytes = self._pending.popleft()
+            future.result()
+            self.pending_bytes -= nbytes
 
 
 class HashingWriter:
@@ -99,41 +117,32 @@ class HashingWriter:
 
     def __init__(self, f):
         self.f, self.position, self._digest = f, 0, hashlib.sha256()
-        self._pending: collections.deque[tuple[concurrent.futures.Future, int]] = collections.deque()
-        self._pending_bytes = 0
+        self._hashing = Trailing("sha256")
         self._fd, self._start = _file_descriptor(f)
         self._kicked = self._released = 0  # bytes handed to writeback; bytes whose pages were released
 
     @property
     def digest(self) -> Any:
         """The sha256 of everything written so far."""
-        self._wait(0)
+        self._hashing.wait()
         return self._digest
 
     def write(self, data, owned: bool = False) -> int:
         nbytes = memoryview(data).nbytes
-        if nbytes < self.CONCURRENT_BYTES and not self._pending:
+        if nbytes < self.CONCURRENT_BYTES and not self._hashing:
             self._digest.update(data)
         else:
             if not owned and nbytes < self.CONCURRENT_BYTES:
                 data, owned = bytes(data), True  # a small copy waits its turn behind the pending blocks
-            self._pending.append((_hasher().submit(self._digest.update, data), nbytes))
-            self._pending_bytes += nbytes
+            self._hashing.submit(self._digest.update, data, nbytes)
         self.position += nbytes
         try:
             written = self.f.write(data)
         finally:
-            self._wait(self.PENDING_BYTES if owned else 0)
+            self._hashing.wait(self.PENDING_BYTES if owned else 0)
         if self._fd is not None and self.position - self._kicked >= self.WRITE_BEHIND_BYTES:
             self._write_behind()
         return written
-
-    def _wait(self, keep_bytes: int) -> None:
-        """Wait until at most ``keep_bytes`` are still being hashed (in order: one hashing thread)."""
-        while self._pending and self._pending_bytes > keep_bytes:
-            future, nbytes = self._pending.popleft()
-            future.result()
-            self._pending_bytes -= nbytes
 
     def _write_behind(self) -> None:
         """Start writeback of everything not yet handed to it; release the pages of the previous round's

@@ -29,7 +29,7 @@ from megastack import layout, untrusted
 from megastack.ckpt.base import FileHash, HashingWriter, Produce, Unit
 from megastack.config import ModelConfig
 from megastack.errors import UserError
-from megastack.fsio import read_ahead
+from megastack.fsio import ReadAhead
 from megastack.layout import Piece, take_pieces
 
 INDEX = "model.safetensors.index.json"
@@ -353,10 +353,7 @@ class HFReader:
         self.entries = self._index_entries()
         self._check_tensors()
         self._fds: dict[str, int] = {}
-        # Read-ahead: each stored tensor's successor in its file, hinted to the kernel once when it is first read.
-        in_order = sorted(self.entries.values(), key=lambda e: (e.file, e.start))
-        self._following = {a: b for a, b in zip(in_order, in_order[1:]) if a.file == b.file}
-        self._hinted: set[Entry] = set()
+        self._read_ahead = ReadAhead((e.file, e.start, e.nbytes) for e in self.entries.values())
 
     # -- discovery and checks, all before any tensor is read
 
@@ -477,10 +474,7 @@ class HFReader:
         view = memoryview(dst.reshape(-1).view(torch.uint8).numpy())
         nbytes, offset = view.nbytes, entry.start + start * row_bytes
         fd, done = self._fd(entry.file), 0
-        following = self._following.get(entry)
-        if following is not None and following not in self._hinted:
-            self._hinted.add(following)
-            read_ahead(fd, following.start, following.nbytes)
+        self._read_ahead.after(fd, entry.file, entry.start)
         while done < nbytes:
             got = os.preadv(fd, [view[done:]], offset + done)
             if got <= 0:

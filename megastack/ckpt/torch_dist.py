@@ -39,7 +39,7 @@ from megastack.ckpt.safe_load import load_pt, read_dcp_metadata, save_pt
 from megastack.ckpt.torch_zip import LazyTensor, save_streaming
 from megastack.config import ModelConfig
 from megastack.errors import NotBuiltError, UserError
-from megastack.fsio import read_ahead
+from megastack.fsio import ReadAhead
 from megastack.layout import Piece, pieces_shape, take_pieces
 
 METADATA_JSON = {
@@ -553,7 +553,7 @@ class TorchDistReader:
                     f"{path}: truncated (chunk of '{key}' ends past the end of the file); the "
                     "checkpoint is incomplete or corrupt"
                 )
-            self._read_ahead(f.fileno(), info)
+            self._read_ahead.after(f.fileno(), info.relative_path, info.offset)
             try:
                 # torch.load reads the storages straight from the file: no second copy of the bytes.
                 tensor = torch.load(FileWindow(f, info.offset, info.length), map_location="cpu", weights_only=True)
@@ -566,20 +566,8 @@ class TorchDistReader:
         return tensor
 
     @functools.cached_property
-    def _spans_by_file(self) -> dict[str, list[tuple[int, int]]]:
-        """Each data file's stored spans (offset, length) in file order."""
-        spans: dict[str, list[tuple[int, int]]] = {}
-        for info in self.metadata.storage_data.values():
-            spans.setdefault(info.relative_path, []).append((info.offset, info.length))
-        return {path: sorted(found) for path, found in spans.items()}
-
-    def _read_ahead(self, fd: int, info: Any) -> None:
-        """Read-ahead: the kernel starts reading the span stored after this one (reads mostly walk a file in
-        order, and repeat passes find it cached), so its I/O overlaps the work on this chunk."""
-        spans = self._spans_by_file.get(info.relative_path, [])
-        following = bisect.bisect_right(spans, (info.offset, info.length))
-        if following < len(spans):
-            read_ahead(fd, *spans[following])
+    def _read_ahead(self) -> ReadAhead:
+        return ReadAhead((i.relative_path, i.offset, i.length) for i in self.metadata.storage_data.values())
 
     def _assemble(
         self, key: str, offsets: list[int], sizes: list[int], overlaps: list, dtype: torch.dtype

@@ -17,7 +17,6 @@ which computes each block's CRC32 in a helper thread while the block is written 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import io
 import struct
 import sys
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 
-from megastack.ckpt.base import HashingWriter
+from megastack.ckpt.base import HashingWriter, Trailing
 from megastack.ckpt.safe_load import _Pickler
 
 ALIGNMENT = 64  # torch's own storage alignment
@@ -125,7 +124,7 @@ class ZipStream:
         )
         # The CRC of each large block is computed in a helper thread and may trail the writes by PENDING_BYTES
         # (one thread: the blocks are checksummed in order, each continuing the last one's CRC).
-        running, size, pending, pending_bytes = [0], 0, collections.deque(), 0
+        running, size, checksumming = [0], 0, Trailing("crc32")
 
         def checksum(view: memoryview) -> None:
             running[0] = zlib.crc32(view, running[0])
@@ -133,19 +132,14 @@ class ZipStream:
         owned = {"owned": True} if isinstance(self.stream, HashingWriter) else {}
         for block in blocks:
             view = memoryview(block).cast("B")
-            if view.nbytes < self.CONCURRENT_BYTES and not pending:
+            if view.nbytes < self.CONCURRENT_BYTES and not checksumming:
                 checksum(view)
             else:
-                pending.append((_crc_thread().submit(checksum, view), view.nbytes))
-                pending_bytes += view.nbytes
+                checksumming.submit(checksum, view, view.nbytes)
             self.stream.write(view, **owned)
             size += view.nbytes
-            while pending and pending_bytes > self.PENDING_BYTES:
-                future, nbytes = pending.popleft()
-                future.result()
-                pending_bytes -= nbytes
-        for future, _ in pending:
-            future.result()
+            checksumming.wait(self.PENDING_BYTES)
+        checksumming.wait()
         crc = running[0]
         self.stream.write(struct.pack("<LLQQ", 0x08074B50, crc, size, size))
         self.entries.append((encoded, extra, crc, size, offset))
@@ -200,14 +194,6 @@ _FFFF = 0xFFFFFFFF
 _DATA_DESCRIPTOR = 0x08  # flag: CRC and sizes follow the data
 _DOS_DATE = (1 << 5) | 1  # 1980-01-01, time 00:00
 _CREATE_SYSTEM = 0 if sys.platform == "win32" else 3  # as zipfile records it
-_CRC: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _crc_thread() -> concurrent.futures.ThreadPoolExecutor:
-    global _CRC
-    if _CRC is None:
-        _CRC = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="crc32")
-    return _CRC
 
 
 def _lazy_tensors(obj: Any, found: list[LazyTensor]) -> None:
