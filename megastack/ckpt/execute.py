@@ -23,6 +23,7 @@ from typing import Any
 from megastack import layout
 from megastack.ckpt.base import Produce, Reader, Unit, Writer
 from megastack.ckpt.manifest import MANIFEST, iter_dir_name, write_manifest, write_tracker
+from megastack.compat.streaming import streaming_settings
 from megastack.errors import UserError
 from megastack.fsio import (
     DestinationLock,
@@ -268,7 +269,8 @@ def execute(
                 progress(name)
             return produce(name, pieces)
 
-        return writer.write_units(target, mine, produce_logged, comm.rank)
+        with streaming_settings():  # allocator, threads and collector set for streaming (compat/streaming.py)
+            return writer.write_units(target, mine, produce_logged, comm.rank)
 
     source_check = SourceCheck(source, comm)
 
