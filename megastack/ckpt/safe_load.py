@@ -213,6 +213,7 @@ _DCP_MODULES = (
 )
 _DCP_ALLOWED = {
     ("torch", "Size"),
+    ("pathlib", "PosixPath"),  # DCP's own save records its checkpoint_id as one (a path object: inert)
     ("torch.serialization", "_get_layout"),
     ("collections", "OrderedDict"),
     ("builtins", "set"),
