@@ -1,5 +1,6 @@
-"""compat/streaming.py: inside ``streaming_settings`` a large block comes from glibc's heap and is reused,
-torch runs one intra-op thread; afterwards both are back (checked with glibc's own counters)."""
+"""compat/streaming.py: inside ``streaming_settings`` a large block comes from glibc's heap, free heap beyond
+the allowance goes back to the kernel, torch runs one intra-op thread; afterwards glibc's and torch's usual
+settings are back (checked with glibc's own counters and the process's resident memory)."""
 
 import ctypes
 import platform
@@ -7,7 +8,7 @@ import platform
 import pytest
 import torch
 
-from megastack.compat.streaming import streaming_settings
+from megastack.compat.streaming import KEEP_FREE_BYTES, release_idle_blocks, streaming_settings
 
 glibc_only = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's allocator"
@@ -21,11 +22,20 @@ class MallInfo2(ctypes.Structure):
     ]
 
 
-def mapped_bytes() -> int:
-    """Bytes glibc holds in separate mmaps (``hblkhd``): what it does not serve from the heap."""
+def mallinfo() -> MallInfo2:
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
-    return libc.mallinfo2().hblkhd
+    return libc.mallinfo2()
+
+
+def mapped_bytes() -> int:
+    """Bytes glibc holds in separate mmaps (``hblkhd``): what it does not serve from the heap."""
+    return mallinfo().hblkhd
+
+
+def resident_anonymous() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("RssAnon:"))
 
 
 @glibc_only
@@ -35,11 +45,8 @@ def test_large_blocks_come_from_the_heap_only_inside():
         before = mapped_bytes()
         held = torch.empty(block, dtype=torch.uint8)
         assert mapped_bytes() - before < block  # not a fresh mmap
-        address = held.data_ptr()
         del held
-        again = torch.empty(block, dtype=torch.uint8)
-        assert again.data_ptr() == address  # the freed block is reused, its pages already there
-        del again
+        assert mallinfo().fordblks >= block  # freed into the heap, for the next block to reuse
     before = mapped_bytes()
     held = torch.empty(block, dtype=torch.uint8)
     assert mapped_bytes() - before >= block  # glibc's usual behaviour is back
@@ -54,3 +61,17 @@ def test_one_intra_op_thread_inside_and_nesting_restores():
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 1  # the outer block still runs
     assert torch.get_num_threads() == threads
+
+
+@glibc_only
+def test_idle_heap_beyond_the_allowance_goes_back_to_the_kernel():
+    block = 40 << 20
+    with streaming_settings():
+        blocks = [torch.ones(block, dtype=torch.uint8) for _ in range(4)]  # touched: resident
+        keep = torch.ones(1 << 20, dtype=torch.uint8)  # allocated after them: they are holes, not the top
+        del blocks
+        assert mallinfo().fordblks > KEEP_FREE_BYTES
+        before = resident_anonymous()
+        release_idle_blocks()
+        assert before - resident_anonymous() > 3 * block  # their pages are gone
+        del keep

@@ -23,7 +23,7 @@ from typing import Any
 from megastack import layout
 from megastack.ckpt.base import Produce, Reader, Unit, Writer
 from megastack.ckpt.manifest import MANIFEST, iter_dir_name, write_manifest, write_tracker
-from megastack.compat.streaming import streaming_settings
+from megastack.compat.streaming import release_idle_blocks, streaming_settings
 from megastack.errors import UserError
 from megastack.fsio import (
     DestinationLock,
@@ -267,9 +267,10 @@ def execute(
         def produce_logged(name: str, pieces: Any):
             if progress is not None:
                 progress(name)
+            release_idle_blocks()
             return produce(name, pieces)
 
-        with streaming_settings():  # allocator, threads and collector set for streaming (compat/streaming.py)
+        with streaming_settings():  # allocator and threads set for streaming (compat/streaming.py)
             return writer.write_units(target, mine, produce_logged, comm.rank)
 
     source_check = SourceCheck(source, comm)

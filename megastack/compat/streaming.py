@@ -1,25 +1,29 @@
 """The process settings a streamed conversion wants, applied only while it writes.
 
-A conversion or growth moves one 8-32 MiB block after another from reader to writer while two helper
-threads checksum what was written (sha256, CRC32). Two process-wide defaults fight that, each measured
-on the 7B HF -> torch_dist conversion (1 rank, 2 cores; BENCHMARKS.md):
+A conversion or growth moves one block (8-250 MiB) after another from reader to writer while two helper
+threads checksum what was written (sha256, CRC32). Two process-wide defaults do not suit that:
 
-- glibc serves a block above its mmap threshold (dynamic, at most 32 MiB) with a fresh mmap: a page fault
-  and a zeroed page per 4 KiB, an munmap when freed. That was half the command's system time (14 s of
-  21.7 s wall; with freed blocks reused, 7 s of 16.5 s). Here blocks come from the heap and freed ones are
-  reused (the blocks alive at once are the same; peak RSS as measured in BENCHMARKS.md).
-- torch's intra-op OpenMP threads spin after each parallel copy, a core's worth that the checksum threads
-  need (10% of all CPU samples in libgomp). Here torch runs one intra-op thread.
+- glibc's allocator. Above its mmap threshold (dynamic, at most 32 MiB) every block is a fresh mmap,
+  faulted in and zeroed page by page and unmapped when freed; below it, freed blocks stay resident in
+  the heap as holes, however many. Here every block comes from the heap, and before each block is
+  produced the idle part of the heap is handed back to the kernel (``malloc_trim``) once it exceeds
+  ``KEEP_FREE_BYTES``. That bounds memory by the blocks alive at once plus 64 MiB: 7B conversions on
+  1 rank peaked at 428-508 MB this way against 550-650 MB with glibc's defaults (BENCHMARKS.md).
+  Keeping every freed block instead was 20-35% faster (no page faults) but peaked at up to 795 MB.
+- torch's intra-op OpenMP threads spin after each parallel copy, a core's worth of CPU the checksum
+  threads need (10% of all CPU samples of a 7B conversion were in libgomp). Here torch runs one
+  intra-op thread.
 
 Everything goes back on leaving: glibc's thresholds to its steady state (mmap above 32 MiB, trim above
-64 MiB) and the heap trimmed, torch's thread count, so a training run later in the same
-process (``megastack run``) sees the usual defaults. The allocator part does nothing off glibc.
+64 MiB), the heap trimmed, torch's thread count, so a training run later in the same process
+(``megastack run``) sees the usual defaults. The allocator part does nothing off glibc.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import platform
 import threading
 from collections.abc import Iterator
@@ -28,23 +32,34 @@ import torch
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
-REUSE_MMAP_THRESHOLD = 1 << 30  # every block a streamed conversion holds comes from the heap
-REUSE_TRIM_THRESHOLD = 2 << 30  # freed blocks stay for the next one rather than going back to the kernel
+HEAP_MMAP_THRESHOLD = 1 << 30  # every block a streamed conversion holds comes from the heap
+HEAP_TRIM_THRESHOLD = 2 << 30  # free() never trims by itself; release_idle_blocks decides
+KEEP_FREE_BYTES = 64 << 20  # idle heap kept for the next blocks; more is handed back
 STEADY_MMAP_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX, where its dynamic threshold ends up
 STEADY_TRIM_THRESHOLD = 64 << 20  # twice the mmap threshold, as glibc's dynamic adjustment sets it
 
 _lock = threading.Lock()
 _depth = 0
-_saved: dict[str, int] = {}
+_saved_threads: list[int] = []
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
+
+
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2  # glibc >= 2.33
+    except (OSError, AttributeError):
         return None
+    return libc
 
 
 @contextlib.contextmanager
@@ -55,9 +70,9 @@ def streaming_settings() -> Iterator[None]:
         if _depth == 0:
             libc = _glibc()
             if libc is not None:
-                libc.mallopt(M_MMAP_THRESHOLD, REUSE_MMAP_THRESHOLD)
-                libc.mallopt(M_TRIM_THRESHOLD, REUSE_TRIM_THRESHOLD)
-            _saved["threads"] = torch.get_num_threads()
+                libc.mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
+                libc.mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD)
+            _saved_threads.append(torch.get_num_threads())
             torch.set_num_threads(1)
         _depth += 1
     try:
@@ -66,9 +81,17 @@ def streaming_settings() -> Iterator[None]:
         with _lock:
             _depth -= 1
             if _depth == 0:
-                torch.set_num_threads(_saved.pop("threads"))
+                torch.set_num_threads(_saved_threads.pop())
                 libc = _glibc()
                 if libc is not None:
                     libc.mallopt(M_MMAP_THRESHOLD, STEADY_MMAP_THRESHOLD)
                     libc.mallopt(M_TRIM_THRESHOLD, STEADY_TRIM_THRESHOLD)
                     libc.malloc_trim(0)
+
+
+def release_idle_blocks() -> None:
+    """Hand the heap's free memory back to the kernel if more than KEEP_FREE_BYTES of it is free (called
+    before each block is produced, inside ``streaming_settings``; mallinfo2 counts every arena)."""
+    libc = _glibc() if _depth else None
+    if libc is not None and libc.mallinfo2().fordblks > KEEP_FREE_BYTES:
+        libc.malloc_trim(0)
