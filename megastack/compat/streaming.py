@@ -5,11 +5,13 @@ threads checksum what was written (sha256, CRC32). Two process-wide defaults do 
 
 - glibc's allocator. Above its mmap threshold (dynamic, at most 32 MiB) every block is a fresh mmap,
   faulted in and zeroed page by page and unmapped when freed; below it, freed blocks stay resident in
-  the heap as holes, however many. Here every block comes from the heap, and before each block is
-  produced the idle part of the heap is handed back to the kernel (``malloc_trim``) once it exceeds
-  ``KEEP_FREE_BYTES``. That bounds memory by the blocks alive at once plus 64 MiB: 7B conversions on
-  1 rank peaked at 428-508 MB this way against 550-650 MB with glibc's defaults (BENCHMARKS.md).
-  Keeping every freed block instead was 20-35% faster (no page faults) but peaked at up to 795 MB.
+  the heap as holes, however many. Here every block comes from the heap, so a freed block's pages serve
+  the next one, and before each block is produced the heap's free pages go back to the kernel
+  (``malloc_trim``) once more than ``KEEP_FREE_BYTES`` of them are resident. Memory is then the blocks
+  alive at once plus at most 128 MiB. Measured on 7B conversions, 1 rank (BENCHMARKS.md): keeping every
+  freed block was 20-35% faster than glibc's defaults but peaked at up to 795 MB; trimming all free
+  memory over 64 MiB peaked at 420-470 MB but gave most of the speed back; 128 MiB of resident free
+  pages: 488-522 MB, 21-23 s where the 64 MiB rule took 27-32 s.
 - torch's intra-op OpenMP threads spin after each parallel copy, a core's worth of CPU the checksum
   threads need (10% of all CPU samples of a 7B conversion were in libgomp). Here torch runs one
   intra-op thread.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import platform
 import threading
 from collections.abc import Iterator
@@ -34,13 +37,14 @@ M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
 HEAP_MMAP_THRESHOLD = 1 << 30  # every block a streamed conversion holds comes from the heap
 HEAP_TRIM_THRESHOLD = 2 << 30  # free() never trims by itself; release_idle_blocks decides
-KEEP_FREE_BYTES = 64 << 20  # idle heap kept for the next blocks; more is handed back
+KEEP_FREE_BYTES = 128 << 20  # idle resident heap kept for the next blocks; more is handed back
 STEADY_MMAP_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX, where its dynamic threshold ends up
 STEADY_TRIM_THRESHOLD = 64 << 20  # twice the mmap threshold, as glibc's dynamic adjustment sets it
 
 _lock = threading.Lock()
 _depth = 0
 _saved_threads: list[int] = []
+_baseline: list[int] = []  # resident memory outside malloc's blocks in use, at the first block
 
 
 class _MallInfo2(ctypes.Structure):
@@ -82,6 +86,7 @@ def streaming_settings() -> Iterator[None]:
             _depth -= 1
             if _depth == 0:
                 torch.set_num_threads(_saved_threads.pop())
+                _baseline.clear()
                 libc = _glibc()
                 if libc is not None:
                     libc.mallopt(M_MMAP_THRESHOLD, STEADY_MMAP_THRESHOLD)
@@ -89,9 +94,23 @@ def streaming_settings() -> Iterator[None]:
                     libc.malloc_trim(0)
 
 
+def _resident_anonymous() -> int:
+    """Resident pages that are no file's (statm: resident minus shared), in bytes."""
+    with open("/proc/self/statm") as f:
+        _, resident, shared = (int(v) for v in f.read().split()[:3])
+    return (resident - shared) * os.sysconf("SC_PAGE_SIZE")
+
+
 def release_idle_blocks() -> None:
-    """Hand the heap's free memory back to the kernel if more than KEEP_FREE_BYTES of it is free (called
-    before each block is produced, inside ``streaming_settings``; mallinfo2 counts every arena)."""
+    """Hand the heap's free pages back to the kernel once more than KEEP_FREE_BYTES of resident memory is
+    neither in malloc's blocks in use nor there at the first call (called before each block is produced,
+    inside ``streaming_settings``; mallinfo2 counts every arena)."""
     libc = _glibc() if _depth else None
-    if libc is not None and libc.mallinfo2().fordblks > KEEP_FREE_BYTES:
+    if libc is None:
+        return
+    info = libc.mallinfo2()
+    idle = _resident_anonymous() - info.uordblks - info.hblkhd
+    if not _baseline:
+        _baseline.append(idle)
+    elif idle - _baseline[0] > KEEP_FREE_BYTES:
         libc.malloc_trim(0)
