@@ -8,9 +8,9 @@ threads checksum what was written (sha256, CRC32). Two process-wide defaults do 
   the heap as holes, however many. Here every block comes from the heap, so a freed block's pages serve
   the next one, and before each block is produced the heap's free pages go back to the kernel
   (``malloc_trim``) once more than ``KEEP_FREE_BYTES`` of them are resident. Memory is then the blocks
-  alive at once plus at most 128 MiB. Measured on 7B conversions, 1 rank (BENCHMARKS.md): keeping every
-  freed block was 20-35% faster than glibc's defaults but peaked at up to 795 MB; trimming all free
-  memory over 64 MiB peaked at 420-470 MB but gave most of the speed back; 128 MiB of resident free
+  alive at once plus about 128 MiB. Measured on 7B conversions, 1 rank (BENCHMARKS.md): keeping every
+  freed block was 20-35% faster than glibc's defaults but peaked at up to 762 MB; trimming all free
+  memory over 64 MiB peaked at 428-508 MB but gave most of the speed back; 128 MiB of resident free
   pages: 488-522 MB, 21-23 s where the 64 MiB rule took 27-32 s.
 - torch's intra-op OpenMP threads spin after each parallel copy, a core's worth of CPU the checksum
   threads need (10% of all CPU samples of a 7B conversion were in libgomp). Here torch runs one
