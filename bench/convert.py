@@ -30,20 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from iobound import dir_bytes, io_bound  # noqa: E402  (bench/, the script's own directory)
+from sources import write_hf_download  # noqa: E402
 
-from megastack import layout  # noqa: E402
-from megastack.ckpt.execute import Comm, execute  # noqa: E402
-from megastack.ckpt.hf import HFWriter  # noqa: E402
 from megastack.ckpt.manifest import resolve_iteration_dir  # noqa: E402
 from megastack.config import load_model_config  # noqa: E402
-from megastack.layout import pieces_shape  # noqa: E402
-from megastack.plan import seeded_normal  # noqa: E402
 
 RANK_SCRIPT = """
 import sys, threading, time
@@ -77,15 +71,7 @@ print("BENCH", elapsed, status("VmHWM"), base_hwm, max(peak_anon[0], status("Rss
 def write_source(path: Path, model: str = "llama-1.1b") -> tuple[int, int]:
     """The ``model``-shape HF checkpoint (bf16, N(0, 0.02) matrices, unit norms); (bytes, parameters)."""
     cfg = dataclasses.replace(load_model_config(model), name=f"bench-{model}")
-
-    def produce(name, pieces):
-        shape = layout.logical_shape(cfg, name)
-        if len(shape) == 1:
-            return torch.ones(pieces_shape(shape, pieces), dtype=torch.bfloat16)
-        return (seeded_normal(shape, 0, name, pieces) * 0.02).to(torch.bfloat16)  # only the pieces asked for
-
-    execute(HFWriter(cfg, torch.bfloat16), produce, path, Comm(), {"format": "hf"}, iteration=None)
-    (path / "megastack.json").unlink()  # a plain download has none (and no cheap source checksum)
+    write_hf_download(path, cfg)
     return dir_bytes(path), cfg.total_parameters()
 
 

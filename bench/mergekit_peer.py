@@ -38,31 +38,17 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from iobound import dir_bytes, io_bound  # noqa: E402  (bench/, the script's own directory)
+from sources import write_hf_download  # noqa: E402
 
 from megastack.errors import UserError  # noqa: E402
 
 
 def write_source(path: Path, model: str, layers: int) -> dict[str, Any]:
     """A bf16 HF checkpoint of ``model``'s shape with ``layers`` layers (like a download: no megastack.json)."""
-    import torch
-
-    from megastack import layout
-    from megastack.ckpt.execute import Comm, execute
-    from megastack.ckpt.hf import HFWriter
     from megastack.config import load_model_config
-    from megastack.layout import pieces_shape
-    from megastack.plan import seeded_normal
 
     cfg = dataclasses.replace(load_model_config(model), num_layers=layers, name=f"bench-{model}-{layers}L")
-
-    def produce(name: str, pieces: Any) -> torch.Tensor:
-        shape = layout.logical_shape(cfg, name)
-        if len(shape) == 1:
-            return torch.ones(pieces_shape(shape, pieces), dtype=torch.bfloat16)
-        return (seeded_normal(shape, 0, name, pieces) * 0.02).to(torch.bfloat16)  # only the pieces asked for
-
-    execute(HFWriter(cfg, torch.bfloat16), produce, path, Comm(), {"format": "hf"}, iteration=None)
-    (path / "megastack.json").unlink(missing_ok=True)
+    write_hf_download(path, cfg)
     return {"parameters": cfg.total_parameters(), "layers": layers, "bytes": dir_bytes(path)}
 
 
