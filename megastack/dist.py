@@ -9,6 +9,7 @@ host and a free port are shared through mpi4py.
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import signal
 import socket
@@ -124,6 +125,13 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     if torch.cuda.is_available():
         torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # torch.distributed.nn.functional binds ``group=group.WORLD`` as default arguments when it is
+    # imported; imported after this call (torch._dynamo pulls it in when an optimizer first steps),
+    # those defaults hold the default group past destroy_process_group, so its worker threads outlive
+    # the interpreter and abort the process at exit ("terminate called without an active exception").
+    # Imported now, the defaults are None.
+    importlib.import_module("torch.distributed.nn.functional")
+
     torch.distributed.init_process_group(
         backend=backend, rank=denv.rank, world_size=denv.world_size, timeout=datetime.timedelta(seconds=timeout_s)
     )

@@ -329,3 +329,40 @@ def test_reinitialising_model_parallel_releases_its_process_groups():
     for r in results:
         first, *later = r["threads"]
         assert max(later) <= first, r  # the sixth layout costs no more threads than the first
+
+
+_GLOO_THREADS_AFTER_DESTROY = """
+import gc, sys
+from pathlib import Path
+from megastack.dist import init_distributed
+import torch.distributed as dist
+
+def gloo_threads():
+    return sum((t / "comm").read_text().startswith("pt_gloo") for t in Path("/proc/self/task").iterdir())
+
+init_distributed()
+import torch._dynamo  # what an optimizer's first step imports; it imports torch.distributed.nn.functional
+dist.barrier()
+alive = gloo_threads()
+dist.destroy_process_group()
+gc.collect()
+print(alive, gloo_threads())
+"""
+
+
+@pytest.mark.timeout(120)
+def test_destroying_the_process_group_stops_its_threads_after_late_imports():
+    """A gloo group still alive at interpreter exit aborts the process after the work is done: its worker
+    thread drops the last collective's tensors and needs the GIL of a finalizing interpreter. The group
+    must go when destroyed, even after torch._dynamo imported torch.distributed.nn.functional (whose
+    default arguments bind the default group at import)."""
+    run = subprocess.run(
+        [sys.executable, "-c", _GLOO_THREADS_AFTER_DESTROY],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    alive, after = map(int, run.stdout.split())
+    assert alive > 0 and after == 0, run.stdout
