@@ -110,8 +110,7 @@ def _td_writer(cfg: ModelConfig, dtype: torch.dtype, options: WriteOptions) -> W
 
 
 def _td_stored(directory: Path) -> tuple[ModelConfig | None, list[Stored], None]:
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
+    from megastack.ckpt.dcp_metadata import TensorStorageMetadata
     from megastack.ckpt.safe_load import read_dcp_metadata
     from megastack.ckpt.torch_dist import TorchDistReader, read_common
 

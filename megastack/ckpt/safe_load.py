@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from megastack.ckpt import dcp_metadata
 from megastack.errors import UserError
 from megastack.untrusted import is_counts
 
@@ -41,7 +42,8 @@ def _numpy_globals() -> list[Any]:
 
 class MegatronObject:
     """An inert stand-in for a Megatron-LM class found in a checkpoint's pickle (an enum member or a
-    config dataclass inside ``args``, rng or optimizer state).
+    config dataclass inside ``args``, rng or optimizer state), or for the DCP planner's classes in the SavePlan
+    megatron-core caches in ``.metadata``.
 
     Unpickling builds this instead of importing megatron: it only records the constructor arguments
     (an enum's value) or the state dict (a dataclass's fields). ``save_pt`` writes it back under the
@@ -178,12 +180,17 @@ def load_pt(path: str | os.PathLike, *, mmap: bool = False, data: Any = None) ->
 
 
 class _Pickler(pickle._Pickler):  # type: ignore[name-defined]
-    """pickle's Python pickler, writing each MegatronObject class under its original name (pickle's own
-    ``save_global`` would insist the name resolves to the same object, i.e. import megatron)."""
+    """pickle's Python pickler, writing each MegatronObject stand-in and each DCP mirror (dcp_metadata) under
+    the name of the class it stands for (pickle's own ``save_global`` would insist the name resolves to the
+    same object, i.e. import megatron or torch.distributed.checkpoint)."""
 
     def save_global(self, obj: Any, name: str | None = None) -> None:
-        if isinstance(obj, type) and issubclass(obj, MegatronObject) and obj is not MegatronObject:
-            module, qualname = obj.origin
+        origin = None
+        if isinstance(obj, type):
+            is_stand_in = issubclass(obj, MegatronObject) and obj is not MegatronObject
+            origin = obj.origin if is_stand_in else dcp_metadata.pickled_name(obj)
+        if origin is not None:
+            module, qualname = origin
             self.write(pickle.GLOBAL + f"{module}\n{qualname}\n".encode())
             self.memoize(obj)
             return
@@ -204,13 +211,21 @@ def save_pt(obj: Any, path_or_file: Any) -> None:
     torch.save(obj, path_or_file, pickle_module=_PickleModule)
 
 
-# DCP metadata is built from the dataclasses and enums of these modules (megatron also pickles its
-# cached SavePlan there); any class defined in them may be rebuilt, no function, no other module.
-_DCP_MODULES = (
-    "torch.distributed.checkpoint.metadata",
-    "torch.distributed.checkpoint.planner",
-    "torch.distributed.checkpoint.filesystem",
-)
+# DCP metadata is built from the dataclasses and enums of DCP's metadata module (read into megastack's
+# mirrors, dcp_metadata) and, as megatron-core caches its SavePlan in it, those of the planner and file
+# system modules (read as inert stand-ins); no function, no other class.
+DCP_STAND_INS: dict[tuple[str, str], type[MegatronObject]] = {
+    (module, name): type(name, (MegatronObject,), {"origin": (module, name), "__module__": __name__})
+    for module, names in (
+        (
+            dcp_metadata.PLANNER_MODULE,
+            ("WriteItemType", "LoadItemType", "BytesIOWriteData", "TensorWriteData", "WriteItem", "ReadItem")
+            + ("SavePlan", "LoadPlan"),
+        ),
+        (dcp_metadata.FILESYSTEM_MODULE, ("_StoragePrefix",)),
+    )
+    for name in names
+}
 _DCP_ALLOWED = {
     ("torch", "Size"),
     ("pathlib", "PosixPath"),  # DCP's own save records its checkpoint_id as one (a path object: inert)
@@ -240,10 +255,10 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _DCP_ALLOWED:
             return super().find_class(module, name)
-        if module in _DCP_MODULES:
-            found = super().find_class(module, name)
-            if isinstance(found, type) and found.__module__ == module:
-                return found
+        if (module, name) in dcp_metadata.MIRRORS:
+            return dcp_metadata.MIRRORS[module, name]
+        if (module, name) in DCP_STAND_INS:
+            return DCP_STAND_INS[module, name]
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in checkpoint metadata")
 
 
@@ -262,9 +277,7 @@ def read_dcp_metadata(directory: str | os.PathLike):
         raise UserError(
             f"{path}: unreadable checkpoint metadata ({type(exc).__name__}); the file is truncated or corrupt"
         ) from None
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    if not isinstance(metadata, Metadata):
+    if not isinstance(metadata, dcp_metadata.Metadata):
         raise UserError(f"{path}: does not hold DCP checkpoint metadata")
     problem = _metadata_problem(metadata)
     if problem:
@@ -272,10 +285,17 @@ def read_dcp_metadata(directory: str | os.PathLike):
     return metadata
 
 
+def write_dcp_metadata(metadata: dcp_metadata.Metadata, path: str | os.PathLike) -> None:
+    """Pickle ``metadata`` (mirror classes) as DCP's own ``.metadata``: what torch.distributed.checkpoint's
+    reader and megatron-core load."""
+    with open(path, "wb") as f:
+        _Pickler(f, protocol=pickle.DEFAULT_PROTOCOL).dump(metadata)
+
+
 def _metadata_problem(metadata: Any) -> str | None:
     """What is wrong with an unpickled DCP Metadata's fields (the classes are right, their contents are
     the file's: any type may sit in any field), or None."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
+    from megastack.ckpt.dcp_metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
 
     entries, storage = getattr(metadata, "state_dict_metadata", None), getattr(metadata, "storage_data", None)
     if not isinstance(entries, dict) or not isinstance(storage, dict):

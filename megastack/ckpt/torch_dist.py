@@ -23,19 +23,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    TensorProperties,
-    TensorStorageMetadata,
-)
 
 from megastack import layout, untrusted
 from megastack.ckpt import megatron_args, megatron_optim
 from megastack.ckpt.base import FileHash, HashingWriter, Produce, Request, Unit
-from megastack.ckpt.safe_load import load_pt, read_dcp_metadata, save_pt
+from megastack.ckpt.dcp_metadata import (
+    CURRENT_DCP_VERSION,
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageInfo,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from megastack.ckpt.safe_load import load_pt, read_dcp_metadata, save_pt, write_dcp_metadata
 from megastack.ckpt.torch_zip import LazyTensor, save_streaming
 from megastack.config import ModelConfig
 from megastack.errors import NotBuiltError, UserError
@@ -827,9 +830,6 @@ class TorchDistWriter:
         )
 
     def finalize(self, directory: str | os.PathLike, results: list[list[Any]]) -> None:
-        from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
         directory = Path(directory)
         state: dict[str, Any] = {}
         storage: dict[MetadataIndex, Any] = {}
@@ -839,7 +839,7 @@ class TorchDistWriter:
                     continue
                 if isinstance(r, ObjectRecord):
                     state[r.key] = BytesStorageMetadata()
-                    storage[MetadataIndex(r.key)] = _StorageInfo(r.relative_path, r.offset, r.length)
+                    storage[MetadataIndex(r.key)] = StorageInfo(r.relative_path, r.offset, r.length)
                     continue
                 md = state.setdefault(
                     r.key,
@@ -848,17 +848,14 @@ class TorchDistWriter:
                     ),
                 )
                 md.chunks.append(ChunkStorageMetadata(offsets=torch.Size(r.offsets), sizes=torch.Size(r.sizes)))
-                storage[MetadataIndex(r.key, r.offsets)] = _StorageInfo(r.relative_path, r.offset, r.length)
+                storage[MetadataIndex(r.key, r.offsets)] = StorageInfo(r.relative_path, r.offset, r.length)
         for md in state.values():
             if isinstance(md, TensorStorageMetadata):
                 md.chunks.sort(key=lambda c: tuple(c.offsets))
         metadata = Metadata(
             state_dict_metadata=state, storage_data=storage, storage_meta=StorageMeta(), version=CURRENT_DCP_VERSION
         )
-        import pickle
-
-        with open(directory / ".metadata", "wb") as f:
-            pickle.dump(metadata, f)
+        write_dcp_metadata(metadata, directory / ".metadata")
         (directory / "metadata.json").write_text(json.dumps(METADATA_JSON))
         save_pt(self.common_state(), directory / "common.pt")
 
