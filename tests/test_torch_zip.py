@@ -203,3 +203,22 @@ def test_an_archive_after_other_bytes_loads_from_its_own_start(tmp_path):
     data = buffer.getvalue()
     for t, (start, end) in zip(tensors, spans):
         assert torch.equal(torch.load(io.BytesIO(data[start:end]), weights_only=True), t)
+
+
+def test_crc32_is_zlibs():
+    """compat.crc's CRC32 (libdeflate where present) gives zlib's values: whole, continued, read-only
+    bytes, a tensor's memory, below and above the size where it switches implementation."""
+    import zlib
+
+    from megastack.compat import crc
+
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (5 << 20,), dtype=torch.uint8, generator=generator).numpy().tobytes()
+    for size in (0, 1, 1000, crc._NATIVE_BYTES - 1, crc._NATIVE_BYTES, 3 << 20):
+        assert crc.crc32(data[:size]) == zlib.crc32(data[:size]), size
+    running = crc.crc32(data[: 2 << 20])
+    assert crc.crc32(data[2 << 20 :], running) == zlib.crc32(data)
+    matrix = torch.randn(512, 300)
+    view = memoryview(matrix.numpy())  # 2-D, float
+    assert crc.crc32(view, 7) == zlib.crc32(matrix.numpy().tobytes(), 7)
+    assert crc.backend() in ("zlib", "libdeflate")
