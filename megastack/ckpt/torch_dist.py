@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import functools
 import io
+import itertools
 import json
 import math
 import os
@@ -151,6 +152,7 @@ class TorchDistReader:
         self.metadata = read_dcp_metadata(self.path)
         self._last_chunk: tuple[tuple, torch.Tensor] | None = None  # row-block reads of one big chunk
         self._index: dict[str, tuple[list[int], list[ChunkStorageMetadata], int]] = {}
+        self._runs: dict[tuple, StoredRun | None] = {}  # _stored_run's answers
         self._check_shapes()
         if check_files:
             self._check_files()
@@ -575,22 +577,76 @@ class TorchDistReader:
     def _assemble(
         self, key: str, offsets: list[int], sizes: list[int], overlaps: list, dtype: torch.dtype
     ) -> torch.Tensor:
-        """A region copied out of the chunks it overlaps (each loaded through the one-chunk cache)."""
+        """A region read from the chunks it overlaps: each overlap's bytes go from the file straight into
+        place (``preadv``), so no chunk is loaded whole or twice (a row block of a tensor stored as column
+        chunks, as fc2 is, touches every chunk; HF's gate or up rows, part of one fc1 chunk, only that one).
+        A chunk whose values are not one plain run, or whose overlap is many small scattered pieces, is
+        loaded (through the one-chunk cache) and copied from."""
         out = torch.empty(sizes, dtype=dtype)
         covered = 0
         for chunk, lo, hi in overlaps:
-            src, dst = self._load_chunk(key, chunk), out
+            dst = out
             for d, (a, b) in enumerate(zip(lo, hi)):
-                src = src.narrow(d, a - chunk.offsets[d], b - a)
                 dst = dst.narrow(d, a - offsets[d], b - a)
-            dst.copy_(src)
-            covered += src.numel()
+            run = self._stored_run(key, chunk)
+            segments = _segments(run, chunk, lo, hi, out, offsets) if run is not None and run.dtype == dtype else None
+            if segments is None:
+                src = self._load_chunk(key, chunk)
+                for d, (a, b) in enumerate(zip(lo, hi)):
+                    src = src.narrow(d, a - chunk.offsets[d], b - a)
+                dst.copy_(src)
+            else:
+                fd = os.open(self.path / run.relative_path, os.O_RDONLY)
+                try:
+                    self._read_ahead.after(fd, run.relative_path, run.span_offset)
+                    for start, views in segments:
+                        _preadv_all(fd, views, start, self.path / run.relative_path)
+                finally:
+                    os.close(fd)
+            covered += dst.numel()
         if covered != out.numel():
             raise UserError(
                 f"{self.path}: the chunks of '{key}' do not cover the requested region; the "
                 "checkpoint metadata is inconsistent"
             )
         return out
+
+    def _stored_run(self, key: str, chunk: ChunkStorageMetadata) -> StoredRun | None:
+        """Where a stored chunk's values lie when they are one C-contiguous run in the file (torch.save of a
+        contiguous tensor: what DCP and megastack write), found by torch's own loader on the meta device (it
+        parses the blob and reads no values); None otherwise."""
+        cache_key = (key, tuple(chunk.offsets))
+        if cache_key in self._runs:
+            return self._runs[cache_key]
+        info = self.metadata.storage_data[MetadataIndex(key, chunk.offsets)]
+        path = self.path / info.relative_path
+        try:
+            with open(path, "rb") as f:
+                meta = torch.load(FileWindow(f, info.offset, info.length), map_location="meta", weights_only=True)
+        except FileNotFoundError:
+            raise UserError(
+                f"{path}: missing shard file named in {self.path / '.metadata'}; the checkpoint is incomplete"
+            ) from None
+        except Exception as exc:
+            raise UserError(
+                f"{path}: chunk of '{key}' is unreadable ({type(exc).__name__}); the file is corrupt"
+            ) from None
+        if not isinstance(meta, torch.Tensor) or tuple(meta.shape) != tuple(chunk.sizes):
+            raise UserError(f"{path}: chunk of '{key}' does not match its metadata; the file is corrupt")
+        record = getattr(meta.untyped_storage(), "_checkpoint_offset", None)  # the storage's record, in the blob
+        first = meta.storage_offset() * meta.element_size()
+        last = first + meta.numel() * meta.element_size()
+        run = None
+        if (
+            isinstance(record, int)
+            and meta.is_contiguous()
+            and record >= 0
+            and last <= meta.untyped_storage().nbytes()
+            and record + last <= info.length
+        ):
+            run = StoredRun(info.relative_path, info.offset, info.offset + record + first, meta.dtype)
+        self._runs[cache_key] = run
+        return run
 
     def _key(self, name: str) -> str:
         """The DCP key of a logical name (``dcp_key``); the distributed optimizer's model-space save
@@ -646,6 +702,71 @@ class TorchDistReader:
                 region = region[0]
             parts.append(region)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=cat_dim)
+
+
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+SMALL_READ_BYTES = 64 << 10  # scattered pieces smaller than this on average: load the chunk and copy instead
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    """A chunk's values, C-contiguous in ``relative_path`` from ``data_offset``; its blob starts at
+    ``span_offset`` (the .metadata entry's offset)."""
+
+    relative_path: str
+    span_offset: int
+    data_offset: int
+    dtype: torch.dtype
+
+
+def _segments(
+    run: StoredRun, chunk: ChunkStorageMetadata, lo: list[int], hi: list[int], out: torch.Tensor, offsets: list[int]
+) -> list[tuple[int, list[memoryview]]] | None:
+    """The reads that put the box [lo, hi) of a stored chunk into its place in ``out`` (the region at
+    ``offsets``): one memoryview per run contiguous in both, runs adjacent in the file joined into one
+    ``preadv`` (at most IOV_MAX views). None when that is many small scattered reads."""
+    size, dims = run.dtype.itemsize, len(lo)
+    src_stride = [1] * dims
+    for d in range(dims - 2, -1, -1):
+        src_stride[d] = src_stride[d + 1] * chunk.sizes[d + 1]
+    dst_stride = out.stride()
+    # Inner dims whole in both the chunk and ``out`` join the dim before them into one run.
+    inner, length = dims - 1, hi[-1] - lo[-1]
+    while inner > 0 and hi[inner] - lo[inner] == chunk.sizes[inner] == out.shape[inner]:
+        inner -= 1
+        length *= hi[inner] - lo[inner]
+    view = memoryview(out.view(-1).view(torch.uint8).numpy())
+    reads: list[tuple[int, list[memoryview]]] = []
+    end = -1
+    for index in itertools.product(*(range(lo[d], hi[d]) for d in range(inner))):
+        src = sum((i - chunk.offsets[d]) * src_stride[d] for d, i in enumerate(index))
+        dst = sum((i - offsets[d]) * dst_stride[d] for d, i in enumerate(index))
+        src += (lo[inner] - chunk.offsets[inner]) * src_stride[inner]
+        dst += (lo[inner] - offsets[inner]) * dst_stride[inner]
+        start = run.data_offset + src * size
+        piece = view[dst * size : (dst + length) * size]
+        if start == end and len(reads[-1][1]) < IOV_MAX:
+            reads[-1][1].append(piece)
+        else:
+            reads.append((start, [piece]))
+        end = start + piece.nbytes
+    total = sum(v.nbytes for _, views in reads for v in views)
+    return None if len(reads) > 1 and total < len(reads) * SMALL_READ_BYTES else reads
+
+
+def _preadv_all(fd: int, views: list[memoryview], offset: int, path: Path) -> None:
+    """Fill ``views`` from ``offset`` on, however many calls the kernel takes."""
+    first = 0
+    while first < len(views):
+        got = os.preadv(fd, views[first:], offset)
+        if got <= 0:
+            raise UserError(f"{path}: ended early while reading a chunk; the file is truncated")
+        offset += got
+        while first < len(views) and got >= views[first].nbytes:
+            got -= views[first].nbytes
+            first += 1
+        if got:
+            views[first] = views[first][got:]
 
 
 class FileWindow(io.RawIOBase):
