@@ -506,3 +506,23 @@ def test_pickle_that_would_run_code_is_refused(chain, tmp_path):
     dst = tmp_path / "out"
     assert_one_line_error(in_process("convert", str(src.parent), str(dst), "--to", "hf"), "refused to load")
     assert not marker.exists() and not dst.exists()
+
+
+def test_progress_counts_the_values_written(tmp_path):
+    """The progress lines end at exactly 100% for every writer, whatever blocks it asks for (HF's row
+    blocks, legacy's TP pieces, torch_dist's chunks, growth's repeated layers): counted in values produced,
+    not in requests."""
+    from ckpt_factory import reference, small_config, write_checkpoint
+
+    write_checkpoint(reference(small_config()), tmp_path / "td")
+    commands = [
+        ("convert", str(tmp_path / "td"), str(tmp_path / "hf"), "--to", "hf"),
+        ("convert", str(tmp_path / "hf"), str(tmp_path / "lg"), "--to", "legacy", "--tp", "2"),
+        ("convert", str(tmp_path / "lg"), str(tmp_path / "td2"), "--to", "torch_dist"),
+        ("grow", str(tmp_path / "hf"), str(tmp_path / "g"), "--factor", "2"),
+    ]
+    for argv in commands:
+        run = in_process(*argv)
+        assert run.returncode == 0, run.stderr
+        lines = [line for line in run.stdout.splitlines() if line.startswith(f"{argv[0]}: ")]
+        assert lines and lines[-1].startswith(f"{argv[0]}: 100% ("), (argv, run.stdout)

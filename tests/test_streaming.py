@@ -53,14 +53,16 @@ def test_large_blocks_come_from_the_heap_only_inside():
     del held
 
 
-def test_one_intra_op_thread_inside_and_nesting_restores():
-    threads = torch.get_num_threads()
+def test_one_intra_op_thread_and_frozen_objects_inside_and_nesting_restores():
+    import gc
+
+    threads, frozen = torch.get_num_threads(), gc.get_freeze_count()
     with streaming_settings():
-        assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1 and gc.get_freeze_count() > frozen
         with streaming_settings():
             assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == 1  # the outer block still runs
-    assert torch.get_num_threads() == threads
+        assert torch.get_num_threads() == 1 and gc.get_freeze_count() > frozen  # the outer block still runs
+    assert torch.get_num_threads() == threads and gc.get_freeze_count() == frozen
 
 
 @glibc_only

@@ -59,6 +59,7 @@ class Reader(Protocol):
 
 class Writer(Protocol):
     format: str
+    cfg: ModelConfig
 
     def units(self) -> list[Unit]: ...
 

@@ -25,7 +25,6 @@ from megastack.config import ModelConfig, load_model_config
 from megastack.errors import UserError
 from megastack.fsio import check_paths
 from megastack.plan import identity_plan
-from megastack.progress import Progress
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_KEYS = {v: k for k, v in DTYPES.items()}
@@ -130,7 +129,6 @@ def convert(
 def run(job: Conversion, dst: str | os.PathLike, comm: Comm, progress: bool = False) -> Path:
     """Write a prepared conversion (every rank calls it)."""
     to = job.writer.format
-    bar = Progress(sum(len(u.requests) for u in job.writer.units()), "convert", enabled=progress and comm.rank == 0)
     # HF files go straight into DST; Megatron formats get iter_NNNNNNN/ and the tracker, like Megatron-LM.
     execute(
         job.writer,
@@ -139,10 +137,9 @@ def run(job: Conversion, dst: str | os.PathLike, comm: Comm, progress: bool = Fa
         comm,
         job.manifest,
         iteration=job.iteration if formats.get(to).iteration_dirs else None,
-        progress=bar.update,
+        progress="convert" if progress else None,
         source=job.reader.path,
     )
-    bar.close()
     return Path(dst)
 
 

@@ -10,6 +10,7 @@ into place. Any rank's failure fails all ranks and removes the staging directory
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import re
 import shutil
@@ -21,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from megastack import layout
-from megastack.ckpt.base import Produce, Reader, Unit, Writer
+from megastack.ckpt.base import Produce, Reader, Request, Unit, Writer
 from megastack.ckpt.manifest import MANIFEST, iter_dir_name, write_manifest, write_tracker
 from megastack.compat.streaming import release_idle_blocks, streaming_settings
+from megastack.config import ModelConfig
 from megastack.errors import UserError
 from megastack.fsio import (
     DestinationLock,
@@ -31,6 +33,7 @@ from megastack.fsio import (
     refuse_existing,
     staging_dir,
 )
+from megastack.progress import Progress
 
 
 @dataclass
@@ -230,7 +233,7 @@ def execute(
     comm: Comm,
     manifest: dict[str, Any],
     iteration: int | None = 0,
-    progress: Callable[[str], None] | None = None,
+    progress: str | None = None,
     order_key: Callable[[Unit], Any] | None = None,
     source: Path | None = None,
 ) -> Path:
@@ -263,15 +266,20 @@ def execute(
 
     def write() -> Any:
         mine = assign(writer.units(), comm.world, order_key)[comm.rank]
+        values = sum(_numel(writer.cfg, request) for unit in mine for request in unit.requests)
+        bar = Progress(values, progress or "", enabled=progress is not None and comm.rank == 0, unit="value")
 
         def produce_logged(name: str, pieces: Any):
-            if progress is not None:
-                progress(name)
             release_idle_blocks()
-            return produce(name, pieces)
+            tensor = produce(name, pieces)
+            bar.update(tensor.numel())
+            return tensor
 
-        with streaming_settings():  # allocator and threads set for streaming (compat/streaming.py)
-            return writer.write_units(target, mine, produce_logged, comm.rank)
+        try:
+            with streaming_settings():  # allocator and threads set for streaming (compat/streaming.py)
+                return writer.write_units(target, mine, produce_logged, comm.rank)
+        finally:
+            bar.close()
 
     source_check = SourceCheck(source, comm)
 
@@ -288,6 +296,14 @@ def execute(
     finally:
         lock.release()
     return dst
+
+
+def _numel(cfg: ModelConfig, request: Request) -> int:
+    """Values a request produces (its pieces of the logical tensor, or all of it)."""
+    shape = layout.logical_shape(cfg, request.name)
+    if request.pieces:
+        return math.prod(shape) // shape[request.pieces[0].dim] * sum(p.length for p in request.pieces)
+    return math.prod(shape)
 
 
 class SourceCheck:

@@ -1,7 +1,7 @@
 """The process settings a streamed conversion wants, applied only while it writes.
 
 A conversion or growth moves one block (8-250 MiB) after another from reader to writer while two helper
-threads checksum what was written (sha256, CRC32). Two process-wide defaults do not suit that:
+threads checksum what was written (sha256, CRC32). Three process-wide defaults do not suit that:
 
 - glibc's allocator. Above its mmap threshold (dynamic, at most 32 MiB) every block is a fresh mmap,
   faulted in and zeroed page by page and unmapped when freed; below it, freed blocks stay resident in
@@ -12,13 +12,16 @@ threads checksum what was written (sha256, CRC32). Two process-wide defaults do 
   freed block was 20-35% faster than glibc's defaults but peaked at up to 762 MB; trimming all free
   memory over 64 MiB peaked at 428-508 MB but gave most of the speed back; 128 MiB of resident free
   pages: 488-522 MB, 21-23 s where the 64 MiB rule took 27-32 s.
+- Python's cyclic garbage collector: each full collection walks every object alive, most of them torch's
+  modules (~40 ms each, three or four per 1.1B conversion). Here what exists when writing starts is frozen
+  (``gc.freeze``: kept out of collections), so a collection walks only what the conversion made.
 - torch's intra-op OpenMP threads spin after each parallel copy, a core's worth of CPU the checksum
   threads need (10% of all CPU samples of a 7B conversion were in libgomp). Here torch runs one
   intra-op thread.
 
 Everything goes back on leaving: glibc's thresholds to its steady state (mmap above 32 MiB, trim above
-64 MiB), the heap trimmed, torch's thread count, so a training run later in the same process
-(``megastack run``) sees the usual defaults. The allocator part does nothing off glibc.
+64 MiB), the heap trimmed, the frozen objects collectable again, torch's thread count, so a training run
+later in the same process (``megastack run``) sees the usual defaults. The allocator part does nothing off glibc.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import gc
 import os
 import platform
 import threading
@@ -44,6 +48,7 @@ STEADY_TRIM_THRESHOLD = 64 << 20  # twice the mmap threshold, as glibc's dynamic
 _lock = threading.Lock()
 _depth = 0
 _saved_threads: list[int] = []
+_froze: list[bool] = []  # whether the outermost block froze the objects alive at its start
 _baseline: list[int] = []  # resident memory outside malloc's blocks in use, at the first block
 
 
@@ -78,6 +83,9 @@ def streaming_settings() -> Iterator[None]:
                 libc.mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD)
             _saved_threads.append(torch.get_num_threads())
             torch.set_num_threads(1)
+            _froze[:] = [gc.get_freeze_count() == 0]  # someone else's freeze is left as it is
+            if _froze[0]:
+                gc.freeze()
         _depth += 1
     try:
         yield
@@ -85,6 +93,8 @@ def streaming_settings() -> Iterator[None]:
         with _lock:
             _depth -= 1
             if _depth == 0:
+                if _froze and _froze.pop():
+                    gc.unfreeze()
                 torch.set_num_threads(_saved_threads.pop())
                 _baseline.clear()
                 libc = _glibc()

@@ -23,7 +23,6 @@ from megastack.fsio import check_paths
 from megastack.growth.operators import make_plan
 from megastack.growth.spec import GrowthSpec, operator
 from megastack.plan import GrowthRecord, Plan, with_optimizer_state
-from megastack.progress import Progress
 
 
 @dataclass
@@ -136,8 +135,6 @@ def grow(
     # the process group starts after the source is open, as convert's does: started before it, one rank in
     # three aborted at exit with "terminate called without an active exception" (tests/test_reliability.py)
     comm = comm or comm_from_launcher()
-    units = job.writer.units()
-    bar = Progress(sum(len(u.requests) for u in units), "grow", enabled=progress and comm.rank == 0)
     execute(
         job.writer,
         job.plan.producer(job.reader, job.reader.dtype("embedding")),
@@ -145,11 +142,10 @@ def grow(
         comm,
         job.manifest,
         iteration=0 if formats.get(job.writer.format).iteration_dirs else None,  # HF files go straight in DST
-        progress=bar.update,
+        progress="grow" if progress else None,
         order_key=job.plan.source_key,
         source=job.reader.path,
     )
-    bar.close()
     job.rank = comm.rank
     return job
 
