@@ -753,3 +753,19 @@ def test_generated_case(case: str, good: Path, tmp_path: Path):
 
 def test_corpus_has_at_least_120_cases():
     assert len(STATIC) + len(GENERATED) >= 120
+
+
+def test_no_source_check_takes_the_source_on_trust_and_says_so(good, tmp_path):
+    """--no-source-check skips the re-hash (the flipped byte above is then not caught) and the output's
+    history records that the source was not checked."""
+    src = copy(good, tmp_path, "td")
+    shard = sorted(resolve_iteration_dir(src).glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    refused = run_cli("convert", str(src), str(tmp_path / "checked"), "--to", "hf")
+    assert refused.returncode != 0 and "checksum differs" in refused.stderr
+    run = run_cli("convert", str(src), str(tmp_path / "trusted"), "--to", "hf", "--no-source-check")
+    assert run.returncode == 0, run.stderr
+    event = json.loads((tmp_path / "trusted" / "megastack.json").read_text())["history"][-1]
+    assert event["event"] == "convert" and event["source_checked"] is False

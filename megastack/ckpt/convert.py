@@ -120,15 +120,21 @@ def convert(
     hf_shard_bytes: int | None = None,
     progress: bool = False,
     norm_names: str | None = None,
+    check_source: bool = True,
 ) -> Path:
-    """Convert SRC to format ``to`` at DST (all ranks of ``comm`` call it; one process by default)."""
+    """Convert SRC to format ``to`` at DST (all ranks of ``comm`` call it; one process by default).
+    ``check_source``: re-hash SRC's files against its megastack.json while writing (a mismatch publishes
+    nothing)."""
     check_paths(src, dst)
-    return run(prepare(src, to, tp, pp, dtype, model, hf_shard_bytes, norm_names), dst, comm or Comm(), progress)
+    job = prepare(src, to, tp, pp, dtype, model, hf_shard_bytes, norm_names)
+    return run(job, dst, comm or Comm(), progress, check_source)
 
 
-def run(job: Conversion, dst: str | os.PathLike, comm: Comm, progress: bool = False) -> Path:
+def run(job: Conversion, dst: str | os.PathLike, comm: Comm, progress: bool = False, check_source: bool = True) -> Path:
     """Write a prepared conversion (every rank calls it)."""
     to = job.writer.format
+    if not check_source:  # the history says the source's files were taken on trust
+        job.manifest["history"][-1]["source_checked"] = False
     # HF files go straight into DST; Megatron formats get iter_NNNNNNN/ and the tracker, like Megatron-LM.
     execute(
         job.writer,
@@ -138,7 +144,7 @@ def run(job: Conversion, dst: str | os.PathLike, comm: Comm, progress: bool = Fa
         job.manifest,
         iteration=job.iteration if formats.get(to).iteration_dirs else None,
         progress="convert" if progress else None,
-        source=job.reader.path,
+        source=job.reader.path if check_source else None,
     )
     return Path(dst)
 
@@ -183,7 +189,7 @@ def cli_convert(args: Any) -> int:
     check_paths(args.src, args.dst)
     job = prepare(args.src, args.to, args.tp, args.pp, args.dtype, model, norm_names=args.norm_names, ep=args.ep)
     comm = comm_from_launcher()
-    run(job, args.dst, comm, progress=True)
+    run(job, args.dst, comm, progress=True, check_source=not args.no_source_check)
     if comm.rank == 0:
         layout_text = _layout_text(job) if formats.get(args.to).cut_by_rank else ""
         print(

@@ -127,14 +127,18 @@ def grow(
     progress: bool = False,
     ep: int | None = None,
     to: str | None = None,
+    check_source: bool = True,
 ) -> GrowthJob:
     """Grow checkpoint ``src`` into ``dst`` (collective: every rank of ``comm`` calls it). DST appears only
-    when complete; bad input is a one-line UserError with nothing written."""
+    when complete; bad input is a one-line UserError with nothing written. ``check_source``: re-hash SRC's
+    files against its megastack.json while writing (a mismatch publishes nothing)."""
     check_paths(src, dst)
     job = prepare(src, spec, tp=tp, pp=pp, norm_names=norm_names, comm=comm, ep=ep, to=to)
     # the process group starts after the source is open, as convert's does: started before it, one rank in
     # three aborted at exit with "terminate called without an active exception" (tests/test_reliability.py)
     comm = comm or comm_from_launcher()
+    if not check_source:  # the history says the source's files were taken on trust
+        job.manifest["history"][-1]["source_checked"] = False
     execute(
         job.writer,
         job.plan.producer(job.reader, job.reader.dtype("embedding")),
@@ -144,7 +148,7 @@ def grow(
         iteration=0 if formats.get(job.writer.format).iteration_dirs else None,  # HF files go straight in DST
         progress="grow" if progress else None,
         order_key=job.plan.source_key,
-        source=job.reader.path,
+        source=job.reader.path if check_source else None,
     )
     job.rank = comm.rank
     return job

@@ -42,7 +42,7 @@ def cli_grow(args: Any) -> int:
         world = args.ranks or int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1)
         print(describe_dry_run(job, world, args.json))
         return 0
-    job = grow(args.src, args.dst, spec, progress=True, **layout)
+    job = grow(args.src, args.dst, spec, progress=True, check_source=not args.no_source_check, **layout)
     if job.rank == 0:
         plan = job.plan
         print(
