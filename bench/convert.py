@@ -155,8 +155,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ranks", default="1,2", help="comma-separated rank counts to measure")
     parser.add_argument("--pairs", help=f"comma-separated conversions to measure (default all: {', '.join(PAIRS)})")
+    parser.add_argument(
+        "--no-source-check",
+        action="store_true",
+        help="pass --no-source-check (megastack-written sources are not re-hashed against their manifest)",
+    )
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
+    extra = ["--no-source-check"] if args.no_source_check else []
     wanted = args.pairs.split(",") if args.pairs else list(PAIRS)
     unknown = sorted(set(wanted) - set(PAIRS))
     if unknown:
@@ -182,6 +188,7 @@ def main() -> None:
         "parameters": params,
         "source_bytes": src_bytes,
         "cpus": os.cpu_count(),
+        "source_check": not args.no_source_check,
         "rows": [],
     }
     ranks = [int(r) for r in args.ranks.split(",")]
@@ -201,7 +208,7 @@ def main() -> None:
     for label in wanted:
         src_format, to_args = PAIRS[label]
         for n in ranks:
-            results["rows"].append(measure(label, inputs[src_format], to_args, n, args.repeats, work))
+            results["rows"].append(measure(label, inputs[src_format], to_args + extra, n, args.repeats, work))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     if not args.workdir:

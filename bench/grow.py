@@ -70,7 +70,9 @@ def write_source(path: Path, shape: str, fmt: str) -> tuple[int, int]:
     return dir_bytes(path), largest
 
 
-def grow_once(src: Path, dst: Path, ranks: int, cold: bool = False) -> tuple[float, float, int, int]:
+def grow_once(
+    src: Path, dst: Path, ranks: int, cold: bool = False, extra: tuple[str, ...] = ()
+) -> tuple[float, float, int, int]:
     """Wall seconds of the whole command, the slowest rank's seconds after its imports, and the largest peak
     RSS of any rank (absolute, above imports). ``cold``: the source evicted from the page cache first."""
     from megastack.dist import launch_local
@@ -78,7 +80,7 @@ def grow_once(src: Path, dst: Path, ranks: int, cold: bool = False) -> tuple[flo
     if cold:
         evict(src)
 
-    argv = [sys.executable, "-c", RANK_SCRIPT, "grow", str(src), str(dst), "--factor", "4"]
+    argv = [sys.executable, "-c", RANK_SCRIPT, "grow", str(src), str(dst), "--factor", "4", *extra]
     start = time.monotonic()
     if ranks == 1:
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
@@ -103,8 +105,12 @@ def main() -> None:
     parser.add_argument(
         "--cold", action="store_true", help="evict the source from the page cache before each run and each bound"
     )
+    parser.add_argument(
+        "--no-source-check", action="store_true", help="pass --no-source-check (the source is not re-hashed)"
+    )
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
+    extra = ("--no-source-check",) if args.no_source_check else ()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="megastack-bench-grow-"))
     work.mkdir(parents=True, exist_ok=True)
     src = work / "src"
@@ -115,6 +121,7 @@ def main() -> None:
         "shape": args.shape,
         "format": args.format,
         "cold": args.cold,
+        "source_check": not args.no_source_check,
         "source_layers": SHAPES[args.shape][1],
         "source_bytes": src_bytes,
         "largest_tensor_bytes": largest,
@@ -124,7 +131,7 @@ def main() -> None:
         walls, inner, peaks, grown, bounds = [], [], [], [], []
         for i in range(args.repeats):
             dst = work / f"dst{ranks}_{i}"
-            wall, in_process, peak, above = grow_once(src, dst, ranks, args.cold)
+            wall, in_process, peak, above = grow_once(src, dst, ranks, args.cold, extra)
             inner.append(in_process)
             grown.append(above)
             out_bytes = dir_bytes(dst)
