@@ -70,6 +70,16 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
 
 
+def _add_source_check(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-source-check",
+        action="store_true",
+        help="do not re-hash the source's files against its megastack.json while writing (by default a mismatch "
+        "publishes nothing; skipping it saves reading the source twice, for a source already checked, e.g. by "
+        "'megastack verify')",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="megastack", description="Grow small LLMs into large ones on Megatron sharded checkpoints, and train them."
@@ -166,13 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the per-rank plan (reads, writes, peak memory) only")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     p.add_argument("--ranks", type=positive, help="with --dry-run: plan for this many ranks (default: the launcher's)")
-    p.add_argument(
-        "--no-source-check",
-        action="store_true",
-        help="do not re-hash the source's files against its megastack.json while writing (by default a mismatch "
-        "publishes nothing; skipping it saves reading the source twice, for a source already checked, e.g. by "
-        "'megastack verify')",
-    )
+    _add_source_check(p)
 
     p = sub.add_parser("convert", help="convert between Hugging Face, torch_dist and legacy Megatron (resharding)")
     p.add_argument("src", help="source checkpoint (format detected)")
@@ -191,13 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="print the per-rank plan (reads, writes, peak memory) only")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
-    p.add_argument(
-        "--no-source-check",
-        action="store_true",
-        help="do not re-hash the source's files against its megastack.json while writing (by default a mismatch "
-        "publishes nothing; skipping it saves reading the source twice, for a source already checked, e.g. by "
-        "'megastack verify')",
-    )
+    _add_source_check(p)
 
     p = sub.add_parser("inspect", help="describe a checkpoint: format, architecture, layout, tensors, history")
     p.add_argument("ckpt")

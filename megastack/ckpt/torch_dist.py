@@ -543,6 +543,10 @@ class TorchDistReader:
         return tensor
 
     def _load_chunk_uncached(self, key: str, chunk: ChunkStorageMetadata) -> torch.Tensor:
+        return self._torch_load_chunk(key, chunk, "cpu")
+
+    def _torch_load_chunk(self, key: str, chunk: ChunkStorageMetadata, map_location: str) -> torch.Tensor:
+        """One stored chunk through torch.load (``map_location`` "meta": its layout only, no values read)."""
         info = self.metadata.storage_data[MetadataIndex(key, chunk.offsets)]
         path = self.path / info.relative_path
         try:
@@ -558,10 +562,12 @@ class TorchDistReader:
                     f"{path}: truncated (chunk of '{key}' ends past the end of the file); the "
                     "checkpoint is incomplete or corrupt"
                 )
-            self._read_ahead.after(f.fileno(), info.relative_path, info.offset)
+            if map_location != "meta":
+                self._read_ahead.after(f.fileno(), info.relative_path, info.offset)
             try:
                 # torch.load reads the storages straight from the file: no second copy of the bytes.
-                tensor = torch.load(FileWindow(f, info.offset, info.length), map_location="cpu", weights_only=True)
+                window = FileWindow(f, info.offset, info.length)
+                tensor = torch.load(window, map_location=map_location, weights_only=True)
             except Exception as exc:
                 raise UserError(
                     f"{path}: chunk of '{key}' is unreadable ({type(exc).__name__}); the file is corrupt"
@@ -619,20 +625,7 @@ class TorchDistReader:
         if cache_key in self._runs:
             return self._runs[cache_key]
         info = self.metadata.storage_data[MetadataIndex(key, chunk.offsets)]
-        path = self.path / info.relative_path
-        try:
-            with open(path, "rb") as f:
-                meta = torch.load(FileWindow(f, info.offset, info.length), map_location="meta", weights_only=True)
-        except FileNotFoundError:
-            raise UserError(
-                f"{path}: missing shard file named in {self.path / '.metadata'}; the checkpoint is incomplete"
-            ) from None
-        except Exception as exc:
-            raise UserError(
-                f"{path}: chunk of '{key}' is unreadable ({type(exc).__name__}); the file is corrupt"
-            ) from None
-        if not isinstance(meta, torch.Tensor) or tuple(meta.shape) != tuple(chunk.sizes):
-            raise UserError(f"{path}: chunk of '{key}' does not match its metadata; the file is corrupt")
+        meta = self._torch_load_chunk(key, chunk, "meta")
         record = getattr(meta.untyped_storage(), "_checkpoint_offset", None)  # the storage's record, in the blob
         first = meta.storage_offset() * meta.element_size()
         last = first + meta.numel() * meta.element_size()
