@@ -10,6 +10,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import socket
@@ -47,6 +48,51 @@ class ReadAhead:
         if following is not None and following not in self._hinted:
             self._hinted.add(following)
             read_ahead(fd, following[1], following[2])
+
+
+POPULATE_WINDOW = 16 << 20
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; Python 3.11 lacks the name
+
+
+def prefetch_files(directory: str | os.PathLike, reads: dict[str, int]) -> None:
+    """Read into the page cache, each front to back, the files a command is about to read mostly (``reads``:
+    bytes it reads per file, relative to ``directory``), when they fit in half of the memory available.
+
+    A conversion reads its source in the output's order (an HF file holds its tensors sorted by name: layers
+    0, 1, 10, 11, ...): on a source not in the page cache, scattered reads the disk serves slowly (1.1B
+    torch_dist -> HF on 1 rank: 9.5-11.9 s with the source evicted, 5.2 s cached, 6.5-7.8 s reading it in
+    order first). A window at a time is mapped and populated (``MADV_POPULATE_READ``: the kernel reads the
+    pages, nothing is copied, the window is unmapped after); on pages already cached it costs ~0.1 s per
+    11 GiB. ``posix_fadvise(WILLNEED)`` is not enough: the kernel cached 1.4 GiB of an 11 GiB request."""
+    sizes = {}
+    for relative, nbytes in reads.items():
+        with contextlib.suppress(OSError):
+            size = (Path(directory) / relative).stat().st_size
+            if size and 2 * nbytes >= size:  # a file read mostly (not, e.g., weights beside Adam's state)
+                sizes[Path(directory) / relative] = size
+    if not sizes or sum(sizes.values()) > available_memory() // 2 or not hasattr(mmap.mmap, "madvise"):
+        return
+    for path, size in sorted(sizes.items()):
+        try:
+            with open(path, "rb") as f:
+                for offset in range(0, size, POPULATE_WINDOW):
+                    length = min(POPULATE_WINDOW, size - offset)
+                    with mmap.mmap(f.fileno(), length, prot=mmap.PROT_READ, offset=offset) as window:
+                        window.madvise(MADV_POPULATE_READ)
+        except (OSError, ValueError):  # a kernel without the advice, a file gone: the reads will tell
+            return
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo in bytes (0 where there is none to read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

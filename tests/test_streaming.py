@@ -1,9 +1,12 @@
 """compat/streaming.py: inside ``streaming_settings`` a large block comes from glibc's heap, free heap beyond
 the allowance goes back to the kernel, torch runs one intra-op thread; afterwards glibc's and torch's usual
-settings are back (checked with glibc's own counters and the process's resident memory)."""
+settings are back (checked with glibc's own counters and the process's resident memory). And fsio's
+prefetch of a source into the page cache (checked with mincore)."""
 
 import ctypes
+import os
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,3 +81,40 @@ def test_idle_heap_beyond_the_allowance_goes_back_to_the_kernel():
         release_idle_blocks()
         assert before - resident_anonymous() > 3 * block  # their pages are gone
         del keep
+
+
+def _resident_fraction(path: Path) -> float:
+    """Fraction of a file's pages in the page cache (mincore on a private mapping, whose untouched pages
+    are the cache's)."""
+    import mmap
+
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        start = ctypes.c_char.from_buffer(m)
+        status = libc.mincore(ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(size), vec)
+        del start
+    assert status == 0, ctypes.get_errno()
+    return sum(b & 1 for b in vec) / pages
+
+
+@glibc_only
+def test_prefetch_reads_the_files_read_mostly_into_the_page_cache(tmp_path, monkeypatch):
+    from megastack import fsio
+
+    read, skipped, other = tmp_path / "read.bin", tmp_path / "partly.bin", tmp_path / "big.bin"
+    for path in (read, skipped, other):
+        path.write_bytes(os.urandom(3 << 20))
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if max(_resident_fraction(p) for p in (read, skipped, other)) >= 0.5:
+        pytest.skip("this file system keeps the pages cached (tmpfs?)")
+    fsio.prefetch_files(tmp_path, {"read.bin": 3 << 20, "partly.bin": 1 << 20})
+    assert _resident_fraction(read) == 1.0
+    assert _resident_fraction(skipped) < 0.5  # a third of it is read: left to the reads
+    monkeypatch.setattr(fsio, "available_memory", lambda: 5 << 20)  # does not fit in half of it
+    fsio.prefetch_files(tmp_path, {"big.bin": 3 << 20})
+    assert _resident_fraction(other) < 0.5

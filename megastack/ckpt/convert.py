@@ -19,7 +19,15 @@ import torch
 
 from megastack.ckpt import formats
 from megastack.ckpt.detect import open_checkpoint
-from megastack.ckpt.execute import Comm, comm_from_launcher, dry_run, execute, plan_rows, plan_table
+from megastack.ckpt.execute import (
+    Comm,
+    comm_from_launcher,
+    dry_run,
+    execute,
+    plan_rows,
+    plan_table,
+    source_prefetch,
+)
 from megastack.ckpt.manifest import build_manifest, lineage, read_manifest, source_identity
 from megastack.config import ModelConfig, load_model_config
 from megastack.errors import UserError
@@ -145,6 +153,7 @@ def run(job: Conversion, dst: str | os.PathLike, comm: Comm, progress: bool = Fa
         iteration=job.iteration if formats.get(to).iteration_dirs else None,
         progress="convert" if progress else None,
         source=job.reader.path if check_source else None,
+        prefetch=source_prefetch(job.writer, job.reader, job.plan.sources_of, comm),
     )
     return Path(dst)
 

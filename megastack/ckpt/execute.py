@@ -29,6 +29,7 @@ from megastack.config import ModelConfig
 from megastack.errors import UserError
 from megastack.fsio import (
     DestinationLock,
+    prefetch_files,
     publish_dir,
     refuse_existing,
     staging_dir,
@@ -172,6 +173,15 @@ def dry_run(
     return plans
 
 
+def source_prefetch(
+    writer: Writer, reader: Reader, sources_of: Callable[[str, Any], list[tuple[str, Any]]], comm: Comm
+) -> Callable[[], None]:
+    """Read the source files this rank reads mostly into the page cache in file order (fsio.prefetch_files),
+    from the same plan as --dry-run's."""
+    reads = dry_run(writer, reader, sources_of, comm.world)[comm.rank].reads
+    return lambda: prefetch_files(reader.path, reads)
+
+
 def _user_message(exc: BaseException, dst: Path) -> str | None:
     """What a user should read for a failure, or None for a bug (which keeps its traceback)."""
     if isinstance(exc, UserError):
@@ -236,6 +246,7 @@ def execute(
     progress: str | None = None,
     order_key: Callable[[Unit], Any] | None = None,
     source: Path | None = None,
+    prefetch: Callable[[], None] | None = None,
 ) -> Path:
     """Write ``dst`` with every rank's share of ``writer``'s units; rank 0 publishes it.
 
@@ -244,6 +255,7 @@ def execute(
     point leaves either no ``dst`` or a complete one; the ``.dst.partial`` sibling a crash leaves behind
     is removed by the next run. A ``source`` with a megastack.json has its files' sha256 checked while the
     output is written (a thread, each rank a share of the files); a mismatch publishes nothing.
+    ``prefetch`` runs on every rank before its units are written (``source_prefetch``).
     """
     dst = Path(dst)
     refuse_existing(dst)
@@ -265,6 +277,8 @@ def execute(
             target.mkdir(parents=True)
 
     def write() -> Any:
+        if prefetch is not None:
+            prefetch()
         mine = assign(writer.units(), comm.world, order_key)[comm.rank]
         values = sum(_numel(writer.cfg, request) for unit in mine for request in unit.requests)
         bar = Progress(values, progress or "", enabled=progress is not None and comm.rank == 0, unit="value")

@@ -15,7 +15,15 @@ from typing import Any
 
 from megastack.ckpt import formats
 from megastack.ckpt.detect import open_checkpoint
-from megastack.ckpt.execute import Comm, comm_from_launcher, dry_run, execute, plan_rows, plan_table
+from megastack.ckpt.execute import (
+    Comm,
+    comm_from_launcher,
+    dry_run,
+    execute,
+    plan_rows,
+    plan_table,
+    source_prefetch,
+)
 from megastack.ckpt.manifest import build_manifest, lineage, optimizer_block, read_manifest, source_identity
 from megastack.errors import NotBuiltError, UserError
 from megastack.flops import flops_per_token
@@ -149,6 +157,7 @@ def grow(
         progress="grow" if progress else None,
         order_key=job.plan.source_key,
         source=job.reader.path if check_source else None,
+        prefetch=source_prefetch(job.writer, job.reader, job.plan.sources_of, comm),
     )
     job.rank = comm.rank
     return job
