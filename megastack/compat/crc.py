@@ -43,5 +43,5 @@ def crc32(data: Any, value: int = 0) -> int:
 
 
 def backend() -> str:
-    """Which implementation ``crc32`` uses (for benchmarks' records)."""
+    """Which implementation ``crc32`` uses ("zlib" or "libdeflate")."""
     return "zlib" if _NATIVE is None else "libdeflate"
