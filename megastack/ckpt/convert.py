@@ -21,12 +21,12 @@ from megastack.ckpt import formats
 from megastack.ckpt.detect import open_checkpoint
 from megastack.ckpt.execute import (
     Comm,
+    Source,
     comm_from_launcher,
     dry_run,
     execute,
     plan_rows,
     plan_table,
-    source_prefetch,
 )
 from megastack.ckpt.manifest import build_manifest, lineage, read_manifest, source_identity
 from megastack.config import ModelConfig, load_model_config
@@ -141,8 +141,6 @@ def convert(
 def run(job: Conversion, dst: str | os.PathLike, comm: Comm, progress: bool = False, check_source: bool = True) -> Path:
     """Write a prepared conversion (every rank calls it)."""
     to = job.writer.format
-    if not check_source:  # the history says the source's files were taken on trust
-        job.manifest["history"][-1]["source_checked"] = False
     # HF files go straight into DST; Megatron formats get iter_NNNNNNN/ and the tracker, like Megatron-LM.
     execute(
         job.writer,
@@ -152,8 +150,7 @@ def run(job: Conversion, dst: str | os.PathLike, comm: Comm, progress: bool = Fa
         job.manifest,
         iteration=job.iteration if formats.get(to).iteration_dirs else None,
         progress="convert" if progress else None,
-        source=job.reader.path if check_source else None,
-        prefetch=source_prefetch(job.writer, job.reader, job.plan.sources_of, comm),
+        source=Source(job.reader, job.plan.sources_of, check_source),
     )
     return Path(dst)
 

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from megastack import layout
-from megastack.ckpt.base import Produce, Reader, Request, Unit, Writer
+from megastack.ckpt.base import Produce, Reader, Unit, Writer
 from megastack.ckpt.manifest import MANIFEST, iter_dir_name, write_manifest, write_tracker
 from megastack.compat.streaming import release_idle_blocks, streaming_settings
-from megastack.config import ModelConfig
 from megastack.errors import UserError
 from megastack.fsio import (
     DestinationLock,
@@ -145,41 +144,46 @@ def dry_run(
     Peak: the unit being written (a torch_dist chunk, or a whole legacy/hf file) and its serialised
     copy, the source slice read for it, and the reader's cached source chunk (loaded bytes + tensor).
     """
+    return [rank_plan(rank, units, reader, sources_of) for rank, units in enumerate(assign(writer.units(), world))]
+
+
+def rank_plan(
+    rank: int, units: list[Unit], reader: Reader, sources_of: Callable[[str, Any], list[tuple[str, Any]]]
+) -> RankPlan:
+    """One rank's share of ``dry_run``: what its ``units`` read and write, and their predicted peak."""
     cached_chunk = getattr(reader, "max_chunk_bytes", lambda: 0)()
-    plans = []
-    for rank, units in enumerate(assign(writer.units(), world)):
-        reads: dict[str, int] = {}
-        peak = 0
-        for unit in units:
-            largest_read = 0
-            for request in unit.requests:
-                for source, pieces in sources_of(request.name, request.pieces):
-                    touched = reader.sources(source, pieces)
-                    for path, nbytes in touched.items():
-                        reads[path] = reads.get(path, 0) + nbytes
-                    largest_read = max(largest_read, sum(touched.values()))
-            peak = max(peak, 2 * unit.nbytes + largest_read + 2 * cached_chunk)
-        plans.append(
-            RankPlan(
-                rank,
-                [u.key for u in units],
-                sum(u.nbytes for u in units),
-                sum(reads.values()),
-                dict(sorted(reads.items())),
-                peak,
-                sum(u.nbytes for u in units if any(layout.split_state(r.name)[0] for r in u.requests)),
-            )
-        )
-    return plans
+    reads: dict[str, int] = {}
+    peak = 0
+    for unit in units:
+        largest_read = 0
+        for request in unit.requests:
+            for source, pieces in sources_of(request.name, request.pieces):
+                touched = reader.sources(source, pieces)
+                for path, nbytes in touched.items():
+                    reads[path] = reads.get(path, 0) + nbytes
+                largest_read = max(largest_read, sum(touched.values()))
+        peak = max(peak, 2 * unit.nbytes + largest_read + 2 * cached_chunk)
+    return RankPlan(
+        rank,
+        [u.key for u in units],
+        sum(u.nbytes for u in units),
+        sum(reads.values()),
+        dict(sorted(reads.items())),
+        peak,
+        sum(u.nbytes for u in units if any(layout.split_state(r.name)[0] for r in u.requests)),
+    )
 
 
-def source_prefetch(
-    writer: Writer, reader: Reader, sources_of: Callable[[str, Any], list[tuple[str, Any]]], comm: Comm
-) -> Callable[[], None]:
-    """Read the source files this rank reads mostly into the page cache in file order (fsio.prefetch_files),
-    from the same plan as --dry-run's."""
-    reads = dry_run(writer, reader, sources_of, comm.world)[comm.rank].reads
-    return lambda: prefetch_files(reader.path, reads)
+@dataclass
+class Source:
+    """What a command reads: ``reader``, and ``sources_of(target, pieces)``, the (source name, pieces) each
+    target piece is made from. Each rank reads the files it reads mostly into the page cache before writing
+    (fsio.prefetch_files); with ``check``, a source with a megastack.json has its files re-hashed against it
+    while the output is written (``SourceCheck``)."""
+
+    reader: Reader
+    sources_of: Callable[[str, Any], list[tuple[str, Any]]]
+    check: bool = True
 
 
 def _user_message(exc: BaseException, dst: Path) -> str | None:
@@ -245,18 +249,19 @@ def execute(
     iteration: int | None = 0,
     progress: str | None = None,
     order_key: Callable[[Unit], Any] | None = None,
-    source: Path | None = None,
-    prefetch: Callable[[], None] | None = None,
+    source: Source | None = None,
 ) -> Path:
     """Write ``dst`` with every rank's share of ``writer``'s units; rank 0 publishes it.
 
     ``iteration`` None writes the files directly in ``dst`` (Hugging Face); otherwise ``dst`` is a
     checkpoint root with ``iter_NNNNNNN/`` and the tracker file, like Megatron-LM's. A crash at any
     point leaves either no ``dst`` or a complete one; the ``.dst.partial`` sibling a crash leaves behind
-    is removed by the next run. A ``source`` with a megastack.json has its files' sha256 checked while the
-    output is written (a thread, each rank a share of the files); a mismatch publishes nothing.
-    ``prefetch`` runs on every rank before its units are written (``source_prefetch``).
+    is removed by the next run. ``source``: see ``Source``; checked, a mismatch of its files (each rank hashes
+    a share, in a thread) publishes nothing; unchecked, the event in ``manifest``'s history says so.
     """
+    if source is not None and not source.check and manifest.get("history"):
+        *before, event = manifest["history"]
+        manifest = {**manifest, "history": [*before, {**event, "source_checked": False}]}  # taken on trust
     dst = Path(dst)
     refuse_existing(dst)
     staging = staging_dir(dst)
@@ -277,10 +282,14 @@ def execute(
             target.mkdir(parents=True)
 
     def write() -> Any:
-        if prefetch is not None:
-            prefetch()
         mine = assign(writer.units(), comm.world, order_key)[comm.rank]
-        values = sum(_numel(writer.cfg, request) for unit in mine for request in unit.requests)
+        if source is not None:
+            prefetch_files(source.reader.path, rank_plan(comm.rank, mine, source.reader, source.sources_of).reads)
+        values = sum(
+            math.prod(layout.pieces_shape(layout.logical_shape(writer.cfg, r.name), r.pieces))
+            for unit in mine
+            for r in unit.requests
+        )
         bar = Progress(values, progress or "", enabled=progress is not None and comm.rank == 0, unit="value")
 
         def produce_logged(name: str, pieces: Any):
@@ -295,7 +304,7 @@ def execute(
         finally:
             bar.close()
 
-    source_check = SourceCheck(source, comm)
+    source_check = SourceCheck(source.reader.path if source is not None and source.check else None, comm)
 
     try:
         _all_ranks(comm, dst, cleanup, prepare)
@@ -310,14 +319,6 @@ def execute(
     finally:
         lock.release()
     return dst
-
-
-def _numel(cfg: ModelConfig, request: Request) -> int:
-    """Values a request produces (its pieces of the logical tensor, or all of it)."""
-    shape = layout.logical_shape(cfg, request.name)
-    if request.pieces:
-        return math.prod(shape) // shape[request.pieces[0].dim] * sum(p.length for p in request.pieces)
-    return math.prod(shape)
 
 
 class SourceCheck:

@@ -538,12 +538,9 @@ class TorchDistReader:
         if self._last_chunk is not None and self._last_chunk[0] == cache_key:
             return self._last_chunk[1]
         self._last_chunk = None
-        tensor = self._load_chunk_uncached(key, chunk)
+        tensor = self._torch_load_chunk(key, chunk, "cpu")
         self._last_chunk = (cache_key, tensor)
         return tensor
-
-    def _load_chunk_uncached(self, key: str, chunk: ChunkStorageMetadata) -> torch.Tensor:
-        return self._torch_load_chunk(key, chunk, "cpu")
 
     def _torch_load_chunk(self, key: str, chunk: ChunkStorageMetadata, map_location: str) -> torch.Tensor:
         """One stored chunk through torch.load (``map_location`` "meta": its layout only, no values read)."""

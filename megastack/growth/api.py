@@ -17,12 +17,12 @@ from megastack.ckpt import formats
 from megastack.ckpt.detect import open_checkpoint
 from megastack.ckpt.execute import (
     Comm,
+    Source,
     comm_from_launcher,
     dry_run,
     execute,
     plan_rows,
     plan_table,
-    source_prefetch,
 )
 from megastack.ckpt.manifest import build_manifest, lineage, optimizer_block, read_manifest, source_identity
 from megastack.errors import NotBuiltError, UserError
@@ -145,8 +145,6 @@ def grow(
     # the process group starts after the source is open, as convert's does: started before it, one rank in
     # three aborted at exit with "terminate called without an active exception" (tests/test_reliability.py)
     comm = comm or comm_from_launcher()
-    if not check_source:  # the history says the source's files were taken on trust
-        job.manifest["history"][-1]["source_checked"] = False
     execute(
         job.writer,
         job.plan.producer(job.reader, job.reader.dtype("embedding")),
@@ -156,8 +154,7 @@ def grow(
         iteration=0 if formats.get(job.writer.format).iteration_dirs else None,  # HF files go straight in DST
         progress="grow" if progress else None,
         order_key=job.plan.source_key,
-        source=job.reader.path if check_source else None,
-        prefetch=source_prefetch(job.writer, job.reader, job.plan.sources_of, comm),
+        source=Source(job.reader, job.plan.sources_of, check_source),
     )
     job.rank = comm.rank
     return job
