@@ -217,8 +217,9 @@ def _bound_text(rows: list[dict[str, Any]]) -> str:
     if any("io_bound_runs" in x for x in rows):
         return (
             "Bound: read every input byte once + write the output's bytes once with fsync, same disk, after each "
-            "run (bench/iobound.py): written plainly and with write-behind (writeback started every 64 MiB, as "
-            "megastack's writers do), the faster counts; the plain write's time in brackets."
+            "run (bench/iobound.py): written plainly, with write-behind (writeback started every 64 MiB) and, "
+            "where the file system takes it, with O_DIRECT (as megastack's writers write there); the fastest "
+            "counts; the plain write's time in brackets."
         )
     return "Bound: read every input byte once + write the output once (fsync), same disk, measured between repeats."
 

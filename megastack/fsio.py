@@ -7,6 +7,7 @@ directory. ``publish_dir`` is how checkpoints appear; ``atomic_write_*`` is how 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -81,6 +82,161 @@ def prefetch_files(directory: str | os.PathLike, reads: dict[str, int]) -> None:
                         window.madvise(MADV_POPULATE_READ)
         except (OSError, ValueError):  # a kernel without the advice, a file gone: the reads will tell
             return
+
+
+DIRECT_ALIGN = 4096  # O_DIRECT's alignment of buffer, offset and length (the largest logical block in use)
+DIRECT_BLOCK = 8 << 20  # bytes per O_DIRECT write
+DIRECT_BUFFERS = 4  # one being filled, up to three queued or being written
+DIRECT_WRITERS = 2  # writes in flight at once (a disk serves one request at a time slower than two)
+
+
+class DirectFile:
+    """A new file written front to back with ``O_DIRECT``: bytes are copied into aligned staging blocks and
+    two helper threads write the full blocks while the caller fills the next.
+
+    A buffered write costs the kernel a page-cache page per 4 KiB (allocated, copied into, written back,
+    released) and a conversion never reads its output again, so the page cache gains nothing from holding
+    it. Measured here (BENCHMARKS.md): writing 2.3 GiB alone took 3.2-4.5 s of CPU buffered against 0.4-0.6
+    s direct; 7B torch_dist -> HF on 1 rank 22.3-22.6 s -> 18.2-18.6 s, 5 s less system CPU.
+
+    ``flush`` writes what is staged (a partial last block is written padded and the file cut to its size, so
+    the file holds exactly the bytes written so far); ``close`` flushes. Memory: DIRECT_BUFFERS blocks.
+    Open with ``open_output``, which falls back to a buffered file where ``O_DIRECT`` is refused."""
+
+    direct = True
+
+    def __init__(self, fd: int, name: str):
+        import concurrent.futures
+
+        import numpy as np
+
+        self.name, self._fd, self.position = name, fd, 0
+        self._np = np  # its copies drop the GIL, so the checksum threads run beside them
+        self._blocks = [_aligned_block(np) for _ in range(DIRECT_BUFFERS)]
+        self._writes: list[Any] = [None] * DIRECT_BUFFERS  # each block's write in flight
+        self._current, self._filled, self._block_offset = 0, 0, 0  # block being filled, its bytes, its offset
+        self._tail_written = True  # the partial block is on disk as it is (nothing written since a flush)
+        self._io = concurrent.futures.ThreadPoolExecutor(DIRECT_WRITERS, thread_name_prefix="direct-write")
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        view = self._np.frombuffer(memoryview(data).cast("B"), dtype=self._np.uint8)
+        self._tail_written = self._tail_written and not len(view)
+        done = 0
+        while done < len(view):
+            n = min(DIRECT_BLOCK - self._filled, len(view) - done)
+            self._blocks[self._current][self._filled : self._filled + n] = view[done : done + n]
+            self._filled += n
+            done += n
+            if self._filled == DIRECT_BLOCK:
+                self._submit(DIRECT_BLOCK)
+                self._next_block()
+        self.position += done
+        return done
+
+    def _submit(self, length: int) -> None:
+        """Hand the current block's first ``length`` bytes (aligned) to the writer thread."""
+        block = self._blocks[self._current][:length]
+        self._writes[self._current] = self._io.submit(_pwrite_all, self._fd, block, self._block_offset)
+
+    def _next_block(self) -> None:
+        self._block_offset += DIRECT_BLOCK
+        self._current = (self._current + 1) % DIRECT_BUFFERS
+        self._filled = 0
+        self._wait(self._current)
+
+    def _wait(self, index: int) -> None:
+        pending, self._writes[index] = self._writes[index], None
+        if pending is not None:
+            pending.result()  # an OSError of the write (ENOSPC, EIO) surfaces here
+
+    def flush(self) -> None:
+        """Write every staged byte; the partial last block is padded to the alignment, then cut off."""
+        if self._filled and not self._tail_written:
+            padded = -(-self._filled // DIRECT_ALIGN) * DIRECT_ALIGN
+            self._blocks[self._current][self._filled : padded] = 0
+            self._submit(padded)
+            self._wait(self._current)  # the block stays current: later writes fill it further
+            self._tail_written = True
+        for index in range(DIRECT_BUFFERS):
+            self._wait(index)
+        if os.fstat(self._fd).st_size != self.position:
+            os.ftruncate(self._fd, self.position)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def tell(self) -> int:
+        return self.position
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self.closed = True
+            self._io.shutdown(wait=True)
+            os.close(self._fd)
+
+    def __enter__(self) -> DirectFile:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None:
+            self.close()
+        else:  # the error is what matters; the file goes with its staging directory, unfinished
+            self.closed = True
+            self._io.shutdown(wait=True)
+            os.close(self._fd)
+
+
+def _aligned_block(np: Any) -> Any:
+    """DIRECT_BLOCK bytes of fresh memory starting on a DIRECT_ALIGN boundary (a numpy uint8 array)."""
+    raw = np.empty(DIRECT_BLOCK + DIRECT_ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % DIRECT_ALIGN
+    return raw[start : start + DIRECT_BLOCK]
+
+
+def _pwrite_all(fd: int, block: Any, offset: int) -> None:
+    while len(block):
+        try:
+            n = os.pwrite(fd, block, offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or not _stop_direct(fd):
+                raise
+            continue  # written through the page cache from now on
+        if n <= 0:
+            raise OSError(28, os.strerror(28))
+        block, offset = block[n:], offset + n
+
+
+def _stop_direct(fd: int) -> bool:
+    """Turn ``O_DIRECT`` off on ``fd`` (a file system that opened with it but refuses the writes, e.g. one
+    whose blocks are larger than DIRECT_ALIGN); False if it was off already."""
+    import fcntl
+
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if not flags & os.O_DIRECT:
+        return False
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+    return True
+
+
+def open_output(path: str | os.PathLike) -> Any:
+    """``path`` created for writing front to back: a ``DirectFile`` where the platform and file system take
+    ``O_DIRECT`` (Linux: ext4, xfs, Lustre, GPFS...), else a buffered ``open(path, "wb")`` (tmpfs, macOS).
+    ``MEGASTACK_DIRECT_IO=0`` asks for the buffered file everywhere."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if flag and os.environ.get("MEGASTACK_DIRECT_IO", "1") != "0":
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o666)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: this file system refuses O_DIRECT
+                raise
+        else:
+            return DirectFile(fd, os.fspath(path))
+    return open(path, "wb")
 
 
 def available_memory() -> int:

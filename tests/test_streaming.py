@@ -118,3 +118,82 @@ def test_prefetch_reads_the_files_read_mostly_into_the_page_cache(tmp_path, monk
     monkeypatch.setattr(fsio, "available_memory", lambda: 5 << 20)  # does not fit in half of it
     fsio.prefetch_files(tmp_path, {"big.bin": 3 << 20})
     assert _resident_fraction(other) < 0.5
+
+
+def _direct_or_skip(path: Path):
+    from megastack import fsio
+
+    f = fsio.open_output(path)
+    if not isinstance(f, fsio.DirectFile):
+        f.close()
+        pytest.skip("this file system refuses O_DIRECT")
+    return f
+
+
+def test_direct_file_holds_exactly_the_bytes_written_across_blocks_and_flushes(tmp_path, monkeypatch):
+    from megastack import fsio
+
+    monkeypatch.setattr(fsio, "DIRECT_BLOCK", 64 << 10)  # many blocks and wrap-arounds of the 3 buffers
+    path = tmp_path / "out.bin"
+    pieces = [os.urandom(n) for n in (10, 4096, 65536 - 4106, 1, 200_000, 4095, 70_000)]
+    with _direct_or_skip(path) as f:
+        for i, piece in enumerate(pieces):
+            assert f.write(memoryview(piece)) == len(piece)
+            if i in (0, 3, 5):  # mid-block: the padded block is written, the file cut, then written over
+                f.flush()
+                assert path.read_bytes() == b"".join(pieces[: i + 1])
+    assert path.read_bytes() == b"".join(pieces)
+    assert f.tell() == sum(map(len, pieces))
+
+
+def test_direct_file_write_errors_surface_and_output_falls_back_where_refused(tmp_path, monkeypatch):
+    from megastack import fsio
+
+    f = _direct_or_skip(tmp_path / "full.bin")
+
+    def disk_full(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fsio.os, "pwrite", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        with f:
+            f.write(bytes(3 * fsio.DIRECT_BLOCK))  # a full block goes to the writer thread, which fails
+            f.flush()
+    monkeypatch.undo()
+    monkeypatch.setenv("MEGASTACK_DIRECT_IO", "0")
+    with fsio.open_output(tmp_path / "buffered.bin") as g:
+        assert not isinstance(g, fsio.DirectFile)
+    monkeypatch.delenv("MEGASTACK_DIRECT_IO")
+    real_open = os.open
+
+    def refuse_direct(path, flags, *args):  # what tmpfs answers
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(fsio.os, "open", refuse_direct)
+    with fsio.open_output(tmp_path / "fallback.bin") as h:
+        h.write(b"abc")
+        assert not isinstance(h, fsio.DirectFile)
+    assert (tmp_path / "fallback.bin").read_bytes() == b"abc"
+
+
+def test_direct_file_goes_on_buffered_where_the_writes_are_refused(tmp_path, monkeypatch):
+    import fcntl
+
+    from megastack import fsio
+
+    monkeypatch.setattr(fsio, "DIRECT_BLOCK", 64 << 10)
+    real_pwrite, refused = os.pwrite, []
+
+    def refuse_direct(fd, data, offset):  # a file system whose blocks are larger than DIRECT_ALIGN
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(22, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    data = os.urandom(300_000)
+    with _direct_or_skip(tmp_path / "out.bin") as f:
+        monkeypatch.setattr(fsio.os, "pwrite", refuse_direct)
+        f.write(data)
+    assert refused and (tmp_path / "out.bin").read_bytes() == data

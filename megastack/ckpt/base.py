@@ -166,8 +166,8 @@ class HashingWriter:
 
 def _file_descriptor(f: Any) -> tuple[int | None, int]:
     """The OS file behind ``f`` and its current offset, or (None, 0) for an in-memory stream or a platform
-    without posix_fadvise (write-behind is then skipped)."""
-    if not hasattr(os, "posix_fadvise"):
+    without posix_fadvise, or a ``fsio.DirectFile`` (write-behind is then skipped)."""
+    if not hasattr(os, "posix_fadvise") or getattr(f, "direct", False):  # O_DIRECT: no page cache to manage
         return None, 0
     try:
         fd = f.fileno()

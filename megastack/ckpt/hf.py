@@ -29,7 +29,7 @@ from megastack import layout, untrusted
 from megastack.ckpt.base import FileHash, HashingWriter, Produce, Unit
 from megastack.config import ModelConfig
 from megastack.errors import UserError
-from megastack.fsio import ReadAhead
+from megastack.fsio import ReadAhead, open_output
 from megastack.layout import Piece, take_pieces
 
 INDEX = "model.safetensors.index.json"
@@ -636,7 +636,7 @@ class HFWriter:
             encoded = json.dumps(header, separators=(",", ":")).encode()
             encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as safetensors pads it
             held: dict[str, dict[str, torch.Tensor]] = {}  # a fused q/k/v until all three are out
-            with open(Path(directory) / unit.key, "wb") as f:
+            with open_output(Path(directory) / unit.key) as f:
                 stream = HashingWriter(f)
                 stream.write(len(encoded).to_bytes(8, "little"))
                 stream.write(encoded)

@@ -32,7 +32,7 @@ from megastack.ckpt.safe_load import load_pt
 from megastack.ckpt.torch_zip import LazyTensor, save_streaming
 from megastack.config import ModelConfig
 from megastack.errors import NotBuiltError, UserError
-from megastack.fsio import release_mapped_pages
+from megastack.fsio import open_output, release_mapped_pages
 from megastack.layout import Piece, pieces_shape, take_pieces
 
 FILE_NAME = "model_optim_rng.pt"
@@ -493,7 +493,7 @@ def _save(directory: Path, relative: str, obj: Any) -> FileHash:
     written (the manifest does not re-read the file)."""
     path = directory / relative
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
+    with open_output(path) as f:
         stream = HashingWriter(f)
         save_streaming(obj, stream)
     return FileHash(relative, stream.digest.hexdigest())

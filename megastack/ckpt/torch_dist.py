@@ -43,7 +43,7 @@ from megastack.ckpt.safe_load import load_pt, read_dcp_metadata, save_pt, write_
 from megastack.ckpt.torch_zip import LazyTensor, save_streaming
 from megastack.config import ModelConfig
 from megastack.errors import NotBuiltError, UserError
-from megastack.fsio import ReadAhead
+from megastack.fsio import ReadAhead, open_output
 from megastack.layout import Piece, pieces_shape, take_pieces
 
 METADATA_JSON = {
@@ -891,7 +891,7 @@ class TorchDistWriter:
         records: list[ChunkRecord | ObjectRecord | FileHash] = []
         if not units:
             return records
-        with open(Path(directory) / relative, "wb") as f:
+        with open_output(Path(directory) / relative) as f:
             stream = HashingWriter(f)
             for unit in units:
                 if unit.meta.get("objects"):
