@@ -222,3 +222,61 @@ def test_crc32_is_zlibs():
     view = memoryview(matrix.numpy())  # 2-D, float
     assert crc.crc32(view, 7) == zlib.crc32(matrix.numpy().tobytes(), 7)
     assert crc.backend() in ("zlib", "libdeflate")
+
+
+def test_ahead_keeps_order_bounds_its_lead_raises_in_place_and_stops_early():
+    import threading
+    import time
+
+    from megastack.ckpt.base import ahead
+
+    made: list[int] = []
+
+    def items(n: int, fail_at: int | None = None):
+        for i in range(n):
+            if i == fail_at:
+                raise ValueError(f"bad item {i}")
+            made.append(i)
+            yield i
+
+    assert list(ahead(items(50))) == list(range(50))
+    made.clear()
+    got = []
+    for i in ahead(items(50), depth=2):
+        time.sleep(0.01)  # the producer runs ahead, at most depth + 1 items beyond the one held
+        assert len(made) <= i + 1 + 3
+        got.append(i)
+    assert got == list(range(50))
+    got = []
+    with pytest.raises(ValueError, match="bad item 3"):
+        for i in ahead(items(10, fail_at=3)):
+            got.append(i)
+    assert got == [0, 1, 2]  # every item before the failing one was delivered
+    made.clear()
+    threads = threading.active_count()
+    for i in ahead(items(10**6)):
+        if i == 5:
+            break
+    assert len(made) < 10 and threading.active_count() == threads  # the producer stopped and was joined
+
+
+def test_read_ahead_writes_the_same_bytes_as_without(tmp_path):
+    tensors = {"a": torch.randn(70, 3), "b": torch.randn(4).half(), "c": torch.randn(2, 2).to(torch.bfloat16)}
+
+    def blob() -> dict:
+        blocks = {"a": lambda: iter([tensors["a"][:30], tensors["a"][30:]])}
+        return {name: LazyTensor(t.shape, t.dtype, lambda t=t: t, blocks.get(name)) for name, t in tensors.items()}
+
+    files = []
+    for read_ahead in (False, True):
+        path = tmp_path / f"ahead{read_ahead}.pt"
+        with open(path, "wb") as f:
+            save_streaming(blob(), HashingWriter(f), read_ahead=read_ahead)
+        files.append(path.read_bytes())
+    assert files[0] == files[1]
+    loaded = torch.load(tmp_path / "aheadTrue.pt", weights_only=True)
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    bad = blob()
+    bad["b"] = LazyTensor((5,), torch.float16, lambda: tensors["b"])  # produces 4 values, the pickle says 5
+    with open(tmp_path / "bad.pt", "wb") as f, pytest.raises(RuntimeError, match="shape"):
+        save_streaming(bad, HashingWriter(f), read_ahead=True)

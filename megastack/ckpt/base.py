@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import hashlib
 import os
-from collections.abc import Callable
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -23,6 +26,7 @@ from megastack.layout import Piece
 
 # produce(logical name, pieces or None for the whole tensor) -> tensor
 Produce = Callable[[str, "list[Piece] | None"], torch.Tensor]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,52 @@ class Trailing:
             future, nbytes = self._pending.popleft()
             future.result()
             self.pending_bytes -= nbytes
+
+
+_DONE = object()
+
+
+def ahead(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+    """``items``, each computed in a helper thread up to ``depth`` ahead of the one the caller holds.
+
+    A writer's loop alternates reading (the source's bytes, often from a disk the page cache does not hold)
+    and writing (copying into the output, hashing); drawn through ``ahead`` the next block is read while
+    this one is written. Memory: ``depth`` + 1 more blocks alive. An exception of ``items`` is raised to the
+    caller at the item it replaced; a caller that stops early stops the thread."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def fill() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put((_DONE, None))
+        except BaseException as exc:  # handed to the caller, who raises it
+            slots.put((_DONE, exc))
+
+    thread = threading.Thread(target=fill, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if item is _DONE:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # let a producer blocked on a full queue see the stop
+            with contextlib.suppress(queue.Empty):
+                slots.get(timeout=0.1)
+        thread.join()
 
 
 class HashingWriter:

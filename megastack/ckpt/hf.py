@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from megastack import layout, untrusted
-from megastack.ckpt.base import FileHash, HashingWriter, Produce, Unit
+from megastack.ckpt.base import FileHash, HashingWriter, Produce, Unit, ahead
 from megastack.config import ModelConfig
 from megastack.errors import UserError
 from megastack.fsio import ReadAhead, open_output
@@ -636,18 +636,25 @@ class HFWriter:
             encoded = json.dumps(header, separators=(",", ":")).encode()
             encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as safetensors pads it
             held: dict[str, dict[str, torch.Tensor]] = {}  # a fused q/k/v until all three are out
+            blocks = ahead(  # the next block is read while this one is written
+                (hf_name, block.to(self.dtype).contiguous().view(torch.uint8).reshape(-1).numpy())
+                for hf_name, _, logical in parts
+                for block in self._blocks(logical, hf_name, produce, held)
+            )
+            written = {hf_name: 0 for hf_name, _, _ in parts}
             with open_output(Path(directory) / unit.key) as f:
                 stream = HashingWriter(f)
                 stream.write(len(encoded).to_bytes(8, "little"))
                 stream.write(encoded)
-                for hf_name, _, logical in parts:
-                    begin, end = header[hf_name]["data_offsets"]
-                    for block in self._blocks(logical, hf_name, produce, held):
-                        data = block.to(self.dtype).contiguous().view(torch.uint8).reshape(-1).numpy()
-                        begin += data.nbytes
-                        stream.write(memoryview(data), owned=True)  # a fresh tensor's bytes, never changed
-                    if begin != end:
-                        raise RuntimeError(f"produced {hf_name} with {begin - end:+d} bytes against its header's size")
+                for hf_name, data in blocks:
+                    written[hf_name] += data.nbytes
+                    stream.write(memoryview(data), owned=True)  # a fresh tensor's bytes, never changed
+            for hf_name, nbytes in written.items():
+                begin, end = header[hf_name]["data_offsets"]
+                if nbytes != end - begin:
+                    raise RuntimeError(
+                        f"produced {hf_name} with {nbytes - end + begin:+d} bytes against its header's size"
+                    )
             records.append(FileHash(unit.key, stream.digest.hexdigest()))
         return records
 

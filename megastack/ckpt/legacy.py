@@ -495,7 +495,7 @@ def _save(directory: Path, relative: str, obj: Any) -> FileHash:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open_output(path) as f:
         stream = HashingWriter(f)
-        save_streaming(obj, stream)
+        save_streaming(obj, stream, read_ahead=True)
     return FileHash(relative, stream.digest.hexdigest())
 
 

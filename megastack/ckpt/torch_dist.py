@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import torch
 
 from megastack import layout, untrusted
 from megastack.ckpt import megatron_args, megatron_optim
-from megastack.ckpt.base import FileHash, HashingWriter, Produce, Request, Unit
+from megastack.ckpt.base import FileHash, HashingWriter, Produce, Request, Unit, ahead
 from megastack.ckpt.dcp_metadata import (
     CURRENT_DCP_VERSION,
     BytesStorageMetadata,
@@ -789,6 +790,10 @@ class FileWindow(io.RawIOBase):
         return got
 
 
+def _pieces(request: Request) -> list[Piece] | None:
+    return list(request.pieces) if request.pieces else None
+
+
 @dataclass
 class ChunkRecord:
     key: str
@@ -893,18 +898,24 @@ class TorchDistWriter:
             return records
         with open_output(Path(directory) / relative) as f:
             stream = HashingWriter(f)
-            for unit in units:
-                if unit.meta.get("objects"):
+
+            def produced() -> Iterator[tuple[Unit, Request | None, torch.Tensor | None]]:
+                for unit in units:
+                    if unit.meta.get("objects"):
+                        yield unit, None, None
+                        continue
+                    for request in unit.requests:
+                        yield unit, request, produce(request.name, _pieces(request))
+
+            for unit, request, tensor in ahead(produced()):  # the next chunk is read while this one is written
+                if request is None:
                     for key in extra_state_keys(self.cfg):
                         offset = stream.tell()
                         torch.save([None], stream)
                         records.append(ObjectRecord(key, relative, offset, stream.tell() - offset))
                     continue
-                for request in unit.requests:
-                    pieces = list(request.pieces) if request.pieces else None
-                    tensor = produce(request.name, pieces)
-                    name = unit.meta.get("write_as", request.name)
-                    records.append(self._write_chunk(stream, relative, name, tensor, pieces))
+                name = unit.meta.get("write_as", request.name)
+                records.append(self._write_chunk(stream, relative, name, tensor, _pieces(request)))
             f.flush()
             os.fsync(f.fileno())
         records.append(FileHash(relative, stream.digest.hexdigest()))

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from megastack.ckpt.base import HashingWriter, Trailing
+from megastack.ckpt.base import HashingWriter, Trailing, ahead
 from megastack.ckpt.safe_load import _Pickler
 from megastack.compat.crc import crc32
 
@@ -208,9 +208,10 @@ def _lazy_tensors(obj: Any, found: list[LazyTensor]) -> None:
             _lazy_tensors(value, found)
 
 
-def save_streaming(obj: Any, f: Any) -> None:
+def save_streaming(obj: Any, f: Any, read_ahead: bool = False) -> None:
     """Write ``obj`` (LazyTensors inside dicts, lists and tuples) to the binary stream ``f`` as torch.save
-    would, producing each tensor only when its record is written."""
+    would, producing each tensor only when its record is written (``read_ahead``: the next block is produced
+    in a helper thread while this one is written, see base.ahead)."""
     lazies: list[LazyTensor] = []
     _lazy_tensors(obj, lazies)
     for i, lazy in enumerate(lazies):
@@ -223,21 +224,37 @@ def save_streaming(obj: Any, f: Any) -> None:
     archive = ZipStream(f)
     archive.record("archive/data.pkl", [buffer.getvalue()])
     archive.record("archive/byteorder", [sys.byteorder.encode()])
+    blocks = _tensor_blocks(lazies)
+    if read_ahead:
+        blocks = ahead(blocks)
     for lazy in lazies:
-        archive.record(f"archive/data/{lazy.storage.key}", _tensor_bytes(lazy))
+        archive.record(f"archive/data/{lazy.storage.key}", _record_chunks(blocks))
     archive.record("archive/version", [b"3\n"])
     archive.close()
 
 
-def _tensor_bytes(lazy: LazyTensor):
-    rows = 0
-    for block in lazy.produce_blocks():
-        if tuple(block.shape[1:]) != lazy.shape[1:] or (lazy.blocks is None and tuple(block.shape) != lazy.shape):
-            raise RuntimeError(f"produced a tensor of shape {tuple(block.shape)}, the file's pickle has {lazy.shape}")
-        rows += block.shape[0] if block.dim() else 1
-        data = memoryview(block.to(lazy.dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
+def _tensor_blocks(lazies: list[LazyTensor]) -> Iterator[memoryview | None]:
+    """Each tensor's bytes, block by block, checked against its pickled shape; None after each tensor."""
+    for lazy in lazies:
+        rows = 0
+        for block in lazy.produce_blocks():
+            if tuple(block.shape[1:]) != lazy.shape[1:] or (lazy.blocks is None and tuple(block.shape) != lazy.shape):
+                raise RuntimeError(
+                    f"produced a tensor of shape {tuple(block.shape)}, the file's pickle has {lazy.shape}"
+                )
+            rows += block.shape[0] if block.dim() else 1
+            yield memoryview(block.to(lazy.dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
+            del block
+        if rows != (lazy.shape[0] if lazy.shape else 1):
+            raise RuntimeError(f"produced {rows} rows, the file's pickle has {lazy.shape}")
+        yield None
+
+
+def _record_chunks(blocks: Iterator[memoryview | None]) -> Iterator[memoryview]:
+    """One tensor's record: the blocks up to the next None, in CHUNK pieces."""
+    for data in blocks:
+        if data is None:
+            return
         for start in range(0, len(data), CHUNK):
             yield data[start : start + CHUNK]
-        del block, data
-    if rows != (lazy.shape[0] if lazy.shape else 1):
-        raise RuntimeError(f"produced {rows} rows, the file's pickle has {lazy.shape}")
+        del data
