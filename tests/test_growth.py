@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megastack import layout
+from megastack import fsio, layout
 from megastack.ckpt.detect import open_checkpoint
 from megastack.ckpt.inspect import verify
 from megastack.ckpt.manifest import read_manifest, resolve_iteration_dir
@@ -452,8 +452,9 @@ def test_peak_memory_is_bounded_by_the_largest_tensor(tmp_path):
         assert out.returncode == 0, out.stderr
         peaks[factor] = int(out.stdout.split("PEAK_BYTES")[1].split()[0])
     model_bytes = 8 * cfg.total_parameters() * 4  # the x8 model, what a full gather would hold
-    assert peaks[8] <= 4 * largest + (8 << 20), (peaks, largest)
-    assert peaks[8] < model_bytes / 8, (peaks, model_bytes)
+    staging = fsio.DIRECT_BUFFERS * fsio.DIRECT_BLOCK  # the O_DIRECT writer's blocks: fixed, whatever the model
+    assert peaks[8] <= 4 * largest + staging + (8 << 20), (peaks, largest)
+    assert peaks[8] - staging < model_bytes / 8, (peaks, model_bytes)
     assert peaks[8] <= peaks[2] + largest + (4 << 20), peaks  # independent of the factor
 
 
