@@ -371,7 +371,8 @@ def render_mergekit(r: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"I/O bound of the HF -> HF job (read the source once, write {r['megastack_output_bytes'] / GIB:.2f} "
-        f"GiB once with fsync, bench/iobound.py: the faster of a plain write and one with write-behind): "
+        f"GiB once with fsync, bench/iobound.py: the fastest of a plain write, one with write-behind and one "
+        "with O_DIRECT): "
         f"{_bound(r)} median (plain write in brackets).",
     ]
     return lines
