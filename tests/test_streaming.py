@@ -115,7 +115,7 @@ def test_prefetch_reads_the_files_read_mostly_into_the_page_cache(tmp_path, monk
     fsio.prefetch_files(tmp_path, {"read.bin": 3 << 20, "partly.bin": 1 << 20})
     assert _resident_fraction(read) == 1.0
     assert _resident_fraction(skipped) < 0.5  # a third of it is read: left to the reads
-    monkeypatch.setattr(fsio, "available_memory", lambda: 5 << 20)  # does not fit in half of it
+    monkeypatch.setattr(fsio, "available_memory", lambda: 7 << 19)  # 3 MiB do not fit in 3/4 of 3.5 MiB
     fsio.prefetch_files(tmp_path, {"big.bin": 3 << 20})
     assert _resident_fraction(other) < 0.5
 
