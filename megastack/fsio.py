@@ -89,7 +89,7 @@ def prefetch_files(directory: str | os.PathLike, reads: dict[str, int]) -> None:
 DIRECT_ALIGN = 4096  # O_DIRECT's alignment of buffer, offset and length (the largest logical block in use)
 DIRECT_BLOCK = 8 << 20  # bytes per O_DIRECT write
 DIRECT_BUFFERS = 4  # one being filled, up to three queued or being written
-DIRECT_WRITERS = 2  # writes in flight at once (a disk serves one request at a time slower than two)
+DIRECT_WRITERS = 2  # writes in flight at once, so the disk's queue does not empty between blocks
 
 
 class DirectFile:
@@ -99,7 +99,7 @@ class DirectFile:
     A buffered write costs the kernel a page-cache page per 4 KiB (allocated, copied into, written back,
     released) and a conversion never reads its output again, so the page cache gains nothing from holding
     it. Measured here (BENCHMARKS.md): writing 2.3 GiB alone took 3.2-4.5 s of CPU buffered against 0.4-0.6
-    s direct; 7B torch_dist -> HF on 1 rank 22.3-22.6 s -> 18.2-18.6 s, 5 s less system CPU.
+    s direct; 7B torch_dist -> HF on 1 rank 22.3-22.6 s -> 18.2-18.6 s, 4-6 s less system CPU.
 
     ``flush`` writes what is staged (a partial last block is written padded and the file cut to its size, so
     the file holds exactly the bytes written so far); ``close`` flushes. Memory: DIRECT_BUFFERS blocks.
