@@ -19,15 +19,7 @@ import torch
 
 from megastack.ckpt import formats
 from megastack.ckpt.detect import open_checkpoint
-from megastack.ckpt.execute import (
-    Comm,
-    Source,
-    comm_from_launcher,
-    dry_run,
-    execute,
-    plan_rows,
-    plan_table,
-)
+from megastack.ckpt.execute import Comm, Source, comm_from_launcher, dry_run, execute, plan_rows, plan_table
 from megastack.ckpt.manifest import build_manifest, lineage, read_manifest, source_identity
 from megastack.config import ModelConfig, load_model_config
 from megastack.errors import UserError

@@ -790,10 +790,6 @@ class FileWindow(io.RawIOBase):
         return got
 
 
-def _pieces(request: Request) -> list[Piece] | None:
-    return list(request.pieces) if request.pieces else None
-
-
 @dataclass
 class ChunkRecord:
     key: str
@@ -899,15 +895,16 @@ class TorchDistWriter:
         with open_output(Path(directory) / relative) as f:
             stream = HashingWriter(f)
 
-            def produced() -> Iterator[tuple[Unit, Request | None, torch.Tensor | None]]:
+            def produced() -> Iterator[tuple[Unit, Request | None, list[Piece] | None, torch.Tensor | None]]:
                 for unit in units:
                     if unit.meta.get("objects"):
-                        yield unit, None, None
+                        yield unit, None, None, None
                         continue
                     for request in unit.requests:
-                        yield unit, request, produce(request.name, _pieces(request))
+                        pieces = list(request.pieces) if request.pieces else None
+                        yield unit, request, pieces, produce(request.name, pieces)
 
-            for unit, request, tensor in ahead(produced()):  # the next chunk is read while this one is written
+            for unit, request, pieces, tensor in ahead(produced()):  # the next chunk is read while this is written
                 if request is None:
                     for key in extra_state_keys(self.cfg):
                         offset = stream.tell()
@@ -915,7 +912,7 @@ class TorchDistWriter:
                         records.append(ObjectRecord(key, relative, offset, stream.tell() - offset))
                     continue
                 name = unit.meta.get("write_as", request.name)
-                records.append(self._write_chunk(stream, relative, name, tensor, _pieces(request)))
+                records.append(self._write_chunk(stream, relative, name, tensor, pieces))
             f.flush()
             os.fsync(f.fileno())
         records.append(FileHash(relative, stream.digest.hexdigest()))

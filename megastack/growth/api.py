@@ -15,15 +15,7 @@ from typing import Any
 
 from megastack.ckpt import formats
 from megastack.ckpt.detect import open_checkpoint
-from megastack.ckpt.execute import (
-    Comm,
-    Source,
-    comm_from_launcher,
-    dry_run,
-    execute,
-    plan_rows,
-    plan_table,
-)
+from megastack.ckpt.execute import Comm, Source, comm_from_launcher, dry_run, execute, plan_rows, plan_table
 from megastack.ckpt.manifest import build_manifest, lineage, optimizer_block, read_manifest, source_identity
 from megastack.errors import NotBuiltError, UserError
 from megastack.flops import flops_per_token
