@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import hashlib
 import os
 import queue
@@ -104,45 +103,46 @@ _DONE = object()
 
 
 def ahead(items: Iterable[T], depth: int = 1) -> Iterator[T]:
-    """``items``, each computed in a helper thread up to ``depth`` ahead of the one the caller holds.
+    """``items``, each computed in a helper thread at most ``depth`` ahead of the one the caller holds.
 
     A writer's loop alternates reading (the source's bytes, often from a disk the page cache does not hold)
     and writing (copying into the output, hashing); drawn through ``ahead`` the next block is read while
-    this one is written. Memory: ``depth`` + 1 more blocks alive. An exception of ``items`` is raised to the
-    caller at the item it replaced; a caller that stops early stops the thread."""
-    slots: queue.Queue = queue.Queue(maxsize=depth)
+    this one is written. Memory: ``depth`` more blocks alive (the thread starts an item only once the caller
+    has taken the one before it). An exception of ``items`` is raised to the caller at the item it replaced;
+    a caller that stops early stops the thread."""
+    done: queue.Queue = queue.Queue()
+    room = threading.Semaphore(depth)  # items the thread may make before the caller takes one
     stop = threading.Event()
 
     def fill() -> None:
         try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        slots.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+            iterator = iter(items)
+            while True:
+                while not room.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
                 if stop.is_set():
                     return
-            slots.put((_DONE, None))
+                item = next(iterator, _DONE)
+                done.put((item, None))
+                if item is _DONE:
+                    return
         except BaseException as exc:  # handed to the caller, who raises it
-            slots.put((_DONE, exc))
+            done.put((_DONE, exc))
 
     thread = threading.Thread(target=fill, name="read-ahead", daemon=True)
     thread.start()
     try:
         while True:
-            item, error = slots.get()
+            item, error = done.get()
             if item is _DONE:
                 if error is not None:
                     raise error
                 return
+            room.release()
             yield item
     finally:
         stop.set()
-        while thread.is_alive():  # let a producer blocked on a full queue see the stop
-            with contextlib.suppress(queue.Empty):
-                slots.get(timeout=0.1)
         thread.join()
 
 
