@@ -19,8 +19,9 @@ import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from megastack.compat.crc import crc32
 from megastack.errors import UserError
 
 
@@ -292,12 +293,49 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+class FileDigest(NamedTuple):
+    """A file's two checksums, as megastack.json lists them: sha256 (its identity, what ``megastack verify``
+    checks) and zlib's CRC32 (8 hex digits: a corruption check at ~6 GB/s here against sha256's ~1.75, so
+    reading a source does not cost as much CPU as writing the output)."""
+
+    sha256: str
+    crc32: str
+
+
+def _read_blocks(path: str | os.PathLike, chunk: int = 1 << 22) -> Iterator[memoryview]:
+    """The file's bytes, front to back, through one reused buffer (each view is valid until the next)."""
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            yield view[:n]
+
+
+def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    for block in _read_blocks(path):
+        h.update(block)
     return h.hexdigest()
+
+
+def crc32_file(path: str | os.PathLike) -> str:
+    value = 0
+    for block in _read_blocks(path):
+        value = crc32(block, value)
+    return crc32_hex(value)
+
+
+def file_digest(path: str | os.PathLike) -> FileDigest:
+    """Both checksums of a file, read once."""
+    h, value = hashlib.sha256(), 0
+    for block in _read_blocks(path):
+        h.update(block)
+        value = crc32(block, value)
+    return FileDigest(h.hexdigest(), crc32_hex(value))
+
+
+def crc32_hex(value: int) -> str:
+    return f"{value:08x}"
 
 
 def staging_dir(final: str | os.PathLike) -> Path:

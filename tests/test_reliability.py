@@ -318,6 +318,42 @@ def test_path_traversal_in_shard_names_and_manifest_is_refused(tmp_path):
         verify(tmp_path / "td2")
 
 
+def test_manifest_lists_sha256_and_crc32_and_a_source_is_checked_by_its_crc32(tmp_path):
+    """megastack.json lists both checksums of every file as hashlib and zlib compute them; the source check
+    of grow and convert (``fast``) reads the CRC32 alone, ``megastack verify`` both, and a manifest from before
+    CRC32s were listed is checked by its sha256."""
+    import hashlib
+    import zlib
+
+    from megastack.ckpt.manifest import check_hashes
+
+    write_checkpoint(reference(small_config()), tmp_path / "td")
+    it = resolve_iteration_dir(tmp_path / "td")
+    manifest = json.loads((it / "megastack.json").read_text())
+    files = sorted(p for p in it.rglob("*") if p.is_file() and p.name != "megastack.json")
+    assert sorted(manifest["files"]) == sorted(manifest["crc32"]) == [p.relative_to(it).as_posix() for p in files]
+    for path in files:
+        rel = path.relative_to(it).as_posix()
+        assert manifest["files"][rel] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert manifest["crc32"][rel] == f"{zlib.crc32(path.read_bytes()):08x}"
+    assert check_hashes(it, manifest, fast=True) == check_hashes(it, manifest) == [] and verify(it) == []
+
+    shard = sorted(it.glob("*.distcp"))[0].name
+    wrong_sha = {**manifest, "files": {**manifest["files"], shard: "0" * 64}}
+    assert check_hashes(it, wrong_sha, fast=True) == []  # the CRC32 alone was read
+    assert len(check_hashes(it, wrong_sha)) == 1
+    wrong_crc = {**manifest, "crc32": {**manifest["crc32"], shard: "00000000"}}
+    assert [shard in p and "checksum differs" in p for p in check_hashes(it, wrong_crc, fast=True)] == [True]
+    assert len(check_hashes(it, wrong_crc)) == 1
+    older = {k: v for k, v in manifest.items() if k != "crc32"}
+    assert check_hashes(it, older, fast=True) == []
+    assert len(check_hashes(it, {**older, "files": {**older["files"], shard: "0" * 64}}, fast=True)) == 1
+
+    (it / "megastack.json").write_text(json.dumps({**manifest, "crc32": {shard: 123}}))
+    with pytest.raises(UserError, match="'crc32' must map file names to CRC32 strings"):
+        verify(it)
+
+
 # ----------------------------------------------------------------------------- fuzzing
 
 yaml_scalars = st.one_of(

@@ -7,6 +7,7 @@ import hashlib
 import io
 import struct
 import zipfile
+import zlib
 
 import pytest
 import torch
@@ -43,7 +44,9 @@ def test_streamed_file_is_what_torch_load_reads(tmp_path):
             "iteration": 7,
         }
         save_streaming(blob, stream)
-    assert stream.digest.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()  # hashed as written
+    digest = stream.file_hash("out.pt").digest  # hashed as written
+    assert digest.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest.crc32 == f"{zlib.crc32(path.read_bytes()):08x}"
     # each tensor produced once, after the pickle and the records before it were written
     assert [n for n, _ in produced] == ["w", "b16", "h", "scalar_row"] and produced[0][1] > 0
     assert all(a < b for (_, a), (_, b) in zip(produced, produced[1:]))
@@ -127,7 +130,8 @@ def test_hashing_writer_with_write_behind_keeps_every_byte(tmp_path, monkeypatch
     in_memory = HashingWriter(io.BytesIO())
     assert write_all(in_memory) == expected
     assert path.read_bytes() == b"head" + expected
-    assert on_disk.digest.hexdigest() == in_memory.digest.hexdigest() == hashlib.sha256(expected).hexdigest()
+    assert on_disk.file_hash("x") == in_memory.file_hash("x")
+    assert on_disk.file_hash("x").digest == (hashlib.sha256(expected).hexdigest(), f"{zlib.crc32(expected):08x}")
     assert on_disk.tell() == in_memory.tell() == len(expected)
 
 

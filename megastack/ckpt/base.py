@@ -20,7 +20,9 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
+from megastack.compat.crc import crc32
 from megastack.config import ModelConfig
+from megastack.fsio import FileDigest, crc32_hex
 from megastack.layout import Piece
 
 # produce(logical name, pieces or None for the whole tensor) -> tensor
@@ -167,25 +169,28 @@ class HashingWriter:
     WRITE_BEHIND_BYTES = 64 << 20
 
     def __init__(self, f):
-        self.f, self.position, self._digest = f, 0, hashlib.sha256()
+        self.f, self.position, self._digest, self._crc32 = f, 0, hashlib.sha256(), 0
         self._hashing = Trailing("sha256")
         self._fd, self._start = _file_descriptor(f)
         self._kicked = self._released = 0  # bytes handed to writeback; bytes whose pages were released
 
-    @property
-    def digest(self) -> Any:
-        """The sha256 of everything written so far."""
+    def file_hash(self, relative_path: str) -> FileHash:
+        """The checksums of everything written so far, for the manifest's entry of ``relative_path``."""
         self._hashing.wait()
-        return self._digest
+        return FileHash(relative_path, FileDigest(self._digest.hexdigest(), crc32_hex(self._crc32)))
+
+    def _update(self, data: Any) -> None:
+        self._digest.update(data)
+        self._crc32 = crc32(data, self._crc32)
 
     def write(self, data, owned: bool = False) -> int:
         nbytes = memoryview(data).nbytes
         if nbytes < self.CONCURRENT_BYTES and not self._hashing:
-            self._digest.update(data)
+            self._update(data)
         else:
             if not owned and nbytes < self.CONCURRENT_BYTES:
                 data, owned = bytes(data), True  # a small copy waits its turn behind the pending blocks
-            self._hashing.submit(self._digest.update, data, nbytes)
+            self._hashing.submit(self._update, data, nbytes)
         self.position += nbytes
         try:
             written = self.f.write(data)
@@ -228,7 +233,7 @@ def _file_descriptor(f: Any) -> tuple[int | None, int]:
 
 @dataclass
 class FileHash:
-    """sha256 of a file a rank wrote, computed while writing so the manifest need not re-read it."""
+    """The checksums of a file a rank wrote, computed while writing so the manifest need not re-read it."""
 
     relative_path: str
-    sha256: str
+    digest: FileDigest

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from megastack import layout
-from megastack.ckpt.base import Produce, Reader, Unit, Writer
+from megastack.ckpt.base import FileHash, Produce, Reader, Unit, Writer
 from megastack.ckpt.manifest import MANIFEST, iter_dir_name, write_manifest, write_tracker
 from megastack.compat.streaming import release_idle_blocks, streaming_settings
 from megastack.errors import UserError
@@ -322,9 +322,9 @@ def execute(
 
 
 class SourceCheck:
-    """The source's files against its manifest's sha256, hashed in a thread while the output is written,
-    so a corrupt source is refused before anything is published (and its checksum never recorded as if
-    intact)."""
+    """The source's files against its manifest's checksums (the CRC32 where it lists one), in a thread while
+    the output is written, so a corrupt source is refused before anything is published (and its checksum
+    never recorded as if intact)."""
 
     def __init__(self, source: Path | None, comm: Comm):
         from megastack.ckpt.manifest import read_manifest
@@ -342,7 +342,7 @@ class SourceCheck:
         def run() -> None:
             try:
                 self.problems = check_hashes(
-                    self.source, self.manifest, (self.comm.rank, self.comm.world), extra_files=False
+                    self.source, self.manifest, (self.comm.rank, self.comm.world), extra_files=False, fast=True
                 )
             except UserError as exc:
                 self.problems = [str(exc)]
@@ -378,7 +378,7 @@ def _publish(
         if comm.rank != 0:
             return
         writer.finalize(target, results)
-        known = {r.relative_path: r.sha256 for rs in results for r in (rs or []) if hasattr(r, "sha256")}
+        known = {r.relative_path: r.digest for rs in results for r in (rs or []) if isinstance(r, FileHash)}
         write_manifest(target, {**manifest, "write_seconds": round(time.monotonic() - start, 3)}, known)
         if iteration is not None:
             write_tracker(staging, iteration)

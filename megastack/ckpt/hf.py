@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from megastack import layout, untrusted
-from megastack.ckpt.base import FileHash, HashingWriter, Produce, Unit, ahead
+from megastack.ckpt.base import HashingWriter, Produce, Unit, ahead
 from megastack.config import ModelConfig
 from megastack.errors import UserError
 from megastack.fsio import ReadAhead, open_output
@@ -655,7 +655,7 @@ class HFWriter:
                     raise RuntimeError(
                         f"produced {hf_name} with {nbytes - end + begin:+d} bytes against its header's size"
                     )
-            records.append(FileHash(unit.key, stream.digest.hexdigest()))
+            records.append(stream.file_hash(unit.key))
         return records
 
     def _blocks(

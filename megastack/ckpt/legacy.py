@@ -496,7 +496,7 @@ def _save(directory: Path, relative: str, obj: Any) -> FileHash:
     with open_output(path) as f:
         stream = HashingWriter(f)
         save_streaming(obj, stream, read_ahead=True)
-    return FileHash(relative, stream.digest.hexdigest())
+    return stream.file_hash(relative)
 
 
 def _lazy_objects(obj: Any) -> Any:

@@ -1,5 +1,6 @@
-"""``megastack.json``: what a checkpoint is (model config, iteration, FLOPs, history) and the sha256 of
-every file in it, so ``megastack verify`` can tell a complete checkpoint from a damaged one.
+"""``megastack.json``: what a checkpoint is (model config, iteration, FLOPs, history) and the sha256 and CRC32
+of every file in it, so ``megastack verify`` can tell a complete checkpoint from a damaged one, and grow and
+convert refuse a damaged source (by its CRC32: a sixth of sha256's CPU) before publishing anything.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from typing import Any
 from megastack import untrusted
 from megastack.config import ModelConfig, from_dict
 from megastack.errors import UserError
-from megastack.fsio import atomic_write_json, atomic_write_text, fsync_dir, sha256_file
+from megastack.fsio import (
+    FileDigest,
+    atomic_write_json,
+    atomic_write_text,
+    crc32_file,
+    file_digest,
+    fsync_dir,
+    sha256_file,
+)
 
 MANIFEST = "megastack.json"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -34,8 +43,9 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
     for key, kind in _FIELDS.items():
         if key in data:
             untrusted.typed(data[key], kind, path, f"field '{key}'", fix, minimum=0)
-    if "files" in data and not all(isinstance(k, str) and isinstance(v, str) for k, v in data["files"].items()):
-        raise UserError(f"{path}: field 'files' must map file names to sha256 strings; {fix}")
+    for key, what in (("files", "sha256"), ("crc32", "CRC32")):
+        if key in data and not all(isinstance(k, str) and isinstance(v, str) for k, v in data[key].items()):
+            raise UserError(f"{path}: field '{key}' must map file names to {what} strings; {fix}")
     return data
 
 
@@ -47,7 +57,8 @@ _FIELDS: dict[str, type] = {
     "cumulative_flops": float,
     "model": dict,
     "history": list,
-    "files": dict,
+    "files": dict,  # file -> sha256
+    "crc32": dict,  # file -> zlib's CRC32, 8 hex digits (since 2026-12; older manifests have only sha256)
     "growth": dict,
     "format": str,
     "optimizer": dict,  # Adam's step and which states the checkpoint carries (train/optimizer_state.py)
@@ -98,11 +109,11 @@ def checked_relative(name: str, where: Path) -> str:
 
 
 def file_hashes(
-    directory: str | os.PathLike, known: dict[str, str] | None = None, share: tuple[int, int] = (0, 1)
-) -> dict[str, str]:
-    """sha256 of every file below ``directory`` except the manifest itself (``known``: already hashed
-    while they were written). ``share`` = (rank, world): this rank's files only, every world-th in name
-    order, so ranks hash a checkpoint together and gather the parts."""
+    directory: str | os.PathLike, known: dict[str, FileDigest] | None = None, share: tuple[int, int] = (0, 1)
+) -> dict[str, FileDigest]:
+    """The checksums of every file below ``directory`` except the manifest itself (``known``: already
+    hashed while they were written). ``share`` = (rank, world): this rank's files only, every world-th in
+    name order, so ranks hash a checkpoint together and gather the parts."""
     directory = Path(directory)
     known = known or {}
     names = []
@@ -110,16 +121,21 @@ def file_hashes(
         names += [(Path(root) / name).relative_to(directory).as_posix() for name in files]
     rank, world = share
     mine = sorted(rel for rel in names if rel != MANIFEST)[rank::world]
-    return {rel: known.get(rel) or sha256_file(directory / rel) for rel in mine}
+    return {rel: known.get(rel) or file_digest(directory / rel) for rel in mine}
 
 
 def write_manifest(
-    directory: str | os.PathLike, data: dict[str, Any], known_hashes: dict[str, str] | None = None
+    directory: str | os.PathLike, data: dict[str, Any], known_hashes: dict[str, FileDigest] | None = None
 ) -> dict[str, Any]:
-    """Seal a checkpoint before it is published: megastack.json with the hashes of everything else in
+    """Seal a checkpoint before it is published: megastack.json with the checksums of everything else in
     ``directory`` (call it last), then the directory fsynced, so the rename that publishes it (fsio.publish_dir)
     never exposes a name whose entries are not on disk. Training, growth and conversion all seal this way."""
-    data = {**data, "files": file_hashes(directory, known_hashes)}
+    digests = file_hashes(directory, known_hashes)
+    data = {
+        **data,
+        "files": {rel: d.sha256 for rel, d in digests.items()},
+        "crc32": {rel: d.crc32 for rel, d in digests.items()},
+    }
     atomic_write_json(Path(directory) / MANIFEST, data)
     fsync_dir(directory)
     return data
@@ -178,15 +194,21 @@ def write_tracker(root: str | os.PathLike, iteration: int) -> None:
 
 
 def check_hashes(
-    directory: str | os.PathLike, manifest: dict[str, Any], part: tuple[int, int] = (0, 1), extra_files: bool = True
+    directory: str | os.PathLike,
+    manifest: dict[str, Any],
+    part: tuple[int, int] = (0, 1),
+    extra_files: bool = True,
+    fast: bool = False,
 ) -> list[str]:
-    """Problems of the files in ``directory`` against ``manifest['files']``: missing, changed, (with
-    ``extra_files``) unlisted. ``part`` (i, n) checks every n-th listed file from the i-th, so n ranks
-    share the hashing."""
+    """Problems of the files in ``directory`` against the manifest's checksums: missing, changed, (with
+    ``extra_files``) unlisted. Every checksum listed is checked, or with ``fast`` the CRC32 alone where the
+    manifest has one (a corruption check; what a source read for conversion needs). ``part`` (i, n) checks
+    every n-th listed file from the i-th, so n ranks share the hashing."""
     directory = Path(directory)
     listed = manifest.get("files")
     if not isinstance(listed, dict):
         return [f"{directory / MANIFEST}: has no 'files' table"]
+    crcs = manifest.get("crc32") or {}
     actual = {}
     for root, _, files in os.walk(directory):
         for name in files:
@@ -199,7 +221,15 @@ def check_hashes(
         rel = checked_relative(name, directory / MANIFEST)
         if rel not in actual:
             problems.append(f"{directory / rel}: missing")
-        elif sha256_file(actual[rel]) != digest:
+            continue
+        crc = crcs.get(name)
+        if crc is not None and fast:
+            intact = crc32_file(actual[rel]) == crc
+        elif crc is not None:
+            intact = file_digest(actual[rel]) == FileDigest(digest, crc)
+        else:
+            intact = sha256_file(actual[rel]) == digest
+        if not intact:
             problems.append(f"{directory / rel}: checksum differs from the manifest (corrupt or modified)")
     if extra_files and index == 0:
         problems += [

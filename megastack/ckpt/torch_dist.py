@@ -915,7 +915,7 @@ class TorchDistWriter:
                 records.append(self._write_chunk(stream, relative, name, tensor, pieces))
             f.flush()
             os.fsync(f.fileno())
-        records.append(FileHash(relative, stream.digest.hexdigest()))
+        records.append(stream.file_hash(relative))
         return records
 
     def dtype_of(self, name: str) -> torch.dtype:

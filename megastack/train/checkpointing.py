@@ -37,7 +37,7 @@ from megastack.ckpt.manifest import (
 )
 from megastack.config import ModelConfig
 from megastack.errors import UserError
-from megastack.fsio import publish_dir, staging_dir
+from megastack.fsio import FileDigest, publish_dir, staging_dir
 
 ENGINE_DIR = "engine"  # DeepSpeed's tag inside an iteration directory
 ARCH_FIELDS = (
@@ -177,8 +177,8 @@ def _model_state(module: torch.nn.Module, zero_stage: int):
     return contextlib.nullcontext()
 
 
-def _hash_files(directory: Path) -> dict[str, str]:
-    """sha256 of every file below ``directory``, the work split over all ranks."""
+def _hash_files(directory: Path) -> dict[str, FileDigest]:
+    """The checksums of every file below ``directory``, the work split over all ranks."""
     rank, world = _rank_world()
     mine = file_hashes(directory, share=(rank, world))
     if world == 1:
