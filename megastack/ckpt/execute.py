@@ -285,6 +285,7 @@ def execute(
         mine = assign(writer.units(), comm.world, order_key)[comm.rank]
         if source is not None:
             prefetch_files(source.reader.path, rank_plan(comm.rank, mine, source.reader, source.sources_of).reads)
+        source_check.start()  # after the pre-read: it then reads from the page cache, not the disk beside it
         values = sum(
             math.prod(layout.pieces_shape(layout.logical_shape(writer.cfg, r.name), r.pieces))
             for unit in mine
@@ -308,7 +309,6 @@ def execute(
 
     try:
         _all_ranks(comm, dst, cleanup, prepare)
-        source_check.start()
         results = comm.gather(_all_ranks(comm, dst, cleanup, write))
         _all_ranks(comm, dst, cleanup, source_check.result)
         _publish(comm, dst, staging, target, writer, results, manifest, iteration, start, cleanup)
