@@ -11,8 +11,11 @@ safetensors shards, no megastack.json: like a download) with megastack's HF writ
   byte count once with fsync, same filesystem, no compute (bench/iobound.py);
 - peak RSS of each rank (VmHWM, which counts the file-backed pages of mmap'd legacy inputs) and the peak
   of its anonymous memory (RssAnon sampled every 20 ms), i.e. what the conversion itself allocates.
+With --cold the source is evicted from the page cache before each run and each bound (a checkpoint written
+long ago, or by another node: both read it from the disk); without it each runs with whatever the page cache
+holds (the bound, run after the conversion, usually finds the source cached).
 
-Usage: python bench/convert.py [--shape 1.1b|7b] [--workdir DIR] [--repeats 3] [--json OUT.json]
+Usage: python bench/convert.py [--shape 1.1b|7b] [--workdir DIR] [--repeats 3] [--cold] [--json OUT.json]
        (disk: ~11 GB at 1.1B, ~60 GB at 7B)
 """
 
@@ -33,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from iobound import dir_bytes, io_bound  # noqa: E402  (bench/, the script's own directory)
+from iobound import dir_bytes, evict, io_bound  # noqa: E402  (bench/, the script's own directory)
 from sources import write_hf_download  # noqa: E402
 
 from megastack.ckpt.manifest import resolve_iteration_dir  # noqa: E402
@@ -110,15 +113,17 @@ PAIRS = {
 } | {"legacy TP1->TP2": ("legacy", ["--to", "legacy", "--tp", "2"])}
 
 
-def measure(label: str, src: Path, to_args: list[str], ranks: int, repeats: int, work: Path) -> dict:
+def measure(label: str, src: Path, to_args: list[str], ranks: int, repeats: int, work: Path, cold: bool) -> dict:
     runs, bounds = [], []
     out_bytes = 0
     for i in range(repeats):
         dst = work / f"out_{label}_{ranks}_{i}"
+        if cold:
+            evict(src)
         runs.append(convert_once([str(src), str(dst), *to_args], ranks))
         out_bytes = dir_bytes(dst)
         shutil.rmtree(dst)
-        bounds.append(io_bound(resolve_iteration_dir(src), out_bytes, work / "io_bound.bin"))
+        bounds.append(io_bound(resolve_iteration_dir(src), out_bytes, work / "io_bound.bin", cold))
     med = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "inner_s")}
     bound = statistics.median(b["bound_s"] for b in bounds)
     row = {
@@ -160,6 +165,9 @@ def main() -> None:
         action="store_true",
         help="pass --no-source-check (megastack-written sources are not re-hashed against their manifest)",
     )
+    parser.add_argument(
+        "--cold", action="store_true", help="evict the source from the page cache before each run and each bound"
+    )
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     extra = ["--no-source-check"] if args.no_source_check else []
@@ -189,6 +197,7 @@ def main() -> None:
         "source_bytes": src_bytes,
         "cpus": os.cpu_count(),
         "source_check": not args.no_source_check,
+        "cold": args.cold,
         "rows": [],
     }
     ranks = [int(r) for r in args.ranks.split(",")]
@@ -208,7 +217,8 @@ def main() -> None:
     for label in wanted:
         src_format, to_args = PAIRS[label]
         for n in ranks:
-            results["rows"].append(measure(label, inputs[src_format], to_args + extra, n, args.repeats, work))
+            row = measure(label, inputs[src_format], to_args + extra, n, args.repeats, work, args.cold)
+            results["rows"].append(row)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     if not args.workdir:
