@@ -302,13 +302,33 @@ class FileDigest(NamedTuple):
     crc32: str
 
 
-def _read_blocks(path: str | os.PathLike, chunk: int = 1 << 22) -> Iterator[memoryview]:
-    """The file's bytes, front to back, through one reused buffer (each view is valid until the next)."""
-    buffer = bytearray(chunk)
-    view = memoryview(buffer)
+def _read_blocks(path: str | os.PathLike) -> Iterator[Any]:
+    """The file's bytes, front to back, a mapped window at a time (each valid until the next is drawn; keep
+    no view of it). Mapped, not read: a read copies every byte out of the page cache, which cost more CPU
+    than CRC32 itself (11 GiB cached: 1.3-2.6 s read, 0.9 s mapped). A window is populated first
+    (``MADV_POPULATE_READ``), so a file cut shorter since it was opened is a UserError, not a fault."""
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            yield view[:n]
+        size = os.fstat(f.fileno()).st_size
+        for offset in range(0, size, POPULATE_WINDOW):
+            length = min(POPULATE_WINDOW, size - offset)
+            try:
+                window = mmap.mmap(f.fileno(), length, prot=mmap.PROT_READ, offset=offset)
+            except ValueError:  # Python's own size check: the file is shorter now
+                raise _changed(path, offset, "now shorter") from None
+            with window:
+                try:
+                    window.madvise(MADV_POPULATE_READ)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:  # EINVAL: a kernel without the advice (before 5.14)
+                        raise _changed(path, offset, exc.strerror) from None
+                yield window
+
+
+def _changed(path: str | os.PathLike, offset: int, why: str) -> UserError:
+    return UserError(
+        f"{path}: could not be read at byte {offset} ({why}): the file changed while being read; re-run once "
+        "nothing writes to it"
+    )
 
 
 def sha256_file(path: str | os.PathLike) -> str:

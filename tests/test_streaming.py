@@ -197,3 +197,29 @@ def test_direct_file_goes_on_buffered_where_the_writes_are_refused(tmp_path, mon
         monkeypatch.setattr(fsio.os, "pwrite", refuse_direct)
         f.write(data)
     assert refused and (tmp_path / "out.bin").read_bytes() == data
+
+
+def test_file_checksums_read_through_mapped_windows_match_hashlib_and_zlib(tmp_path, monkeypatch):
+    """sha256 and CRC32 of files across window boundaries (and an empty one) are hashlib's and zlib's; a file
+    cut shorter while it is read is a one-line UserError, not a bus error."""
+    import hashlib
+    import zlib
+
+    from megastack import fsio
+    from megastack.errors import UserError
+
+    monkeypatch.setattr(fsio, "POPULATE_WINDOW", 1 << 16)
+    for size in (0, 1, (1 << 16) - 1, 1 << 16, 3 * (1 << 16) + 5):
+        data = os.urandom(size)
+        path = tmp_path / f"f{size}"
+        path.write_bytes(data)
+        expected = (hashlib.sha256(data).hexdigest(), f"{zlib.crc32(data):08x}")
+        assert fsio.file_digest(path) == expected
+        assert (fsio.sha256_file(path), fsio.crc32_file(path)) == expected
+    path = tmp_path / "shrinks"
+    path.write_bytes(os.urandom(4 << 16))
+    blocks = fsio._read_blocks(path)
+    next(blocks)
+    os.truncate(path, 1 << 16)
+    with pytest.raises(UserError, match="changed while being read"):
+        next(blocks)

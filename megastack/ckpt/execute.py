@@ -346,6 +346,8 @@ class SourceCheck:
                 )
             except UserError as exc:
                 self.problems = [str(exc)]
+            except OSError as exc:  # e.g. no permission to read
+                self.problems = [f"{exc.filename or self.source}: cannot be read ({exc.strerror or exc})"]
 
         self.thread = threading.Thread(target=run, name="source-sha256", daemon=True)
         self.thread.start()

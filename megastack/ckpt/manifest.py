@@ -1,6 +1,7 @@
 """``megastack.json``: what a checkpoint is (model config, iteration, FLOPs, history) and the sha256 and CRC32
 of every file in it, so ``megastack verify`` can tell a complete checkpoint from a damaged one, and grow and
-convert refuse a damaged source (by its CRC32: a sixth of sha256's CPU) before publishing anything.
+convert refuse a damaged source (by its CRC32: a quarter of the CPU of sha256, read included) before
+publishing anything.
 """
 
 from __future__ import annotations
