@@ -149,15 +149,15 @@ def ahead(items: Iterable[T], depth: int = 1) -> Iterator[T]:
 
 
 class HashingWriter:
-    """A write-only file wrapper that hashes what passes through (torch.save writes via ``write``). A large
-    block is hashed in a second thread while this one writes it (both drop the GIL: sha256 at ~1.8 GB/s here
-    is the writer's largest CPU cost); nothing is copied.
+    """A write-only file wrapper that checksums what passes through (sha256 and CRC32, for the manifest;
+    torch.save writes via ``write``). A large block is hashed in a second thread while this one writes it
+    (both drop the GIL: sha256 at ~1.8 GB/s here is the writer's largest CPU cost); nothing is copied.
 
     ``write(data)`` returns once ``data`` is hashed, so the caller may reuse the buffer (torch.save hands over
     views of memory it owns). ``write(data, owned=True)`` promises that nobody changes ``data`` any more (a
     freshly produced tensor's bytes): its hashing may trail the write by up to ``PENDING_BYTES`` (so the
     disk, the hash and the caller's next block proceed at once, and memory held for it stays bounded; a larger
-    block is hashed before ``write`` returns). ``digest`` waits for every pending block.
+    block is hashed before ``write`` returns). ``file_hash`` waits for every pending block.
 
     Write-behind: every ``WRITE_BEHIND_BYTES`` the kernel is told to start writing back what was written
     (``posix_fadvise(DONTNEED)``: asynchronous writeback, then the pages already written back leave the page
