@@ -295,8 +295,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 class FileDigest(NamedTuple):
     """A file's two checksums, as megastack.json lists them: sha256 (its identity, what ``megastack verify``
-    checks) and zlib's CRC32 (8 hex digits: a corruption check at ~6 GB/s here against sha256's ~1.75, so
-    reading a source does not cost as much CPU as writing the output)."""
+    checks) and zlib's CRC32 (8 hex digits: a corruption check, 0.9 s for an 11 GiB cached file here against
+    sha256's 6.7 s, so checking a source costs a fraction of the CPU writing the output does)."""
 
     sha256: str
     crc32: str
