@@ -281,6 +281,8 @@ def execute(
                 shutil.rmtree(staging)  # a crashed earlier attempt; this run starts over
             target.mkdir(parents=True)
 
+    source_check = SourceCheck(source.reader.path if source is not None and source.check else None, comm)
+
     def write() -> Any:
         mine = assign(writer.units(), comm.world, order_key)[comm.rank]
         if source is not None:
@@ -304,8 +306,6 @@ def execute(
                 return writer.write_units(target, mine, produce_logged, comm.rank)
         finally:
             bar.close()
-
-    source_check = SourceCheck(source.reader.path if source is not None and source.check else None, comm)
 
     try:
         _all_ranks(comm, dst, cleanup, prepare)
@@ -349,7 +349,7 @@ class SourceCheck:
             except OSError as exc:  # e.g. no permission to read
                 self.problems = [f"{exc.filename or self.source}: cannot be read ({exc.strerror or exc})"]
 
-        self.thread = threading.Thread(target=run, name="source-sha256", daemon=True)
+        self.thread = threading.Thread(target=run, name="source-check", daemon=True)
         self.thread.start()
 
     def result(self) -> None:
