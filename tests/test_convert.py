@@ -232,6 +232,23 @@ def test_hf_reader_reads_only_requested_pieces(chain, column_read_bytes, monkeyp
     assert all(torch.equal(full[k], v) for k, v in layout.logical_from_hf(state, reader.cfg).items())
 
 
+def test_hf_reader_reads_any_row_range_of_the_fused_qkv(chain):
+    """Row ranges of the fused QKV that cut query groups anywhere (a torch_dist chunk of a 7B QKV does), read
+    run by run from transformers' q, k and v tensors, equal the rows of the QKV fused from the whole
+    tensors (layout.logical_from_hf)."""
+    reader = open_checkpoint(chain["untied"]["dir"] / "hf")
+    state = safetensors_of(chain["untied"]["dir"] / "hf")
+    for layer in (0, reader.cfg.num_layers - 1):
+        name = layout.layer_name(layer, "qkv")
+        fused = layout.logical_from_hf(state, reader.cfg)[name]
+        rows = fused.shape[0]
+        for start in range(rows):
+            for length in {1, 7, 33, 64, rows - start}:
+                if start + length <= rows:
+                    got = reader.read(name, [layout.Piece(0, start, length)])
+                    assert torch.equal(got, fused[start : start + length]), (name, start, length)
+
+
 @pytest.mark.parametrize("fmt", ["hf", "td"])
 def test_readers_read_ahead_the_span_stored_next(chain, fmt, monkeypatch):
     """Read-ahead: reading a stored tensor (HF: transformers' sharded files) or chunk (torch_dist) asks the

@@ -493,22 +493,26 @@ class HFReader:
         return out
 
     def _fill_qkv(self, dst: torch.Tensor, layer: int, piece: Piece) -> None:
-        """Rows of the grouped QKV: whole query groups, each group's q, k and v rows read into place."""
-        cfg = self.cfg
-        d = cfg.head_dim
-        per_group = cfg.num_attention_heads // cfg.query_groups
-        group_rows = (per_group + 2) * d
-        (q, _), (k, _), (v, _) = hf_parts(cfg, layout.layer_name(layer, "qkv"))
-        if piece.start % group_rows or piece.length % group_rows:  # not whole groups: fuse, then cut
-            full = layout.fuse_qkv(self._rows(q), self._rows(k), self._rows(v), cfg)
-            dst.copy_(full.narrow(0, piece.start, piece.length))
-            return
-        g0 = piece.start // group_rows
-        for i in range(piece.length // group_rows):
-            block = dst.narrow(0, i * group_rows, group_rows)
-            self._fill(block.narrow(0, 0, per_group * d), q, (g0 + i) * per_group * d)
-            self._fill(block.narrow(0, per_group * d, d), k, (g0 + i) * d)
-            self._fill(block.narrow(0, (per_group + 1) * d, d), v, (g0 + i) * d)
+        """Rows [start, start + length) of the grouped QKV (per query group: its q rows, then k, then v), each
+        run of rows that one of q, k, v holds read straight into place. Any range: a torch_dist chunk of a
+        7B QKV (4096 of 12288 rows) cuts groups in the middle, and fusing the whole QKV for each chunk read
+        it three times over."""
+        d = self.cfg.head_dim
+        q_rows = self.cfg.num_attention_heads // self.cfg.query_groups * d  # a group's query rows
+        group_rows = q_rows + 2 * d
+        (q, _), (k, _), (v, _) = hf_parts(self.cfg, layout.layer_name(layer, "qkv"))
+        row, end = piece.start, piece.start + piece.length
+        while row < end:
+            group, at = divmod(row, group_rows)
+            if at < q_rows:
+                part, first, run_end = q, group * q_rows + at, q_rows
+            elif at < q_rows + d:
+                part, first, run_end = k, group * d + at - q_rows, q_rows + d
+            else:
+                part, first, run_end = v, group * d + at - q_rows - d, group_rows
+            count = min(run_end - at, end - row)
+            self._fill(dst.narrow(0, row - piece.start, count), part, first)
+            row += count
 
     def _fill_fc1(self, dst: torch.Tensor, name: str, piece: Piece) -> None:
         """Rows of [gate; up] (a dense fc1 or an expert's): the gate part and the up part of the range,
