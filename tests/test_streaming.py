@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from megastack.compat.streaming import KEEP_FREE_BYTES, release_idle_blocks, streaming_settings
+from megastack.compat import streaming
+from megastack.compat.streaming import (
+    KEEP_FREE_BYTES,
+    POOL_KEEP_BYTES,
+    POOL_MIN_BYTES,
+    empty,
+    release_idle_blocks,
+    streaming_settings,
+)
 
 glibc_only = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's allocator"
@@ -81,6 +89,38 @@ def test_idle_heap_beyond_the_allowance_goes_back_to_the_kernel():
         release_idle_blocks()
         assert before - resident_anonymous() > 3 * block  # their pages are gone
         del keep
+
+
+def test_blocks_reuse_the_buffers_of_blocks_gone_only_inside():
+    """``empty``: a block takes the buffer of one no tensor holds any more (whatever held its bytes: here a
+    numpy view of it), if at most twice its size; while any view lives the buffer stays taken; idle buffers
+    beyond POOL_KEEP_BYTES are dropped; outside the settings (or for a small block) it is torch.empty."""
+    block = 8 << 20
+    with streaming_settings():
+        first = empty((block // 2,), torch.bfloat16)
+        assert first.shape == (block // 2,) and first.dtype == torch.bfloat16
+        address = first.data_ptr()
+        view = first.view(torch.uint8).numpy()[10:]
+        del first
+        other = empty((block // 2,), torch.bfloat16)
+        assert other.data_ptr() != address  # the numpy view still holds the first buffer
+        del view
+        again = empty((block // 4, 2), torch.bfloat16)  # same bytes, another shape
+        assert again.data_ptr() == address and again.shape == (block // 4, 2)
+        del again, other
+        assert empty((block // 16,), torch.int32).data_ptr() != address  # under half its size: a new buffer
+        held = [empty((block,), torch.uint8) for _ in range(POOL_KEEP_BYTES // block + 2)]
+        assert address in {t.data_ptr() for t in held}
+        del held
+        assert [b.nbytes for b in streaming._idle] == [block] * (POOL_KEEP_BYTES // block)  # the rest dropped
+        kept = empty((block,), torch.uint8)
+    del kept  # handed out before leaving: not taken back
+    assert not streaming._idle
+    outside = empty((block,), torch.uint8)
+    with streaming_settings():
+        tiny = empty((POOL_MIN_BYTES // 2,), torch.uint8)
+        del outside, tiny
+        assert not streaming._idle  # neither went to the pool
 
 
 def _resident_fraction(path: Path) -> float:

@@ -27,6 +27,7 @@ import torch
 
 from megastack import layout, untrusted
 from megastack.ckpt.base import HashingWriter, Produce, Unit, ahead
+from megastack.compat import streaming
 from megastack.config import ModelConfig
 from megastack.errors import UserError
 from megastack.fsio import ReadAhead, open_output
@@ -488,7 +489,7 @@ class HFReader:
             out = torch.empty((), dtype=entry.dtype)
         else:
             length = entry.shape[0] - start if length is None else length
-            out = torch.empty((length, *entry.shape[1:]), dtype=entry.dtype)
+            out = streaming.empty((length, *entry.shape[1:]), entry.dtype)
         self._fill(out, hf_name, start)
         return out
 
@@ -530,13 +531,13 @@ class HFReader:
         shape = layout.logical_shape(self.cfg, name)
         want = list(pieces) if pieces else [Piece(0, 0, shape[0])]
         if want[0].dim != 0:  # column pieces: whole rows read a block at a time, the columns cut out of each
-            out = torch.empty((shape[0], sum(p.length for p in want)), dtype=self.dtype(name))
+            out = streaming.empty((shape[0], sum(p.length for p in want)), self.dtype(name))
             step = max(1, COLUMN_READ_BYTES // (math.prod(shape[1:]) * out.element_size()))
             for start in range(0, shape[0], step):
                 rows = self.read(name, [Piece(0, start, min(step, shape[0] - start))])
                 out[start : start + rows.shape[0]] = take_pieces(rows, want)
             return out
-        out = torch.empty((sum(p.length for p in want), *shape[1:]), dtype=self.dtype(name))
+        out = streaming.empty((sum(p.length for p in want), *shape[1:]), self.dtype(name))  # reused while streaming
         row = 0
         for piece in want:
             dst = out.narrow(0, row, piece.length)

@@ -30,6 +30,7 @@ from megastack.ckpt import megatron_args, megatron_optim
 from megastack.ckpt.base import FileHash, HashingWriter, Produce, Request, Unit
 from megastack.ckpt.safe_load import load_pt
 from megastack.ckpt.torch_zip import LazyTensor, save_streaming
+from megastack.compat import streaming
 from megastack.config import ModelConfig
 from megastack.errors import NotBuiltError, UserError
 from megastack.fsio import open_output, release_mapped_pages
@@ -277,7 +278,8 @@ class LegacyReader:
         out = layout.tp_join(layout.split_name(name)[1], plan, merge, parts)
         mapped = {source.untyped_storage().data_ptr() for source in sources}
         if out.untyped_storage().data_ptr() in mapped:
-            out = out.clone()  # still a view of the mapped file: copied once (a join or a cut of pieces copies)
+            # still a view of the mapped file: copied once (a join or a cut of pieces copies), into a reused buffer
+            out = streaming.empty(out.shape, out.dtype).copy_(out)
         for source in sources:
             release_mapped_pages(source)  # the file's pages read for this copy leave the resident set
         return out

@@ -42,6 +42,7 @@ from megastack.ckpt.dcp_metadata import (
 )
 from megastack.ckpt.safe_load import load_pt, read_dcp_metadata, save_pt, write_dcp_metadata
 from megastack.ckpt.torch_zip import LazyTensor, save_streaming
+from megastack.compat import streaming
 from megastack.config import ModelConfig
 from megastack.errors import NotBuiltError, UserError
 from megastack.fsio import ReadAhead, open_output
@@ -586,7 +587,7 @@ class TorchDistReader:
         chunks, as fc2 is, touches every chunk; HF's gate or up rows, part of one fc1 chunk, only that one).
         A chunk whose values are not one plain run, or whose overlap is many small scattered pieces, is
         loaded (through the one-chunk cache) and copied from."""
-        out = torch.empty(sizes, dtype=dtype)
+        out = streaming.empty(sizes, dtype)  # a reused buffer while streaming
         covered = 0
         for chunk, lo, hi in overlaps:
             dst = out

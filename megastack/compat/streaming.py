@@ -12,6 +12,12 @@ threads checksum what was written (sha256, CRC32). Three process-wide defaults d
   freed block was 20-35% faster than glibc's defaults but peaked at up to 762 MB; trimming all free
   memory over 64 MiB peaked at 428-508 MB but gave most of the speed back; 128 MiB of resident free
   pages: 488-522 MB, 21-23 s where the 64 MiB rule took 27-32 s.
+- fresh memory for every block. Even from the heap, a block read into memory that the trim above handed
+  back is faulted in and zeroed again, and blocks of varying sizes leave the heap fragmented (a 7B
+  HF -> torch_dist conversion: ~150 MiB of blocks alive in a 400-500 MiB heap, trimmed every few blocks,
+  15% of its CPU samples faulting and zeroing pages). Readers take their blocks from ``empty``, which
+  hands out buffers freed since (at most ``POOL_KEEP_BYTES`` of them kept idle, each used for a block at
+  least half its size); a buffer comes back when the last tensor on it is gone.
 - Python's cyclic garbage collector: each full collection walks every object alive, most of them torch's
   modules (~40 ms each, three or four per 1.1B conversion). Here what exists when writing starts is frozen
   (``gc.freeze``: kept out of collections), so a collection walks only what the conversion made.
@@ -19,7 +25,7 @@ threads checksum what was written (sha256, CRC32). Three process-wide defaults d
   threads need (10% of all CPU samples of a 7B conversion were in libgomp). Here torch runs one
   intra-op thread.
 
-Everything goes back on leaving: glibc's thresholds to its steady state (mmap above 32 MiB, trim above
+Everything goes back on leaving: the idle buffers, glibc's thresholds to its steady state (mmap above 32 MiB, trim above
 64 MiB), the heap trimmed, the frozen objects collectable again, torch's thread count, so a training run
 later in the same process (``megastack run``) sees the usual defaults. The allocator part does nothing off glibc.
 """
@@ -30,11 +36,14 @@ import contextlib
 import ctypes
 import functools
 import gc
+import math
 import os
 import platform
 import threading
+import weakref
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
@@ -44,12 +53,18 @@ HEAP_TRIM_THRESHOLD = 2 << 30  # free() never trims by itself; release_idle_bloc
 KEEP_FREE_BYTES = 128 << 20  # idle resident heap kept for the next blocks; more is handed back
 STEADY_MMAP_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX, where its dynamic threshold ends up
 STEADY_TRIM_THRESHOLD = 64 << 20  # twice the mmap threshold, as glibc's dynamic adjustment sets it
+POOL_MIN_BYTES = 1 << 20  # smaller tensors come from torch.empty
+POOL_KEEP_BYTES = 96 << 20  # idle buffers kept for the next blocks (three 32 MiB blocks)
+POOL_ROUND_BYTES = 1 << 20  # a new buffer's size is rounded up to this, so near sizes share buffers
 
 _lock = threading.Lock()
 _depth = 0
 _saved_threads: list[int] = []
 _froze: list[bool] = []  # whether the outermost block froze the objects alive at its start
 _baseline: list[int] = []  # resident memory outside malloc's blocks in use, at the first block
+_idle: list[np.ndarray] = []  # buffers no tensor uses, largest last
+_pool_lock = threading.RLock()  # a buffer may come back (a tensor freed) in any thread, even inside empty()
+_generation = [0]  # bumped on leaving: buffers handed out before then are not taken back
 
 
 class _MallInfo2(ctypes.Structure):
@@ -97,6 +112,9 @@ def streaming_settings() -> Iterator[None]:
                     gc.unfreeze()
                 torch.set_num_threads(_saved_threads.pop())
                 _baseline.clear()
+                with _pool_lock:
+                    _idle.clear()
+                    _generation[0] += 1
                 libc = _glibc()
                 if libc is not None:
                     libc.mallopt(M_MMAP_THRESHOLD, STEADY_MMAP_THRESHOLD)
@@ -124,3 +142,32 @@ def release_idle_blocks() -> None:
         _baseline.append(idle)
     elif idle - _baseline[0] > KEEP_FREE_BYTES:
         libc.malloc_trim(0)
+
+
+def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype)``; inside ``streaming_settings`` a block of POOL_MIN_BYTES or more
+    takes the smallest idle buffer that holds it and is at most twice its size, else a new one. Like
+    torch.empty its bytes are whatever was there: the caller writes every one."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not _depth or nbytes < POOL_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    with _pool_lock:
+        generation = _generation[0]
+        fits = [i for i, b in enumerate(_idle) if nbytes <= b.nbytes <= 2 * nbytes]
+        buffer = _idle.pop(fits[0]) if fits else None
+    if buffer is None:
+        buffer = np.empty(-(-nbytes // POOL_ROUND_BYTES) * POOL_ROUND_BYTES, dtype=np.uint8)
+    view = buffer[:nbytes]  # the tensor holds this view; when it goes, so do all tensors on the buffer
+    weakref.finalize(view, _give_back, buffer, generation)
+    return torch.from_numpy(view).view(dtype).view(shape)
+
+
+def _give_back(buffer: np.ndarray, generation: int) -> None:
+    """Keep a buffer nobody uses for the next block; drop the smallest idle ones beyond POOL_KEEP_BYTES."""
+    with _pool_lock:
+        if generation != _generation[0]:
+            return
+        _idle.append(buffer)
+        _idle.sort(key=lambda b: b.nbytes)
+        while sum(b.nbytes for b in _idle) > POOL_KEEP_BYTES:
+            _idle.pop(0)
