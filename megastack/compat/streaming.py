@@ -17,7 +17,8 @@ threads checksum what was written (sha256, CRC32). Three process-wide defaults d
   HF -> torch_dist conversion: ~150 MiB of blocks alive in a 400-500 MiB heap, trimmed every few blocks,
   15% of its CPU samples faulting and zeroing pages). Readers take their blocks from ``empty``, which
   hands out buffers freed since (at most ``POOL_KEEP_BYTES`` of them kept idle, each used for a block at
-  least half its size); a buffer comes back when the last tensor on it is gone.
+  least half its size; they count toward ``KEEP_FREE_BYTES``); a buffer comes back when the last tensor
+  on it is gone.
 - Python's cyclic garbage collector: each full collection walks every object alive, most of them torch's
   modules (~40 ms each, three or four per 1.1B conversion). Here what exists when writing starts is frozen
   (``gc.freeze``: kept out of collections), so a collection walks only what the conversion made.
@@ -131,13 +132,15 @@ def _resident_anonymous() -> int:
 
 def release_idle_blocks() -> None:
     """Hand the heap's free pages back to the kernel once more than KEEP_FREE_BYTES of resident memory is
-    neither in malloc's blocks in use nor there at the first call (called before each block is produced,
-    inside ``streaming_settings``; mallinfo2 counts every arena)."""
+    idle: neither in malloc's blocks in use nor there at the first call, or an idle buffer of ``empty``'s
+    (called before each block is produced, inside ``streaming_settings``; mallinfo2 counts every arena)."""
     libc = _glibc() if _depth else None
     if libc is None:
         return
     info = libc.mallinfo2()
-    idle = _resident_anonymous() - info.uordblks - info.hblkhd
+    with _pool_lock:
+        pooled = sum(b.nbytes for b in _idle)
+    idle = _resident_anonymous() - info.uordblks - info.hblkhd + pooled
     if not _baseline:
         _baseline.append(idle)
     elif idle - _baseline[0] > KEEP_FREE_BYTES:
