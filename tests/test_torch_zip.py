@@ -135,6 +135,43 @@ def test_hashing_writer_with_write_behind_keeps_every_byte(tmp_path, monkeypatch
     assert on_disk.tell() == in_memory.tell() == len(expected)
 
 
+def test_zip_records_are_crc32d_once_and_the_file_crc32_follows(tmp_path, monkeypatch):
+    """Records written through a HashingWriter are CRC32'd by ZipStream only; the writer folds each record's
+    CRC32 into the file's (crc32_combine). With thresholds made small, so blocks trail their write in both
+    helper threads, the file's CRC32 and sha256 are still zlib's and hashlib's of the bytes on disk; a
+    writer owed a CRC32 it was never given refuses to report one."""
+    from megastack.compat import crc
+
+    monkeypatch.setattr(HashingWriter, "CONCURRENT_BYTES", 1000)
+    monkeypatch.setattr(HashingWriter, "PENDING_BYTES", 6000)
+    monkeypatch.setattr(ZipStream, "CONCURRENT_BYTES", 1000)
+    monkeypatch.setattr(ZipStream, "PENDING_BYTES", 6000)
+    updated: list[int] = []
+    real = crc.crc32
+    monkeypatch.setattr(
+        "megastack.ckpt.base.crc32", lambda data, value=0: updated.append(len(data)) or real(data, value)
+    )
+    path = tmp_path / "records.zip"
+    with open(path, "wb") as f:
+        stream = HashingWriter(f)
+        archive = ZipStream(stream)
+        for i, sizes in enumerate([[10], [3000, 4096, 1, 7000], [], [12345, 5]]):
+            archive.record(f"r{i}", [bytes([i + 1]) * size for size in sizes])
+        archive.close()
+        digest = stream.file_hash("records.zip").digest
+    data = path.read_bytes()
+    assert digest == (hashlib.sha256(data).hexdigest(), f"{zlib.crc32(data):08x}")
+    assert sum(updated) == len(data) - (10 + 3000 + 4096 + 1 + 7000 + 12345 + 5)  # headers only
+    with zipfile.ZipFile(path) as z:
+        assert z.read("r1") == b"\x02" * 3000 + b"\x02" * 4096 + b"\x02" + b"\x02" * 7000
+    owing = HashingWriter(io.BytesIO())
+    owing.write(b"x" * 5000, crc_later=True)
+    with pytest.raises(RuntimeError, match="5000"):
+        owing.add_crc(zlib.crc32(b"x" * 4999), 4999)
+    with pytest.raises(RuntimeError, match="never added"):
+        owing.file_hash("x")
+
+
 class _OffsetStream:
     """A write-only, unseekable stream whose tell() starts at ``base``: records then sit past the 2 GiB line
     where zip64 fields begin, without writing gigabytes."""
@@ -211,7 +248,8 @@ def test_an_archive_after_other_bytes_loads_from_its_own_start(tmp_path):
 
 def test_crc32_is_zlibs():
     """compat.crc's CRC32 (libdeflate where present) gives zlib's values: whole, continued, read-only
-    bytes, a tensor's memory, below and above the size where it switches implementation."""
+    bytes, a tensor's memory, below and above the size where it switches implementation; and crc32_combine
+    joins two spans' CRC32s as zlib's crc32 of the joined bytes."""
     import zlib
 
     from megastack.compat import crc
@@ -226,6 +264,9 @@ def test_crc32_is_zlibs():
     view = memoryview(matrix.numpy())  # 2-D, float
     assert crc.crc32(view, 7) == zlib.crc32(matrix.numpy().tobytes(), 7)
     assert crc.backend() in ("zlib", "libdeflate")
+    for cut in (0, 1, 1000, 2 << 20, len(data)):  # joined spans, either one empty
+        head, tail = data[:cut], data[cut:]
+        assert crc.crc32_combine(zlib.crc32(head), zlib.crc32(tail), len(tail)) == zlib.crc32(data), cut
 
 
 def test_ahead_keeps_order_bounds_its_lead_raises_in_place_and_stops_early():

@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from megastack.compat.crc import crc32
+from megastack.compat.crc import crc32, crc32_combine
 from megastack.config import ModelConfig
 from megastack.fsio import FileDigest, crc32_hex
 from megastack.layout import Piece
@@ -95,7 +95,9 @@ class Trailing:
         self.pending_bytes += nbytes
 
     def wait(self, keep_bytes: int = 0) -> None:
-        while self._pending and self.pending_bytes > keep_bytes:
+        """Return once at most ``keep_bytes`` are queued; with 0, once every call is done (a call may be
+        queued with 0 bytes)."""
+        while self._pending and (self.pending_bytes > keep_bytes or not keep_bytes):
             future, nbytes = self._pending.popleft()
             future.result()
             self.pending_bytes -= nbytes
@@ -159,6 +161,10 @@ class HashingWriter:
     disk, the hash and the caller's next block proceed at once, and memory held for it stays bounded; a larger
     block is hashed before ``write`` returns). ``file_hash`` waits for every pending block.
 
+    ``write(data, crc_later=True)``: the writer (ZipStream, whose records carry their CRC32) checksums these
+    bytes itself and hands the CRC32 of all of them since its last call to ``add_crc``, which folds it into
+    the file's (crc32_combine): each byte is CRC32'd once, not by both.
+
     Write-behind: every ``WRITE_BEHIND_BYTES`` the kernel is told to start writing back what was written
     (``posix_fadvise(DONTNEED)``: asynchronous writeback, then the pages already written back leave the page
     cache). The disk then works while the next blocks are produced, instead of the final fsync waiting for
@@ -170,12 +176,15 @@ class HashingWriter:
 
     def __init__(self, f):
         self.f, self.position, self._digest, self._crc32 = f, 0, hashlib.sha256(), 0
+        self._crc_owed = 0  # bytes written with crc_later whose CRC32 add_crc has not brought yet
         self._hashing = Trailing("sha256")
         self._fd, self._start = _file_descriptor(f)
         self._kicked = self._released = 0  # bytes handed to writeback; bytes whose pages were released
 
     def file_hash(self, relative_path: str) -> FileHash:
         """The checksums of everything written so far, for the manifest's entry of ``relative_path``."""
+        if self._crc_owed:
+            raise RuntimeError(f"{relative_path}: the CRC32 of the last {self._crc_owed} bytes was never added")
         self._hashing.wait()
         return FileHash(relative_path, FileDigest(self._digest.hexdigest(), crc32_hex(self._crc32)))
 
@@ -183,14 +192,29 @@ class HashingWriter:
         self._digest.update(data)
         self._crc32 = crc32(data, self._crc32)
 
-    def write(self, data, owned: bool = False) -> int:
+    def _combine(self, crc_and_length: tuple[int, int]) -> None:
+        self._crc32 = crc32_combine(self._crc32, *crc_and_length)
+
+    def add_crc(self, crc: int, nbytes: int) -> None:
+        """The CRC32 of the ``nbytes`` written with ``crc_later`` since the last call (all of them)."""
+        if nbytes != self._crc_owed:
+            raise RuntimeError(f"add_crc for {nbytes} bytes; {self._crc_owed} were written with crc_later")
+        self._crc_owed = 0
+        if self._hashing:
+            self._hashing.submit(self._combine, (crc, nbytes), 0)  # in order, after the blocks before it
+        else:
+            self._combine((crc, nbytes))
+
+    def write(self, data, owned: bool = False, crc_later: bool = False) -> int:
         nbytes = memoryview(data).nbytes
+        update = self._digest.update if crc_later else self._update
+        self._crc_owed += nbytes if crc_later else 0
         if nbytes < self.CONCURRENT_BYTES and not self._hashing:
-            self._update(data)
+            update(data)
         else:
             if not owned and nbytes < self.CONCURRENT_BYTES:
                 data, owned = bytes(data), True  # a small copy waits its turn behind the pending blocks
-            self._hashing.submit(self._update, data, nbytes)
+            self._hashing.submit(update, data, nbytes)
         self.position += nbytes
         try:
             written = self.f.write(data)

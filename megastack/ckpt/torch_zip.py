@@ -129,7 +129,9 @@ class ZipStream:
         def checksum(view: memoryview) -> None:
             running[0] = crc32(view, running[0])
 
-        owned = {"owned": True} if isinstance(self.stream, HashingWriter) else {}
+        # A HashingWriter takes the record's CRC32 from here instead of computing it again.
+        hashing = isinstance(self.stream, HashingWriter)
+        owned = {"owned": True, "crc_later": True} if hashing else {}
         for block in blocks:
             view = memoryview(block).cast("B")
             if view.nbytes < self.CONCURRENT_BYTES and not checksumming:
@@ -141,6 +143,8 @@ class ZipStream:
             checksumming.wait(self.PENDING_BYTES)
         checksumming.wait()
         crc = running[0]
+        if hashing:
+            self.stream.add_crc(crc, size)
         self.stream.write(struct.pack("<LLQQ", 0x08074B50, crc, size, size))
         self.entries.append((encoded, extra, crc, size, offset))
 
