@@ -324,6 +324,28 @@ def _read_blocks(path: str | os.PathLike) -> Iterator[Any]:
                 yield window
 
 
+@contextlib.contextmanager
+def mapped_range(fd: int, offset: int, length: int, path: str | os.PathLike) -> Iterator[memoryview]:
+    """Bytes [offset, offset + length) of ``path`` (open as ``fd``), mapped privately and populated: a
+    reader that needs part of each row (columns of a matrix stored whole-row) copies just that part out of
+    the page cache, where a read would copy every row whole. Writable (copy on write, for torch), never
+    written; valid inside the block only (drop every tensor on it before leaving). A file cut shorter
+    since it was opened is a UserError, not a fault."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        window = mmap.mmap(fd, offset - start + length, flags=mmap.MAP_PRIVATE, offset=start)
+    except ValueError:  # Python's own size check: the file is shorter than the range
+        raise _changed(path, offset, "now shorter") from None
+    with window:
+        try:
+            window.madvise(MADV_POPULATE_READ)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: a kernel without the advice (before 5.14)
+                raise _changed(path, offset, exc.strerror) from None
+        with memoryview(window)[offset - start :] as view:
+            yield view
+
+
 def _changed(path: str | os.PathLike, offset: int, why: str) -> UserError:
     return UserError(
         f"{path}: could not be read at byte {offset} ({why}): the file changed while being read; re-run once "

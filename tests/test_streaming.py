@@ -263,3 +263,34 @@ def test_file_checksums_read_through_mapped_windows_match_hashlib_and_zlib(tmp_p
     os.truncate(path, 1 << 16)
     with pytest.raises(UserError, match="changed while being read"):
         next(blocks)
+
+
+def test_mapped_range_gives_the_bytes_at_any_offset_and_refuses_a_range_past_the_end(tmp_path):
+    """fsio.mapped_range: a range starting anywhere (not on a page) holds the file's bytes there, a tensor
+    may be built on it and dropped inside; a range past the end (the file cut shorter since its header was
+    read) is a one-line UserError, not a bus error."""
+    from megastack import fsio
+    from megastack.errors import UserError
+
+    data = os.urandom(3 * mmap_granularity() + 123)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset, length in ((0, 10), (5, mmap_granularity()), (mmap_granularity() + 7, 2 * mmap_granularity())):
+            with fsio.mapped_range(fd, offset, length, path) as raw:
+                assert bytes(raw) == data[offset : offset + length]
+                values = torch.frombuffer(raw, dtype=torch.uint8)
+                assert values[-1].item() == data[offset + length - 1]
+                del values
+        with pytest.raises(UserError, match="changed while being read"):
+            with fsio.mapped_range(fd, len(data) - 10, 4 * mmap_granularity(), path):
+                pass
+    finally:
+        os.close(fd)
+
+
+def mmap_granularity() -> int:
+    import mmap
+
+    return mmap.ALLOCATIONGRANULARITY
