@@ -241,6 +241,28 @@ def test_every_command_has_a_handler():
     assert all(callable(resolve_handler(command)) for command in HANDLERS)
 
 
+def test_handlers_import_with_the_collector_paused_and_leave_its_state_as_found(monkeypatch):
+    """resolve_handler pauses Python's cyclic collector while the handler's module imports (torch's import
+    makes objects that collections would walk over and over) and leaves it on or off as it found it."""
+    import gc
+    import importlib
+
+    from megastack import cli
+
+    seen: list[bool] = []
+    monkeypatch.setattr(importlib, "import_module", lambda name: seen.append(gc.isenabled()) or cli)
+    monkeypatch.setitem(cli.HANDLERS, "plan", "megastack.cli:main")
+    was = gc.isenabled()
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            assert cli.resolve_handler("plan") is cli.main
+            assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
+    assert seen == [False, False]
+
+
 def test_an_option_not_built_yet_says_so_and_exits_2(tmp_path):
     """The interface names it; the code does not do it yet: one line, exit 2, nothing written."""
     src = Path(__file__).parent / "fixtures" / "megatron_lm" / "legacy_distopt"  # local spec -> a TE run's buffer
