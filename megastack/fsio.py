@@ -310,17 +310,7 @@ def _read_blocks(path: str | os.PathLike) -> Iterator[Any]:
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         for offset in range(0, size, POPULATE_WINDOW):
-            length = min(POPULATE_WINDOW, size - offset)
-            try:
-                window = mmap.mmap(f.fileno(), length, prot=mmap.PROT_READ, offset=offset)
-            except ValueError:  # Python's own size check: the file is shorter now
-                raise _changed(path, offset, "now shorter") from None
-            with window:
-                try:
-                    window.madvise(MADV_POPULATE_READ)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:  # EINVAL: a kernel without the advice (before 5.14)
-                        raise _changed(path, offset, exc.strerror) from None
+            with mapped_range(f.fileno(), offset, min(POPULATE_WINDOW, size - offset), path) as window:
                 yield window
 
 
