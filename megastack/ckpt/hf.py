@@ -495,13 +495,12 @@ class HFReader:
             dst.copy_(take_pieces(rows, want))
             del rows  # the mapping closes on leaving: nothing may point into it
 
-    def _rows(self, hf_name: str, start: int = 0, length: int | None = None) -> torch.Tensor:
-        """Rows [start, start+length) of a stored tensor as a new tensor."""
+    def _rows(self, hf_name: str, start: int, length: int) -> torch.Tensor:
+        """Rows [start, start+length) of a stored tensor as a new tensor (its own dtype)."""
         entry = self.entries[hf_name]
         if not entry.shape:
             out = torch.empty((), dtype=entry.dtype)
         else:
-            length = entry.shape[0] - start if length is None else length
             out = streaming.empty((length, *entry.shape[1:]), entry.dtype)
         self._fill(out, hf_name, start)
         return out
