@@ -41,12 +41,12 @@ def resolve_handler(command: str) -> Callable[[argparse.Namespace], int]:
     a few hundred thousand objects, and the collections they trigger walk them all again and again (0.1-0.2
     s of the ~1.1 s import here; nothing imported is garbage)."""
     module_name, function = HANDLERS[command].split(":")
-    paused = gc.isenabled()
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
         module = importlib.import_module(module_name)
     finally:
-        if paused:
+        if was_enabled:
             gc.enable()
     return getattr(module, function)
 
