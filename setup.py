@@ -26,5 +26,5 @@ setup(
         "mpi": ["mpi4py", "mpich"],
         "test": ["pytest", "pytest-timeout", "pytest-xdist", "hypothesis", "transformers", "ruff"],
     },
-    entry_points={"console_scripts": ["megastack=megastack.cli:main"]},
+    entry_points={"console_scripts": ["megastack=megastack.cli:console_main"]},
 )

@@ -46,7 +46,7 @@ RANK_SCRIPT = """
 import sys, threading, time
 import torch, safetensors.torch
 import megastack.ckpt.convert, megastack.ckpt.hf, megastack.ckpt.legacy, megastack.ckpt.torch_dist
-from megastack.cli import main
+from megastack.cli import console_main  # the `megastack` command, exit included
 
 def status(key: str) -> int:
     with open("/proc/self/status") as f:
@@ -64,7 +64,7 @@ def sample():
         peak_anon[0] = max(peak_anon[0], status("RssAnon"))
 threading.Thread(target=sample, daemon=True).start()
 start = time.monotonic()
-rc = main(sys.argv[1:])
+rc = console_main()
 elapsed = time.monotonic() - start
 stop.set()
 print("BENCH", elapsed, status("VmHWM"), base_hwm, max(peak_anon[0], status("RssAnon")), base_anon, rc, flush=True)

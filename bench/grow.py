@@ -42,12 +42,12 @@ from megastack.plan import seeded_normal
 
 RANK_SCRIPT = """
 import sys, time
-from megastack.cli import main
+from megastack.cli import console_main  # the `megastack` command, exit included
 from megastack.memory import peak_rss_bytes
 import megastack.growth.cli, megastack.ckpt.torch_dist, torch  # imported before the baseline
 base = peak_rss_bytes()
 start = time.monotonic()
-rc = main(sys.argv[1:])
+rc = console_main()
 peak = peak_rss_bytes()
 print("BENCH", time.monotonic() - start, peak, peak - base, rc, flush=True)
 """

@@ -1,5 +1,5 @@
 import sys
 
-from megastack.cli import main
+from megastack.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())
