@@ -22,7 +22,7 @@ import torch
 from megastack import layout
 from megastack.ckpt.convert import convert
 from megastack.ckpt.detect import open_checkpoint
-from megastack.ckpt.inspect import KEYS
+from megastack.ckpt.inspect import KEYS, verify
 
 from conftest import REPO, assert_one_line_error, in_process, run_cli, run_workers
 
@@ -194,6 +194,7 @@ def test_legacy_reshard_and_sharded_hf_output(chain, tmp_path):
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     files = sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors"))
     assert len(files) > 2 and sorted(set(index["weight_map"].values())) == files
+    assert verify(tmp_path / "hf") == []  # every file's sha256 and CRC32, hashed while written two at a time
     before, after = safetensors_of(d / "hf"), safetensors_of(tmp_path / "hf")
     assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
     model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()

@@ -14,6 +14,7 @@ so q/k rows are copied as they are (proven by logits in tests/test_convert.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -593,6 +594,7 @@ class HFWriter:
     one. A unit is one file, streamed: it holds a block of rows of one tensor at a time."""
 
     format = "hf"
+    FILES_AT_ONCE = 2  # files written at a time (write_units)
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
         if dtype not in HF_DTYPE_NAMES:
@@ -636,48 +638,81 @@ class HFWriter:
         """Each file streamed: the safetensors header first (every shape is known from the config), then
         each tensor's bytes as they are produced, a block of rows at a time, not a shard or a tensor; hashed
         as written (the manifest does not re-read the file). Tensors are laid out as safetensors' own
-        save_file lays them out (by name; all of one dtype), so a file is the very bytes it would write."""
+        save_file lays them out (by name; all of one dtype), so a file is the very bytes it would write.
+
+        FILES_AT_ONCE files are written at a time, their blocks interleaved, each file hashed by a thread of
+        its own (sha256 is the writer's largest CPU cost, and one thread's is slower than the disk)."""
         records = []
-        for unit in units:
-            parts = sorted(
-                (hf_name, shape, request.name)
-                for request in unit.requests
-                for hf_name, shape in hf_parts(self.cfg, request.name)
-            )
-            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-            offset = 0
-            for hf_name, shape, _ in parts:
-                nbytes = math.prod(shape) * self.dtype.itemsize
-                header[hf_name] = {
-                    "dtype": ST_NAMES[self.dtype],
-                    "shape": list(shape),
-                    "data_offsets": [offset, offset + nbytes],
-                }
-                offset += nbytes
-            encoded = json.dumps(header, separators=(",", ":")).encode()
-            encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as safetensors pads it
-            held: dict[str, dict[str, torch.Tensor]] = {}  # a fused q/k/v until all three are out
-            blocks = ahead(  # the next block is read while this one is written
-                (hf_name, block.to(self.dtype).contiguous().view(torch.uint8).reshape(-1).numpy())
-                for hf_name, _, logical in parts
-                for block in self._blocks(logical, hf_name, produce, held)
-            )
-            written = {hf_name: 0 for hf_name, _, _ in parts}
-            with open_output(Path(directory) / unit.key) as f:
-                stream = HashingWriter(f)
-                stream.write(len(encoded).to_bytes(8, "little"))
-                stream.write(encoded)
-                for hf_name, data in blocks:
-                    written[hf_name] += data.nbytes
-                    stream.write(memoryview(data), owned=True)  # a fresh tensor's bytes, never changed
-            for hf_name, nbytes in written.items():
-                begin, end = header[hf_name]["data_offsets"]
-                if nbytes != end - begin:
-                    raise RuntimeError(
-                        f"produced {hf_name} with {nbytes - end + begin:+d} bytes against its header's size"
-                    )
-            records.append(stream.file_hash(unit.key))
+        for first in range(0, len(units), self.FILES_AT_ONCE):
+            group = units[first : first + self.FILES_AT_ONCE]
+            headers = [self._header(unit) for unit in group]
+            written = [{hf_name: 0 for hf_name in header if hf_name != "__metadata__"} for header, _ in headers]
+            with contextlib.ExitStack() as files:
+                streams = []
+                for lane, (unit, (_, encoded)) in enumerate(zip(group, headers)):
+                    stream = HashingWriter(files.enter_context(open_output(Path(directory) / unit.key)), lane)
+                    stream.write(len(encoded).to_bytes(8, "little"))
+                    stream.write(encoded)
+                    streams.append(stream)
+                # the next block is read while this one is written
+                for lane, hf_name, data in ahead(self._interleaved(group, produce)):
+                    written[lane][hf_name] += data.nbytes
+                    streams[lane].write(memoryview(data), owned=True)  # a fresh tensor's bytes, never changed
+            for unit, (header, _), counts, stream in zip(group, headers, written, streams):
+                for hf_name, nbytes in counts.items():
+                    begin, end = header[hf_name]["data_offsets"]
+                    if nbytes != end - begin:
+                        raise RuntimeError(
+                            f"produced {hf_name} with {nbytes - end + begin:+d} bytes against its header's size"
+                        )
+                records.append(stream.file_hash(unit.key))
         return records
+
+    def _parts(self, unit: Unit) -> list[tuple[str, tuple[int, ...], str]]:
+        """(HF name, shape, logical name) of every tensor of ``unit``'s file, in the file's order (by name)."""
+        return sorted(
+            (hf_name, shape, request.name)
+            for request in unit.requests
+            for hf_name, shape in hf_parts(self.cfg, request.name)
+        )
+
+    def _header(self, unit: Unit) -> tuple[dict[str, Any], bytes]:
+        """The safetensors header of ``unit``'s file, and its encoding as written (padded to 8 bytes)."""
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for hf_name, shape, _ in self._parts(unit):
+            nbytes = math.prod(shape) * self.dtype.itemsize
+            header[hf_name] = {
+                "dtype": ST_NAMES[self.dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        return header, encoded + b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as safetensors pads it
+
+    def _interleaved(self, group: list[Unit], produce: Produce) -> Iterator[tuple[int, str, Any]]:
+        """(file's index in ``group``, HF name, bytes) of every block of the group's files, each file's in its
+        order, the next block always from the file written least so far (so their hashing threads share the
+        work)."""
+        per_file = [self._file_blocks(unit, produce) for unit in group]
+        done = [0] * len(per_file)
+        live = set(range(len(per_file)))
+        while live:
+            lane = min(live, key=lambda i: (done[i], i))
+            item = next(per_file[lane], None)
+            if item is None:
+                live.discard(lane)
+                continue
+            done[lane] += item[1].nbytes
+            yield lane, *item
+
+    def _file_blocks(self, unit: Unit, produce: Produce) -> Iterator[tuple[str, Any]]:
+        """(HF name, bytes) of every block of ``unit``'s file, in the file's order."""
+        held: dict[str, dict[str, torch.Tensor]] = {}  # a fused q/k/v until all three are out
+        for hf_name, _, logical in self._parts(unit):
+            for block in self._blocks(logical, hf_name, produce, held):
+                yield hf_name, block.to(self.dtype).contiguous().view(torch.uint8).reshape(-1).numpy()
 
     def _blocks(
         self, logical: str, hf_name: str, produce: Produce, held: dict[str, dict[str, torch.Tensor]]
