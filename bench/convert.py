@@ -14,6 +14,8 @@ safetensors shards, no megastack.json: like a download) with megastack's HF writ
 With --cold the source is evicted from the page cache before each run and each bound (a checkpoint written
 long ago, or by another node: both read it from the disk); without it each runs with whatever the page cache
 holds (the bound, run after the conversion, usually finds the source cached).
+Each source is read once from the disk before anything is timed (iobound.settle: here the first run after
+a source was written was the slowest of every repeated cold run, and the bound, run after it, never paid that).
 
 Usage: python bench/convert.py [--shape 1.1b|7b] [--workdir DIR] [--repeats 3] [--cold] [--json OUT.json]
        (disk: ~11 GB at 1.1B, ~60 GB at 7B)
@@ -36,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from iobound import dir_bytes, evict, io_bound  # noqa: E402  (bench/, the script's own directory)
+from iobound import dir_bytes, evict, io_bound, settle  # noqa: E402  (bench/, the script's own directory)
 from sources import write_hf_download  # noqa: E402
 
 from megastack.ckpt.manifest import resolve_iteration_dir  # noqa: E402
@@ -214,6 +216,8 @@ def main() -> None:
             flush=True,
         )
         results[f"setup_hf_to_{fmt}"] = setup
+    for path in inputs.values():
+        settle(path)
     for label in wanted:
         src_format, to_args = PAIRS[label]
         for n in ranks:

@@ -11,6 +11,8 @@ in the same run:
 - peak RSS of the growing process (ru_maxrss of the rank), against the largest single tensor.
 With --cold the source is evicted from the page cache before each run and each bound (a checkpoint written
 long ago, or by another node): reads then come from the disk, and read-ahead matters.
+Each source is read once from the disk before anything is timed (iobound.settle: here the first run after
+a source was written was the slowest of every repeated cold run, and the bound, run after it, never paid that).
 
 Usage: python bench/grow.py [--shape 1.1b|7b] [--format torch_dist|legacy] [--workdir DIR] [--repeats 3]
        [--cold] [--json OUT.json]          (disk: ~6 GB at 1.1B, ~32 GB at 7B)
@@ -31,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from iobound import dir_bytes, evict, io_bound  # noqa: E402  (bench/, the script's own directory)
+from iobound import dir_bytes, evict, io_bound, settle  # noqa: E402  (bench/, the script's own directory)
 
 from megastack import layout
 from megastack.ckpt import formats
@@ -117,6 +119,7 @@ def main() -> None:
     if src.exists():
         shutil.rmtree(src)
     src_bytes, largest = write_source(src, args.shape, args.format)
+    settle(src)
     results: dict = {
         "shape": args.shape,
         "format": args.format,
