@@ -586,10 +586,9 @@ class HFReader:
 
 
 # The most of one tensor the HF writer produces at once: two files are written at a time, each hashed while up
-# to two blocks trail its write (HashingWriter.PENDING_BYTES). 8 layers of the 7B shape (3.1 GiB), torch_dist ->
-# HF on 1 rank, cached: 5.0-5.1 s
-# at 500-511 MB peak RSS with 16 MiB, 5.3 s at 557 MB with 32 MiB; legacy -> HF 4.4-4.6 s both, 528-531 against
-# 562-568 MB.
+# to two blocks trail its write (HashingWriter.PENDING_BYTES). 8 layers of the 7B shape (3.1 GiB) on 1 rank,
+# cached: torch_dist -> HF 5.0-5.1 s at 500-511 MB peak RSS with 16 MiB, 5.3 s at 557 MB with 32 MiB; legacy ->
+# HF 4.4-4.6 s with both, at 528-531 against 562-568 MB.
 BLOCK_BYTES = 16 << 20
 
 
