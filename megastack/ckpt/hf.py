@@ -614,15 +614,14 @@ class HFWriter:
     def units(self) -> list[Unit]:
         from megastack.ckpt.base import Request
 
-        groups: list[list[str]] = [[]]
-        size = 0
-        for name in layout.logical_names(self.cfg):
-            nbytes = self._nbytes(name)
-            if groups[-1] and size + nbytes > self.max_shard_bytes:
-                groups.append([])
-                size = 0
-            groups[-1].append(name)
-            size += nbytes
+        groups = self._groups(self.max_shard_bytes)
+        if len(groups) > 1:
+            # As many files, of about equal size (each but the last holds over total / n, so n suffice): two
+            # are written at a time, and a short second file would leave the first's hashing alone (1.1B:
+            # 2.0 + 0.26 GiB at 2 GiB a file, 1.23 + 1.03 GiB so).
+            names = layout.logical_names(self.cfg)
+            total, largest = sum(map(self._nbytes, names)), max(map(self._nbytes, names))
+            groups = self._groups(min(self.max_shard_bytes, -(-total // len(groups)) + largest))
         n = len(groups)
         units = []
         for i, names in enumerate(groups):
@@ -637,6 +636,19 @@ class HFWriter:
                 )
             )
         return units
+
+    def _groups(self, limit: int) -> list[list[str]]:
+        """Logical tensors, in order, cut into files of at most ``limit`` bytes (a larger tensor: a file alone)."""
+        groups: list[list[str]] = [[]]
+        size = 0
+        for name in layout.logical_names(self.cfg):
+            nbytes = self._nbytes(name)
+            if groups[-1] and size + nbytes > limit:
+                groups.append([])
+                size = 0
+            groups[-1].append(name)
+            size += nbytes
+        return groups
 
     def write_units(self, directory: str | os.PathLike, units: list[Unit], produce: Produce, rank: int) -> list:
         """Each file streamed: the safetensors header first (every shape is known from the config), then
