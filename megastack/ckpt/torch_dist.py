@@ -674,8 +674,10 @@ class TorchDistReader:
         return self._distributed[0].get(name) if self._distributed is not None else None
 
     def read(self, name: str, pieces: list[Piece] | None = None) -> torch.Tensor:
-        """The requested region. A region that is exactly one stored chunk is that chunk's tensor, shared
-        with the chunk cache (no copy): callers must not modify what they get in place."""
+        """The requested region. A region that is exactly one stored chunk whose values are not one plain
+        run in the file is that chunk's tensor, shared with the chunk cache (no copy): callers must not
+        modify what they get in place. Every other region is read into a buffer of ``streaming.empty`` (a
+        plain run: a reused buffer, no fresh pages faulted in and zeroed as torch.load's storage would be)."""
         flat = self._flat_spans(name) if layout.split_state(name)[0] else None
         if flat is not None:  # the TP shards' slices of their ranks' buckets that hold the pieces
             kind = layout.split_name(name)[1]
@@ -687,7 +689,12 @@ class TorchDistReader:
         for offsets, sizes in regions:
             overlaps = list(self._overlaps(key, offsets, sizes))
             chunk = overlaps[0][0] if len(overlaps) == 1 else None
-            if chunk is not None and list(chunk.offsets) == offsets and list(chunk.sizes) == sizes:
+            if (
+                chunk is not None
+                and list(chunk.offsets) == offsets
+                and list(chunk.sizes) == sizes
+                and self._stored_run(key, chunk) is None
+            ):
                 region = self._load_chunk(key, chunk)  # the whole stored chunk: no copy
             else:
                 region = self._assemble(key, offsets, sizes, overlaps, self.dtype(name))
