@@ -725,23 +725,24 @@ class HFWriter:
 
     def _file_blocks(self, unit: Unit, produce: Produce) -> Iterator[tuple[str, Any]]:
         """(HF name, bytes) of every block of ``unit``'s file, in the file's order."""
-        held: dict[str, dict[str, torch.Tensor]] = {}  # a fused q/k/v until all three are out
+        held: dict[str, dict[str, list[torch.Tensor]]] = {}  # a fused q/k/v until all three are out
         for hf_name, _, logical in self._parts(unit):
             for block in self._blocks(logical, hf_name, produce, held):
                 yield hf_name, block.to(self.dtype).contiguous().view(torch.uint8).reshape(-1).numpy()
 
     def _blocks(
-        self, logical: str, hf_name: str, produce: Produce, held: dict[str, dict[str, torch.Tensor]]
+        self, logical: str, hf_name: str, produce: Produce, held: dict[str, dict[str, list[torch.Tensor]]]
     ) -> Iterator[torch.Tensor]:
         """The HF tensor ``hf_name`` of ``logical``, produced in blocks of rows of at most BLOCK_BYTES: every
         HF tensor but q/k/v is a range of its logical tensor's rows (gate and up: the two halves of fc1), so
         a 7B embedding is never whole in memory. q, k and v interleave by query group: the fused tensor is
-        produced whole (48 MiB at 7B) and held until its three parts are written."""
+        produced whole (48 MiB at 7B) and held until its three parts are written, each as its groups' row
+        blocks (views: nothing gathered)."""
         names = [name for name, _ in hf_parts(self.cfg, logical)]
         if layout.split_name(logical)[1] == "qkv":
             if logical not in held:
-                held[logical] = dict(split_logical(self.cfg, logical, produce(logical, None)))
-            yield held[logical].pop(hf_name)
+                held[logical] = dict(zip(names, layout.qkv_group_rows(produce(logical, None), self.cfg)))
+            yield from held[logical].pop(hf_name)
             if not held[logical]:
                 del held[logical]
             return
