@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megastack.compat import streaming
 from megastack.config import ModelConfig
 
 LAYER_KINDS = ("attn_norm", "qkv", "proj", "mlp_norm", "fc1", "fc2")
@@ -158,8 +159,7 @@ def tp_pieces(kind: str, shape: tuple[int, ...], rank: int, size: int) -> list[P
 def tp_shard(kind: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     """Cut TP rank ``rank``'s shard out of a full logical tensor."""
     pieces = tp_pieces(kind, tuple(full.shape), rank, size)
-    parts = [full.narrow(p.dim, p.start, p.length) for p in pieces]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=pieces[0].dim)
+    return cat([full.narrow(p.dim, p.start, p.length) for p in pieces], pieces[0].dim)
 
 
 def tp_merge(kind: str, shards: list[torch.Tensor]) -> torch.Tensor:
@@ -168,11 +168,23 @@ def tp_merge(kind: str, shards: list[torch.Tensor]) -> torch.Tensor:
     if rule == "replicated" or len(shards) == 1:
         return shards[0]
     if rule == "rows":
-        return torch.cat(shards, dim=0)
+        return cat(shards, 0)
     if rule == "cols":
-        return torch.cat(shards, dim=1)
+        return cat(shards, 1)
     halves = [s.chunk(2, dim=0) for s in shards]
-    return torch.cat([g for g, _ in halves] + [u for _, u in halves], dim=0)
+    return cat([g for g, _ in halves] + [u for _, u in halves], 0)
+
+
+def cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat`` into a buffer of ``streaming.empty``: while a conversion streams, a reused one, not fresh
+    pages faulted in and zeroed for every joined block (a TP shard of fc1 is two pieces)."""
+    if len(parts) == 1:
+        return parts[0]
+    if parts[0].device.type != "cpu" or any(p.dtype != parts[0].dtype for p in parts):
+        return torch.cat(parts, dim=dim)  # a GPU gather (model/weights.py) or mixed dtypes: torch's own rules
+    shape = list(parts[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    return torch.cat(parts, dim=dim, out=streaming.empty(tuple(shape), parts[0].dtype))
 
 
 def tp_read_plan(
@@ -207,7 +219,7 @@ def tp_join(
     """The parts a ``tp_read_plan`` read, one per plan entry, as the requested tensor."""
     if merge:
         return tp_merge(kind, parts)
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=plan[0][1][0].dim)
+    return parts[0] if len(parts) == 1 else cat(parts, plan[0][1][0].dim)
 
 
 def holds_tied_copy(cfg: ModelConfig, pp_rank: int, pp_size: int) -> bool:
@@ -445,5 +457,4 @@ def take_pieces(full: torch.Tensor, pieces: list[Piece] | tuple[Piece, ...] | No
     """Cut ``pieces`` out of a full tensor (a view when there is one piece)."""
     if not pieces:
         return full
-    parts = [full.narrow(p.dim, p.start, p.length) for p in pieces]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=pieces[0].dim)
+    return cat([full.narrow(p.dim, p.start, p.length) for p in pieces], pieces[0].dim)

@@ -701,7 +701,7 @@ class TorchDistReader:
             for _ in range(lead):
                 region = region[0]
             parts.append(region)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=cat_dim)
+        return layout.cat(parts, cat_dim)
 
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
