@@ -250,6 +250,40 @@ def test_hf_reader_reads_any_row_range_of_the_fused_qkv(chain):
                     assert torch.equal(got, fused[start : start + length]), (name, start, length)
 
 
+def test_hf_reader_casts_parts_stored_in_another_dtype(chain, tmp_path):
+    """A checkpoint mixing dtypes within one logical tensor (k and v in bf16 beside an fp32 q; up in bf16
+    beside an fp32 gate): each part stored in another dtype is read, then cast into place, for the whole
+    tensor and for row ranges that cut q/k/v runs and the gate/up boundary anywhere; every value equals the
+    tensor fused from the stored parts cast to fp32 (exact: bf16 -> fp32 loses nothing)."""
+    from safetensors.torch import save_file
+
+    state = safetensors_of(chain["untied"]["dir"] / "hf")
+    mixed = {
+        k: v.to(torch.bfloat16) if k.endswith(("k_proj.weight", "v_proj.weight", "up_proj.weight")) else v
+        for k, v in state.items()
+    }
+    assert {v.dtype for v in mixed.values()} == {torch.float32, torch.bfloat16}
+    src = tmp_path / "mixed"
+    src.mkdir()
+    shutil.copy(chain["untied"]["dir"] / "hf" / "config.json", src / "config.json")
+    save_file(mixed, src / "model.safetensors", metadata={"format": "pt"})
+    reader = open_checkpoint(src)
+    expected = layout.logical_from_hf({k: v.float() for k, v in mixed.items()}, reader.cfg)
+    for layer in (0, reader.cfg.num_layers - 1):
+        for kind in ("qkv", "fc1"):
+            name = layout.layer_name(layer, kind)
+            assert reader.dtype(name) == torch.float32
+            assert torch.equal(reader.read(name), expected[name]), name
+            rows = expected[name].shape[0]
+            for start, length in ((0, 1), (3, 29), (rows // 2 - 5, 10), (rows - 7, 7)):
+                got = reader.read(name, [layout.Piece(0, start, length)])
+                assert torch.equal(got, expected[name][start : start + length]), (name, start, length)
+    check(in_process("convert", str(src), str(tmp_path / "td"), "--to", "torch_dist"))
+    converted = open_checkpoint(tmp_path / "td")
+    for name in layout.logical_names(reader.cfg):
+        assert torch.equal(converted.read(name), expected[name]), name
+
+
 @pytest.mark.parametrize("fmt", ["hf", "td"])
 def test_readers_read_ahead_the_span_stored_next(chain, fmt, monkeypatch):
     """Read-ahead: reading a stored tensor (HF: transformers' sharded files) or chunk (torch_dist) asks the
