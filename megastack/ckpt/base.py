@@ -181,6 +181,7 @@ class HashingWriter:
         """``lane``: which helper thread hashes (``sha256-{lane}``); files written at once hash in parallel
         when each has its own lane."""
         self.f, self.position, self._digest, self._crc32 = f, 0, hashlib.sha256(), 0
+        self.direct = getattr(f, "direct", False)  # an fsio.DirectFile: owned blocks may be written in place
         self._crc_owed = 0  # bytes written with crc_later whose CRC32 add_crc has not brought yet
         self._hashing = Trailing(f"sha256-{lane}")
         self._fd, self._start = _file_descriptor(f)
@@ -222,7 +223,7 @@ class HashingWriter:
             self._hashing.submit(update, data, nbytes)
         self.position += nbytes
         try:
-            written = self.f.write(data)
+            written = self.f.write(data, owned=True) if owned and self.direct else self.f.write(data)
         finally:
             self._hashing.wait(self.PENDING_BYTES if owned else 0)
         if self._fd is not None and self.position - self._kicked >= self.WRITE_BEHIND_BYTES:

@@ -29,6 +29,7 @@ import torch
 from megastack.ckpt.base import HashingWriter, Trailing, ahead
 from megastack.ckpt.safe_load import _Pickler
 from megastack.compat.crc import crc32
+from megastack.fsio import DIRECT_ALIGN
 
 ALIGNMENT = 64  # torch's own storage alignment
 PROTOCOL = 2  # torch.save's default pickle protocol
@@ -104,6 +105,10 @@ class ZipStream:
         an archive written after other data, as in a DCP file, is read from its own first byte)."""
         self.stream = stream
         self.origin = stream.tell() if origin is None else origin
+        # A file written with O_DIRECT (fsio.DirectFile) writes an owned block from its own memory only where it
+        # starts on a DIRECT_ALIGN boundary of the file: there each record's data starts on one, counted from
+        # the file's start (torch.load reads data at any offset; torch's own 64 counts from the archive's).
+        self.direct = getattr(stream, "direct", False)
         self.entries: list[tuple[bytes, bytes, int, int, int]] = []  # name, extra, crc, size, header offset
 
     def record(self, name: str, blocks: Iterable[Any]) -> None:
@@ -112,7 +117,10 @@ class ZipStream:
         encoded = name.encode("ascii")
         offset = self.stream.tell() - self.origin
         data_start = offset + _LOCAL.size + len(encoded) + _ZIP64_LOCAL.size + 4
-        pad = (-data_start) % ALIGNMENT  # torch pads in an extra field of its own, header id 'FB'
+        if self.direct:
+            pad = -(self.origin + data_start) % DIRECT_ALIGN
+        else:
+            pad = (-data_start) % ALIGNMENT  # torch pads in an extra field of its own, header id 'FB'
         extra = b"FB" + struct.pack("<H", pad) + b"\0" * pad
         local_extra = extra + _ZIP64_LOCAL.pack(1, 16, 0, 0)
         self.stream.write(

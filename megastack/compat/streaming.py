@@ -59,6 +59,7 @@ STEADY_TRIM_THRESHOLD = 64 << 20  # twice the mmap threshold, as glibc's dynamic
 POOL_MIN_BYTES = 1 << 20  # smaller tensors come from torch.empty
 POOL_KEEP_BYTES = 96 << 20  # idle buffers kept for the next blocks (three 32 MiB blocks)
 POOL_ROUND_BYTES = 1 << 20  # a new buffer's size is rounded up to this, so near sizes share buffers
+POOL_ALIGN = 4096  # buffers start on a page, so an O_DIRECT file writes them in place (fsio.DirectFile)
 
 _lock = threading.Lock()
 _depth = 0
@@ -151,7 +152,8 @@ def release_idle_blocks() -> None:
 
 def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """``torch.empty(shape, dtype=dtype)``; inside ``streaming_settings`` a block of POOL_MIN_BYTES or more
-    takes the smallest idle buffer that holds it and is at most twice its size, else a new one. Like
+    takes the smallest idle buffer that holds it and is at most twice its size, else a new one (starting on
+    a page: POOL_ALIGN). Like
     torch.empty its bytes are whatever was there: the caller writes every one."""
     nbytes = math.prod(shape) * dtype.itemsize
     if not _depth or nbytes < POOL_MIN_BYTES:
@@ -161,7 +163,10 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
         fits = [i for i, b in enumerate(_idle) if nbytes <= b.nbytes <= 2 * nbytes]
         buffer = _idle.pop(fits[0]) if fits else None
     if buffer is None:
-        buffer = np.empty(-(-nbytes // POOL_ROUND_BYTES) * POOL_ROUND_BYTES, dtype=np.uint8)
+        size = -(-nbytes // POOL_ROUND_BYTES) * POOL_ROUND_BYTES
+        raw = np.empty(size + POOL_ALIGN, dtype=np.uint8)
+        start = -raw.ctypes.data % POOL_ALIGN
+        buffer = raw[start : start + size]
     view = buffer[:nbytes]  # the tensor holds this view; when it goes, so do all tensors on the buffer
     weakref.finalize(view, _give_back, buffer, generation)
     return torch.from_numpy(view).view(dtype).view(shape)
