@@ -105,19 +105,20 @@ class ZipStream:
         an archive written after other data, as in a DCP file, is read from its own first byte)."""
         self.stream = stream
         self.origin = stream.tell() if origin is None else origin
-        # A file written with O_DIRECT (fsio.DirectFile) writes an owned block from its own memory only where it
-        # starts on a DIRECT_ALIGN boundary of the file: there each record's data starts on one, counted from
-        # the file's start (torch.load reads data at any offset; torch's own 64 counts from the archive's).
-        self.direct = getattr(stream, "direct", False)
+        self.direct = getattr(stream, "direct", False)  # an fsio.DirectFile (inside a HashingWriter)
         self.entries: list[tuple[bytes, bytes, int, int, int]] = []  # name, extra, crc, size, header offset
 
-    def record(self, name: str, blocks: Iterable[Any]) -> None:
+    def record(self, name: str, blocks: Iterable[Any], storage: bool = False) -> None:
         """One record holding the concatenation of ``blocks`` (bytes-like), written as they come. A block must
-        not change once yielded (it is checksummed and hashed after the write; a tensor's fresh bytes)."""
+        not change once yielded (it is checksummed and hashed after the write; a tensor's fresh bytes).
+
+        ``storage``: a tensor's bytes. In a file written with O_DIRECT its data starts on a DIRECT_ALIGN
+        boundary of the file (counted from the file's start, not the archive's as torch's 64 bytes are:
+        torch.load reads data at any offset), where fsio.DirectFile writes an owned block from its own memory."""
         encoded = name.encode("ascii")
         offset = self.stream.tell() - self.origin
         data_start = offset + _LOCAL.size + len(encoded) + _ZIP64_LOCAL.size + 4
-        if self.direct:
+        if self.direct and storage:
             pad = -(self.origin + data_start) % DIRECT_ALIGN
         else:
             pad = (-data_start) % ALIGNMENT  # torch pads in an extra field of its own, header id 'FB'
@@ -240,7 +241,7 @@ def save_streaming(obj: Any, f: Any, read_ahead: bool = False) -> None:
     if read_ahead:
         blocks = ahead(blocks)
     for lazy in lazies:
-        archive.record(f"archive/data/{lazy.storage.key}", _record_chunks(blocks))
+        archive.record(f"archive/data/{lazy.storage.key}", _record_chunks(blocks), storage=True)
     archive.record("archive/version", [b"3\n"])
     archive.close()
 
