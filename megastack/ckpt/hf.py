@@ -81,17 +81,6 @@ def hf_parts(cfg: ModelConfig, name: str) -> list[tuple[str, tuple[int, ...]]]:
     return [(p + layout.HF_LAYER[kind], layout.logical_shape(cfg, name))]
 
 
-def split_logical(cfg: ModelConfig, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """A full logical tensor -> its HF tensors (q/k/v, gate/up split apart)."""
-    names = [n for n, _ in hf_parts(cfg, name)]
-    _, kind = layout.split_name(name)
-    if kind == "qkv":
-        return list(zip(names, layout.split_qkv(tensor, cfg)))
-    if kind in ("fc1", "expert_fc1"):
-        return list(zip(names, layout.split_glu(tensor)))
-    return [(names[0], tensor)]
-
-
 # ----------------------------------------------------------------------------- config.json
 
 

@@ -153,8 +153,7 @@ def release_idle_blocks() -> None:
 def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """``torch.empty(shape, dtype=dtype)``; inside ``streaming_settings`` a block of POOL_MIN_BYTES or more
     takes the smallest idle buffer that holds it and is at most twice its size, else a new one (starting on
-    a page: POOL_ALIGN). Like
-    torch.empty its bytes are whatever was there: the caller writes every one."""
+    a page: POOL_ALIGN). Like torch.empty its bytes are whatever was there: the caller writes every one."""
     nbytes = math.prod(shape) * dtype.itemsize
     if not _depth or nbytes < POOL_MIN_BYTES:
         return torch.empty(shape, dtype=dtype)
