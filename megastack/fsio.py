@@ -102,7 +102,7 @@ class DirectFile:
     (nobody changes ``data`` any more: a freshly produced tensor's bytes) of a block that starts on
     DIRECT_ALIGN in memory and in the file is written from ``data`` itself, not copied (its last partial
     alignment unit is staged): a tensor read into a page-aligned buffer (``streaming.empty``) and written
-    where torch_zip aligns its records crosses memory once, when the disk takes it.
+    where torch_zip aligns its records is not copied again on its way to the disk.
 
     A buffered write costs the kernel a page-cache page per 4 KiB (allocated, copied into, written back,
     released) and a conversion never reads its output again, so the page cache gains nothing from holding
