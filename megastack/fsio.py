@@ -162,9 +162,7 @@ class DirectFile:
         the staged bytes before it are handed to the writers first, and staging goes on after it."""
         if self._filled:  # block_offset and position are aligned, so the staged bytes are whole units
             self._submit(self._filled)
-            self._current = (self._current + 1) % DIRECT_BUFFERS
-            self._filled = 0
-            self._wait(self._current)
+            self._next_block()  # its offset is set below, after the in-place bytes
         self._in_place.append((self._io.submit(_pwrite_all, self._fd, view, self.position), len(view)))
         self._in_place_bytes += len(view)
         while self._in_place_bytes > IN_PLACE_PENDING_BYTES:

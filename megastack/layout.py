@@ -158,8 +158,7 @@ def tp_pieces(kind: str, shape: tuple[int, ...], rank: int, size: int) -> list[P
 
 def tp_shard(kind: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     """Cut TP rank ``rank``'s shard out of a full logical tensor."""
-    pieces = tp_pieces(kind, tuple(full.shape), rank, size)
-    return cat([full.narrow(p.dim, p.start, p.length) for p in pieces], pieces[0].dim)
+    return take_pieces(full, tp_pieces(kind, tuple(full.shape), rank, size))
 
 
 def tp_merge(kind: str, shards: list[torch.Tensor]) -> torch.Tensor:
