@@ -46,9 +46,7 @@ from megastack.config import load_model_config  # noqa: E402
 
 RANK_SCRIPT = """
 import sys, threading, time
-import torch, safetensors.torch
-import megastack.ckpt.convert, megastack.ckpt.hf, megastack.ckpt.legacy, megastack.ckpt.torch_dist
-from megastack.cli import console_main  # the `megastack` command, exit included
+import megastack.cli as cli  # the `megastack` command, exit included; torch comes with its handler, as there
 
 def status(key: str) -> int:
     with open("/proc/self/status") as f:
@@ -59,17 +57,23 @@ def status(key: str) -> int:
 
 # VmHWM (peak RSS) starts afresh at exec; ru_maxrss would carry over the parent's peak.
 peak_anon = [status("RssAnon")]
-base_anon, base_hwm = peak_anon[0], status("VmHWM")
 stop = threading.Event()
 def sample():
     while not stop.wait(0.02):
         peak_anon[0] = max(peak_anon[0], status("RssAnon"))
 threading.Thread(target=sample, daemon=True).start()
-start = time.monotonic()
-rc = console_main()
-elapsed = time.monotonic() - start
+after_imports = {}
+resolve = cli.resolve_handler
+def resolve_measured(command):  # in-process time and the baselines start once the handler (torch) is imported
+    handler = resolve(command)
+    after_imports.update(anon=status("RssAnon"), hwm=status("VmHWM"), start=time.monotonic())
+    return handler
+cli.resolve_handler = resolve_measured
+rc = cli.console_main()
+elapsed = time.monotonic() - after_imports["start"]
 stop.set()
-print("BENCH", elapsed, status("VmHWM"), base_hwm, max(peak_anon[0], status("RssAnon")), base_anon, rc, flush=True)
+print("BENCH", elapsed, status("VmHWM"), after_imports["hwm"], max(peak_anon[0], status("RssAnon")),
+      after_imports["anon"], rc, flush=True)
 """
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 from megastack import __version__
 from megastack.ckpt.formats import FORMATS
+from megastack.ckpt.source_check import early_source_check
+from megastack.dist import discover
 from megastack.errors import UserError, report
 from megastack.growth.spec import OPERATORS
 
@@ -317,6 +319,18 @@ def console_main() -> int:
     return code
 
 
+def _source_to_check(args: argparse.Namespace) -> tuple[str | None, tuple[int, int]]:
+    """The checkpoint a convert or grow re-checks while it writes, and this rank's share (rank, world):
+    started before the handler imports torch (``early_source_check``)."""
+    if args.command not in ("convert", "grow") or args.dry_run or args.no_source_check:
+        return None, (0, 1)
+    try:
+        env = discover(allow_mpi=False)
+    except ValueError:  # a launcher variable that is not a number: the command itself says so
+        return None, (0, 1)
+    return args.src, (env.rank, env.world_size)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(strip_launcher_args(list(sys.argv[1:] if argv is None else argv)))
@@ -324,7 +338,8 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(resolve_handler(args.command)(args) or 0)
+        with early_source_check(*_source_to_check(args)):
+            return int(resolve_handler(args.command)(args) or 0)
     except UserError as error:
         cause = _interruption(error)
         if cause is None:

@@ -21,8 +21,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -111,6 +109,8 @@ def discover(env: Mapping[str, str] | None = None, *, allow_mpi: bool = True) ->
 
 def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     """Start torch.distributed (nccl on GPU, gloo on CPU) for whichever launcher started us."""
+    import torch  # here, not at the top: the CLI reads ranks with discover() before it imports torch
+
     denv = discover()
     if torch.distributed.is_initialized():
         return denv
@@ -143,6 +143,7 @@ def release_model_parallel() -> None:
     ``destroy_model_parallel`` only drops the references, so every re-initialisation (one per stage of a
     recipe or a speedup sweep) left ~13 live groups behind (on gloo, two threads each: 500+ threads after a
     dozen stages; on NCCL, communicator memory)."""
+    import torch
     from megatron.core import parallel_state as ps
 
     groups = list({id(g): g for g in (getattr(ps, "_global_process_group_list", None) or [])[1:] if g}.values())
@@ -158,6 +159,7 @@ def release_model_parallel() -> None:
 
 def init_model_parallel(tensor: int, pipeline: int, seed: int = 1234, expert: int = 1) -> None:
     """(Re)initialise megatron's parallel_state and its RNG trackers for a TP x PP (x EP) layout."""
+    import torch
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 

@@ -22,6 +22,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from megastack.compat.crc import crc32
 from megastack.errors import UserError
 
@@ -83,9 +85,26 @@ def prefetch_files(directory: str | os.PathLike, reads: dict[str, int]) -> None:
                 for offset in range(0, size, POPULATE_WINDOW):
                     length = min(POPULATE_WINDOW, size - offset)
                     with mmap.mmap(f.fileno(), length, prot=mmap.PROT_READ, offset=offset) as window:
-                        window.madvise(MADV_POPULATE_READ)
+                        populate(window)
         except (OSError, ValueError):  # a kernel without the advice, a file gone: the reads will tell
             return
+
+
+def populate(window: mmap.mmap) -> None:
+    """Read a mapping's pages into memory (``MADV_POPULATE_READ``) with the GIL released: ``mmap.madvise``
+    holds it, so a thread populating pages from the disk stopped every other thread as long (1 GiB not
+    cached: 0.48 s, the main thread stalled 0.47 s; released: 5 ms at most). OSError as madvise fails
+    (EFAULT: the file is shorter than the mapping; EINVAL: a kernel before 5.14, for the caller to tell apart)."""
+    madvise = _madvise()
+    if madvise is None:
+        window.madvise(MADV_POPULATE_READ)
+        return
+    address = np.frombuffer(window, dtype=np.uint8).ctypes.data  # the array (a buffer export) is dropped at once
+    if madvise(address, len(window), MADV_POPULATE_READ) != 0:
+        import ctypes
+
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 DIRECT_ALIGN = 4096  # O_DIRECT's alignment of buffer, offset and length (the largest logical block in use)
@@ -369,7 +388,7 @@ def mapped_range(fd: int, offset: int, length: int, path: str | os.PathLike) -> 
         raise _changed(path, offset, "now shorter") from None
     with window:
         try:
-            window.madvise(MADV_POPULATE_READ)
+            populate(window)
         except OSError as exc:
             if exc.errno != errno.EINVAL:  # EINVAL: a kernel without the advice (before 5.14)
                 raise _changed(path, offset, exc.strerror) from None

@@ -769,3 +769,33 @@ def test_no_source_check_takes_the_source_on_trust_and_says_so(good, tmp_path):
     assert run.returncode == 0, run.stderr
     event = json.loads((tmp_path / "trusted" / "megastack.json").read_text())["history"][-1]
     assert event["event"] == "convert" and event["source_checked"] is False
+
+
+def test_a_source_check_started_before_the_command_is_taken_over_once(good, tmp_path):
+    """The CLI starts a convert's or grow's source check before it imports torch (early_source_check); the
+    command's SourceCheck.of takes over that running check, for the same source and rank share only, and a
+    check nobody took over is forgotten with its command: a later one checks afresh and sees a change since."""
+    from megastack.ckpt.source_check import SourceCheck, early_source_check
+    from megastack.errors import UserError
+
+    src = copy(good, tmp_path, "td")
+    directory = resolve_iteration_dir(src)
+    with early_source_check(src, (0, 1)):
+        assert SourceCheck.of(directory, (1, 2)).thread is None  # another rank's share: a check of its own
+        early = SourceCheck.of(directory, (0, 1))
+        assert early.thread is not None  # running already
+        assert SourceCheck.of(directory, (0, 1)) is not early  # taken over once
+        early.result()  # intact
+    with early_source_check(src, (0, 1)):
+        pass  # not taken over
+    shard = sorted(directory.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    fresh = SourceCheck.of(directory, (0, 1))
+    assert fresh.thread is None
+    fresh.start()
+    with pytest.raises(UserError, match="checksum differs"):
+        fresh.result()
+    with early_source_check(tmp_path / "missing", (0, 1)):  # nothing there: left for the command to say
+        pass

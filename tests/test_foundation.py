@@ -241,6 +241,13 @@ def test_every_command_has_a_handler():
     assert all(callable(resolve_handler(command)) for command in HANDLERS)
 
 
+def test_the_cli_and_rank_discovery_import_without_torch():
+    """The CLI parses, discovers its rank and starts a source check before a handler imports torch (~0.9 s
+    of one core): megastack.cli, megastack.dist and megastack.ckpt.source_check stay free of it."""
+    code = "import sys, megastack.cli, megastack.dist, megastack.ckpt.source_check; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
 def test_handlers_import_with_the_collector_paused_and_leave_its_state_as_found(monkeypatch):
     """resolve_handler pauses Python's cyclic collector while the handler's module imports (torch's import
     makes objects that collections would walk over and over) and leaves it on or off as it found it."""

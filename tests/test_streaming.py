@@ -331,6 +331,25 @@ def test_mapped_range_gives_the_bytes_at_any_offset_and_refuses_a_range_past_the
         os.close(fd)
 
 
+def test_populate_reads_a_mapping_in_and_fails_on_one_past_the_end_of_the_file(tmp_path):
+    """fsio.populate (madvise through ctypes, so the GIL is released while the disk reads): a mapping of a
+    file is read in; one left reaching past the file's end (cut shorter since it was mapped) is an OSError
+    (EFAULT), which mapped_range turns into a UserError."""
+    import errno
+    import mmap
+
+    from megastack import fsio
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 1 << 20, prot=mmap.PROT_READ) as window:
+        fsio.populate(window)
+        os.truncate(path, 4096)
+        with pytest.raises(OSError) as raised:
+            fsio.populate(window)
+    assert raised.value.errno == errno.EFAULT
+
+
 def mmap_granularity() -> int:
     import mmap
 

@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +22,8 @@ from typing import Any
 
 from megastack import layout
 from megastack.ckpt.base import FileHash, Produce, Reader, Unit, Writer
-from megastack.ckpt.manifest import MANIFEST, iter_dir_name, write_manifest, write_tracker
+from megastack.ckpt.manifest import iter_dir_name, write_manifest, write_tracker
+from megastack.ckpt.source_check import SourceCheck
 from megastack.compat.streaming import release_idle_blocks, streaming_settings
 from megastack.errors import UserError
 from megastack.fsio import (
@@ -281,13 +281,15 @@ def execute(
                 shutil.rmtree(staging)  # a crashed earlier attempt; this run starts over
             target.mkdir(parents=True)
 
-    source_check = SourceCheck(source.reader.path if source is not None and source.check else None, comm)
+    source_check = SourceCheck.of(
+        source.reader.path if source is not None and source.check else None, (comm.rank, comm.world)
+    )
 
     def write() -> Any:
         mine = assign(writer.units(), comm.world, order_key)[comm.rank]
         if source is not None:
             prefetch_files(source.reader.path, rank_plan(comm.rank, mine, source.reader, source.sources_of).reads)
-        source_check.start()  # after the pre-read: it then reads from the page cache, not the disk beside it
+        source_check.start()  # after the pre-read (unless the CLI started it): it reads from the page cache
         values = sum(
             math.prod(layout.pieces_shape(layout.logical_shape(writer.cfg, r.name), r.pieces))
             for unit in mine
@@ -319,47 +321,6 @@ def execute(
     finally:
         lock.release()
     return dst
-
-
-class SourceCheck:
-    """The source's files against its manifest's checksums (the CRC32 where it lists one), in a thread while
-    the output is written, so a corrupt source is refused before anything is published (and its checksum
-    never recorded as if intact)."""
-
-    def __init__(self, source: Path | None, comm: Comm):
-        from megastack.ckpt.manifest import read_manifest
-
-        self.source, self.comm = source, comm
-        self.manifest = read_manifest(source) if source is not None else None
-        self.problems: list[str] = []
-        self.thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self.manifest is None:
-            return
-        from megastack.ckpt.manifest import check_hashes
-
-        def run() -> None:
-            try:
-                self.problems = check_hashes(
-                    self.source, self.manifest, (self.comm.rank, self.comm.world), extra_files=False, fast=True
-                )
-            except UserError as exc:
-                self.problems = [str(exc)]
-            except OSError as exc:  # e.g. no permission to read
-                self.problems = [f"{exc.filename or self.source}: cannot be read ({exc.strerror or exc})"]
-
-        self.thread = threading.Thread(target=run, name="source-check", daemon=True)
-        self.thread.start()
-
-    def result(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
-        if self.problems:
-            raise UserError(
-                f"{self.problems[0]}; the source does not match its {MANIFEST}: restore it or "
-                "re-run the command that wrote it (nothing was published)"
-            )
 
 
 def _publish(
