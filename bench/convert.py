@@ -45,7 +45,7 @@ from megastack.ckpt.manifest import resolve_iteration_dir  # noqa: E402
 from megastack.config import load_model_config  # noqa: E402
 
 RANK_SCRIPT = """
-import sys, threading, time
+import atexit, sys, threading, time
 import megastack.cli as cli  # the `megastack` command, exit included; torch comes with its handler, as there
 
 def status(key: str) -> int:
@@ -69,11 +69,15 @@ def resolve_measured(command):  # in-process time and the baselines start once t
     after_imports.update(anon=status("RssAnon"), hwm=status("VmHWM"), start=time.monotonic())
     return handler
 cli.resolve_handler = resolve_measured
-rc = cli.console_main()
-elapsed = time.monotonic() - after_imports["start"]
-stop.set()
-print("BENCH", elapsed, status("VmHWM"), after_imports["hwm"], max(peak_anon[0], status("RssAnon")),
-      after_imports["anon"], rc, flush=True)
+
+@atexit.register  # console_main leaves with os._exit after the atexit handlers (cli._exit_now)
+def report():
+    elapsed = time.monotonic() - after_imports["start"]
+    stop.set()
+    print("BENCH", elapsed, status("VmHWM"), after_imports["hwm"], max(peak_anon[0], status("RssAnon")),
+          after_imports["anon"], flush=True)
+
+sys.exit(cli.console_main())
 """
 
 

@@ -43,7 +43,7 @@ from megastack.config import load_model_config, to_dict
 from megastack.plan import seeded_normal
 
 RANK_SCRIPT = """
-import sys, time
+import atexit, sys, time
 import megastack.cli as cli  # the `megastack` command, exit included; torch comes with its handler, as there
 from megastack.memory import peak_rss_bytes
 after_imports = {}
@@ -53,9 +53,13 @@ def resolve_measured(command):  # in-process time and the baseline start once th
     after_imports.update(base=peak_rss_bytes(), start=time.monotonic())
     return handler
 cli.resolve_handler = resolve_measured
-rc = cli.console_main()
-peak = peak_rss_bytes()
-print("BENCH", time.monotonic() - after_imports["start"], peak, peak - after_imports["base"], rc, flush=True)
+
+@atexit.register  # console_main leaves with os._exit after the atexit handlers (cli._exit_now)
+def report():
+    peak = peak_rss_bytes()
+    print("BENCH", time.monotonic() - after_imports["start"], peak, peak - after_imports["base"], flush=True)
+
+sys.exit(cli.console_main())
 """
 
 

@@ -248,6 +248,40 @@ def test_the_cli_and_rank_discovery_import_without_torch():
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
+EXIT_PROBE = """
+import atexit, sys
+from megastack.cli import console_main
+class Sentinel:
+    def __del__(self):  # runs in the interpreter's teardown, which a command leaving at once skips
+        print("teardown", flush=True)
+sentinel = Sentinel()
+atexit.register(lambda: print("atexit ran", flush=True))
+sys.exit(console_main())
+"""
+
+
+def test_convert_and_grow_leave_at_once_after_their_atexit_handlers(tmp_path):
+    """console_main ends a convert or grow with os._exit (cli._exit_now: the interpreter's teardown costs
+    ~0.11 s with torch imported): atexit handlers still run, printed lines and the exit code still arrive,
+    the output is published; other commands exit as Python does."""
+    from ckpt_factory import reference, small_config, write_checkpoint
+
+    write_checkpoint(reference(small_config()), tmp_path / "td")
+
+    def probe(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", EXIT_PROBE, *args], capture_output=True, text=True, timeout=300)
+
+    done = probe("convert", str(tmp_path / "td"), str(tmp_path / "hf"), "--to", "hf")
+    assert done.returncode == 0, done.stderr
+    assert "converted" in done.stdout and "atexit ran" in done.stdout and "teardown" not in done.stdout
+    assert (tmp_path / "hf" / "config.json").is_file()
+    refused = probe("grow", str(tmp_path / "td"), str(tmp_path / "hf"), "--factor", "2")  # DST exists
+    assert refused.returncode == 1 and "already exists" in refused.stderr
+    assert "atexit ran" in refused.stdout and "teardown" not in refused.stdout
+    other = probe("plan", "--help")
+    assert other.returncode == 0 and "atexit ran" in other.stdout and "teardown" in other.stdout
+
+
 def test_handlers_import_with_the_collector_paused_and_leave_its_state_as_found(monkeypatch):
     """resolve_handler pauses Python's cyclic collector while the handler's module imports (torch's import
     makes objects that collections would walk over and over) and leaves it on or off as it found it."""

@@ -354,3 +354,38 @@ def mmap_granularity() -> int:
     import mmap
 
     return mmap.ALLOCATIONGRANULARITY
+
+
+def test_trailing_calls_run_in_order_on_a_daemon_thread_and_raise_where_waited():
+    """base.Trailing: calls made in the order submitted by one daemon thread per name (a process may then
+    leave at once, cli._exit_now); a call's exception is raised by the wait that reaches it; each block is
+    let go once its call is done."""
+    import threading
+    import weakref
+
+    from megastack.ckpt.base import Trailing
+
+    seen: list[int] = []
+    trailing = Trailing("test-trailing")
+    for i in range(50):
+        trailing.submit(seen.append, i, 1)
+    trailing.wait()
+    assert seen == list(range(50)) and not trailing
+    assert [t.daemon for t in threading.enumerate() if t.name == "test-trailing"] == [True]
+
+    block = torch.zeros(4)
+    gone = weakref.ref(block)
+    trailing.submit(lambda b: None, block, 16)
+    del block
+    trailing.wait()
+    assert gone() is None
+
+    def fail(_):
+        raise ValueError("bad block")
+
+    trailing.submit(fail, None, 1)
+    trailing.submit(seen.append, 99, 1)
+    with pytest.raises(ValueError, match="bad block"):
+        trailing.wait()
+    trailing.wait()
+    assert seen[-1] == 99

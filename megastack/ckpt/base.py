@@ -73,13 +73,42 @@ class Writer(Protocol):
     def finalize(self, directory, results: list[Any]) -> None: ...
 
 
+class _Worker:
+    """One daemon thread making calls in the order submitted. Not a ThreadPoolExecutor: its threads are
+    not daemons, so a process could not leave at once while they idle (cli._exit_now)."""
+
+    def __init__(self, name: str):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, call: Callable[[Any], Any], block: Any) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((future, call, block))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, call, block = self._calls.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result, error = call(block), None
+            except BaseException as exc:  # the caller's future.result() raises it
+                result, error = None, exc
+            del call, block  # freed before the caller hears the call is done
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+
 class Trailing:
     """Calls on a writer's blocks, made in order by one helper thread per ``name`` (per process), that may
     trail the writer: ``submit`` queues one, ``wait(keep_bytes)`` returns once at most ``keep_bytes`` of
     blocks are still queued (each stays alive until its call is done). The sha256 of HashingWriter and the
     CRC32 of ZipStream run this way beside the write."""
 
-    _threads: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+    _threads: dict[str, _Worker] = {}
 
     def __init__(self, name: str):
         self.name, self.pending_bytes = name, 0
@@ -90,7 +119,7 @@ class Trailing:
 
     def submit(self, call: Callable[[Any], Any], block: Any, nbytes: int) -> None:
         if self.name not in self._threads:
-            self._threads[self.name] = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=self.name)
+            self._threads[self.name] = _Worker(self.name)
         self._pending.append((self._threads[self.name].submit(call, block), nbytes))
         self.pending_bytes += nbytes
 
