@@ -714,36 +714,37 @@ class HFWriter:
 
     def _file_blocks(self, unit: Unit, produce: Produce) -> Iterator[tuple[str, Any]]:
         """(HF name, bytes) of every block of ``unit``'s file, in the file's order."""
-        held: dict[str, dict[str, list[torch.Tensor]]] = {}  # a fused q/k/v until all three are out
         for hf_name, _, logical in self._parts(unit):
-            for block in self._blocks(logical, hf_name, produce, held):
+            for block in self._blocks(logical, hf_name, produce):
                 yield hf_name, block.to(self.dtype).contiguous().view(torch.uint8).reshape(-1).numpy()
 
-    def _blocks(
-        self, logical: str, hf_name: str, produce: Produce, held: dict[str, dict[str, list[torch.Tensor]]]
-    ) -> Iterator[torch.Tensor]:
-        """The HF tensor ``hf_name`` of ``logical``, produced in blocks of rows of at most BLOCK_BYTES: every
-        HF tensor but q/k/v is a range of its logical tensor's rows (gate and up: the two halves of fc1), so
-        a 7B embedding is never whole in memory. q, k and v interleave by query group: the fused tensor is
-        produced whole (48 MiB at 7B) and held until its three parts are written, each as its groups' row
-        blocks (views: nothing gathered)."""
-        names = [name for name, _ in hf_parts(self.cfg, logical)]
-        if layout.split_name(logical)[1] == "qkv":
-            if logical not in held:
-                held[logical] = dict(zip(names, layout.qkv_group_rows(produce(logical, None), self.cfg)))
-            yield from held[logical].pop(hf_name)
-            if not held[logical]:
-                del held[logical]
-            return
+    def _blocks(self, logical: str, hf_name: str, produce: Produce) -> Iterator[torch.Tensor]:
+        """The HF tensor ``hf_name`` of ``logical``, produced in blocks of at most BLOCK_BYTES (at least a
+        row), each block the rows of ``logical`` it is (``_rows_of``): a 7B embedding or QKV is never whole
+        in memory."""
         shape = layout.logical_shape(self.cfg, logical)
-        rows = shape[0] // len(names)
-        first = names.index(hf_name) * rows
+        pieces = self._rows_of(logical, hf_name)
+        rows = sum(p.length for p in pieces)
         step = max(1, BLOCK_BYTES // (math.prod(shape[1:]) * self.dtype.itemsize))
-        if len(names) == 1 and rows <= step:
+        if rows == shape[0] and rows <= step:
             yield produce(logical, None)
             return
         for start in range(0, rows, step):
-            yield produce(logical, [Piece(0, first + start, min(step, rows - start))])
+            yield produce(logical, layout.narrow_pieces(pieces, start, min(rows, start + step)))
+
+    def _rows_of(self, logical: str, hf_name: str) -> list[Piece]:
+        """The rows of ``logical`` that HF tensor ``hf_name`` is, in its order: all of them, or gate's and up's
+        halves of fc1, or for q, k and v a range in each query group (the fused QKV holds per group its q
+        rows, then k's, then v's)."""
+        names = [name for name, _ in hf_parts(self.cfg, logical)]
+        index = names.index(hf_name)
+        if layout.split_name(logical)[1] == "qkv":
+            d = self.cfg.head_dim
+            q_rows = self.cfg.num_attention_heads // self.cfg.query_groups * d
+            first, length = ((0, q_rows), (q_rows, d), (q_rows + d, d))[index]
+            return [Piece(0, group * (q_rows + 2 * d) + first, length) for group in range(self.cfg.query_groups)]
+        rows = layout.logical_shape(self.cfg, logical)[0] // len(names)
+        return [Piece(0, index * rows, rows)]
 
     def finalize(self, directory: str | os.PathLike, results: list[Any]) -> None:
         from megastack.fsio import atomic_write_json
