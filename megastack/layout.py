@@ -252,18 +252,11 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig
 
 def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of ``fuse_qkv``."""
-    q, k, v = (torch.cat(blocks) for blocks in qkv_group_rows(qkv, cfg))
-    return q, k, v
-
-
-def qkv_group_rows(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[list[torch.Tensor], ...]:
-    """q, k and v of a fused ``qkv``, each as its query groups' row blocks in order: views of ``qkv``,
-    contiguous when it is, so a writer streams them without gathering q, k or v first."""
     d, groups = cfg.head_dim, cfg.query_groups
     per_group = cfg.num_attention_heads // groups
-    grouped = qkv.reshape(groups, (per_group + 2) * d, qkv.shape[-1])
-    q, k, v = grouped.split([per_group * d, d, d], dim=1)
-    return list(q.unbind(0)), list(k.unbind(0)), list(v.unbind(0))
+    h_in = qkv.shape[-1]
+    q, k, v = qkv.reshape(groups, (per_group + 2) * d, h_in).split([per_group * d, d, d], dim=1)
+    return q.reshape(-1, h_in), k.reshape(-1, h_in), v.reshape(-1, h_in)
 
 
 def fuse_glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
