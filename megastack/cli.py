@@ -275,6 +275,9 @@ class Terminated(BaseException):
     """SIGTERM, raised like KeyboardInterrupt so every ``finally`` and cleanup runs."""
 
 
+# The commands that write a checkpoint from a source: its check starts before torch is imported, and the
+# process leaves at once when they return (every output fsync'd and published).
+CHECKPOINT_WRITERS = ("convert", "grow")
 _parsed_command: list[str | None] = [None]  # the command main() parsed last
 _signalled: list[BaseException] = []  # the interruption this process received, once it has
 
@@ -321,7 +324,7 @@ def console_main() -> int:
     then leaves at once (``_exit_now``)."""
     code = main()
     gc.freeze()
-    if _parsed_command[0] in ("convert", "grow"):
+    if _parsed_command[0] in CHECKPOINT_WRITERS:
         _exit_now(code)
     return code
 
@@ -345,7 +348,7 @@ def _exit_now(code: int) -> None:
 def _source_to_check(args: argparse.Namespace) -> tuple[str | None, tuple[int, int]]:
     """The checkpoint a convert or grow re-checks while it writes, and this rank's share (rank, world):
     started before the handler imports torch (``early_source_check``)."""
-    if args.command not in ("convert", "grow") or args.dry_run or args.no_source_check:
+    if args.command not in CHECKPOINT_WRITERS or args.dry_run or args.no_source_check:
         return None, (0, 1)
     try:
         env = discover(allow_mpi=False)

@@ -259,6 +259,15 @@ def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.
     return q.reshape(-1, h_in), k.reshape(-1, h_in), v.reshape(-1, h_in)
 
 
+def qkv_rows(cfg: ModelConfig, part: int) -> list[Piece]:
+    """The rows of the fused QKV that q (``part`` 0), k (1) or v (2) is, in its order: one range in each query
+    group, which holds its q rows, then k's, then v's (``fuse_qkv``)."""
+    d = cfg.head_dim
+    q_rows = cfg.num_attention_heads // cfg.query_groups * d
+    first, length = ((0, q_rows), (q_rows, d), (q_rows + d, d))[part]
+    return [Piece(0, group * (q_rows + 2 * d) + first, length) for group in range(cfg.query_groups)]
+
+
 def fuse_glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.cat([gate, up], dim=0)
 

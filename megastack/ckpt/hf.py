@@ -734,15 +734,11 @@ class HFWriter:
 
     def _rows_of(self, logical: str, hf_name: str) -> list[Piece]:
         """The rows of ``logical`` that HF tensor ``hf_name`` is, in its order: all of them, or gate's and up's
-        halves of fc1, or for q, k and v a range in each query group (the fused QKV holds per group its q
-        rows, then k's, then v's)."""
+        halves of fc1, or q's, k's or v's rows of the fused QKV (``layout.qkv_rows``)."""
         names = [name for name, _ in hf_parts(self.cfg, logical)]
         index = names.index(hf_name)
         if layout.split_name(logical)[1] == "qkv":
-            d = self.cfg.head_dim
-            q_rows = self.cfg.num_attention_heads // self.cfg.query_groups * d
-            first, length = ((0, q_rows), (q_rows, d), (q_rows + d, d))[index]
-            return [Piece(0, group * (q_rows + 2 * d) + first, length) for group in range(self.cfg.query_groups)]
+            return layout.qkv_rows(self.cfg, index)
         rows = layout.logical_shape(self.cfg, logical)[0] // len(names)
         return [Piece(0, index * rows, rows)]
 
