@@ -107,6 +107,21 @@ def discover(env: Mapping[str, str] | None = None, *, allow_mpi: bool = True) ->
     return DistEnv(rank, world, local, addr or "127.0.0.1", port or 29500, launcher)
 
 
+def _await_listener(addr: str, port: int, timeout_s: float) -> None:
+    """Return once ``addr:port`` accepts a connection (or after ``timeout_s``; init then reports the failure).
+
+    A rank whose TCPStore client dials before rank 0's server listens is refused and retries after
+    torch's exponential backoff: 0.1-0.6 s added to every multi-rank start, at random (3 of 16 two-rank
+    starts here). Polling every 5 ms first lets the client connect on its first try."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((addr, port), timeout=1.0).close()
+            return
+        except OSError:
+            time.sleep(0.005)
+
+
 def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     """Start torch.distributed (nccl on GPU, gloo on CPU) for whichever launcher started us."""
     import torch  # here, not at the top: the CLI reads ranks with discover() before it imports torch
@@ -132,6 +147,8 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     # Imported now, the defaults are None.
     importlib.import_module("torch.distributed.nn.functional")
 
+    if denv.rank != 0:
+        _await_listener(denv.master_addr, port, timeout_s)
     torch.distributed.init_process_group(
         backend=backend, rank=denv.rank, world_size=denv.world_size, timeout=datetime.timedelta(seconds=timeout_s)
     )

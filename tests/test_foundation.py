@@ -179,6 +179,33 @@ def test_free_port_is_bindable():
         s.bind(("127.0.0.1", port))
 
 
+def test_a_rank_waits_for_the_store_to_listen_then_returns_at_once():
+    """Non-zero ranks poll rank 0's port before dialling the store (torch's client backs off 0.1-0.6 s when
+    refused); the poll ends on the first accepted connection, or at its deadline when nobody listens."""
+    import socket
+    import threading
+
+    from megastack.dist import _await_listener
+
+    port = free_port()
+    server = socket.socket()
+
+    def listen_later() -> None:
+        time.sleep(0.3)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+
+    threading.Thread(target=listen_later, daemon=True).start()
+    start = time.monotonic()
+    _await_listener("127.0.0.1", port, timeout_s=30.0)
+    waited = time.monotonic() - start
+    server.close()
+    assert 0.25 < waited < 20.0  # returned once the server listened, not at the 30 s deadline
+    start = time.monotonic()
+    _await_listener("127.0.0.1", free_port(), timeout_s=0.2)  # nobody listens: gives up at the deadline
+    assert 0.15 < time.monotonic() - start < 10.0
+
+
 def test_launch_local_passes_rank_env():
     code = "import os; print('R', os.environ['RANK'], os.environ['WORLD_SIZE'], os.environ['MASTER_PORT'])"
     result = launch_local([sys.executable, "-c", code], 3, timeout=60)
