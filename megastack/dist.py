@@ -108,10 +108,10 @@ def discover(env: Mapping[str, str] | None = None, *, allow_mpi: bool = True) ->
 
 
 def _await_listener(addr: str, port: int, timeout_s: float) -> None:
-    """Return once ``addr:port`` accepts a connection (or after ``timeout_s``; init then reports the failure).
+    """Return once ``addr:port`` accepts a connection, or after ``timeout_s`` (init then waits on its own).
 
     A rank whose TCPStore client dials before rank 0's server listens is refused and retries after
-    torch's exponential backoff: 0.1-0.6 s added to every multi-rank start, at random (3 of 16 two-rank
+    torch's exponential backoff: 0.1-0.6 s added to a multi-rank start, at random (3 of 16 two-rank
     starts here). Polling every 5 ms first lets the client connect on its first try."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -148,7 +148,7 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     importlib.import_module("torch.distributed.nn.functional")
 
     if denv.rank != 0:
-        _await_listener(denv.master_addr, port, timeout_s)
+        _await_listener(denv.master_addr, port, min(timeout_s, 60.0))  # a rank 0 slower than that: torch's retry
     torch.distributed.init_process_group(
         backend=backend, rank=denv.rank, world_size=denv.world_size, timeout=datetime.timedelta(seconds=timeout_s)
     )
